@@ -1,0 +1,520 @@
+//! Incremental, bounded decoder for the middleman message format (PROTOCOL.md §2).
+//!
+//! The [`Decoder`] owns one connection's inbound byte stream (the payloads of its
+//! WebSocket messages after the key, or the raw stream of a TCP peer). Bytes are appended
+//! with [`Decoder::feed`]; [`Decoder::next`] yields complete messages that borrow from the
+//! decoder's buffer, so a message is never copied unless its body was dot-stuffed.
+//!
+//! Every line is scanned exactly once, whatever the split of the input. All limits are
+//! checked as bytes arrive, so a peer can never make the decoder hold more than
+//! `max_message` bytes of one message (plus one read).
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// Limits of §2. Exceeding `max_line` or `max_message` closes with 1009; more than
+/// `max_headers` header lines closes with 1002.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Whole message on the wire, first byte of the first line through the terminator's
+    /// line break.
+    pub max_message: usize,
+    /// One line, without its line break.
+    pub max_line: usize,
+    /// Header lines in one message.
+    pub max_headers: usize,
+}
+
+/// Longest TARGET (fixed by §2).
+pub const MAX_TARGET: usize = 255;
+/// Longest CMD (fixed by §2).
+pub const MAX_CMD: usize = 16;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message: 1 << 20,
+            max_line: 8 << 10,
+            max_headers: 64,
+        }
+    }
+}
+
+/// A framing violation (§7). After one, the decoder yields nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// A line longer than `max_line` (close 1009).
+    LineTooLong,
+    /// A message longer than `max_message` (close 1009).
+    MessageTooLong,
+    /// More than `max_headers` header lines (close 1002).
+    TooManyHeaders,
+    /// A first line without a space (close 1002).
+    NoSpace,
+    /// CMD is not 1 to 16 ASCII letters (close 1002).
+    BadCommand,
+    /// TARGET is empty, too long or holds a control character (close 1002).
+    BadTarget,
+}
+
+impl FrameError {
+    /// The WebSocket close code §7 assigns to this violation.
+    pub fn close_code(self) -> u16 {
+        match self {
+            FrameError::LineTooLong | FrameError::MessageTooLong => 1009,
+            _ => 1002,
+        }
+    }
+
+    /// A short reason for the close frame.
+    pub fn reason(self) -> &'static str {
+        match self {
+            FrameError::LineTooLong => "line too long",
+            FrameError::MessageTooLong => "message too long",
+            FrameError::TooManyHeaders => "too many header lines",
+            FrameError::NoSpace => "unparsable first line",
+            FrameError::BadCommand => "bad command",
+            FrameError::BadTarget => "bad target",
+        }
+    }
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// One decoded protocol message, borrowing from the decoder.
+#[derive(Debug, Clone)]
+pub struct Message<'a> {
+    /// The command, 1 to 16 ASCII letters.
+    pub cmd: &'a [u8],
+    /// The target, trimmed, non-empty, at most 255 bytes, no control characters.
+    pub target: &'a [u8],
+    buf: &'a [u8],
+    headers: &'a [HeaderSpan],
+    /// The body, unstuffed, without the line break before the terminator.
+    pub body: Cow<'a, [u8]>,
+}
+
+impl<'a> Message<'a> {
+    /// The headers in order, names and values trimmed, otherwise as sent.
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])> + Clone + 'a {
+        let buf = self.buf;
+        self.headers
+            .iter()
+            .map(move |h| (&buf[h.name.clone()], &buf[h.value.clone()]))
+    }
+
+    /// Number of header lines.
+    pub fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// The first header whose name matches `name` case-insensitively: (spelling, value).
+    pub fn header(&self, name: &str) -> Option<(&'a [u8], &'a [u8])> {
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+    }
+
+    /// The command as text (always ASCII letters).
+    pub fn cmd_str(&self) -> &'a str {
+        std::str::from_utf8(self.cmd).unwrap_or("")
+    }
+}
+
+/// What [`Decoder::next`] found.
+#[derive(Debug)]
+pub enum Decoded<'a> {
+    /// A well-formed message.
+    Message(Message<'a>),
+    /// A message that had a header line without `:` (§2). It carries the first line and
+    /// the headers read before the bad line, with an empty body, so the error can name
+    /// them; the connection stays open.
+    Malformed(Message<'a>),
+}
+
+#[derive(Debug, Clone)]
+struct HeaderSpan {
+    name: Range<usize>,
+    value: Range<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    First,
+    Headers,
+    Body,
+    Skip,
+}
+
+/// The incremental decoder. See the module documentation.
+#[derive(Debug)]
+pub struct Decoder {
+    limits: Limits,
+    buf: Vec<u8>,
+    /// Bytes before this offset belong to messages already handed out.
+    consumed: usize,
+    /// Start of the next line to scan (always at a line start).
+    scan: usize,
+    /// Start of the current message's first line (empty lines before it are skipped).
+    msg_start: usize,
+    state: State,
+    cmd: Range<usize>,
+    target: Range<usize>,
+    headers: Vec<HeaderSpan>,
+    /// Where the body begins, and where its last line's content ends (exclusive).
+    body_start: usize,
+    body_end: usize,
+    /// A body line started with `..` (the body must be copied to unstuff it).
+    stuffed: bool,
+    body_tmp: Vec<u8>,
+    failed: Option<FrameError>,
+}
+
+impl Decoder {
+    /// A decoder with the given limits.
+    pub fn new(limits: Limits) -> Self {
+        Decoder {
+            limits,
+            buf: Vec::new(),
+            consumed: 0,
+            scan: 0,
+            msg_start: 0,
+            state: State::First,
+            cmd: 0..0,
+            target: 0..0,
+            headers: Vec::new(),
+            body_start: 0,
+            body_end: 0,
+            stuffed: false,
+            body_tmp: Vec::new(),
+            failed: None,
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Append stream bytes. Bytes of messages already returned are dropped first, so the
+    /// buffer only ever holds the unfinished tail of the stream.
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.compact();
+        self.buf.extend_from_slice(data);
+    }
+
+    /// True when the bytes so far end inside a message (more are needed to finish it).
+    pub fn needs_more(&self) -> bool {
+        self.failed.is_none() && (self.state != State::First || self.scan < self.buf.len())
+    }
+
+    /// Bytes held for the unfinished message (for memory accounting).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.consumed
+    }
+
+    /// Heap capacity held by the decoder.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity() + self.body_tmp.capacity() + self.headers.capacity() * 48
+    }
+
+    /// Release buffer memory when idle (nothing buffered).
+    pub fn shrink(&mut self) {
+        if self.buffered() == 0 && self.state == State::First {
+            self.compact();
+            self.buf = Vec::new();
+            self.body_tmp = Vec::new();
+            self.headers = Vec::new();
+        }
+    }
+
+    /// The framing violation that stopped the decoder, if any.
+    pub fn failed(&self) -> Option<FrameError> {
+        self.failed
+    }
+
+    fn compact(&mut self) {
+        let n = self.consumed;
+        if n == 0 {
+            return;
+        }
+        self.buf.drain(..n);
+        self.consumed = 0;
+        self.scan -= n;
+        self.msg_start -= n;
+        let shift = |r: &mut Range<usize>| {
+            r.start -= n;
+            r.end -= n;
+        };
+        if self.state != State::First {
+            shift(&mut self.cmd);
+            shift(&mut self.target);
+            for h in &mut self.headers {
+                shift(&mut h.name);
+                shift(&mut h.value);
+            }
+            if self.state == State::Body {
+                self.body_start -= n;
+                self.body_end -= n;
+            }
+        }
+    }
+
+    fn fail(&mut self, e: FrameError) -> FrameError {
+        self.failed = Some(e);
+        e
+    }
+
+    /// The next outcome: `Ok(Some(..))` for a message or a malformed message, `Ok(None)`
+    /// when more bytes are needed, `Err` on a framing violation (then always `Err`).
+    pub fn next(&mut self) -> Result<Option<Decoded<'_>>, FrameError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        loop {
+            let from = self.scan;
+            let Some(lf) = memchr::memchr(b'\n', &self.buf[from..]) else {
+                return self.check_unfinished().map(|()| None);
+            };
+            let line_end = from + lf + 1;
+            let content_end = if lf > 0 && self.buf[from + lf - 1] == b'\r' {
+                from + lf - 1
+            } else {
+                from + lf
+            };
+            self.scan = line_end;
+            if self.state == State::First && content_end == from {
+                // Empty lines where a first line is expected are ignored.
+                self.msg_start = line_end;
+                if self.consumed == from {
+                    self.consumed = line_end;
+                }
+                continue;
+            }
+            if content_end - from > self.limits.max_line {
+                return Err(self.fail(FrameError::LineTooLong));
+            }
+            if line_end - self.msg_start > self.limits.max_message {
+                return Err(self.fail(FrameError::MessageTooLong));
+            }
+            let line = from..content_end;
+            let done = match self.state {
+                State::First => {
+                    self.first_line(line)?;
+                    false
+                }
+                State::Headers => self.header_line(line)?,
+                State::Body => self.body_line(line),
+                State::Skip => &self.buf[line] == b".",
+            };
+            if done {
+                return Ok(Some(self.finish(line_end)));
+            }
+        }
+    }
+
+    /// §7: passing a limit closes "even before the message is complete".
+    fn check_unfinished(&mut self) -> Result<(), FrameError> {
+        let pending = &self.buf[self.scan..];
+        let mut len = pending.len();
+        if pending.last() == Some(&b'\r') {
+            len -= 1; // may become half of the CRLF, which a line's length leaves out
+        }
+        if len > self.limits.max_line {
+            return Err(self.fail(FrameError::LineTooLong));
+        }
+        let start = if self.state == State::First {
+            self.scan
+        } else {
+            self.msg_start
+        };
+        if self.buf.len() - start > self.limits.max_message {
+            return Err(self.fail(FrameError::MessageTooLong));
+        }
+        Ok(())
+    }
+
+    fn first_line(&mut self, line: Range<usize>) -> Result<(), FrameError> {
+        let text = &self.buf[line.clone()];
+        let Some(sp) = memchr::memchr(b' ', text) else {
+            return Err(self.fail(FrameError::NoSpace));
+        };
+        if sp == 0 || sp > MAX_CMD || !text[..sp].iter().all(u8::is_ascii_alphabetic) {
+            return Err(self.fail(FrameError::BadCommand));
+        }
+        let t = trim(text, sp + 1..text.len());
+        let target = &text[t.clone()];
+        if target.is_empty()
+            || target.len() > MAX_TARGET
+            || target.iter().any(|&b| b < 0x20 || b == 0x7f)
+        {
+            return Err(self.fail(FrameError::BadTarget));
+        }
+        self.msg_start = line.start;
+        self.cmd = line.start..line.start + sp;
+        self.target = line.start + t.start..line.start + t.end;
+        self.headers.clear();
+        self.state = State::Headers;
+        Ok(())
+    }
+
+    /// Returns true when the line ends the message.
+    fn header_line(&mut self, line: Range<usize>) -> Result<bool, FrameError> {
+        let text = &self.buf[line.clone()];
+        if text.is_empty() {
+            self.state = State::Body;
+            self.body_start = self.scan; // just after the blank line
+            self.body_end = self.body_start;
+            self.stuffed = false;
+            return Ok(false);
+        }
+        if text == b"." {
+            self.body_start = line.start;
+            self.body_end = line.start;
+            self.stuffed = false;
+            return Ok(true);
+        }
+        let Some(colon) = memchr::memchr(b':', text) else {
+            self.state = State::Skip;
+            return Ok(false);
+        };
+        if self.headers.len() >= self.limits.max_headers {
+            return Err(self.fail(FrameError::TooManyHeaders));
+        }
+        let name = trim(text, 0..colon);
+        let value = trim(text, colon + 1..text.len());
+        let o = line.start;
+        self.headers.push(HeaderSpan {
+            name: o + name.start..o + name.end,
+            value: o + value.start..o + value.end,
+        });
+        Ok(false)
+    }
+
+    /// Returns true when the line is the terminator.
+    fn body_line(&mut self, line: Range<usize>) -> bool {
+        let text = &self.buf[line.clone()];
+        if text == b"." {
+            return true;
+        }
+        if text.starts_with(b"..") {
+            self.stuffed = true;
+        }
+        self.body_end = line.end;
+        false
+    }
+
+    fn finish(&mut self, line_end: usize) -> Decoded<'_> {
+        let state = self.state;
+        self.state = State::First;
+        self.consumed = line_end;
+        self.msg_start = line_end;
+        let buf = &self.buf[..];
+        let malformed = state == State::Skip;
+        let body: Cow<'_, [u8]> = if malformed || state == State::Headers {
+            Cow::Borrowed(&[])
+        } else if !self.stuffed {
+            Cow::Borrowed(&buf[self.body_start..self.body_end])
+        } else {
+            self.body_tmp.clear();
+            let raw = &buf[self.body_start..self.body_end];
+            let mut at_line_start = true;
+            for (i, &b) in raw.iter().enumerate() {
+                if at_line_start && b == b'.' && raw.get(i + 1) == Some(&b'.') {
+                    at_line_start = false;
+                    continue;
+                }
+                at_line_start = b == b'\n';
+                self.body_tmp.push(b);
+            }
+            Cow::Borrowed(&self.body_tmp[..])
+        };
+        let msg = Message {
+            cmd: &buf[self.cmd.clone()],
+            target: &buf[self.target.clone()],
+            buf,
+            headers: &self.headers,
+            body,
+        };
+        if malformed {
+            Decoded::Malformed(msg)
+        } else {
+            Decoded::Message(msg)
+        }
+    }
+}
+
+/// Trim spaces and tabs around `r` within `text`.
+fn trim(text: &[u8], r: Range<usize>) -> Range<usize> {
+    let s = &text[r.clone()];
+    let is_ws = |b: &u8| *b == b' ' || *b == b'\t';
+    let Some(first) = s.iter().position(|b| !is_ws(b)) else {
+        return r.start..r.start;
+    };
+    let last = s.iter().rposition(|b| !is_ws(b)).unwrap_or(first);
+    r.start + first..r.start + last + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(input: &[u8], limits: Limits) -> (Vec<String>, bool) {
+        let mut d = Decoder::new(limits);
+        d.feed(input);
+        let mut out = Vec::new();
+        loop {
+            match d.next() {
+                Ok(Some(Decoded::Message(m))) => out.push(format!(
+                    "{} {} {:?} {:?}",
+                    m.cmd_str(),
+                    String::from_utf8_lossy(m.target),
+                    m.headers()
+                        .map(|(n, v)| format!(
+                            "{}={}",
+                            String::from_utf8_lossy(n),
+                            String::from_utf8_lossy(v)
+                        ))
+                        .collect::<Vec<_>>(),
+                    String::from_utf8_lossy(&m.body)
+                )),
+                Ok(Some(Decoded::Malformed(_))) => out.push("malformed".into()),
+                Ok(None) => break,
+                Err(e) => {
+                    out.push(format!("close {}", e.close_code()));
+                    break;
+                }
+            }
+        }
+        (out, d.needs_more())
+    }
+
+    #[test]
+    fn simple_and_stuffed() {
+        let (o, p) = all(
+            b"PUB t\r\nA: 1\r\n\r\n..x\r\ny\r\n.\r\n",
+            Limits::default(),
+        );
+        assert_eq!(o, vec![r#"PUB t ["A=1"] ".x\r\ny""#]);
+        assert!(!p);
+    }
+
+    #[test]
+    fn original_clients_shapes() {
+        let (o, _) = all(b"EREQ name\n\n\r\n.\r\n", Limits::default());
+        assert_eq!(o, vec![r#"EREQ name [] """#]);
+        let (o, _) = all(
+            b"REQ name\r\nReqID: abc\r\n\r\nbody\r\n.\r\n",
+            Limits::default(),
+        );
+        assert_eq!(o, vec![r#"REQ name ["ReqID=abc"] "body""#]);
+    }
+}

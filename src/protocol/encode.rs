@@ -1,0 +1,153 @@
+//! Encoder for the middleman message format (PROTOCOL.md §2 output rules) and the
+//! [`Packet`]: one encoded message together with its WebSocket frame header, built once
+//! and shared by every receiver.
+
+/// Append one message to `out`: CRLF after the first line, each header and the blank
+/// line; the body as given with every line that starts with `.` stuffed; then
+/// CRLF `.` CRLF (so an empty body still gives one empty line).
+pub fn encode_into<'h>(
+    out: &mut Vec<u8>,
+    cmd: &[u8],
+    target: &[u8],
+    headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+    body: &[u8],
+) {
+    out.reserve(cmd.len() + target.len() + body.len() + 16);
+    out.extend_from_slice(cmd);
+    out.push(b' ');
+    out.extend_from_slice(target);
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        push_header(out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    push_body(out, body);
+    out.extend_from_slice(b"\r\n.\r\n");
+}
+
+/// Append one header line `name: value` CRLF.
+pub fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Append a body with dot-stuffing (a `.` is added before every line starting with `.`).
+pub fn push_body(out: &mut Vec<u8>, body: &[u8]) {
+    let mut line_start = 0;
+    loop {
+        if body.get(line_start) == Some(&b'.') {
+            out.push(b'.');
+        }
+        match memchr::memchr(b'\n', &body[line_start..]) {
+            Some(i) => {
+                let end = line_start + i + 1;
+                out.extend_from_slice(&body[line_start..end]);
+                line_start = end;
+            }
+            None => {
+                out.extend_from_slice(&body[line_start..]);
+                return;
+            }
+        }
+    }
+}
+
+/// Room kept in front of a packet's payload for the largest WebSocket frame header.
+const HEADROOM: usize = 10;
+
+/// An encoded protocol message with room for its WebSocket frame header in front.
+///
+/// Server-to-client WebSocket frames are not masked, so the same frame bytes can be
+/// written to every receiver: a published message is encoded once into a `Packet` and
+/// shared (`Rc<Packet>`) by all subscriber queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    buf: Vec<u8>,
+    /// Where the WebSocket frame header starts within `buf`.
+    start: usize,
+    /// The payload is valid UTF-8 (sent as a text frame) or not (binary).
+    text: bool,
+}
+
+impl Packet {
+    /// Build a packet: `fill` appends the protocol bytes to the vector it is given.
+    pub fn build(fill: impl FnOnce(&mut Vec<u8>)) -> Packet {
+        let mut buf = Vec::with_capacity(128);
+        buf.resize(HEADROOM, 0);
+        fill(&mut buf);
+        Self::from_headroom_vec(buf)
+    }
+
+    /// Build a packet from a vector whose first 10 bytes are reserved headroom.
+    fn from_headroom_vec(mut buf: Vec<u8>) -> Packet {
+        let len = buf.len() - HEADROOM;
+        let text = std::str::from_utf8(&buf[HEADROOM..]).is_ok();
+        let opcode = if text { 0x81 } else { 0x82 }; // FIN + text/binary
+        let start = if len < 126 {
+            buf[HEADROOM - 1] = len as u8;
+            HEADROOM - 2
+        } else if len <= u16::MAX as usize {
+            buf[HEADROOM - 3] = 126;
+            buf[HEADROOM - 2..HEADROOM].copy_from_slice(&(len as u16).to_be_bytes());
+            HEADROOM - 4
+        } else {
+            buf[HEADROOM - 9] = 127;
+            buf[HEADROOM - 8..HEADROOM].copy_from_slice(&(len as u64).to_be_bytes());
+            HEADROOM - 10
+        };
+        buf[start] = opcode;
+        Packet { buf, start, text }
+    }
+
+    /// A packet holding exactly `payload` (e.g. `MM OK`, a cid, an echo).
+    pub fn raw(payload: &[u8]) -> Packet {
+        Packet::build(|b| b.extend_from_slice(payload))
+    }
+
+    /// The protocol bytes (the WebSocket payload).
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[HEADROOM..]
+    }
+
+    /// The whole unmasked WebSocket frame: header and payload.
+    pub fn ws_frame(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Whether it goes out as a text frame (valid UTF-8) or a binary frame.
+    pub fn is_text(&self) -> bool {
+        self.text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stuffing() {
+        let mut v = Vec::new();
+        push_body(&mut v, b".a\n.b\r\nc\n.");
+        assert_eq!(v, b"..a\n..b\r\nc\n..");
+        let mut v = Vec::new();
+        encode_into(&mut v, b"PUB", b"t", [], b"");
+        assert_eq!(v, b"PUB t\r\n\r\n\r\n.\r\n");
+    }
+
+    #[test]
+    fn frame_headers() {
+        let p = Packet::raw(b"MM OK");
+        assert_eq!(p.ws_frame(), b"\x81\x05MM OK");
+        let big = vec![b'a'; 300];
+        let p = Packet::raw(&big);
+        assert_eq!(&p.ws_frame()[..4], &[0x81, 126, 1, 44]);
+        let huge = vec![0xffu8; 70000];
+        let p = Packet::raw(&huge);
+        assert!(!p.is_text());
+        assert_eq!(p.ws_frame()[0], 0x82);
+        assert_eq!(p.ws_frame()[1], 127);
+        assert_eq!(p.ws_frame().len(), 70010);
+    }
+}

@@ -1,0 +1,7 @@
+//! The middleman wire format (PROTOCOL.md §2): a pure, I/O-free codec.
+
+pub mod decode;
+pub mod encode;
+
+pub use decode::{Decoded, Decoder, FrameError, Limits, Message};
+pub use encode::{encode_into, Packet};
