@@ -4,4 +4,14 @@
 //! pure), [`broker`] (the meaning of each command, pure), [`conn`] and [`reactor`] (sockets,
 //! WebSocket framing and the event loop).
 
+pub mod broker;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod metrics;
 pub mod protocol;
+pub mod reactor;
+pub mod router;
+
+pub use config::Config;
+pub use reactor::{Running, Server, StopHandle};

@@ -160,6 +160,9 @@ pub struct Decoder {
     consumed: usize,
     /// Start of the next line to scan (always at a line start).
     scan: usize,
+    /// The bytes from `scan` up to here were already searched and hold no LF, so a line
+    /// that arrives in many pieces is still searched only once.
+    searched: usize,
     /// Start of the current message's first line (empty lines before it are skipped).
     msg_start: usize,
     state: State,
@@ -183,6 +186,7 @@ impl Decoder {
             buf: Vec::new(),
             consumed: 0,
             scan: 0,
+            searched: 0,
             msg_start: 0,
             state: State::First,
             cmd: 0..0,
@@ -249,6 +253,7 @@ impl Decoder {
         self.buf.drain(..n);
         self.consumed = 0;
         self.scan -= n;
+        self.searched = self.searched.saturating_sub(n);
         self.msg_start -= n;
         let shift = |r: &mut Range<usize>| {
             r.start -= n;
@@ -281,9 +286,12 @@ impl Decoder {
         }
         loop {
             let from = self.scan;
-            let Some(lf) = memchr::memchr(b'\n', &self.buf[from..]) else {
+            let look = self.searched.max(from);
+            let Some(lf) = memchr::memchr(b'\n', &self.buf[look..]) else {
+                self.searched = self.buf.len();
                 return self.check_unfinished().map(|()| None);
             };
+            let lf = look - from + lf;
             let line_end = from + lf + 1;
             let content_end = if lf > 0 && self.buf[from + lf - 1] == b'\r' {
                 from + lf - 1
@@ -324,6 +332,10 @@ impl Decoder {
     /// §7: passing a limit closes "even before the message is complete".
     fn check_unfinished(&mut self) -> Result<(), FrameError> {
         let pending = &self.buf[self.scan..];
+        if self.state == State::First && pending == b"\r" {
+            // Perhaps half of an ignored empty line, which belongs to no message.
+            return Ok(());
+        }
         let mut len = pending.len();
         if pending.last() == Some(&b'\r') {
             len -= 1; // may become half of the CRLF, which a line's length leaves out
@@ -499,12 +511,43 @@ mod tests {
 
     #[test]
     fn simple_and_stuffed() {
-        let (o, p) = all(
-            b"PUB t\r\nA: 1\r\n\r\n..x\r\ny\r\n.\r\n",
-            Limits::default(),
-        );
+        let (o, p) = all(b"PUB t\r\nA: 1\r\n\r\n..x\r\ny\r\n.\r\n", Limits::default());
         assert_eq!(o, vec![r#"PUB t ["A=1"] ".x\r\ny""#]);
         assert!(!p);
+    }
+
+    #[test]
+    fn lone_cr_before_first_line_is_not_a_message() {
+        // "\r" then "\n" is an ignored empty line, even when no message fits the limits.
+        let limits = Limits {
+            max_message: 0,
+            ..Limits::default()
+        };
+        let mut d = Decoder::new(limits);
+        d.feed(b"\r");
+        assert!(d.next().unwrap().is_none());
+        d.feed(b"\n\r\n");
+        assert!(d.next().unwrap().is_none());
+        assert!(!d.needs_more());
+    }
+
+    #[test]
+    fn line_in_many_pieces_is_searched_once() {
+        let mut d = Decoder::new(Limits::default());
+        let mut input = b"PUB t\r\n\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 8000));
+        input.extend_from_slice(b"\r\n.\r\n");
+        let mut got = None;
+        for piece in input.chunks(3) {
+            d.feed(piece);
+            if let Some(Decoded::Message(m)) = d.next().unwrap() {
+                got = Some(m.body.len());
+            }
+            // Nothing before `searched` is looked at again.
+            assert!(d.searched <= d.buf.len());
+        }
+        assert_eq!(got, Some(8000));
+        assert!(!d.needs_more());
     }
 
     #[test]

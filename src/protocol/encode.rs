@@ -101,9 +101,18 @@ impl Packet {
         Packet { buf, start, text }
     }
 
-    /// A packet holding exactly `payload` (e.g. `MM OK`, a cid, an echo).
+    /// A packet holding exactly `payload` (e.g. `MM OK`, a cid).
     pub fn raw(payload: &[u8]) -> Packet {
         Packet::build(|b| b.extend_from_slice(payload))
+    }
+
+    /// A packet holding exactly `payload`, sent as a text or binary frame as asked
+    /// (echo mode keeps the type it received).
+    pub fn with_kind(payload: &[u8], text: bool) -> Packet {
+        let mut p = Packet::raw(payload);
+        p.text = text;
+        p.buf[p.start] = if text { 0x81 } else { 0x82 };
+        p
     }
 
     /// The protocol bytes (the WebSocket payload).

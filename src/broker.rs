@@ -1,0 +1,624 @@
+//! The meaning of each command (PROTOCOL.md §3-§7), pure and I/O-free.
+//!
+//! [`Broker::apply`] takes one decoded message from one connection, checks permissions,
+//! updates the [`Router`] and hands every packet to send to an [`Outbox`] as
+//! `(ConnId, Rc<Packet>)`. A published message is encoded once and the same packet is
+//! given for every receiver.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::protocol::encode::{push_body, push_header};
+use crate::protocol::{Message, Packet};
+use crate::router::{ConnId, Enable, Router, SubError};
+
+/// Where the broker puts what must be sent. The reactor queues the packet on the
+/// connection; tests collect it.
+pub trait Outbox {
+    /// Queue `pkt` for connection `to`.
+    fn send(&mut self, to: ConnId, pkt: &Rc<Packet>);
+}
+
+impl Outbox for Vec<(ConnId, Rc<Packet>)> {
+    fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
+        self.push((to, pkt.clone()));
+    }
+}
+
+/// What a key grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Trusted back end.
+    Service,
+    /// A service that also receives a copy of every PUB, REQ and RES routed.
+    Monitor,
+    /// Untrusted front end.
+    Client,
+}
+
+impl Role {
+    /// Services and monitors are trusted.
+    pub fn is_service(self) -> bool {
+        matches!(self, Role::Service | Role::Monitor)
+    }
+    /// Lower-case name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Service => "service",
+            Role::Monitor => "monitor",
+            Role::Client => "client",
+        }
+    }
+}
+
+/// The configured keys. Comparison is constant-time per key.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    /// Service keys.
+    pub service: Vec<String>,
+    /// Client keys.
+    pub client: Vec<String>,
+    /// Monitor keys.
+    pub monitor: Vec<String>,
+}
+
+impl Keys {
+    /// The role a presented key grants (surrounding whitespace ignored), if any. Every
+    /// configured key is compared, whatever matches, so timing does not tell which.
+    pub fn authenticate(&self, presented: &[u8]) -> Option<Role> {
+        let key = presented.trim_ascii();
+        let mut found = None;
+        for (keys, role) in [
+            (&self.monitor, Role::Monitor),
+            (&self.service, Role::Service),
+            (&self.client, Role::Client),
+        ] {
+            for k in keys {
+                if ct_eq(k.as_bytes(), key) && found.is_none() {
+                    found = Some(role);
+                }
+            }
+        }
+        found
+    }
+
+    /// True when no key at all is configured.
+    pub fn is_empty(&self) -> bool {
+        self.service.is_empty() && self.client.is_empty() && self.monitor.is_empty()
+    }
+}
+
+/// Constant-time equality (time depends only on the lengths).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// Broker settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Subscriptions one connection may hold, not counting its private channel.
+    pub max_subscriptions: usize,
+    /// How long a request may stay unanswered (§6.5).
+    pub request_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_subscriptions: 10_000,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Error reasons (§7). The `reason` header and the body use these words.
+pub mod reason {
+    /// A well-formed command the server does not know.
+    pub const UNKNOWN_COMMAND: &str = "unknown command";
+    /// The sender's role may not do this.
+    pub const NOT_PERMITTED: &str = "not permitted";
+    /// A REQ without `ReqID`.
+    pub const MISSING_REQID: &str = "missing ReqID";
+    /// A RES without `rid`.
+    pub const MISSING_RID: &str = "missing rid";
+    /// Nobody answers the request target.
+    pub const NO_RESPONDER: &str = "no responder";
+    /// The request was not answered in time.
+    pub const TIMED_OUT: &str = "request timed out";
+    /// The responder left before answering.
+    pub const RESPONDER_GONE: &str = "responder disconnected";
+    /// A RES for a request delivered to another connection.
+    pub const NOT_YOUR_REQUEST: &str = "not your request";
+    /// A header line without `:`.
+    pub const MALFORMED: &str = "malformed message";
+    /// Over the per-connection subscription limit.
+    pub const TOO_MANY_SUBSCRIPTIONS: &str = "too many subscriptions";
+    /// `INT UID` without `forcid`/`setuid`.
+    pub const MISSING_HEADER: &str = "missing header";
+    /// `INT UID` for a cid that is not connected.
+    pub const UNKNOWN_CID: &str = "unknown cid";
+    /// `INT` with a target other than `UID`.
+    pub const UNKNOWN_TARGET: &str = "unknown target";
+    /// Every reason, for metrics.
+    pub const ALL: &[&str] = &[
+        UNKNOWN_COMMAND,
+        NOT_PERMITTED,
+        MISSING_REQID,
+        MISSING_RID,
+        NO_RESPONDER,
+        TIMED_OUT,
+        RESPONDER_GONE,
+        NOT_YOUR_REQUEST,
+        MALFORMED,
+        TOO_MANY_SUBSCRIPTIONS,
+        MISSING_HEADER,
+        UNKNOWN_CID,
+        UNKNOWN_TARGET,
+    ];
+}
+
+/// Commands, for counting.
+pub const COMMANDS: &[&str] = &[
+    "SUB", "UNS", "PUB", "REQ", "RES", "EPUB", "ESUB", "EREQ", "INT",
+];
+
+/// Counters kept by the broker (plain integers, one thread).
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Messages received, by command (index into [`COMMANDS`]; last slot: unknown).
+    pub msgs_in: [u64; 10],
+    /// Deliveries sent, by command routed (PUB, REQ, RES) and errors.
+    pub delivered_pub: u64,
+    /// REQ deliveries to responders.
+    pub delivered_req: u64,
+    /// RES deliveries to requesters.
+    pub delivered_res: u64,
+    /// Error messages sent, by reason (index into [`reason::ALL`]).
+    pub errors: [u64; 13],
+    /// Requests answered.
+    pub req_answered: u64,
+    /// Requests that timed out.
+    pub req_timed_out: u64,
+    /// Requests refused for want of a responder.
+    pub req_no_responder: u64,
+    /// Requests whose responder left.
+    pub req_responder_gone: u64,
+}
+
+/// Per-connection facts the broker keeps.
+#[derive(Debug, Clone)]
+struct Session {
+    role: Role,
+    cid: Box<str>,
+    uid: Box<[u8]>,
+}
+
+/// The broker: routing tables plus sessions.
+#[derive(Debug)]
+pub struct Broker {
+    router: Router,
+    sessions: Vec<Option<Session>>,
+    cids: std::collections::HashMap<Box<str>, ConnId>,
+    monitors: Vec<ConnId>,
+    settings: Settings,
+    cid_prefix: String,
+    cid_counter: u64,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl Broker {
+    /// A broker whose cids start with `cid_prefix` (lower-case letters and digits,
+    /// random per process so cids do not repeat after a restart).
+    pub fn new(settings: Settings, cid_prefix: &str) -> Self {
+        Broker {
+            router: Router::new(),
+            sessions: Vec::new(),
+            cids: Default::default(),
+            monitors: Vec::new(),
+            settings,
+            cid_prefix: cid_prefix.to_owned(),
+            cid_counter: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The routing tables (read-only).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Number of authenticated connections.
+    pub fn session_count(&self) -> usize {
+        self.cids.len()
+    }
+
+    /// Authenticated connections by role: (services, monitors, clients).
+    pub fn role_counts(&self) -> (usize, usize, usize) {
+        let mut n = (0, 0, 0);
+        for s in self.sessions.iter().flatten() {
+            match s.role {
+                Role::Service => n.0 += 1,
+                Role::Monitor => n.1 += 1,
+                Role::Client => n.2 += 1,
+            }
+        }
+        n
+    }
+
+    /// The role of an authenticated connection.
+    pub fn role(&self, conn: ConnId) -> Option<Role> {
+        self.session(conn).map(|s| s.role)
+    }
+
+    /// The cid of an authenticated connection.
+    pub fn cid(&self, conn: ConnId) -> Option<&str> {
+        self.session(conn).map(|s| &*s.cid)
+    }
+
+    fn session(&self, conn: ConnId) -> Option<&Session> {
+        self.sessions.get(conn).and_then(Option::as_ref)
+    }
+
+    /// Admit an authenticated connection: give it a cid and subscribe it to `MSG:<cid>`.
+    pub fn connect(&mut self, conn: ConnId, role: Role) -> String {
+        self.cid_counter += 1;
+        let cid = format!("{}{}", self.cid_prefix, base36(self.cid_counter));
+        if self.sessions.len() <= conn {
+            self.sessions.resize_with(conn + 1, || None);
+        }
+        self.sessions[conn] = Some(Session {
+            role,
+            cid: cid.as_str().into(),
+            uid: Box::default(),
+        });
+        self.cids.insert(cid.as_str().into(), conn);
+        self.router.add_conn(conn);
+        let private = format!("MSG:{cid}");
+        let _ = self.router.subscribe(conn, private.as_bytes(), usize::MAX);
+        if role == Role::Monitor {
+            self.monitors.push(conn);
+        }
+        cid
+    }
+
+    /// Forget a connection: its subscriptions, enablements and requests. Requesters
+    /// waiting on it get `responder disconnected`.
+    pub fn disconnect(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        let Some(session) = self.sessions.get_mut(conn).and_then(Option::take) else {
+            return;
+        };
+        self.cids.remove(&session.cid);
+        self.monitors.retain(|&m| m != conn);
+        for (_, p) in self.router.remove_conn(conn) {
+            self.stats.req_responder_gone += 1;
+            let target = self.router.topic(p.topic).map(|t| t.name.clone());
+            let target = target.as_deref().unwrap_or(b"");
+            self.error_to(
+                out,
+                p.requester,
+                b"REQ",
+                target,
+                reason::RESPONDER_GONE,
+                Some((p.reqid_name(), p.reqid_value())),
+            );
+        }
+    }
+
+    /// End every request whose deadline has passed, telling each requester.
+    pub fn expire(&mut self, now: Instant, out: &mut impl Outbox) {
+        while let Some((_, p)) = self.router.pop_expired(now) {
+            self.stats.req_timed_out += 1;
+            let target = self.router.topic(p.topic).map(|t| t.name.clone());
+            let target = target.as_deref().unwrap_or(b"");
+            self.error_to(
+                out,
+                p.requester,
+                b"REQ",
+                target,
+                reason::TIMED_OUT,
+                Some((p.reqid_name(), p.reqid_value())),
+            );
+        }
+    }
+
+    /// The next request deadline, if any request is pending.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.router.next_deadline()
+    }
+
+    /// Answer a message the decoder found malformed (§2): an error, nothing processed.
+    pub fn malformed(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
+        let reqid = msg.header("ReqID");
+        self.error_to(out, from, msg.cmd, msg.target, reason::MALFORMED, reqid);
+    }
+
+    /// Apply one message from an authenticated connection.
+    pub fn apply(&mut self, from: ConnId, msg: &Message<'_>, now: Instant, out: &mut impl Outbox) {
+        let Some(role) = self.role(from) else {
+            return;
+        };
+        let cmd_idx = COMMANDS
+            .iter()
+            .position(|c| c.as_bytes() == msg.cmd)
+            .unwrap_or(COMMANDS.len());
+        self.stats.msgs_in[cmd_idx] += 1;
+        let service = role.is_service();
+        let private = msg.target.starts_with(b"MSG:");
+        let t = msg.target;
+        match msg.cmd {
+            b"SUB" => {
+                if !service && (private || !self.router.is_enabled(t, Enable::Sub)) {
+                    return self.error(out, from, msg, reason::NOT_PERMITTED);
+                }
+                // The private channel is not counted against the limit.
+                let max = self.settings.max_subscriptions.saturating_add(1);
+                if let Err(SubError::TooMany) = self.router.subscribe(from, t, max) {
+                    self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS);
+                }
+            }
+            b"UNS" => {
+                self.router.unsubscribe(from, t);
+            }
+            b"PUB" => {
+                if !service && (private || !self.router.is_enabled(t, Enable::Pub)) {
+                    return self.error(out, from, msg, reason::NOT_PERMITTED);
+                }
+                self.publish(from, msg, out);
+            }
+            b"REQ" => self.request(from, msg, now, out),
+            b"RES" => self.respond(from, msg, out),
+            b"EPUB" | b"ESUB" | b"EREQ" => {
+                if !service {
+                    return self.error(out, from, msg, reason::NOT_PERMITTED);
+                }
+                let kind = match msg.cmd {
+                    b"EPUB" => Enable::Pub,
+                    b"ESUB" => Enable::Sub,
+                    _ => Enable::Req,
+                };
+                self.router.enable(from, t, kind);
+            }
+            b"INT" => self.internal(from, msg, out),
+            _ => self.error(out, from, msg, reason::UNKNOWN_COMMAND),
+        }
+    }
+
+    fn publish(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
+        let subs = self.router.subscribers(msg.target);
+        if subs.is_empty() && self.monitors.is_empty() {
+            return;
+        }
+        let pkt = Rc::new(self.relay_packet(from, msg, &[], None));
+        let subs = self.router.subscribers(msg.target);
+        for &s in subs {
+            out.send(s, &pkt);
+        }
+        self.stats.delivered_pub += subs.len() as u64;
+        for &m in &self.monitors {
+            if !self.router.is_subscribed(m, msg.target) {
+                out.send(m, &pkt);
+            }
+        }
+    }
+
+    fn request(&mut self, from: ConnId, msg: &Message<'_>, now: Instant, out: &mut impl Outbox) {
+        let Some((reqid_name, reqid_value)) = msg.header("ReqID") else {
+            return self.error(out, from, msg, reason::MISSING_REQID);
+        };
+        let deadline = now + self.settings.request_timeout;
+        let Some((responder, rid)) =
+            self.router
+                .start_request(from, msg.target, reqid_name, reqid_value, deadline)
+        else {
+            self.stats.req_no_responder += 1;
+            return self.error(out, from, msg, reason::NO_RESPONDER);
+        };
+        let mut digits = itoa_buf();
+        let rid_text = fmt_u64(rid, &mut digits);
+        let pkt = Rc::new(self.relay_packet(from, msg, &[b"rid"], Some((b"rid", rid_text))));
+        out.send(responder, &pkt);
+        self.stats.delivered_req += 1;
+        self.copy_to_monitors(&pkt, &[responder], out);
+    }
+
+    fn respond(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
+        let Some((_, rid_text)) = msg.header("rid") else {
+            return self.error(out, from, msg, reason::MISSING_RID);
+        };
+        let Some(rid) = std::str::from_utf8(rid_text)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return; // not a pending rid: dropped silently (§6.5)
+        };
+        match self.router.pending(rid) {
+            None => return,
+            Some(p) if p.responder != from => {
+                return self.error(out, from, msg, reason::NOT_YOUR_REQUEST);
+            }
+            Some(_) => {}
+        }
+        let Some(p) = self.router.end_request(rid) else {
+            return;
+        };
+        self.stats.req_answered += 1;
+        let pkt = Rc::new(self.relay_packet(
+            from,
+            msg,
+            &[b"rid", b"reqid"],
+            Some((p.reqid_name(), p.reqid_value())),
+        ));
+        out.send(p.requester, &pkt);
+        self.stats.delivered_res += 1;
+        self.copy_to_monitors(&pkt, &[p.requester], out);
+    }
+
+    fn internal(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
+        if !self.role(from).is_some_and(Role::is_service) {
+            return self.error(out, from, msg, reason::NOT_PERMITTED);
+        }
+        if msg.target != b"UID" {
+            return self.error(out, from, msg, reason::UNKNOWN_TARGET);
+        }
+        let (Some((_, forcid)), Some((_, setuid))) = (msg.header("forcid"), msg.header("setuid"))
+        else {
+            return self.error(out, from, msg, reason::MISSING_HEADER);
+        };
+        let conn = std::str::from_utf8(forcid)
+            .ok()
+            .and_then(|c| self.cids.get(c).copied());
+        let Some(session) = conn.and_then(|c| self.sessions.get_mut(c).and_then(Option::as_mut))
+        else {
+            return self.error(out, from, msg, reason::UNKNOWN_CID);
+        };
+        session.uid = setuid.into();
+    }
+
+    fn copy_to_monitors(&self, pkt: &Rc<Packet>, skip: &[ConnId], out: &mut impl Outbox) {
+        for &m in &self.monitors {
+            if !skip.contains(&m) {
+                out.send(m, pkt);
+            }
+        }
+    }
+
+    /// Encode `msg` as relayed from `from`: the sender's headers in order, minus `cid`,
+    /// `uid` and any name in `drop` (lower case; compared case-insensitively), then
+    /// `extra`, then the server's `cid` and `uid`.
+    fn relay_packet(
+        &mut self,
+        from: ConnId,
+        msg: &Message<'_>,
+        drop: &[&[u8]],
+        extra: Option<(&[u8], &[u8])>,
+    ) -> Packet {
+        let (cid, uid): (&[u8], &[u8]) = match self.session(from) {
+            Some(s) => (s.cid.as_bytes(), &s.uid),
+            None => (b"", b""),
+        };
+        Packet::build(|b| {
+            b.reserve(msg.cmd.len() + msg.target.len() + msg.body.len() + 64);
+            b.extend_from_slice(msg.cmd);
+            b.push(b' ');
+            b.extend_from_slice(msg.target);
+            b.extend_from_slice(b"\r\n");
+            for (name, value) in msg.headers() {
+                let skip = name.eq_ignore_ascii_case(b"cid")
+                    || name.eq_ignore_ascii_case(b"uid")
+                    || drop.iter().any(|d| name.eq_ignore_ascii_case(d));
+                if !skip {
+                    push_header(b, name, value);
+                }
+            }
+            if let Some((n, v)) = extra {
+                push_header(b, n, v);
+            }
+            push_header(b, b"cid", cid);
+            push_header(b, b"uid", uid);
+            b.extend_from_slice(b"\r\n");
+            push_body(b, &msg.body);
+            b.extend_from_slice(b"\r\n.\r\n");
+        })
+    }
+
+    fn error(&mut self, out: &mut impl Outbox, to: ConnId, msg: &Message<'_>, why: &'static str) {
+        let reqid = msg.header("ReqID");
+        self.error_to(out, to, msg.cmd, msg.target, why, reqid);
+    }
+
+    fn error_to(
+        &mut self,
+        out: &mut impl Outbox,
+        to: ConnId,
+        cmd: &[u8],
+        target: &[u8],
+        why: &'static str,
+        reqid: Option<(&[u8], &[u8])>,
+    ) {
+        if let Some(i) = reason::ALL.iter().position(|r| *r == why) {
+            self.stats.errors[i] += 1;
+        }
+        out.send(to, &Rc::new(error_packet(cmd, target, why, reqid)));
+    }
+}
+
+/// The §7 error message: `PUB ERROR` with `cmd`, `target`, `reason` (and `ReqID`),
+/// body `<reason>: <CMD> <TARGET>`.
+pub fn error_packet(cmd: &[u8], target: &[u8], why: &str, reqid: Option<(&[u8], &[u8])>) -> Packet {
+    Packet::build(|b| {
+        b.extend_from_slice(b"PUB ERROR\r\n");
+        push_header(b, b"cmd", cmd);
+        push_header(b, b"target", target);
+        push_header(b, b"reason", why.as_bytes());
+        if let Some((n, v)) = reqid {
+            push_header(b, n, v);
+        }
+        b.extend_from_slice(b"\r\n");
+        let mut body = Vec::with_capacity(why.len() + cmd.len() + target.len() + 3);
+        body.extend_from_slice(why.as_bytes());
+        body.extend_from_slice(b": ");
+        body.extend_from_slice(cmd);
+        body.push(b' ');
+        body.extend_from_slice(target);
+        push_body(b, &body);
+        b.extend_from_slice(b"\r\n.\r\n");
+    })
+}
+
+fn base36(mut n: u64) -> String {
+    const D: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut v = Vec::new();
+    loop {
+        v.push(D[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    v.reverse();
+    String::from_utf8(v).unwrap_or_default()
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0; 20]
+}
+
+fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// A random cid prefix: 6 characters of `[0-9a-z]`.
+pub fn random_cid_prefix() -> String {
+    let mut bytes = [0u8; 6];
+    if getrandom::fill(&mut bytes).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    const D: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let s: Vec<u8> = bytes.iter().map(|b| D[(*b as usize) % 36]).collect();
+    String::from_utf8(s).unwrap_or_default()
+}

@@ -1,0 +1,238 @@
+//! Per-connection I/O pieces: the outbound queue and the stream adapter through which
+//! tungstenite reads from the socket and writes into that queue.
+//!
+//! tungstenite's [`WebSocketContext`](tungstenite::protocol::WebSocketContext) takes the
+//! stream by `&mut` on every call. We give it an [`Io`] that reads from the socket and
+//! appends every write (pongs, close frames, pings) to the connection's [`OutQueue`], so
+//! control frames and the data frames we queue ourselves leave in one order, and
+//! tungstenite never sees `WouldBlock` on write.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::rc::Rc;
+
+use crate::protocol::Packet;
+
+/// How a packet goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// As a WebSocket frame (header + payload).
+    WebSocket,
+}
+
+#[derive(Debug)]
+enum Chunk {
+    /// Bytes written by tungstenite or the handshake.
+    Bytes(Vec<u8>),
+    /// A shared packet, written as a whole WebSocket frame.
+    Packet(Rc<Packet>),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Bytes(b) => b,
+            Chunk::Packet(p) => p.ws_frame(),
+        }
+    }
+}
+
+/// Most chunks handed to one `writev`.
+const MAX_IOV: usize = 64;
+
+/// A connection's outbound queue: owned bytes and shared packets, written with `writev`.
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    head_written: usize,
+    /// Bytes queued and not yet written.
+    len: usize,
+}
+
+impl OutQueue {
+    /// Bytes waiting to be written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Nothing waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queue a shared packet as a WebSocket frame.
+    pub fn push_packet(&mut self, p: &Rc<Packet>) {
+        self.len += p.ws_frame().len();
+        self.chunks.push_back(Chunk::Packet(p.clone()));
+    }
+
+    /// Queue owned bytes (appended to the last chunk when that is owned bytes too).
+    pub fn push_bytes(&mut self, b: &[u8]) {
+        if b.is_empty() {
+            return;
+        }
+        self.len += b.len();
+        if let Some(Chunk::Bytes(last)) = self.chunks.back_mut() {
+            if last.len() < 64 * 1024 {
+                last.extend_from_slice(b);
+                return;
+            }
+        }
+        self.chunks.push_back(Chunk::Bytes(b.to_vec()));
+    }
+
+    /// Drop everything not yet started, keeping a partly written front chunk so the
+    /// stream stays well framed (used when cutting off a slow consumer).
+    pub fn drop_unsent(&mut self) {
+        let keep = usize::from(self.head_written > 0);
+        while self.chunks.len() > keep {
+            if let Some(c) = self.chunks.pop_back() {
+                self.len -= c.bytes().len();
+            }
+        }
+        self.chunks.shrink_to_fit();
+    }
+
+    /// Write as much as the socket takes. Returns the bytes written; `WouldBlock` is not
+    /// an error (the rest stays queued).
+    pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<usize> {
+        let mut total = 0;
+        while self.len > 0 {
+            let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (i, c) in self.chunks.iter().take(MAX_IOV).enumerate() {
+                let b = c.bytes();
+                iov[i] = IoSlice::new(if i == 0 { &b[self.head_written..] } else { b });
+                n += 1;
+            }
+            let written = match w.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            total += written;
+            self.advance(written);
+        }
+        if self.chunks.is_empty() && self.chunks.capacity() > 16 {
+            self.chunks.shrink_to_fit();
+        }
+        Ok(total)
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
+            let left = front.bytes().len() - self.head_written;
+            if n >= left {
+                n -= left;
+                self.head_written = 0;
+                self.chunks.pop_front();
+            } else {
+                self.head_written += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+/// The stream handed to tungstenite: reads from `sock`, writes into `out`.
+pub struct Io<'a, S> {
+    /// The socket.
+    pub sock: &'a mut S,
+    /// The connection's outbound queue.
+    pub out: &'a mut OutQueue,
+    /// Bytes read so far (for metrics and idle detection).
+    pub read_bytes: &'a mut u64,
+}
+
+impl<S: Read> Read for Io<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        *self.read_bytes += n as u64;
+        Ok(n)
+    }
+}
+
+impl<S> Write for Io<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.push_bytes(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `cap` bytes per call.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+        calls: usize,
+    }
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls % 3 == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.cap);
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_order() {
+        let mut q = OutQueue::default();
+        let p = Rc::new(Packet::raw(b"hello"));
+        let mut expect = Vec::new();
+        for i in 0..50u8 {
+            q.push_bytes(&[i; 3]);
+            expect.extend_from_slice(&[i; 3]);
+            q.push_packet(&p);
+            expect.extend_from_slice(p.ws_frame());
+        }
+        let mut w = Trickle {
+            got: Vec::new(),
+            cap: 5,
+            calls: 0,
+        };
+        for _ in 0..10_000 {
+            if q.is_empty() {
+                break;
+            }
+            q.write_to(&mut w).unwrap();
+        }
+        assert!(q.is_empty());
+        assert_eq!(w.got, expect);
+    }
+
+    #[test]
+    fn drop_unsent_keeps_partial_head() {
+        let mut q = OutQueue::default();
+        let p = Rc::new(Packet::raw(b"0123456789"));
+        q.push_packet(&p);
+        q.push_packet(&p);
+        let mut w = Trickle {
+            got: Vec::new(),
+            cap: 4,
+            calls: 1,
+        };
+        q.write_to(&mut w).unwrap(); // one write of 4 bytes, then WouldBlock
+        q.drop_unsent();
+        assert_eq!(q.len(), p.ws_frame().len() - 4);
+    }
+}

@@ -1,0 +1,964 @@
+//! The event loop: one thread, one `mio::Poll`, connections in a `Slab` keyed by their
+//! `Token`. Edge-triggered: accept until `WouldBlock`, read until `WouldBlock` (at most
+//! [`MAX_READS_PER_TURN`] WebSocket messages per connection per pass, then the
+//! connection waits for the next pass so a busy peer cannot starve the rest), queue what
+//! the broker sends and write every dirty connection once at the end of the pass.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::{Role as WsRole, WebSocketConfig, WebSocketContext};
+use tungstenite::Message as WsMessage;
+
+use crate::broker::{random_cid_prefix, Broker, Outbox, Settings};
+use crate::config::Config;
+use crate::conn::{Io, OutQueue};
+use crate::http::{self, Request};
+use crate::metrics::{CloseReason, Metrics};
+use crate::protocol::{Decoded, Decoder, Packet};
+use crate::router::ConnId;
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// WebSocket messages read from one connection before others get their turn.
+pub const MAX_READS_PER_TURN: usize = 64;
+/// How long a closing connection may take to flush and hang up.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How often timeouts are checked.
+const TICK: Duration = Duration::from_millis(250);
+/// Most bytes read from a plain HTTP request before it must be complete.
+const HTTP_READ_CAP: usize = http::MAX_REQUEST + 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading the HTTP request.
+    Http,
+    /// Upgraded; waiting for the API key.
+    AwaitKey,
+    /// Authenticated; protocol messages flow.
+    Open,
+    /// Echo mode (Autobahn): data messages are sent back.
+    Echo,
+    /// Flushing what is queued, then hanging up.
+    Closing,
+}
+
+struct Conn {
+    sock: TcpStream,
+    peer: SocketAddr,
+    phase: Phase,
+    ws: Option<WebSocketContext>,
+    dec: Option<Decoder>,
+    out: OutQueue,
+    http_buf: Vec<u8>,
+    created: Instant,
+    last_rx: Instant,
+    last_ping: Instant,
+    rx_bytes: u64,
+    /// Queued in the dirty list for this pass.
+    dirty: bool,
+    /// Cut off as a slow consumer: nothing more may be queued.
+    slow: bool,
+    /// Closing: drop at this time whatever happens.
+    close_deadline: Option<Instant>,
+    /// Closing: the write side was shut down after the queue drained.
+    write_shut: bool,
+    /// Closing: the peer hung up.
+    peer_eof: bool,
+    /// Why it is closing (for metrics and logs).
+    close_reason: CloseReason,
+}
+
+impl Conn {
+    fn accepts_data(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::Echo) && !self.slow
+    }
+}
+
+/// Stops a running [`Server`] from another thread (tests, embedding).
+#[derive(Clone)]
+pub struct StopHandle {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl StopHandle {
+    /// Begin a graceful shutdown, as SIGTERM would.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// The outbox the broker writes into: queues packets on connections and notes the ones
+/// to write at the end of the pass.
+struct Sink<'a> {
+    conns: &'a mut Slab<Conn>,
+    dirty: &'a mut Vec<ConnId>,
+    closes: &'a mut Vec<(ConnId, u16, &'static str, CloseReason)>,
+    max_out: usize,
+}
+
+impl Outbox for Sink<'_> {
+    fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
+        let Some(c) = self.conns.get_mut(to) else {
+            return;
+        };
+        if !c.accepts_data() {
+            return;
+        }
+        if c.out.len() + pkt.ws_frame().len() > self.max_out {
+            // §7: never a gap in the middle; the stream stops here and the peer is closed.
+            c.slow = true;
+            self.closes
+                .push((to, 1008, "slow consumer", CloseReason::SlowConsumer));
+            return;
+        }
+        c.out.push_packet(pkt);
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(to);
+        }
+    }
+}
+
+/// The server: listener, connections, broker and timers on one thread.
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    conns: Slab<Conn>,
+    broker: Broker,
+    cfg: Config,
+    ws_config: WebSocketConfig,
+    dirty: Vec<ConnId>,
+    again: Vec<ConnId>,
+    closes: Vec<(ConnId, u16, &'static str, CloseReason)>,
+    stop_flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    shutdown_deadline: Option<Instant>,
+    accept_paused_until: Option<Instant>,
+    next_tick: Instant,
+    metrics: Metrics,
+}
+
+impl Server {
+    /// Bind the listener and set up the loop (does not run it).
+    pub fn bind(cfg: Config) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(cfg.listen)?;
+        let local_addr = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let signals = if cfg.handle_signals {
+            let mut s = signal_hook_mio::v1_0::Signals::new([
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+            ])?;
+            poll.registry()
+                .register(&mut s, SIGNALS, Interest::READABLE)?;
+            Some(s)
+        } else {
+            None
+        };
+        // A WebSocket message may hold one protocol message of the maximum size plus a
+        // line of slack; a larger frame is refused before it is buffered.
+        let ws_max = if cfg.echo {
+            64 << 20
+        } else {
+            cfg.limits.max_message + cfg.limits.max_line
+        };
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(8 * 1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(ws_max))
+            .max_frame_size(Some(ws_max));
+        let broker = Broker::new(
+            Settings {
+                max_subscriptions: cfg.max_subscriptions,
+                request_timeout: cfg.request_timeout,
+            },
+            &random_cid_prefix(),
+        );
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            local_addr,
+            conns: Slab::with_capacity(1024),
+            broker,
+            ws_config,
+            dirty: Vec::new(),
+            again: Vec::new(),
+            closes: Vec::new(),
+            stop_flag: Arc::new(AtomicBool::new(false)),
+            waker,
+            signals,
+            shutdown_deadline: None,
+            accept_paused_until: None,
+            next_tick: Instant::now() + TICK,
+            metrics: Metrics::default(),
+            cfg,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that stops the server from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            flag: self.stop_flag.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Run until shut down (signal or [`StopHandle::stop`]) and every connection is
+    /// closed or the grace period is over.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout(Instant::now());
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            self.metrics.loop_iterations += 1;
+            let now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(now),
+                    WAKER => {
+                        if self.stop_flag.load(Ordering::SeqCst) {
+                            self.begin_shutdown(now);
+                        }
+                    }
+                    SIGNALS => {
+                        let got = self
+                            .signals
+                            .as_mut()
+                            .map(|s| s.pending().count())
+                            .unwrap_or(0);
+                        if got > 0 {
+                            info!("signal received: shutting down");
+                            self.begin_shutdown(now);
+                        }
+                    }
+                    Token(id) => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.on_readable(id, now);
+                        }
+                        if ev.is_writable() {
+                            self.flush_one(id);
+                        }
+                    }
+                }
+            }
+            for id in std::mem::take(&mut self.again) {
+                self.on_readable(id, now);
+            }
+            if let Some(t) = self.accept_paused_until {
+                if now >= t {
+                    self.accept_paused_until = None;
+                    self.accept(now);
+                }
+            }
+            {
+                let (broker, mut sink) = self.split();
+                broker.expire(now, &mut sink);
+            }
+            if now >= self.next_tick {
+                self.next_tick = now + TICK;
+                self.housekeeping(now);
+            }
+            self.process_closes(now);
+            self.flush_dirty();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() || now >= deadline {
+                    info!(
+                        "shut down ({} connections dropped at the deadline)",
+                        self.conns.len()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Duration {
+        if !self.again.is_empty() || !self.closes.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut next = self.next_tick;
+        if let Some(d) = self.broker.next_deadline() {
+            next = next.min(d);
+        }
+        if let Some(d) = self.accept_paused_until {
+            next = next.min(d);
+        }
+        next.saturating_duration_since(now)
+    }
+
+    fn split(&mut self) -> (&mut Broker, Sink<'_>) {
+        (
+            &mut self.broker,
+            Sink {
+                conns: &mut self.conns,
+                dirty: &mut self.dirty,
+                closes: &mut self.closes,
+                max_out: self.cfg.max_outbound_bytes,
+            },
+        )
+    }
+
+    fn accept(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((mut sock, peer)) => {
+                    self.metrics.accepted += 1;
+                    if self.conns.len() >= self.cfg.max_connections {
+                        self.metrics.refused += 1;
+                        let _ = sock.write(&http::response(
+                            503,
+                            "text/plain",
+                            b"too many connections\n",
+                        ));
+                        let _ = sock.shutdown(std::net::Shutdown::Both);
+                        warn_limited(&mut self.metrics.warned_refused, || {
+                            format!("refused {peer}: connection limit reached")
+                        });
+                        continue;
+                    }
+                    let _ = sock.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let id = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut sock,
+                        Token(id),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        warn!("register {peer}: {e}");
+                        continue;
+                    }
+                    entry.insert(Conn {
+                        sock,
+                        peer,
+                        phase: Phase::Http,
+                        ws: None,
+                        dec: None,
+                        out: OutQueue::default(),
+                        http_buf: Vec::new(),
+                        created: now,
+                        last_rx: now,
+                        last_ping: now,
+                        rx_bytes: 0,
+                        dirty: false,
+                        slow: false,
+                        close_deadline: None,
+                        write_shut: false,
+                        peer_eof: false,
+                        close_reason: CloseReason::Normal,
+                    });
+                    debug!("[{id}] accepted {peer}");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS, ...: back off and keep serving the others.
+                    warn!("accept failed: {e}; pausing accepts for 100ms");
+                    self.accept_paused_until = Some(now + Duration::from_millis(100));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_readable(&mut self, id: ConnId, now: Instant) {
+        let Some(c) = self.conns.get(id) else {
+            return;
+        };
+        match c.phase {
+            Phase::Http => self.read_http(id, now),
+            Phase::AwaitKey | Phase::Open | Phase::Echo => self.read_ws(id, now),
+            Phase::Closing => self.read_closing(id),
+        }
+    }
+
+    fn read_http(&mut self, id: ConnId, now: Instant) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let mut chunk = [0u8; 4096];
+        let request = loop {
+            match c.sock.read(&mut chunk) {
+                Ok(0) => return self.remove(id, CloseReason::PeerGone),
+                Ok(n) => {
+                    self.metrics.bytes_in += n as u64;
+                    c.http_buf.extend_from_slice(&chunk[..n]);
+                    match http::parse(&c.http_buf) {
+                        Request::Partial if c.http_buf.len() < HTTP_READ_CAP => continue,
+                        Request::Partial => break Request::Bad("request head too large"),
+                        r => break r,
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.remove(id, CloseReason::PeerGone),
+            }
+        };
+        match request {
+            Request::Upgrade { accept, consumed } => {
+                let rest = c.http_buf.split_off(consumed.min(c.http_buf.len()));
+                c.http_buf = Vec::new();
+                c.out.push_bytes(&http::upgrade_response(&accept));
+                c.ws = Some(WebSocketContext::from_partially_read(
+                    rest,
+                    WsRole::Server,
+                    Some(self.ws_config),
+                ));
+                c.phase = if self.cfg.echo {
+                    Phase::Echo
+                } else {
+                    Phase::AwaitKey
+                };
+                c.last_rx = now;
+                self.mark_dirty(id);
+                self.read_ws(id, now);
+            }
+            Request::Plain { method, path } => {
+                let resp = self.plain_http(&method, &path);
+                self.metrics.http_requests += 1;
+                self.http_close(id, &resp, now, CloseReason::Normal);
+            }
+            Request::Bad(why) => {
+                debug!("[{id}] bad HTTP request: {why}");
+                let resp = http::response(400, "text/plain", format!("{why}\n").as_bytes());
+                self.http_close(id, &resp, now, CloseReason::ProtocolError);
+            }
+            Request::Partial => {}
+        }
+    }
+
+    fn plain_http(&self, method: &str, path: &str) -> Vec<u8> {
+        match (method, path) {
+            ("GET", "/healthz") => http::response(200, "text/plain", b"ok"),
+            ("GET", "/metrics") => {
+                let body = self.metrics.render(&self.broker, self.conns.len());
+                http::response(200, "text/plain; version=0.0.4", body.as_bytes())
+            }
+            _ => http::response(404, "text/plain", b"not found\n"),
+        }
+    }
+
+    /// Queue an HTTP response and hang up after it is written.
+    fn http_close(&mut self, id: ConnId, resp: &[u8], now: Instant, why: CloseReason) {
+        if let Some(c) = self.conns.get_mut(id) {
+            c.http_buf = Vec::new();
+            c.out.push_bytes(resp);
+            c.phase = Phase::Closing;
+            c.close_reason = why;
+            c.close_deadline = Some(now + CLOSE_LINGER);
+            self.mark_dirty(id);
+        }
+    }
+
+    fn read_ws(&mut self, id: ConnId, now: Instant) {
+        for _ in 0..MAX_READS_PER_TURN {
+            let Some(c) = self.conns.get_mut(id) else {
+                return;
+            };
+            if !matches!(c.phase, Phase::AwaitKey | Phase::Open | Phase::Echo) {
+                return;
+            }
+            let Some(ws) = c.ws.as_mut() else {
+                return;
+            };
+            let before = c.rx_bytes;
+            let res = ws.read(&mut Io {
+                sock: &mut c.sock,
+                out: &mut c.out,
+                read_bytes: &mut c.rx_bytes,
+            });
+            if c.rx_bytes != before {
+                self.metrics.bytes_in += c.rx_bytes - before;
+                c.last_rx = now;
+            }
+            if !c.out.is_empty() {
+                self.mark_dirty(id);
+            }
+            match res {
+                Ok(WsMessage::Text(t)) => self.on_data(id, t.as_bytes(), true, now),
+                Ok(WsMessage::Binary(b)) => self.on_data(id, &b, false, now),
+                Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_)) => {}
+                Ok(WsMessage::Close(_)) => {
+                    // tungstenite queued the close reply; flush it and hang up.
+                    if let Some(c) = self.conns.get_mut(id) {
+                        if let Some(ws) = c.ws.as_mut() {
+                            let _ = ws.flush(&mut Io {
+                                sock: &mut c.sock,
+                                out: &mut c.out,
+                                read_bytes: &mut c.rx_bytes,
+                            });
+                        }
+                    }
+                    self.enter_closing(id, now, CloseReason::Normal);
+                    return;
+                }
+                Err(e) => return self.ws_error(id, e, now),
+            }
+        }
+        self.again.push(id);
+    }
+
+    fn ws_error(&mut self, id: ConnId, e: tungstenite::Error, now: Instant) {
+        use tungstenite::error::{CapacityError, Error as E, ProtocolError as P};
+        match e {
+            E::Io(ref io) if io.kind() == io::ErrorKind::WouldBlock => {}
+            E::Io(ref io) if io.kind() == io::ErrorKind::Interrupted => self.again.push(id),
+            E::ConnectionClosed | E::AlreadyClosed | E::Io(_) => {
+                self.remove(id, CloseReason::PeerGone)
+            }
+            E::Protocol(P::ResetWithoutClosingHandshake) => self.remove(id, CloseReason::PeerGone),
+            E::Capacity(CapacityError::MessageTooLong { .. }) => {
+                self.close_with(id, 1009, "message too long", now, CloseReason::Limit)
+            }
+            E::Capacity(_) => self.close_with(id, 1009, "frame too large", now, CloseReason::Limit),
+            E::Utf8(_) => {
+                self.close_with(id, 1007, "invalid utf-8", now, CloseReason::ProtocolError)
+            }
+            E::Protocol(p) => {
+                debug!("[{id}] websocket protocol error: {p}");
+                self.close_with(
+                    id,
+                    1002,
+                    "websocket protocol error",
+                    now,
+                    CloseReason::ProtocolError,
+                )
+            }
+            other => {
+                debug!("[{id}] websocket error: {other}");
+                self.close_with(id, 1002, "websocket error", now, CloseReason::ProtocolError)
+            }
+        }
+    }
+
+    fn on_data(&mut self, id: ConnId, data: &[u8], text: bool, now: Instant) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        match c.phase {
+            Phase::Echo => {
+                let pkt = Rc::new(Packet::with_kind(data, text));
+                let (_, mut sink) = self.split();
+                sink.send(id, &pkt);
+            }
+            Phase::AwaitKey => match self.cfg.keys.authenticate(data) {
+                Some(role) => {
+                    let cid = self.broker.connect(id, role);
+                    c.phase = Phase::Open;
+                    c.dec = Some(Decoder::new(self.cfg.limits));
+                    info!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
+                    let (_, mut sink) = self.split();
+                    sink.send(id, &Rc::new(Packet::raw(b"MM OK")));
+                    sink.send(id, &Rc::new(Packet::raw(cid.as_bytes())));
+                }
+                None => {
+                    warn_limited(&mut self.metrics.warned_bad_key, || {
+                        format!("bad key from {}", c.peer)
+                    });
+                    self.close_with(id, 1008, "bad key", now, CloseReason::BadKey);
+                }
+            },
+            Phase::Open => {
+                let Some(mut dec) = c.dec.take() else {
+                    return;
+                };
+                dec.feed(data);
+                let mut failed = None;
+                {
+                    let (broker, mut sink) = self.split();
+                    loop {
+                        match dec.next() {
+                            Ok(Some(Decoded::Message(m))) => broker.apply(id, &m, now, &mut sink),
+                            Ok(Some(Decoded::Malformed(m))) => broker.malformed(id, &m, &mut sink),
+                            Ok(None) => break,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                if let Some(e) = failed {
+                    warn_limited(&mut self.metrics.warned_protocol, || {
+                        format!("[{id}] framing violation: {e}")
+                    });
+                    let why = if e.close_code() == 1009 {
+                        CloseReason::Limit
+                    } else {
+                        CloseReason::ProtocolError
+                    };
+                    self.close_with(id, e.close_code(), e.reason(), now, why);
+                } else if let Some(c) = self.conns.get_mut(id) {
+                    if c.phase == Phase::Open {
+                        if !dec.needs_more() {
+                            dec.shrink();
+                        }
+                        c.dec = Some(dec);
+                    }
+                }
+            }
+            Phase::Http | Phase::Closing => {}
+        }
+    }
+
+    /// Send a close frame (after what is queued, or instead of it for a slow
+    /// consumer), forget the connection's routing state and hang up once flushed.
+    fn close_with(
+        &mut self,
+        id: ConnId,
+        code: u16,
+        reason: &'static str,
+        now: Instant,
+        why: CloseReason,
+    ) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if c.phase == Phase::Closing {
+            return;
+        }
+        if why == CloseReason::SlowConsumer {
+            c.out.drop_unsent();
+            self.metrics.slow_consumers += 1;
+            warn_limited(&mut self.metrics.warned_slow, || {
+                format!("[{id}] slow consumer {} cut off", c.peer)
+            });
+        }
+        if let Some(ws) = c.ws.as_mut() {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = ws.close(
+                &mut Io {
+                    sock: &mut c.sock,
+                    out: &mut c.out,
+                    read_bytes: &mut c.rx_bytes,
+                },
+                Some(frame),
+            );
+        }
+        self.enter_closing(id, now, why);
+    }
+
+    fn enter_closing(&mut self, id: ConnId, now: Instant, why: CloseReason) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        c.phase = Phase::Closing;
+        c.dec = None;
+        c.close_reason = why;
+        let mut deadline = now + CLOSE_LINGER;
+        if let Some(d) = self.shutdown_deadline {
+            deadline = deadline.min(d);
+        }
+        c.close_deadline = Some(deadline);
+        self.mark_dirty(id);
+        let (broker, mut sink) = self.split();
+        broker.disconnect(id, &mut sink);
+    }
+
+    fn read_closing(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let mut scratch = [0u8; 4096];
+        for _ in 0..64 {
+            match c.sock.read(&mut scratch) {
+                Ok(0) => {
+                    c.peer_eof = true;
+                    if c.out.is_empty() {
+                        let why = c.close_reason;
+                        self.remove(id, why);
+                    }
+                    return;
+                }
+                Ok(n) => self.metrics.bytes_in += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    let why = c.close_reason;
+                    return self.remove(id, why);
+                }
+            }
+        }
+        self.again.push(id);
+    }
+
+    fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(id) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &id in &dirty {
+            if let Some(c) = self.conns.get_mut(id) {
+                c.dirty = false;
+            }
+            self.flush_one(id);
+        }
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty; // keep the allocation
+        }
+    }
+
+    fn flush_one(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if !c.out.is_empty() {
+            match c.out.write_to(&mut c.sock) {
+                Ok(n) => self.metrics.bytes_out += n as u64,
+                Err(_) => {
+                    let why = match c.phase {
+                        Phase::Closing => c.close_reason,
+                        _ => CloseReason::PeerGone,
+                    };
+                    return self.remove(id, why);
+                }
+            }
+        }
+        if c.phase == Phase::Closing && c.out.is_empty() {
+            if c.peer_eof {
+                let why = c.close_reason;
+                return self.remove(id, why);
+            }
+            if !c.write_shut {
+                c.write_shut = true;
+                let _ = c.sock.shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+
+    fn process_closes(&mut self, now: Instant) {
+        while let Some((id, code, reason, why)) = self.closes.pop() {
+            self.close_with(id, code, reason, now, why);
+        }
+    }
+
+    fn remove(&mut self, id: ConnId, why: CloseReason) {
+        if !self.conns.contains(id) {
+            return;
+        }
+        let mut c = self.conns.remove(id);
+        let _ = self.poll.registry().deregister(&mut c.sock);
+        let cid = self.broker.cid(id).map(str::to_owned);
+        {
+            let (broker, mut sink) = self.split();
+            broker.disconnect(id, &mut sink);
+        }
+        self.metrics.count_close(why);
+        match cid {
+            Some(cid) => debug!("[{id}] {cid} closed ({})", why.name()),
+            None => debug!("[{id}] {} closed ({})", c.peer, why.name()),
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        let mut ping = Vec::new();
+        for (id, c) in &self.conns {
+            match c.phase {
+                Phase::Http | Phase::AwaitKey => {
+                    if now.duration_since(c.created) >= self.cfg.handshake_timeout {
+                        expired.push((id, c.phase));
+                    }
+                }
+                Phase::Open | Phase::Echo => {
+                    if now.duration_since(c.last_rx) >= self.cfg.idle_timeout {
+                        expired.push((id, c.phase));
+                    } else if now.duration_since(c.last_rx) >= self.cfg.ping_interval
+                        && now.duration_since(c.last_ping) >= self.cfg.ping_interval
+                    {
+                        ping.push(id);
+                    }
+                }
+                Phase::Closing => {
+                    if c.close_deadline.is_some_and(|d| now >= d) {
+                        expired.push((id, c.phase));
+                    }
+                }
+            }
+        }
+        for (id, phase) in expired {
+            match phase {
+                Phase::Http => self.remove(id, CloseReason::Timeout),
+                Phase::AwaitKey => {
+                    self.close_with(id, 1008, "handshake timeout", now, CloseReason::Timeout)
+                }
+                Phase::Open | Phase::Echo => {
+                    self.close_with(id, 1001, "idle timeout", now, CloseReason::Idle)
+                }
+                Phase::Closing => {
+                    let why = self.conns.get(id).map(|c| c.close_reason);
+                    self.remove(id, why.unwrap_or(CloseReason::Normal));
+                }
+            }
+        }
+        for id in ping {
+            if let Some(c) = self.conns.get_mut(id) {
+                c.last_ping = now;
+                if let Some(ws) = c.ws.as_mut() {
+                    let _ = ws.write(
+                        &mut Io {
+                            sock: &mut c.sock,
+                            out: &mut c.out,
+                            read_bytes: &mut c.rx_bytes,
+                        },
+                        WsMessage::Ping(Default::default()),
+                    );
+                }
+                self.mark_dirty(id);
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let deadline = now + self.cfg.shutdown_grace;
+        self.shutdown_deadline = Some(deadline);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        info!(
+            "shutting down: closing {} connections (grace {:?})",
+            self.conns.len(),
+            self.cfg.shutdown_grace
+        );
+        let ids: Vec<(ConnId, Phase)> = self.conns.iter().map(|(id, c)| (id, c.phase)).collect();
+        for (id, phase) in ids {
+            match phase {
+                Phase::Http => self.remove(id, CloseReason::Shutdown),
+                Phase::Closing => {
+                    if let Some(c) = self.conns.get_mut(id) {
+                        c.close_deadline = c.close_deadline.map(|d| d.min(deadline));
+                    }
+                }
+                _ => self.close_with(id, 1001, "server shutting down", now, CloseReason::Shutdown),
+            }
+        }
+    }
+}
+
+/// Log a warning, at most 10 per second-long window per kind, so a flood of bad peers
+/// cannot flood the log.
+fn warn_limited(state: &mut (Instant, u32), msg: impl FnOnce() -> String) {
+    let now = Instant::now();
+    if now.duration_since(state.0) >= Duration::from_secs(1) {
+        if state.1 > 10 {
+            warn!("({} similar warnings suppressed)", state.1 - 10);
+        }
+        *state = (now, 0);
+    }
+    state.1 += 1;
+    if state.1 <= 10 {
+        warn!("{}", msg());
+    }
+}
+
+/// A server running on its own thread (for tests and embedding).
+pub struct Running {
+    /// The bound address.
+    pub addr: SocketAddr,
+    stop: StopHandle,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl Running {
+    /// Bind and run `cfg` on a new thread. The server itself is single-threaded and not
+    /// `Send`, so it is built on the thread that runs it.
+    pub fn spawn(cfg: Config) -> io::Result<Running> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("middleman".into())
+            .spawn(move || match Server::bind(cfg) {
+                Ok(server) => {
+                    let _ = tx.send(Ok((server.local_addr(), server.stop_handle())));
+                    server.run()
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    Err(e)
+                }
+            })?;
+        let (addr, stop) = rx
+            .recv()
+            .map_err(|_| io::Error::other("server thread ended before binding"))??;
+        Ok(Running {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle that stops the server.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Stop gracefully and wait for the loop to end.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.stop.stop();
+        self.join()
+    }
+
+    fn join(&mut self) -> io::Result<()> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| io::Error::other("server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop.stop();
+            let _ = self.join();
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! Routing tables (pure, no I/O): topics and their subscribers indexed both ways,
+//! enablements, responders and pending requests with deadlines.
+//!
+//! The router never sees a socket: it stores and returns [`ConnId`]s. Every operation
+//! keeps the two subscription indexes (topic -> subscribers, connection -> topics) in
+//! agreement; [`Router::check_invariants`] verifies that (used by tests and fuzzing).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use slab::Slab;
+
+/// A connection, as the reactor numbers it (its slab key).
+pub type ConnId = usize;
+/// A topic, as the router numbers it (its slab key).
+pub type TopicId = usize;
+
+/// Which client permission a service granted on a topic (§4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enable {
+    /// `EPUB`: clients may publish.
+    Pub,
+    /// `ESUB`: clients may subscribe.
+    Sub,
+    /// `EREQ`: the service answers requests and clients may request.
+    Req,
+}
+
+/// A responder registered with `EREQ`, and how many of its requests are unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Responder {
+    /// The responding connection.
+    pub conn: ConnId,
+    /// Requests delivered to it and not yet ended.
+    pub in_flight: u32,
+}
+
+/// One topic (also a request target; the namespaces are shared).
+#[derive(Debug, Default)]
+pub struct Topic {
+    /// The topic's name as sent.
+    pub name: Box<[u8]>,
+    /// Subscribers, in subscription order (a connection's index is kept in its entry).
+    pub subs: Vec<ConnId>,
+    /// Services that sent `EPUB`.
+    pub epub: Vec<ConnId>,
+    /// Services that sent `ESUB`.
+    pub esub: Vec<ConnId>,
+    /// Services that sent `EREQ`.
+    pub responders: Vec<Responder>,
+    /// Round-robin cursor over `responders`.
+    rr: usize,
+}
+
+impl Topic {
+    fn is_unused(&self) -> bool {
+        self.subs.is_empty()
+            && self.epub.is_empty()
+            && self.esub.is_empty()
+            && self.responders.is_empty()
+    }
+}
+
+/// A request delivered to a responder and not yet ended (§6).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Who asked.
+    pub requester: ConnId,
+    /// Who was asked.
+    pub responder: ConnId,
+    /// The request target.
+    pub topic: TopicId,
+    /// The requester's `ReqID` header: name as spelled, then value (`name_len` splits them).
+    reqid: Box<[u8]>,
+    name_len: usize,
+    /// When it times out.
+    pub deadline: Instant,
+}
+
+impl Pending {
+    /// The requester's spelling of the `ReqID` header name.
+    pub fn reqid_name(&self) -> &[u8] {
+        &self.reqid[..self.name_len]
+    }
+    /// The requester's `ReqID` value.
+    pub fn reqid_value(&self) -> &[u8] {
+        &self.reqid[self.name_len..]
+    }
+}
+
+/// Per-connection routing state.
+#[derive(Debug, Default)]
+struct Entry {
+    /// Topic -> index of this connection in that topic's `subs`.
+    subs: HashMap<TopicId, u32>,
+    /// Enablements this connection made.
+    enabled: Vec<(TopicId, Enable)>,
+    /// Pending requests this connection asked / was asked.
+    asked: u32,
+    answering: u32,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubError {
+    /// The connection holds `max` subscriptions already.
+    TooMany,
+}
+
+/// The routing tables.
+#[derive(Debug, Default)]
+pub struct Router {
+    names: HashMap<Box<[u8]>, TopicId>,
+    topics: Slab<Topic>,
+    conns: Vec<Option<Entry>>,
+    pending: BTreeMap<u64, Pending>,
+    next_rid: u64,
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new() -> Self {
+        Router {
+            next_rid: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Register a connection (its id must not be registered).
+    pub fn add_conn(&mut self, conn: ConnId) {
+        if self.conns.len() <= conn {
+            self.conns.resize_with(conn + 1, || None);
+        }
+        self.conns[conn] = Some(Entry::default());
+    }
+
+    /// Is this connection registered?
+    pub fn has_conn(&self, conn: ConnId) -> bool {
+        matches!(self.conns.get(conn), Some(Some(_)))
+    }
+
+    fn entry(&mut self, conn: ConnId) -> Option<&mut Entry> {
+        self.conns.get_mut(conn).and_then(Option::as_mut)
+    }
+
+    /// The topic named `name`, if it exists.
+    pub fn lookup(&self, name: &[u8]) -> Option<TopicId> {
+        self.names.get(name).copied()
+    }
+
+    /// A topic by id.
+    pub fn topic(&self, id: TopicId) -> Option<&Topic> {
+        self.topics.get(id)
+    }
+
+    /// Subscribers of the topic named `name` (empty if none).
+    pub fn subscribers(&self, name: &[u8]) -> &[ConnId] {
+        match self.names.get(name).and_then(|&id| self.topics.get(id)) {
+            Some(t) => &t.subs,
+            None => &[],
+        }
+    }
+
+    /// Number of topics in the table.
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Number of subscriptions held by `conn`.
+    pub fn subscription_count(&self, conn: ConnId) -> usize {
+        match self.conns.get(conn) {
+            Some(Some(e)) => e.subs.len(),
+            _ => 0,
+        }
+    }
+
+    /// Total subscriptions over all topics.
+    pub fn total_subscriptions(&self) -> usize {
+        self.topics.iter().map(|(_, t)| t.subs.len()).sum()
+    }
+
+    /// Is `conn` subscribed to the topic named `name`?
+    pub fn is_subscribed(&self, conn: ConnId, name: &[u8]) -> bool {
+        match (self.lookup(name), self.conns.get(conn)) {
+            (Some(t), Some(Some(e))) => e.subs.contains_key(&t),
+            _ => false,
+        }
+    }
+
+    fn intern(&mut self, name: &[u8]) -> TopicId {
+        if let Some(&id) = self.names.get(name) {
+            return id;
+        }
+        let id = self.topics.insert(Topic {
+            name: name.into(),
+            ..Default::default()
+        });
+        self.names.insert(name.into(), id);
+        id
+    }
+
+    fn release_if_unused(&mut self, id: TopicId) {
+        if self.topics.get(id).is_some_and(Topic::is_unused) {
+            let t = self.topics.remove(id);
+            self.names.remove(&t.name);
+        }
+    }
+
+    /// Subscribe `conn` to `name`. `Ok(false)` if it already was (idempotent).
+    /// `max` bounds the subscriptions one connection may hold.
+    pub fn subscribe(&mut self, conn: ConnId, name: &[u8], max: usize) -> Result<bool, SubError> {
+        let existing = self.lookup(name);
+        let Some(entry) = self.entry(conn) else {
+            return Ok(false);
+        };
+        if let Some(id) = existing {
+            if entry.subs.contains_key(&id) {
+                return Ok(false);
+            }
+        }
+        if entry.subs.len() >= max {
+            return Err(SubError::TooMany);
+        }
+        let id = self.intern(name);
+        let topic = &mut self.topics[id];
+        let idx = topic.subs.len() as u32;
+        topic.subs.push(conn);
+        if let Some(e) = self.entry(conn) {
+            e.subs.insert(id, idx);
+        }
+        Ok(true)
+    }
+
+    /// Unsubscribe `conn` from `name`; false if it was not subscribed.
+    pub fn unsubscribe(&mut self, conn: ConnId, name: &[u8]) -> bool {
+        let Some(id) = self.lookup(name) else {
+            return false;
+        };
+        let Some(idx) = self.entry(conn).and_then(|e| e.subs.remove(&id)) else {
+            return false;
+        };
+        self.remove_sub_at(id, idx as usize);
+        self.release_if_unused(id);
+        true
+    }
+
+    /// Remove `topic.subs[idx]` in O(1), fixing the index of the one moved into its place.
+    fn remove_sub_at(&mut self, id: TopicId, idx: usize) {
+        let topic = &mut self.topics[id];
+        topic.subs.swap_remove(idx);
+        if let Some(&moved) = topic.subs.get(idx) {
+            if let Some(e) = self.entry(moved) {
+                e.subs.insert(id, idx as u32);
+            }
+        }
+    }
+
+    /// Record an enablement made by `conn` (a service). Idempotent.
+    pub fn enable(&mut self, conn: ConnId, name: &[u8], kind: Enable) {
+        if !self.has_conn(conn) {
+            return;
+        }
+        let id = self.intern(name);
+        let t = &mut self.topics[id];
+        let added = match kind {
+            Enable::Pub => add_once(&mut t.epub, conn),
+            Enable::Sub => add_once(&mut t.esub, conn),
+            Enable::Req => {
+                if t.responders.iter().any(|r| r.conn == conn) {
+                    false
+                } else {
+                    t.responders.push(Responder { conn, in_flight: 0 });
+                    true
+                }
+            }
+        };
+        if added {
+            if let Some(e) = self.entry(conn) {
+                e.enabled.push((id, kind));
+            }
+        }
+    }
+
+    /// Is `kind` enabled on `name` by at least one connected service?
+    pub fn is_enabled(&self, name: &[u8], kind: Enable) -> bool {
+        let Some(t) = self.lookup(name).and_then(|id| self.topics.get(id)) else {
+            return false;
+        };
+        match kind {
+            Enable::Pub => !t.epub.is_empty(),
+            Enable::Sub => !t.esub.is_empty(),
+            Enable::Req => !t.responders.is_empty(),
+        }
+    }
+
+    /// Pick a responder for `name` (fewest in flight, ties round-robin) and record the
+    /// request as pending. Returns the responder and the new request id, or `None` if
+    /// nobody answers `name`.
+    pub fn start_request(
+        &mut self,
+        requester: ConnId,
+        name: &[u8],
+        reqid_name: &[u8],
+        reqid_value: &[u8],
+        deadline: Instant,
+    ) -> Option<(ConnId, u64)> {
+        let id = self.lookup(name)?;
+        let t = self.topics.get_mut(id)?;
+        let n = t.responders.len();
+        if n == 0 {
+            return None;
+        }
+        let mut best = t.rr % n;
+        for i in 1..n {
+            let k = (t.rr + i) % n;
+            if t.responders[k].in_flight < t.responders[best].in_flight {
+                best = k;
+            }
+        }
+        t.rr = best + 1;
+        t.responders[best].in_flight += 1;
+        let responder = t.responders[best].conn;
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        let mut reqid = Vec::with_capacity(reqid_name.len() + reqid_value.len());
+        reqid.extend_from_slice(reqid_name);
+        reqid.extend_from_slice(reqid_value);
+        self.pending.insert(
+            rid,
+            Pending {
+                requester,
+                responder,
+                topic: id,
+                reqid: reqid.into(),
+                name_len: reqid_name.len(),
+                deadline,
+            },
+        );
+        if let Some(e) = self.entry(requester) {
+            e.asked += 1;
+        }
+        if let Some(e) = self.entry(responder) {
+            e.answering += 1;
+        }
+        Some((responder, rid))
+    }
+
+    /// The pending request `rid`, if any.
+    pub fn pending(&self, rid: u64) -> Option<&Pending> {
+        self.pending.get(&rid)
+    }
+
+    /// Number of pending requests.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// End the pending request `rid` (answered, timed out, or a party left).
+    pub fn end_request(&mut self, rid: u64) -> Option<Pending> {
+        let p = self.pending.remove(&rid)?;
+        if let Some(t) = self.topics.get_mut(p.topic) {
+            if let Some(r) = t.responders.iter_mut().find(|r| r.conn == p.responder) {
+                r.in_flight = r.in_flight.saturating_sub(1);
+            }
+        }
+        if let Some(e) = self.entry(p.requester) {
+            e.asked = e.asked.saturating_sub(1);
+        }
+        if let Some(e) = self.entry(p.responder) {
+            e.answering = e.answering.saturating_sub(1);
+        }
+        Some(p)
+    }
+
+    /// End and return the first request whose deadline is at or before `now`. Request ids
+    /// grow with time and every request gets the same timeout, so the oldest id is the
+    /// earliest deadline.
+    pub fn pop_expired(&mut self, now: Instant) -> Option<(u64, Pending)> {
+        let (&rid, p) = self.pending.first_key_value()?;
+        if p.deadline > now {
+            return None;
+        }
+        self.end_request(rid).map(|p| (rid, p))
+    }
+
+    /// The earliest request deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.first_key_value().map(|(_, p)| p.deadline)
+    }
+
+    /// Remove a connection and everything it holds. Requests it was answering are
+    /// returned (they must be failed with `responder disconnected`); requests it asked
+    /// are dropped (a late answer is then ignored).
+    pub fn remove_conn(&mut self, conn: ConnId) -> Vec<(u64, Pending)> {
+        let Some(entry) = self.conns.get_mut(conn).and_then(Option::take) else {
+            return Vec::new();
+        };
+        let mut orphaned = Vec::new();
+        if entry.asked > 0 || entry.answering > 0 {
+            let rids: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.requester == conn || p.responder == conn)
+                .map(|(&rid, _)| rid)
+                .collect();
+            for rid in rids {
+                if let Some(p) = self.end_request(rid) {
+                    if p.responder == conn && p.requester != conn {
+                        orphaned.push((rid, p));
+                    }
+                }
+            }
+        }
+        for (&id, &idx) in &entry.subs {
+            self.remove_sub_at(id, idx as usize);
+        }
+        for &(id, kind) in &entry.enabled {
+            if let Some(t) = self.topics.get_mut(id) {
+                match kind {
+                    Enable::Pub => t.epub.retain(|&c| c != conn),
+                    Enable::Sub => t.esub.retain(|&c| c != conn),
+                    Enable::Req => t.responders.retain(|r| r.conn != conn),
+                }
+            }
+        }
+        for &id in entry.subs.keys() {
+            self.release_if_unused(id);
+        }
+        for &(id, _) in &entry.enabled {
+            self.release_if_unused(id);
+        }
+        orphaned
+    }
+
+    /// Check that both subscription indexes agree, no topic is empty, and every pending
+    /// request refers to registered connections and a registered responder.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (id, t) in &self.topics {
+            if t.is_unused() {
+                return Err(format!("topic {id} is unused but kept"));
+            }
+            if self.names.get(&t.name) != Some(&id) {
+                return Err(format!("topic {id} missing from the name index"));
+            }
+            for (i, &c) in t.subs.iter().enumerate() {
+                match self.conns.get(c) {
+                    Some(Some(e)) if e.subs.get(&id) == Some(&(i as u32)) => {}
+                    _ => return Err(format!("topic {id} sub {c} at {i} not indexed by conn")),
+                }
+            }
+        }
+        if self.names.len() != self.topics.len() {
+            return Err("name index size differs".into());
+        }
+        for (c, e) in self.conns.iter().enumerate() {
+            let Some(e) = e else { continue };
+            for (&id, &i) in &e.subs {
+                if self.topics.get(id).and_then(|t| t.subs.get(i as usize)) != Some(&c) {
+                    return Err(format!("conn {c} sub {id}@{i} not in topic"));
+                }
+            }
+        }
+        for (rid, p) in &self.pending {
+            if !self.has_conn(p.requester) || !self.has_conn(p.responder) {
+                return Err(format!("pending {rid} outlives a connection"));
+            }
+            let ok = self
+                .topics
+                .get(p.topic)
+                .is_some_and(|t| t.responders.iter().any(|r| r.conn == p.responder));
+            if !ok {
+                return Err(format!("pending {rid} responder not registered"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn add_once(v: &mut Vec<ConnId>, c: ConnId) -> bool {
+    if v.contains(&c) {
+        false
+    } else {
+        v.push(c);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn subscribe_both_ways_and_release() {
+        let mut r = Router::new();
+        for c in 0..3 {
+            r.add_conn(c);
+            assert_eq!(r.subscribe(c, b"t", 10), Ok(true));
+        }
+        assert_eq!(r.subscribe(1, b"t", 10), Ok(false));
+        assert_eq!(r.subscribers(b"t"), &[0, 1, 2]);
+        assert!(r.unsubscribe(0, b"t"));
+        assert!(!r.unsubscribe(0, b"t"));
+        r.check_invariants().unwrap();
+        r.remove_conn(2);
+        r.check_invariants().unwrap();
+        assert_eq!(r.subscribers(b"t"), &[1]);
+        r.remove_conn(1);
+        assert_eq!(r.topic_count(), 0);
+        r.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn subscription_cap() {
+        let mut r = Router::new();
+        r.add_conn(0);
+        assert_eq!(r.subscribe(0, b"a", 1), Ok(true));
+        assert_eq!(r.subscribe(0, b"b", 1), Err(SubError::TooMany));
+        assert_eq!(r.subscribe(0, b"a", 1), Ok(false));
+        assert_eq!(r.topic_count(), 1);
+    }
+
+    #[test]
+    fn responders_fewest_in_flight_then_round_robin() {
+        let mut r = Router::new();
+        let t0 = Instant::now();
+        for c in 0..3 {
+            r.add_conn(c);
+        }
+        r.enable(1, b"q", Enable::Req);
+        r.enable(2, b"q", Enable::Req);
+        let d = t0 + Duration::from_secs(30);
+        let (a, rid_a) = r.start_request(0, b"q", b"ReqID", b"1", d).unwrap();
+        let (b, _) = r.start_request(0, b"q", b"ReqID", b"2", d).unwrap();
+        assert_ne!(a, b);
+        r.end_request(rid_a);
+        // a has fewer in flight now, so it is chosen even though it would not be next.
+        let (c, _) = r.start_request(0, b"q", b"ReqID", b"3", d).unwrap();
+        assert_eq!(c, a);
+        r.check_invariants().unwrap();
+        let orphaned = r.remove_conn(b);
+        assert_eq!(orphaned.len(), 1);
+        assert_eq!(orphaned[0].1.reqid_value(), b"2");
+        r.check_invariants().unwrap();
+        assert!(r.pop_expired(t0).is_none());
+        let (_, p) = r.pop_expired(d).unwrap();
+        assert_eq!(p.reqid_value(), b"3");
+        assert_eq!(r.pending_count(), 0);
+    }
+}

@@ -1,0 +1,257 @@
+//! Shared harness for the integration tests: an in-process server on 127.0.0.1:0 and a
+//! blocking WebSocket peer (tungstenite's client) with bounded read timeouts.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use middleman::protocol::{Decoded, Decoder, Limits};
+use middleman::{Config, Running};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub const SERVICE_KEY: &str = "svc-9f3a1c7e-distinctive";
+pub const CLIENT_KEY: &str = "cli-4b8d2e6f-distinctive";
+pub const MONITOR_KEY: &str = "mon-7c1e5a9b-distinctive";
+
+/// Longest any test waits for one expected event.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    running: Option<Running>,
+}
+
+pub fn config() -> Config {
+    let mut cfg = Config::default();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.keys.service = vec![SERVICE_KEY.into()];
+    cfg.keys.client = vec![CLIENT_KEY.into()];
+    cfg.keys.monitor = vec![MONITOR_KEY.into()];
+    cfg
+}
+
+impl TestServer {
+    pub fn start() -> Self {
+        Self::with(|_| {})
+    }
+
+    pub fn with(f: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = config();
+        f(&mut cfg);
+        let running = Running::spawn(cfg).expect("server start");
+        TestServer {
+            addr: running.addr,
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    /// Stop gracefully and wait for the loop to end; returns what `run` returned.
+    pub fn stop(mut self) -> std::io::Result<()> {
+        self.running.take().unwrap().stop()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            let res = r.stop();
+            if !std::thread::panicking() {
+                res.expect("server run failed");
+            }
+        }
+    }
+}
+
+/// One decoded message as received by a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    pub cmd: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Msg {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<(&str, &str)> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect()
+    }
+}
+
+pub struct Peer {
+    pub ws: WebSocket<TcpStream>,
+    pub cid: String,
+}
+
+/// Open a WebSocket to the server (no key sent yet).
+pub fn ws_connect(addr: SocketAddr) -> WebSocket<TcpStream> {
+    let sock = TcpStream::connect(addr).expect("connect");
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    sock.set_nodelay(true).unwrap();
+    let (ws, _) = tungstenite::client::client(format!("ws://{addr}/"), sock).expect("upgrade");
+    ws
+}
+
+impl Peer {
+    /// Connect and authenticate; asserts `MM OK` and a cid of `[0-9a-z]`.
+    pub fn connect(addr: SocketAddr, key: &str) -> Peer {
+        let mut ws = ws_connect(addr);
+        ws.send(Message::text(key)).unwrap();
+        let ok = next_data(&mut ws).expect("MM OK");
+        assert_eq!(ok, b"MM OK");
+        let cid = String::from_utf8(next_data(&mut ws).expect("cid")).unwrap();
+        assert!(
+            !cid.is_empty()
+                && cid
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "cid {cid:?}"
+        );
+        Peer { ws, cid }
+    }
+    pub fn service(addr: SocketAddr) -> Peer {
+        Self::connect(addr, SERVICE_KEY)
+    }
+    pub fn client(addr: SocketAddr) -> Peer {
+        Self::connect(addr, CLIENT_KEY)
+    }
+    pub fn monitor(addr: SocketAddr) -> Peer {
+        Self::connect(addr, MONITOR_KEY)
+    }
+
+    /// Send raw protocol bytes as one text message.
+    pub fn send_raw(&mut self, raw: &str) {
+        self.ws.send(Message::text(raw)).unwrap();
+    }
+
+    /// Send one message: `CMD target`, headers, body.
+    pub fn send(&mut self, cmd: &str, target: &str, headers: &[(&str, &str)], body: &str) {
+        let mut s = format!("{cmd} {target}\r\n");
+        for (n, v) in headers {
+            s.push_str(&format!("{n}: {v}\r\n"));
+        }
+        s.push_str("\r\n");
+        for (i, line) in body.split('\n').enumerate() {
+            if i > 0 {
+                s.push('\n');
+            }
+            if line.starts_with('.') {
+                s.push('.');
+            }
+            s.push_str(line);
+        }
+        s.push_str("\r\n.\r\n");
+        self.send_raw(&s);
+    }
+
+    /// Receive the next protocol message (exactly one per WebSocket message).
+    pub fn recv(&mut self) -> Msg {
+        let data = next_data(&mut self.ws).expect("expected a message");
+        parse_one(&data)
+    }
+
+    /// A round trip through the server that proves everything sent before it was
+    /// processed: publish on the private channel and wait for it.
+    pub fn sync(&mut self) {
+        let t = format!("MSG:{}", self.cid);
+        let token = format!("sync-{}", Instant::now().elapsed().as_nanos());
+        // Services may publish to MSG:*; clients cannot, so clients use an unknown
+        // command, which always gets an error back.
+        self.send("SYNC", &t, &[], &token);
+        let m = self.recv();
+        assert_eq!(m.cmd, "PUB", "sync: unexpected {m:?}");
+        assert_eq!(m.target, "ERROR", "sync: unexpected {m:?}");
+        assert_eq!(m.header("cmd"), Some("SYNC"), "sync: unexpected {m:?}");
+    }
+
+    /// Expect a close frame; returns (code, reason).
+    pub fn recv_close(&mut self) -> (u16, String) {
+        recv_close(&mut self.ws)
+    }
+}
+
+pub fn recv_close(ws: &mut WebSocket<TcpStream>) -> (u16, String) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
+            Ok(Message::Close(None)) => return (u16::from(CloseCode::Status), String::new()),
+            Ok(_) => continue,
+            Err(e) => panic!("expected a close frame, got error {e}"),
+        }
+    }
+    panic!("no close frame within {WAIT:?}");
+}
+
+/// Next text/binary payload, skipping pings/pongs.
+pub fn next_data(ws: &mut WebSocket<TcpStream>) -> Result<Vec<u8>, String> {
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => return Ok(t.as_bytes().to_vec()),
+            Ok(Message::Binary(b)) => return Ok(b.to_vec()),
+            Ok(Message::Close(f)) => return Err(format!("closed: {f:?}")),
+            Ok(_) => continue,
+            Err(e) => return Err(format!("read error: {e}")),
+        }
+    }
+}
+
+/// Parse exactly one protocol message from one WebSocket payload.
+pub fn parse_one(data: &[u8]) -> Msg {
+    let mut d = Decoder::new(Limits {
+        max_message: 64 << 20,
+        max_line: 64 << 20,
+        max_headers: 1000,
+    });
+    d.feed(data);
+    let m = match d.next() {
+        Ok(Some(Decoded::Message(m))) => Msg {
+            cmd: String::from_utf8_lossy(m.cmd).into(),
+            target: String::from_utf8_lossy(m.target).into(),
+            headers: m
+                .headers()
+                .map(|(n, v)| {
+                    (
+                        String::from_utf8_lossy(n).into(),
+                        String::from_utf8_lossy(v).into(),
+                    )
+                })
+                .collect(),
+            body: String::from_utf8_lossy(&m.body).into(),
+        },
+        other => panic!(
+            "not one message: {other:?} in {:?}",
+            String::from_utf8_lossy(data)
+        ),
+    };
+    assert!(
+        !d.needs_more(),
+        "trailing bytes after the message in one WebSocket message"
+    );
+    m
+}
+
+/// Send a raw HTTP request and read the whole response (the server closes after it).
+pub fn http_get(addr: SocketAddr, raw: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into()
+}
