@@ -280,6 +280,8 @@ impl Decoder {
 
     /// The next outcome: `Ok(Some(..))` for a message or a malformed message, `Ok(None)`
     /// when more bytes are needed, `Err` on a framing violation (then always `Err`).
+    // Not `Iterator::next`: each message borrows the decoder (a lending iterator).
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<Decoded<'_>>, FrameError> {
         if let Some(e) = self.failed {
             return Err(e);

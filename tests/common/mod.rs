@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use middleman::protocol::{Decoded, Decoder, Limits};
+use middleman::broker::Keys;
 use middleman::{Config, Running};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
@@ -24,12 +25,15 @@ pub struct TestServer {
 }
 
 pub fn config() -> Config {
-    let mut cfg = Config::default();
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.keys.service = vec![SERVICE_KEY.into()];
-    cfg.keys.client = vec![CLIENT_KEY.into()];
-    cfg.keys.monitor = vec![MONITOR_KEY.into()];
-    cfg
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        keys: Keys {
+            service: vec![SERVICE_KEY.into()],
+            client: vec![CLIENT_KEY.into()],
+            monitor: vec![MONITOR_KEY.into()],
+        },
+        ..Config::default()
+    }
 }
 
 impl TestServer {
