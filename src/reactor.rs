@@ -157,7 +157,11 @@ pub struct Server {
 
 impl Server {
     /// Bind the listener and set up the loop (does not run it).
-    pub fn bind(cfg: Config) -> io::Result<Server> {
+    pub fn bind(mut cfg: Config) -> io::Result<Server> {
+        if cfg.echo {
+            // Echo mode answers Autobahn's 16 MiB messages: room for a few in flight.
+            cfg.max_outbound_bytes = cfg.max_outbound_bytes.max(256 << 20);
+        }
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(cfg.listen)?;
         let local_addr = listener.local_addr()?;
