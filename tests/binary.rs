@@ -1,0 +1,152 @@
+//! The real binary, as a user runs it: generated keys, environment keys, refusal to
+//! expose generated keys beyond loopback, and SIGTERM handling (close 1001, exit 0).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_middleman"));
+        cmd.args(args)
+            .env_remove("MM_SERVICE_KEY")
+            .env_remove("MM_CLIENT_KEY")
+            .env_remove("MM_MONITOR_KEY")
+            .env_remove("MM_LISTEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn middleman");
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(format!("out: {l}"));
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("err: {l}"));
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Wait for a line containing `needle`; returns it.
+    fn wait_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("no line containing {needle:?} within 10s");
+    }
+
+    fn addr(&self) -> SocketAddr {
+        let l = self.wait_line("listening on ws://");
+        let rest = &l[l.find("ws://").unwrap() + 5..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    fn sigterm(&self) {
+        // SAFETY: plain kill(2) on the child we started, by its PID.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        for _ in 0..100 {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        panic!("middleman did not exit within 10s");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn generated_keys_are_printed_and_work_then_sigterm_closes_1001_and_exits_0() {
+    let mut p = Proc::start(&["--listen", "127.0.0.1:0"], &[]);
+    let svc_line = p.wait_line("service key:");
+    let cli_line = p.wait_line("client key:");
+    assert!(svc_line.starts_with("out: "), "keys go to stdout: {svc_line}");
+    let svc_key = svc_line.rsplit(' ').next().unwrap().to_owned();
+    let cli_key = cli_line.rsplit(' ').next().unwrap().to_owned();
+    assert_eq!(svc_key.len(), 24);
+    assert_ne!(svc_key, cli_key);
+    let addr = p.addr();
+
+    let mut svc = Peer::connect(addr, &svc_key);
+    let mut cli = Peer::connect(addr, &cli_key);
+    svc.send("ESUB", "room", &[], "");
+    svc.sync();
+    cli.send("SUB", "room", &[], "");
+    cli.sync();
+    svc.send("PUB", "room", &[], "hi");
+    assert_eq!(cli.recv().body, "hi");
+
+    p.sigterm();
+    assert_eq!(svc.recv_close().0, 1001);
+    assert_eq!(cli.recv_close().0, 1001);
+    assert_eq!(p.wait_exit(), 0);
+}
+
+#[test]
+fn refuses_generated_keys_on_a_non_loopback_address() {
+    // Nothing is bound: the check happens before listening.
+    let mut p = Proc::start(&["--listen", "0.0.0.0:0"], &[]);
+    let l = p.wait_line("refusing to listen on non-loopback");
+    assert!(l.contains("0.0.0.0"), "{l}");
+    assert_ne!(p.wait_exit(), 0);
+}
+
+#[test]
+fn keys_from_environment_and_flags() {
+    let p = Proc::start(
+        &["--listen", "127.0.0.1:0", "--client-key", "flag-client"],
+        &[("MM_SERVICE_KEY", "env-svc-1,env-svc-2")],
+    );
+    let addr = p.addr();
+    let mut a = Peer::connect(addr, "env-svc-1");
+    let mut b = Peer::connect(addr, "env-svc-2");
+    let mut c = Peer::connect(addr, "flag-client");
+    a.send("EPUB", "t", &[], "");
+    a.sync();
+    b.send("SUB", "t", &[], "");
+    b.sync();
+    c.send("PUB", "t", &[], "from client");
+    assert_eq!(b.recv().body, "from client");
+    let mut bad = ws_connect(addr);
+    bad.send(tungstenite::Message::text("nope")).unwrap();
+    assert_eq!(recv_close(&mut bad), (1008, "bad key".to_owned()));
+}
