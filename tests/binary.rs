@@ -150,3 +150,76 @@ fn keys_from_environment_and_flags() {
     bad.send(tungstenite::Message::text("nope")).unwrap();
     assert_eq!(recv_close(&mut bad), (1008, "bad key".to_owned()));
 }
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// §7 slow consumer: one stalled subscriber, one fast one, a publisher pushing 40 MB.
+/// The fast one gets everything in order; the stalled one gets a gap-free prefix and
+/// then close 1008; the server's memory stays near the 4 MiB cap.
+#[test]
+fn slow_consumer_is_cut_off_without_gaps_and_memory_stays_bounded() {
+    let p = Proc::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--service-key",
+            SERVICE_KEY,
+            "--client-key",
+            CLIENT_KEY,
+        ],
+        &[],
+    );
+    let addr = p.addr();
+    let mut publisher = Peer::service(addr);
+    let mut stalled = Peer::service(addr);
+    let mut fast = Peer::service(addr);
+    for s in [&mut stalled, &mut fast] {
+        s.send("SUB", "firehose", &[], "");
+        s.sync();
+    }
+    let baseline = rss_kib(p.child.id(), "VmRSS:");
+    const N: usize = 40_000;
+    let pad = "x".repeat(1000);
+    let reader = std::thread::spawn(move || {
+        let mut seen = 0usize;
+        while seen < N {
+            let m = fast.recv();
+            let seq: usize = m.body.split(' ').next().unwrap().parse().unwrap();
+            assert_eq!(seq, seen, "fast subscriber: out of order or gap");
+            seen += 1;
+        }
+        seen
+    });
+    for i in 0..N {
+        publisher.send("PUB", "firehose", &[], &format!("{i} {pad}"));
+    }
+    assert_eq!(reader.join().unwrap(), N);
+    let peak = rss_kib(p.child.id(), "VmHWM:");
+    // The stalled subscriber now reads: a prefix 0..k without gaps, then close 1008.
+    let mut next = 0usize;
+    let (code, reason) = loop {
+        match stalled.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let m = parse_one(t.as_bytes());
+                let seq: usize = m.body.split(' ').next().unwrap().parse().unwrap();
+                assert_eq!(seq, next, "stalled subscriber: gap in the stream");
+                next += 1;
+            }
+            Ok(tungstenite::Message::Close(Some(f))) => break (u16::from(f.code), f.reason.to_string()),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => panic!("stalled subscriber: {e} after {next} messages"),
+        }
+    };
+    assert_eq!((code, reason.as_str()), (1008, "slow consumer"));
+    assert!(next > 0 && next < N, "prefix of {next} messages");
+    let growth_mib = peak.saturating_sub(baseline) / 1024;
+    println!("stalled got {next}/{N}; server RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth_mib} MiB");
+    assert!(growth_mib <= 16, "server memory grew {growth_mib} MiB for a 4 MiB cap");
+}
