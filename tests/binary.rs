@@ -3,96 +3,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
+use common::proc::Proc;
 use common::*;
-
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn start(args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_middleman"));
-        cmd.args(args)
-            .env_remove("MM_SERVICE_KEY")
-            .env_remove("MM_CLIENT_KEY")
-            .env_remove("MM_MONITOR_KEY")
-            .env_remove("MM_LISTEN")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn middleman");
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(format!("out: {l}"));
-            }
-        });
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("err: {l}"));
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// Wait for a line containing `needle`; returns it.
-    fn wait_line(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        panic!("no line containing {needle:?} within 10s");
-    }
-
-    fn addr(&self) -> SocketAddr {
-        let l = self.wait_line("listening on ws://");
-        let rest = &l[l.find("ws://").unwrap() + 5..];
-        rest.split_whitespace().next().unwrap().parse().unwrap()
-    }
-
-    fn sigterm(&self) {
-        // SAFETY: plain kill(2) on the child we started, by its PID.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        for _ in 0..100 {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        panic!("middleman did not exit within 10s");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 #[test]
 fn generated_keys_are_printed_and_work_then_sigterm_closes_1001_and_exits_0() {
@@ -151,15 +63,6 @@ fn keys_from_environment_and_flags() {
     assert_eq!(recv_close(&mut bad), (1008, "bad key".to_owned()));
 }
 
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 /// §7 slow consumer: one stalled subscriber, one fast one, a publisher pushing 40 MB.
 /// The fast one gets everything in order; the stalled one gets a gap-free prefix and
 /// then close 1008; the server's memory stays near the 4 MiB cap.
@@ -184,7 +87,7 @@ fn slow_consumer_is_cut_off_without_gaps_and_memory_stays_bounded() {
         s.send("SUB", "firehose", &[], "");
         s.sync();
     }
-    let baseline = rss_kib(p.child.id(), "VmRSS:");
+    let baseline = common::proc::rss_kib(p.child.id(), "VmRSS:");
     const N: usize = 40_000;
     let pad = "x".repeat(1000);
     let reader = std::thread::spawn(move || {
@@ -201,7 +104,7 @@ fn slow_consumer_is_cut_off_without_gaps_and_memory_stays_bounded() {
         publisher.send("PUB", "firehose", &[], &format!("{i} {pad}"));
     }
     assert_eq!(reader.join().unwrap(), N);
-    let peak = rss_kib(p.child.id(), "VmHWM:");
+    let peak = common::proc::rss_kib(p.child.id(), "VmHWM:");
     // The stalled subscriber now reads: a prefix 0..k without gaps, then close 1008.
     let mut next = 0usize;
     let (code, reason) = loop {

@@ -259,3 +259,4 @@ pub fn http_get(addr: SocketAddr, raw: &str) -> String {
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into()
 }
+pub mod proc;
