@@ -584,7 +584,7 @@ impl Server {
                     let cid = self.broker.connect(id, role);
                     c.phase = Phase::Open;
                     c.dec = Some(Decoder::new(self.cfg.limits));
-                    info!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
+                    debug!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
                     let (_, mut sink) = self.split();
                     sink.send(id, &Rc::new(Packet::raw(b"MM OK")));
                     sink.send(id, &Rc::new(Packet::raw(cid.as_bytes())));
