@@ -15,13 +15,23 @@ fn autobahn_echo_has_no_failures() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/autobahn.sh");
     let ci = std::env::var_os("CI").is_some();
     let py2 = Command::new("bash")
-        .args(["-c", "PYENV_VERSION=2.7.18 pyenv which python 2>/dev/null || command -v python2"])
+        .args([
+            "-c",
+            "PYENV_VERSION=2.7.18 pyenv which python 2>/dev/null || command -v python2",
+        ])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !script.exists() || !py2 {
-        assert!(!ci, "CI must run Autobahn: script present {}, python 2.7 {py2}", script.exists());
-        eprintln!("SKIPPED autobahn: needs {} and Python 2.7", script.display());
+        assert!(
+            !ci,
+            "CI must run Autobahn: script present {}, python 2.7 {py2}",
+            script.exists()
+        );
+        eprintln!(
+            "SKIPPED autobahn: needs {} and Python 2.7",
+            script.display()
+        );
         return;
     }
     let server = Running::spawn(Config {

@@ -11,7 +11,10 @@ fn generated_keys_are_printed_and_work_then_sigterm_closes_1001_and_exits_0() {
     let mut p = Proc::start(&["--listen", "127.0.0.1:0"], &[]);
     let svc_line = p.wait_line("service key:");
     let cli_line = p.wait_line("client key:");
-    assert!(svc_line.starts_with("out: "), "keys go to stdout: {svc_line}");
+    assert!(
+        svc_line.starts_with("out: "),
+        "keys go to stdout: {svc_line}"
+    );
     let svc_key = svc_line.rsplit(' ').next().unwrap().to_owned();
     let cli_key = cli_line.rsplit(' ').next().unwrap().to_owned();
     assert_eq!(svc_key.len(), 24);
@@ -115,7 +118,9 @@ fn slow_consumer_is_cut_off_without_gaps_and_memory_stays_bounded() {
                 assert_eq!(seq, next, "stalled subscriber: gap in the stream");
                 next += 1;
             }
-            Ok(tungstenite::Message::Close(Some(f))) => break (u16::from(f.code), f.reason.to_string()),
+            Ok(tungstenite::Message::Close(Some(f))) => {
+                break (u16::from(f.code), f.reason.to_string())
+            }
             Ok(other) => panic!("unexpected {other:?}"),
             Err(e) => panic!("stalled subscriber: {e} after {next} messages"),
         }
@@ -124,5 +129,8 @@ fn slow_consumer_is_cut_off_without_gaps_and_memory_stays_bounded() {
     assert!(next > 0 && next < N, "prefix of {next} messages");
     let growth_mib = peak.saturating_sub(baseline) / 1024;
     println!("stalled got {next}/{N}; server RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth_mib} MiB");
-    assert!(growth_mib <= 16, "server memory grew {growth_mib} MiB for a 4 MiB cap");
+    assert!(
+        growth_mib <= 16,
+        "server memory grew {growth_mib} MiB for a 4 MiB cap"
+    );
 }

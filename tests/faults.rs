@@ -58,7 +58,10 @@ fn settle(addr: SocketAddr, conns: f64, subs: f64, pending: f64, topics: f64) {
 
 /// Close with RST instead of FIN (SO_LINGER 0).
 fn reset(sock: TcpStream) {
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt on a socket we own, with a correctly sized linger struct.
     unsafe {
         libc::setsockopt(
@@ -97,7 +100,9 @@ fn peers_vanishing_at_every_stage_leak_nothing() {
     observer.sync();
     p.send("SUB", "room", &[], "");
     p.sync();
-    p.ws.get_mut().write_all(&[0x81, 0x80 | 100, 1, 2, 3, 4, b'a', b'b']).unwrap();
+    p.ws.get_mut()
+        .write_all(&[0x81, 0x80 | 100, 1, 2, 3, 4, b'a', b'b'])
+        .unwrap();
     reset(p.ws.into_inner());
     // Mid-message: first line and a header, no terminator.
     let mut p = Peer::service(srv.addr);
@@ -116,7 +121,12 @@ fn peers_vanishing_at_every_stage_leak_nothing() {
     let req = responder.recv();
     reset(requester.ws.into_inner());
     settle(srv.addr, 2.0, 3.0, 0.0, 5.0); // + responder's MSG:<cid> and "work"
-    responder.send("RES", "work", &[("rid", req.header("rid").unwrap())], "late");
+    responder.send(
+        "RES",
+        "work",
+        &[("rid", req.header("rid").unwrap())],
+        "late",
+    );
     responder.sync();
     // The responder vanishes with a request in flight: the requester is told.
     let mut requester = Peer::service(srv.addr);
@@ -164,8 +174,13 @@ fn accept_errors_back_off_and_serving_continues() {
     let addr = p.addr();
     let pid = p.child.id() as i32;
     // Lower the server's soft limit to what it has open now plus 3.
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: prlimit on our own child process with valid structs.
     let rc = unsafe {
         libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim);

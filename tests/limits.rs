@@ -79,13 +79,19 @@ fn silent_connection_is_closed_after_the_idle_timeout_and_a_live_one_is_pinged()
     // `live` reads (and so answers pings with pongs); `silent` does not read at all.
     let start = Instant::now();
     let mut pings = 0;
-    live.ws.get_mut().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    live.ws
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     while start.elapsed() < Duration::from_millis(1500) {
         match live.ws.read() {
             Ok(tungstenite::Message::Ping(_)) => pings += 1,
             Ok(other) => panic!("unexpected {other:?}"),
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => panic!("live connection failed: {e}"),
         }
         let _ = live.ws.flush();

@@ -46,9 +46,19 @@ fn gauges(addr: SocketAddr) -> (f64, f64, f64, f64) {
 #[test]
 #[ignore]
 fn soak() {
-    let secs: u64 = std::env::var("MM_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    let secs: u64 = std::env::var("MM_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
     let p = Proc::start(
-        &["--listen", "127.0.0.1:0", "--service-key", SERVICE_KEY, "--client-key", CLIENT_KEY],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--service-key",
+            SERVICE_KEY,
+            "--client-key",
+            CLIENT_KEY,
+        ],
         &[],
     );
     let addr = p.addr();
@@ -69,7 +79,9 @@ fn soak() {
         let mut r = Peer::service(addr);
         r.send("EREQ", "echo", &[], "");
         r.sync();
-        r.ws.get_mut().set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        r.ws.get_mut()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         responders.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match next_data(&mut r.ws) {
@@ -80,7 +92,10 @@ fn soak() {
                             r.send("RES", "echo", &[("rid", &rid)], &m.body);
                         }
                     }
-                    Err(e) if e.contains("WouldBlock") || e.contains("timed out") || e.contains("Resource temporarily") => {}
+                    Err(e)
+                        if e.contains("WouldBlock")
+                            || e.contains("timed out")
+                            || e.contains("Resource temporarily") => {}
                     Err(e) => panic!("responder: {e}"),
                 }
             }
@@ -96,13 +111,24 @@ fn soak() {
             let mut i = 0u64;
             while Instant::now() < deadline {
                 i += 1;
-                let mut c = if (w + i) % 2 == 0 { Peer::client(addr) } else { Peer::service(addr) };
-                let topics: Vec<String> = (0..3).map(|k| format!("t{}", (w * 7 + i * 3 + k) % 20)).collect();
+                let mut c = if (w + i).is_multiple_of(2) {
+                    Peer::client(addr)
+                } else {
+                    Peer::service(addr)
+                };
+                let topics: Vec<String> = (0..3)
+                    .map(|k| format!("t{}", (w * 7 + i * 3 + k) % 20))
+                    .collect();
                 for t in &topics {
                     c.send("SUB", t, &[], "");
                 }
                 for t in &topics {
-                    c.send("PUB", t, &[("X-Seq", &i.to_string())], "soak body\n.with a dot line");
+                    c.send(
+                        "PUB",
+                        t,
+                        &[("X-Seq", &i.to_string())],
+                        "soak body\n.with a dot line",
+                    );
                 }
                 let rq = format!("{w}-{i}");
                 c.send("REQ", "echo", &[("ReqID", &rq)], "ping");
@@ -118,7 +144,7 @@ fn soak() {
                     }
                 }
                 ops.fetch_add(8, Ordering::Relaxed);
-                if i % 3 == 0 {
+                if i.is_multiple_of(3) {
                     // Leave with unread data and a reset now and then.
                     let _ = c.ws.get_mut().set_linger_reset();
                 }
@@ -134,7 +160,12 @@ fn soak() {
         let g = gauges(addr);
         println!(
             "t={:>4}s rss={rss} KiB conns={} subs={} topics={} pending={} ops={}",
-            start.elapsed().as_secs(), g.0, g.1, g.2, g.3, ops.load(Ordering::Relaxed)
+            start.elapsed().as_secs(),
+            g.0,
+            g.1,
+            g.2,
+            g.3,
+            ops.load(Ordering::Relaxed)
         );
         samples.push(rss);
     }
@@ -157,8 +188,14 @@ fn soak() {
     }
     let warm = samples[samples.len() / 4];
     let last = *samples.last().unwrap();
-    println!("ops={} rss after warm-up {warm} KiB, at end {last} KiB", ops.load(Ordering::Relaxed));
-    assert!(last <= warm + warm / 5 + 2048, "RSS grew after warm-up: {warm} -> {last} KiB");
+    println!(
+        "ops={} rss after warm-up {warm} KiB, at end {last} KiB",
+        ops.load(Ordering::Relaxed)
+    );
+    assert!(
+        last <= warm + warm / 5 + 2048,
+        "RSS grew after warm-up: {warm} -> {last} KiB"
+    );
 }
 
 trait LingerReset {
@@ -168,7 +205,10 @@ trait LingerReset {
 impl LingerReset for std::net::TcpStream {
     fn set_linger_reset(&mut self) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
-        let l = libc::linger { l_onoff: 1, l_linger: 0 };
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         // SAFETY: setsockopt on a socket we own, with a correctly sized struct.
         let rc = unsafe {
             libc::setsockopt(
@@ -179,6 +219,10 @@ impl LingerReset for std::net::TcpStream {
                 std::mem::size_of::<libc::linger>() as u32,
             )
         };
-        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }

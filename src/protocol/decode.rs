@@ -438,16 +438,20 @@ impl Decoder {
         } else if !self.stuffed {
             Cow::Borrowed(&buf[self.body_start..self.body_end])
         } else {
+            // Copy line by line, dropping the stuffing dot of each line starting "..".
             self.body_tmp.clear();
-            let raw = &buf[self.body_start..self.body_end];
-            let mut at_line_start = true;
-            for (i, &b) in raw.iter().enumerate() {
-                if at_line_start && b == b'.' && raw.get(i + 1) == Some(&b'.') {
-                    at_line_start = false;
-                    continue;
-                }
-                at_line_start = b == b'\n';
-                self.body_tmp.push(b);
+            let mut rest = &buf[self.body_start..self.body_end];
+            self.body_tmp.reserve(rest.len());
+            while !rest.is_empty() {
+                let len = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+                let (line, tail) = rest.split_at(len);
+                let line = if line.starts_with(b"..") {
+                    &line[1..]
+                } else {
+                    line
+                };
+                self.body_tmp.extend_from_slice(line);
+                rest = tail;
             }
             Cow::Borrowed(&self.body_tmp[..])
         };

@@ -100,4 +100,3 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap()
 }
-
