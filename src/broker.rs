@@ -508,8 +508,18 @@ impl Broker {
             Some(s) => (s.cid.as_bytes(), &s.uid),
             None => (b"", b""),
         };
-        Packet::build(|b| {
-            b.reserve(msg.cmd.len() + msg.target.len() + msg.body.len() + 64);
+        // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
+        // body with a little room for stuffing dots, terminator.
+        let hint = msg.cmd.len()
+            + msg.target.len()
+            + msg.headers().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>()
+            + extra.map_or(0, |(n, v)| n.len() + v.len() + 4)
+            + cid.len()
+            + uid.len()
+            + msg.body.len()
+            + msg.body.len() / 32
+            + 32;
+        Packet::build_sized(hint, |b| {
             b.extend_from_slice(msg.cmd);
             b.push(b' ');
             b.extend_from_slice(msg.target);

@@ -74,7 +74,13 @@ pub struct Packet {
 impl Packet {
     /// Build a packet: `fill` appends the protocol bytes to the vector it is given.
     pub fn build(fill: impl FnOnce(&mut Vec<u8>)) -> Packet {
-        let mut buf = Vec::with_capacity(128);
+        Self::build_sized(118, fill)
+    }
+
+    /// Like [`Packet::build`], with room for `payload_hint` payload bytes up front so a
+    /// well-estimated packet is one allocation.
+    pub fn build_sized(payload_hint: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Packet {
+        let mut buf = Vec::with_capacity(HEADROOM + payload_hint);
         buf.resize(HEADROOM, 0);
         fill(&mut buf);
         Self::from_headroom_vec(buf)
