@@ -301,15 +301,13 @@ impl Broker {
         };
         self.cids.remove(&session.cid);
         self.monitors.retain(|&m| m != conn);
-        for (_, p) in self.router.remove_conn(conn) {
+        for (p, target) in self.router.remove_conn(conn) {
             self.stats.req_responder_gone += 1;
-            let target = self.router.topic(p.topic).map(|t| t.name.clone());
-            let target = target.as_deref().unwrap_or(b"");
             self.error_to(
                 out,
                 p.requester,
                 b"REQ",
-                target,
+                &target,
                 reason::RESPONDER_GONE,
                 Some((p.reqid_name(), p.reqid_value())),
             );
@@ -512,7 +510,10 @@ impl Broker {
         // body with a little room for stuffing dots, terminator.
         let hint = msg.cmd.len()
             + msg.target.len()
-            + msg.headers().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>()
+            + msg
+                .headers()
+                .map(|(n, v)| n.len() + v.len() + 4)
+                .sum::<usize>()
             + extra.map_or(0, |(n, v)| n.len() + v.len() + 4)
             + cid.len()
             + uid.len()

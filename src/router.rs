@@ -389,9 +389,10 @@ impl Router {
     }
 
     /// Remove a connection and everything it holds. Requests it was answering are
-    /// returned (they must be failed with `responder disconnected`); requests it asked
-    /// are dropped (a late answer is then ignored).
-    pub fn remove_conn(&mut self, conn: ConnId) -> Vec<(u64, Pending)> {
+    /// returned with their target's name, taken before the target may be released (they
+    /// must be failed with `responder disconnected`); requests it asked are dropped (a
+    /// late answer is then ignored).
+    pub fn remove_conn(&mut self, conn: ConnId) -> Vec<(Pending, Box<[u8]>)> {
         let Some(entry) = self.conns.get_mut(conn).and_then(Option::take) else {
             return Vec::new();
         };
@@ -406,7 +407,8 @@ impl Router {
             for rid in rids {
                 if let Some(p) = self.end_request(rid) {
                     if p.responder == conn && p.requester != conn {
-                        orphaned.push((rid, p));
+                        let name = self.topics.get(p.topic).map(|t| t.name.clone());
+                        orphaned.push((p, name.unwrap_or_default()));
                     }
                 }
             }
@@ -540,7 +542,8 @@ mod tests {
         r.check_invariants().unwrap();
         let orphaned = r.remove_conn(b);
         assert_eq!(orphaned.len(), 1);
-        assert_eq!(orphaned[0].1.reqid_value(), b"2");
+        assert_eq!(orphaned[0].0.reqid_value(), b"2");
+        assert_eq!(&*orphaned[0].1, b"q");
         r.check_invariants().unwrap();
         assert!(r.pop_expired(t0).is_none());
         let (_, p) = r.pop_expired(d).unwrap();
