@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use middleman::protocol::{Decoded, Decoder, Limits};
 use middleman::broker::Keys;
+use middleman::protocol::{Decoded, Decoder, Limits};
 use middleman::{Config, Running};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
