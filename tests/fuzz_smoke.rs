@@ -1,0 +1,51 @@
+//! A short smoke run of every cargo-fuzz target (`fuzz/smoke.sh`), so a crash the
+//! fuzzers can find in seconds fails the suite. Needs cargo-fuzz (CI installs it); where
+//! it is missing the test says so and passes, except under CI (`CI` set), where it fails.
+//! `MM_FUZZ_SECS` sets the seconds per target (default 10).
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn every_fuzz_target_survives_a_smoke_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let have_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_fuzz {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the fuzz smoke test: install cargo-fuzz"
+        );
+        eprintln!("SKIPPED fuzz smoke: cargo-fuzz is not installed (cargo install cargo-fuzz)");
+        return;
+    }
+    let secs = std::env::var("MM_FUZZ_SECS").unwrap_or_else(|_| "10".into());
+    let out = Command::new("bash")
+        .arg(root.join("fuzz/smoke.sh"))
+        .arg(&secs)
+        .current_dir(root)
+        .output()
+        .expect("run fuzz/smoke.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "fuzz smoke failed\n{stdout}\n{stderr}"
+    );
+    for target in [
+        "decode",
+        "decode_split",
+        "roundtrip",
+        "handshake",
+        "broker_ops",
+    ] {
+        assert!(
+            stdout.contains(target),
+            "target {target} missing from the smoke run\n{stdout}"
+        );
+    }
+}
