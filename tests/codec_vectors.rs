@@ -218,6 +218,7 @@ fn decode_vectors() {
     let mut run_count = 0usize;
     let mut feeds = 0usize;
     let mut failures: Vec<String> = Vec::new();
+    let mut failed_cases = 0usize;
     for (i, case) in cases.iter().enumerate() {
         let name = case
             .get("name")
@@ -256,16 +257,17 @@ fn decode_vectors() {
         }
         if failures.len() > before {
             eprintln!("FAIL {name}");
+            failed_cases += 1;
         }
         run_count += 1;
     }
     println!(
-        "decode vectors: {run_count} cases run ({feeds} feedings), {} failed",
-        failures.len()
+        "decode vectors: {run_count} of {} cases run ({feeds} feedings), {failed_cases} failed",
+        cases.len()
     );
     assert!(
         failures.is_empty(),
-        "{} decode vector failures:\n{}",
+        "{failed_cases} decode cases failed ({} feedings):\n{}",
         failures.len(),
         failures.join("\n")
     );
@@ -323,7 +325,8 @@ fn encode_vectors() {
         run_count += 1;
     }
     println!(
-        "encode vectors: {run_count} cases run, {} failed",
+        "encode vectors: {run_count} of {} cases run, {} failures",
+        cases.len(),
         failures.len()
     );
     assert!(

@@ -14,10 +14,15 @@ use middleman::router::{ConnId, Enable};
 
 const CONNS: usize = 6;
 const TOPICS: [&str; 4] = ["a", "b", "c", "MSG:"];
-const CMDS: [&str; 10] = ["SUB", "UNS", "PUB", "REQ", "RES", "EPUB", "ESUB", "EREQ", "INT", "FOO"];
+const CMDS: [&str; 10] = [
+    "SUB", "UNS", "PUB", "REQ", "RES", "EPUB", "ESUB", "EREQ", "INT", "FOO",
+];
 
 fuzz_target!(|data: &[u8]| {
-    let settings = Settings { max_subscriptions: 4, request_timeout: Duration::from_secs(5) };
+    let settings = Settings {
+        max_subscriptions: 4,
+        request_timeout: Duration::from_secs(5),
+    };
     let mut broker = Broker::new(settings, "fz");
     let t0 = Instant::now();
     let mut now = t0;
@@ -25,7 +30,12 @@ fuzz_target!(|data: &[u8]| {
     let mut last_rid: u64 = 0;
     let mut out: Vec<(ConnId, Rc<Packet>)> = Vec::new();
     for op in data.chunks(4) {
-        let [kind, a, b, c] = [op[0], *op.get(1).unwrap_or(&0), *op.get(2).unwrap_or(&0), *op.get(3).unwrap_or(&0)];
+        let [kind, a, b, c] = [
+            op[0],
+            *op.get(1).unwrap_or(&0),
+            *op.get(2).unwrap_or(&0),
+            *op.get(3).unwrap_or(&0),
+        ];
         let conn = a as usize % CONNS;
         out.clear();
         match kind % 5 {
@@ -55,11 +65,17 @@ fuzz_target!(|data: &[u8]| {
                     raw.push_str(&format!("ReqID: r{}\r\n", b));
                 }
                 if c & 2 != 0 {
-                    raw.push_str(&format!("rid: {}\r\n", last_rid.saturating_sub(u64::from(c >> 5))));
+                    raw.push_str(&format!(
+                        "rid: {}\r\n",
+                        last_rid.saturating_sub(u64::from(c >> 5))
+                    ));
                 }
                 if c & 4 != 0 {
                     let other = (b as usize) % CONNS;
-                    raw.push_str(&format!("forcid: {}\r\nsetuid: u{b}\r\n", broker.cid(other).unwrap_or("x")));
+                    raw.push_str(&format!(
+                        "forcid: {}\r\nsetuid: u{b}\r\n",
+                        broker.cid(other).unwrap_or("x")
+                    ));
                 }
                 raw.push_str("cid: forged\r\n\r\nbody\r\n.\r\n");
                 let role = broker.role(conn);
@@ -78,7 +94,10 @@ fuzz_target!(|data: &[u8]| {
                     .filter(|(to, p)| *to == conn && p.payload().starts_with(b"PUB ERROR\r\n"))
                     .count();
                 if is_client && cmd == "SUB" && !sub_before && (private || !sub_enabled) {
-                    assert!(!broker.router().is_subscribed(conn, target.as_bytes()), "refused SUB took effect");
+                    assert!(
+                        !broker.router().is_subscribed(conn, target.as_bytes()),
+                        "refused SUB took effect"
+                    );
                     assert_eq!(errors_to_sender, 1);
                 }
                 if is_client && cmd == "PUB" && (private || !pub_enabled) {
@@ -88,7 +107,9 @@ fuzz_target!(|data: &[u8]| {
                 for (_, p) in &out {
                     // Nobody can forge cid: every relayed message carries exactly one.
                     let text = p.payload();
-                    let forged = text.windows(12).any(|w| w.eq_ignore_ascii_case(b"cid: forged\r"));
+                    let forged = text
+                        .windows(12)
+                        .any(|w| w.eq_ignore_ascii_case(b"cid: forged\r"));
                     assert!(!forged, "forged cid relayed");
                 }
                 if cmd == "REQ" {
@@ -109,11 +130,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // Everyone leaves: nothing may remain.
-    for conn in 0..CONNS {
-        if connected[conn] {
+    for (conn, up) in connected.iter_mut().enumerate() {
+        if *up {
             out.clear();
             broker.disconnect(conn, &mut out);
-            connected[conn] = false;
+            *up = false;
         }
     }
     assert_eq!(broker.router().pending_count(), 0);
