@@ -54,15 +54,22 @@ fn allocations_per_publish(subscribers: usize) -> (u64, u64) {
     for c in 0..=subscribers {
         broker.connect(c, Role::Service);
     }
-    let mut out = Slots { last: vec![None; subscribers + 1], delivered: 0 };
+    let mut out = Slots {
+        last: vec![None; subscribers + 1],
+        delivered: 0,
+    };
     let mut dec = Decoder::new(Limits::default());
     dec.feed(b"SUB news\r\n.\r\n");
-    let Ok(Some(Decoded::Message(sub))) = dec.next() else { panic!("decode SUB") };
+    let Ok(Some(Decoded::Message(sub))) = dec.next() else {
+        panic!("decode SUB")
+    };
     let sub = (sub.cmd.to_vec(), sub.target.to_vec());
     for c in 0..subscribers {
         let mut d = Decoder::new(Limits::default());
         d.feed(&[&sub.0[..], b" ", &sub.1[..], b"\r\n.\r\n"].concat());
-        let Ok(Some(Decoded::Message(m))) = d.next() else { panic!() };
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!()
+        };
         broker.apply(c, &m, Instant::now(), &mut out);
     }
     let msg = b"PUB news\r\nX-Trace: abc\r\n\r\n64 bytes of body, more or less, to look like a real message..\r\n.\r\n";
@@ -70,7 +77,9 @@ fn allocations_per_publish(subscribers: usize) -> (u64, u64) {
     // Warm up: the first publish may grow buffers.
     for _ in 0..3 {
         dec.feed(msg);
-        let Ok(Some(Decoded::Message(m))) = dec.next() else { panic!() };
+        let Ok(Some(Decoded::Message(m))) = dec.next() else {
+            panic!()
+        };
         broker.apply(publisher, &m, Instant::now(), &mut out);
     }
     let rounds = 50;
@@ -78,7 +87,9 @@ fn allocations_per_publish(subscribers: usize) -> (u64, u64) {
     let before = ALLOCS.load(Ordering::Relaxed);
     for _ in 0..rounds {
         dec.feed(msg);
-        let Ok(Some(Decoded::Message(m))) = dec.next() else { panic!() };
+        let Ok(Some(Decoded::Message(m))) = dec.next() else {
+            panic!()
+        };
         broker.apply(publisher, &m, Instant::now(), &mut out);
     }
     let allocs = ALLOCS.load(Ordering::Relaxed) - before;
