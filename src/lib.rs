@@ -4,6 +4,7 @@
 //! pure), [`broker`] (the meaning of each command, pure), [`conn`] and [`reactor`] (sockets,
 //! WebSocket framing and the event loop).
 
+pub mod args;
 pub mod broker;
 pub mod config;
 pub mod conn;

@@ -1,0 +1,118 @@
+//! Command-line arguments of the server (`middleman [OPTIONS]`) and how they become a
+//! [`Config`](crate::Config).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::broker::Keys;
+use crate::config::{parse_bytes, parse_duration, Config};
+use crate::protocol::Limits;
+
+/// Options of the server itself.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "MM_LISTEN", default_value = "127.0.0.1:8765")]
+    pub listen: SocketAddr,
+    /// A service (trusted) key; repeat for several. From the environment: comma-separated.
+    #[arg(
+        long = "service-key",
+        env = "MM_SERVICE_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub service_keys: Vec<String>,
+    /// A client (untrusted) key; repeatable.
+    #[arg(
+        long = "client-key",
+        env = "MM_CLIENT_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub client_keys: Vec<String>,
+    /// A monitor key (a service that also receives a copy of all traffic); repeatable.
+    #[arg(
+        long = "monitor-key",
+        env = "MM_MONITOR_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub monitor_keys: Vec<String>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "MM_LOG_LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+    /// Largest protocol message in bytes (e.g. 1MiB); larger closes with 1009.
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    pub max_message_bytes: usize,
+    /// Longest line in bytes; longer closes with 1009.
+    #[arg(long, default_value = "8KiB", value_parser = parse_bytes)]
+    pub max_line_bytes: usize,
+    /// Most header lines in one message; more closes with 1002.
+    #[arg(long, default_value_t = 64)]
+    pub max_header_lines: usize,
+    /// Most simultaneous connections; beyond it new ones get HTTP 503.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Most subscriptions per connection (its private channel not counted).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_subscriptions: usize,
+    /// Bytes queued for one peer before it is closed as a slow consumer (1008).
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    pub max_outbound_bytes: usize,
+    /// Time allowed for the WebSocket upgrade and the key.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// How often the server pings a quiet connection.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    /// A connection silent this long is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// How long a request may stay unanswered.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// How long shutdown waits for queued messages to flush.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Echo mode for WebSocket compliance testing: no keys, every message is echoed.
+    #[arg(long)]
+    pub echo: bool,
+}
+
+impl ServeArgs {
+    /// The configuration these arguments describe (keys as given, none generated).
+    pub fn to_config(&self) -> Config {
+        Config {
+            listen: self.listen,
+            keys: Keys {
+                service: nonempty(&self.service_keys),
+                client: nonempty(&self.client_keys),
+                monitor: nonempty(&self.monitor_keys),
+            },
+            limits: Limits {
+                max_message: self.max_message_bytes,
+                max_line: self.max_line_bytes,
+                max_headers: self.max_header_lines,
+            },
+            max_connections: self.max_connections,
+            max_subscriptions: self.max_subscriptions,
+            max_outbound_bytes: self.max_outbound_bytes,
+            handshake_timeout: self.handshake_timeout,
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            shutdown_grace: self.shutdown_grace,
+            echo: self.echo,
+            handle_signals: true,
+        }
+    }
+}
+
+fn nonempty(keys: &[String]) -> Vec<String> {
+    keys.iter()
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect()
+}
