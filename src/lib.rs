@@ -16,3 +16,4 @@ pub mod router;
 
 pub use config::Config;
 pub use reactor::{Running, Server, StopHandle};
+pub mod web;

@@ -27,6 +27,7 @@ use crate::http::{self, Request};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{Decoded, Decoder, Packet};
 use crate::router::ConnId;
+use crate::web;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -466,14 +467,12 @@ impl Server {
     }
 
     fn plain_http(&self, method: &str, path: &str) -> Vec<u8> {
-        match (method, path) {
-            ("GET", "/healthz") => http::response(200, "text/plain", b"ok"),
-            ("GET", "/metrics") => {
-                let body = self.metrics.render(&self.broker, self.conns.len());
-                http::response(200, "text/plain; version=0.0.4", body.as_bytes())
-            }
-            _ => http::response(404, "text/plain", b"not found\n"),
-        }
+        let view = web::View {
+            broker: &self.broker,
+            metrics: &self.metrics,
+            open: self.conns.len(),
+        };
+        web::respond(method, path, &view)
     }
 
     /// Queue an HTTP response and hang up after it is written.
