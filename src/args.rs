@@ -1,7 +1,7 @@
 //! Command-line arguments of the server (`middleman [OPTIONS]`) and how they become a
 //! [`Config`](crate::Config).
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -9,13 +9,27 @@ use clap::Args;
 use crate::broker::Keys;
 use crate::config::{parse_bytes, parse_duration, Config};
 use crate::protocol::Limits;
+use crate::transport::Listen;
 
 /// Options of the server itself.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "MM_LISTEN", default_value = "127.0.0.1:8765")]
-    pub listen: SocketAddr,
+    /// Listener URL; repeat for several: `ws://HOST:PORT` (default scheme), `wss://HOST:PORT`
+    /// (needs --tls-cert/--tls-key), `tcp://HOST:PORT`, `unix:///path`; `?roles=service,monitor`
+    /// restricts which keys a listener accepts. From the environment: comma-separated.
+    #[arg(
+        long,
+        env = "MM_LISTEN",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8765"
+    )]
+    pub listen: Vec<Listen>,
+    /// PEM certificate chain for wss:// listeners.
+    #[arg(long, env = "MM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for wss:// listeners.
+    #[arg(long, env = "MM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// A service (trusted) key; repeat for several. From the environment: comma-separated.
     #[arg(
         long = "service-key",
@@ -85,7 +99,9 @@ impl ServeArgs {
     /// The configuration these arguments describe (keys as given, none generated).
     pub fn to_config(&self) -> Config {
         Config {
-            listen: self.listen,
+            listeners: self.listen.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             keys: Keys {
                 service: nonempty(&self.service_keys),
                 client: nonempty(&self.client_keys),

@@ -1,16 +1,22 @@
 //! Server configuration: limits, timeouts and keys, with the defaults of PROTOCOL.md.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::broker::Keys;
 use crate::protocol::Limits;
+use crate::transport::Listen;
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to listen on.
-    pub listen: SocketAddr,
+    /// Listeners (at least one).
+    pub listeners: Vec<Listen>,
+    /// PEM certificate chain for `wss://` listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `wss://` listeners.
+    pub tls_key: Option<PathBuf>,
     /// API keys.
     pub keys: Keys,
     /// Message limits (§2).
@@ -37,10 +43,22 @@ pub struct Config {
     pub handle_signals: bool,
 }
 
+impl Config {
+    /// A configuration listening on one WebSocket address (e.g. `127.0.0.1:0`).
+    pub fn on(addr: SocketAddr) -> Config {
+        Config {
+            listeners: vec![Listen::ws(addr)],
+            ..Config::default()
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8765)),
+            listeners: vec![Listen::ws(SocketAddr::from(([127, 0, 0, 1], 8765)))],
+            tls_cert: None,
+            tls_key: None,
             keys: Keys::default(),
             limits: Limits::default(),
             max_connections: 10_000,

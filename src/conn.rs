@@ -14,10 +14,13 @@ use std::rc::Rc;
 use crate::protocol::Packet;
 
 /// How a packet goes on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Framing {
     /// As a WebSocket frame (header + payload).
+    #[default]
     WebSocket,
+    /// As bare protocol bytes (the raw stream transports).
+    Raw,
 }
 
 #[derive(Debug)]
@@ -29,10 +32,11 @@ enum Chunk {
 }
 
 impl Chunk {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Chunk::Bytes(b) => b,
-            Chunk::Packet(p) => p.ws_frame(),
+    fn bytes(&self, framing: Framing) -> &[u8] {
+        match (self, framing) {
+            (Chunk::Bytes(b), _) => b,
+            (Chunk::Packet(p), Framing::WebSocket) => p.ws_frame(),
+            (Chunk::Packet(p), Framing::Raw) => p.payload(),
         }
     }
 }
@@ -43,6 +47,7 @@ const MAX_IOV: usize = 64;
 /// A connection's outbound queue: owned bytes and shared packets, written with `writev`.
 #[derive(Debug, Default)]
 pub struct OutQueue {
+    framing: Framing,
     chunks: VecDeque<Chunk>,
     /// Bytes of the front chunk already written.
     head_written: usize,
@@ -51,6 +56,22 @@ pub struct OutQueue {
 }
 
 impl OutQueue {
+    /// An empty queue writing packets with `framing`.
+    pub fn new(framing: Framing) -> OutQueue {
+        OutQueue {
+            framing,
+            ..Default::default()
+        }
+    }
+
+    /// Bytes `p` takes in this queue.
+    pub fn packet_len(&self, p: &Packet) -> usize {
+        match self.framing {
+            Framing::WebSocket => p.ws_frame().len(),
+            Framing::Raw => p.payload().len(),
+        }
+    }
+
     /// Bytes waiting to be written.
     pub fn len(&self) -> usize {
         self.len
@@ -63,7 +84,7 @@ impl OutQueue {
 
     /// Queue a shared packet as a WebSocket frame.
     pub fn push_packet(&mut self, p: &Rc<Packet>) {
-        self.len += p.ws_frame().len();
+        self.len += self.packet_len(p);
         self.chunks.push_back(Chunk::Packet(p.clone()));
     }
 
@@ -88,7 +109,7 @@ impl OutQueue {
         let keep = usize::from(self.head_written > 0);
         while self.chunks.len() > keep {
             if let Some(c) = self.chunks.pop_back() {
-                self.len -= c.bytes().len();
+                self.len -= c.bytes(self.framing).len();
             }
         }
         self.chunks.shrink_to_fit();
@@ -102,7 +123,7 @@ impl OutQueue {
             let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             for (i, c) in self.chunks.iter().take(MAX_IOV).enumerate() {
-                let b = c.bytes();
+                let b = c.bytes(self.framing);
                 iov[i] = IoSlice::new(if i == 0 { &b[self.head_written..] } else { b });
                 n += 1;
             }
@@ -128,7 +149,7 @@ impl OutQueue {
             let Some(front) = self.chunks.front() else {
                 break;
             };
-            let left = front.bytes().len() - self.head_written;
+            let left = front.bytes(self.framing).len() - self.head_written;
             if n >= left {
                 n -= left;
                 self.head_written = 0;

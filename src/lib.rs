@@ -16,4 +16,5 @@ pub mod router;
 
 pub use config::Config;
 pub use reactor::{Running, Server, StopHandle};
+pub mod transport;
 pub mod web;

@@ -48,20 +48,25 @@ fn main() -> ExitCode {
 fn run(cli: ServeArgs) -> Result<(), String> {
     let mut cfg = cli.to_config();
     let keys = &mut cfg.keys;
-    let loopback = cli.listen.ip().is_loopback();
-    if cli.echo {
-        if !loopback {
+    let exposed: Vec<String> = cfg
+        .listeners
+        .iter()
+        .filter(|l| !l.is_local())
+        .map(ToString::to_string)
+        .collect();
+    if cfg.echo {
+        if !exposed.is_empty() {
             return Err(format!(
                 "echo mode has no keys and only listens on loopback, not {}",
-                cli.listen
+                exposed.join(", ")
             ));
         }
     } else if keys.is_empty() {
-        if !loopback {
+        if !exposed.is_empty() {
             return Err(format!(
                 "no keys configured: refusing to listen on non-loopback {} with generated keys \
                  (pass --service-key and --client-key, or MM_SERVICE_KEY / MM_CLIENT_KEY)",
-                cli.listen
+                exposed.join(", ")
             ));
         }
         keys.service.push(generate_key()?);
@@ -71,13 +76,15 @@ fn run(cli: ServeArgs) -> Result<(), String> {
         println!("  client key:  {}", keys.client[0]);
     }
     raise_fd_limit(cfg.max_connections);
-    let server =
-        Server::bind(cfg.clone()).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let wanted: Vec<String> = cfg.listeners.iter().map(ToString::to_string).collect();
+    let server = Server::bind(cfg.clone())
+        .map_err(|e| format!("cannot listen on {}: {e}", wanted.join(" ")))?;
+    let bound: Vec<String> = server.listeners().iter().map(ToString::to_string).collect();
     log::info!(
-        "middleman {} listening on ws://{}{} ({} service, {} client, {} monitor keys; \
+        "middleman {} listening on {}{} ({} service, {} client, {} monitor keys; \
          max message {} B, max connections {}, outbound cap {} B)",
         env!("CARGO_PKG_VERSION"),
-        server.local_addr(),
+        bound.join(" "),
         if cfg.echo { " in echo mode" } else { "" },
         cfg.keys.service.len(),
         cfg.keys.client.len(),

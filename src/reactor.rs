@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -22,14 +22,17 @@ use tungstenite::Message as WsMessage;
 
 use crate::broker::{random_cid_prefix, Broker, Outbox, Settings};
 use crate::config::Config;
-use crate::conn::{Io, OutQueue};
+use crate::conn::{Framing, Io, OutQueue};
 use crate::http::{self, Request};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{Decoded, Decoder, Packet};
 use crate::router::ConnId;
+use crate::transport::{load_tls, Endpoint, Link, Listen, Scheme, Sock};
 use crate::web;
 
-const LISTENER: Token = Token(usize::MAX - 1);
+/// Listener `i` has token `LISTENER_BASE - i`.
+const LISTENER_BASE: usize = usize::MAX - 16;
+const MAX_LISTENERS: usize = 1024;
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
@@ -48,6 +51,8 @@ enum Phase {
     Http,
     /// Upgraded; waiting for the API key.
     AwaitKey,
+    /// Raw stream transport; waiting for the key line.
+    RawKey,
     /// Authenticated; protocol messages flow.
     Open,
     /// Echo mode (Autobahn): data messages are sent back.
@@ -57,8 +62,12 @@ enum Phase {
 }
 
 struct Conn {
-    sock: TcpStream,
-    peer: SocketAddr,
+    link: Link,
+    peer: String,
+    /// Index of the listener it came through.
+    listener: usize,
+    /// WebSocket frames or the raw stream.
+    framing: Framing,
     phase: Phase,
     ws: Option<WebSocketContext>,
     dec: Option<Decoder>,
@@ -120,7 +129,7 @@ impl Outbox for Sink<'_> {
         if !c.accepts_data() {
             return;
         }
-        if c.out.len() + pkt.ws_frame().len() > self.max_out {
+        if c.out.len() + c.out.packet_len(pkt) > self.max_out {
             // §7: never a gap in the middle; the stream stops here and the peer is closed.
             c.slow = true;
             self.closes
@@ -138,8 +147,8 @@ impl Outbox for Sink<'_> {
 /// The server: listener, connections, broker and timers on one thread.
 pub struct Server {
     poll: Poll,
-    listener: Option<TcpListener>,
-    local_addr: SocketAddr,
+    listeners: Vec<Listener>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     conns: Slab<Conn>,
     broker: Broker,
     cfg: Config,
@@ -164,10 +173,30 @@ impl Server {
             cfg.max_outbound_bytes = cfg.max_outbound_bytes.max(256 << 20);
         }
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(cfg.listen)?;
-        let local_addr = listener.local_addr()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if cfg.listeners.is_empty() || cfg.listeners.len() > MAX_LISTENERS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("between 1 and {MAX_LISTENERS} listeners are needed"),
+            ));
+        }
+        let tls = if cfg.listeners.iter().any(|l| l.scheme == Scheme::Wss) {
+            let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a wss:// listener needs --tls-cert and --tls-key",
+                ));
+            };
+            Some(load_tls(cert, key).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?)
+        } else {
+            None
+        };
+        let mut listeners = Vec::new();
+        for (i, spec) in cfg.listeners.iter().enumerate() {
+            let mut l = Listener::bind(spec)?;
+            poll.registry()
+                .register(&mut l, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            listeners.push(l);
+        }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let signals = if cfg.handle_signals {
             let mut s = signal_hook_mio::v1_0::Signals::new([
@@ -201,8 +230,8 @@ impl Server {
         );
         Ok(Server {
             poll,
-            listener: Some(listener),
-            local_addr,
+            listeners,
+            tls,
             conns: Slab::with_capacity(1024),
             broker,
             ws_config,
@@ -220,9 +249,20 @@ impl Server {
         })
     }
 
-    /// The address actually bound (useful with port 0).
+    /// The first TCP address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.listeners
+            .iter()
+            .find_map(|l| match l.bound.endpoint {
+                Endpoint::Tcp(a) => Some(a),
+                Endpoint::Unix(_) => None,
+            })
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Every listener as bound (ports filled in).
+    pub fn listeners(&self) -> Vec<Listen> {
+        self.listeners.iter().map(|l| l.bound.clone()).collect()
     }
 
     /// A handle that stops the server from another thread.
@@ -248,7 +288,9 @@ impl Server {
             let now = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(now),
+                    Token(t) if t > LISTENER_BASE - MAX_LISTENERS && t <= LISTENER_BASE => {
+                        self.accept(LISTENER_BASE - t, now)
+                    }
                     WAKER => {
                         if self.stop_flag.load(Ordering::SeqCst) {
                             self.begin_shutdown(now);
@@ -281,7 +323,9 @@ impl Server {
             if let Some(t) = self.accept_paused_until {
                 if now >= t {
                     self.accept_paused_until = None;
-                    self.accept(now);
+                    for i in 0..self.listeners.len() {
+                        self.accept(i, now);
+                    }
                 }
             }
             {
@@ -332,62 +376,17 @@ impl Server {
         )
     }
 
-    fn accept(&mut self, now: Instant) {
-        if self.accept_paused_until.is_some() {
+    fn accept(&mut self, index: usize, now: Instant) {
+        if self.accept_paused_until.is_some() || self.shutdown_deadline.is_some() {
             return;
         }
-        let Some(listener) = self.listener.as_ref() else {
-            return;
-        };
         loop {
-            match listener.accept() {
-                Ok((mut sock, peer)) => {
-                    self.metrics.accepted += 1;
-                    if self.conns.len() >= self.cfg.max_connections {
-                        self.metrics.refused += 1;
-                        let _ = sock.write(&http::response(
-                            503,
-                            "text/plain",
-                            b"too many connections\n",
-                        ));
-                        let _ = sock.shutdown(std::net::Shutdown::Both);
-                        warn_limited(&mut self.metrics.warned_refused, || {
-                            format!("refused {peer}: connection limit reached")
-                        });
-                        continue;
-                    }
-                    let _ = sock.set_nodelay(true);
-                    let entry = self.conns.vacant_entry();
-                    let id = entry.key();
-                    if let Err(e) = self.poll.registry().register(
-                        &mut sock,
-                        Token(id),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        warn!("register {peer}: {e}");
-                        continue;
-                    }
-                    entry.insert(Conn {
-                        sock,
-                        peer,
-                        phase: Phase::Http,
-                        ws: None,
-                        dec: None,
-                        out: OutQueue::default(),
-                        http_buf: Vec::new(),
-                        created: now,
-                        last_rx: now,
-                        last_ping: now,
-                        rx_bytes: 0,
-                        dirty: false,
-                        slow: false,
-                        close_deadline: None,
-                        write_shut: false,
-                        peer_eof: false,
-                        close_reason: CloseReason::Normal,
-                    });
-                    debug!("[{id}] accepted {peer}");
-                }
+            let Some(listener) = self.listeners.get(index) else {
+                return;
+            };
+            let scheme = listener.bound.scheme;
+            let (mut sock, peer) = match listener.accept() {
+                Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -396,7 +395,74 @@ impl Server {
                     self.accept_paused_until = Some(now + Duration::from_millis(100));
                     break;
                 }
+            };
+            self.metrics.accepted += 1;
+            if self.conns.len() >= self.cfg.max_connections {
+                self.metrics.refused += 1;
+                let refusal = if scheme.is_websocket() {
+                    http::response(503, "text/plain", b"too many connections\n")
+                } else {
+                    b"MM ERR too many connections\r\n".to_vec()
+                };
+                let _ = sock.write(&refusal);
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+                warn_limited(&mut self.metrics.warned_refused, || {
+                    format!("refused {peer}: connection limit reached")
+                });
+                continue;
             }
+            let link = match (scheme, &self.tls) {
+                (Scheme::Wss, Some(tls)) => match Link::tls(sock, tls) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!("TLS session for {peer}: {e}");
+                        continue;
+                    }
+                },
+                _ => Link::plain(sock),
+            };
+            let framing = if scheme.is_websocket() {
+                Framing::WebSocket
+            } else {
+                Framing::Raw
+            };
+            let entry = self.conns.vacant_entry();
+            let id = entry.key();
+            let mut link = link;
+            if let Err(e) = self.poll.registry().register(
+                &mut link,
+                Token(id),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                warn!("register {peer}: {e}");
+                continue;
+            }
+            entry.insert(Conn {
+                link,
+                peer: peer.clone(),
+                listener: index,
+                framing,
+                phase: if scheme.is_websocket() {
+                    Phase::Http
+                } else {
+                    Phase::RawKey
+                },
+                ws: None,
+                dec: None,
+                out: OutQueue::new(framing),
+                http_buf: Vec::new(),
+                created: now,
+                last_rx: now,
+                last_ping: now,
+                rx_bytes: 0,
+                dirty: false,
+                slow: false,
+                close_deadline: None,
+                write_shut: false,
+                peer_eof: false,
+                close_reason: CloseReason::Normal,
+            });
+            debug!("[{id}] accepted {peer} on {}", scheme.name());
         }
     }
 
@@ -406,6 +472,8 @@ impl Server {
         };
         match c.phase {
             Phase::Http => self.read_http(id, now),
+            Phase::RawKey => self.read_raw_key(id, now),
+            Phase::Open | Phase::Echo if c.framing == Framing::Raw => self.read_raw(id, now),
             Phase::AwaitKey | Phase::Open | Phase::Echo => self.read_ws(id, now),
             Phase::Closing => self.read_closing(id),
         }
@@ -417,7 +485,7 @@ impl Server {
         };
         let mut chunk = [0u8; 4096];
         let request = loop {
-            match c.sock.read(&mut chunk) {
+            match c.link.read(&mut chunk) {
                 Ok(0) => return self.remove(id, CloseReason::PeerGone),
                 Ok(n) => {
                     self.metrics.bytes_in += n as u64;
@@ -500,7 +568,7 @@ impl Server {
             };
             let before = c.rx_bytes;
             let res = ws.read(&mut Io {
-                sock: &mut c.sock,
+                sock: &mut c.link,
                 out: &mut c.out,
                 read_bytes: &mut c.rx_bytes,
             });
@@ -520,7 +588,7 @@ impl Server {
                     if let Some(c) = self.conns.get_mut(id) {
                         if let Some(ws) = c.ws.as_mut() {
                             let _ = ws.flush(&mut Io {
-                                sock: &mut c.sock,
+                                sock: &mut c.link,
                                 out: &mut c.out,
                                 read_bytes: &mut c.rx_bytes,
                             });
@@ -578,23 +646,7 @@ impl Server {
                 let (_, mut sink) = self.split();
                 sink.send(id, &pkt);
             }
-            Phase::AwaitKey => match self.cfg.keys.authenticate(data) {
-                Some(role) => {
-                    let cid = self.broker.connect(id, role);
-                    c.phase = Phase::Open;
-                    c.dec = Some(Decoder::new(self.cfg.limits));
-                    debug!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
-                    let (_, mut sink) = self.split();
-                    sink.send(id, &Rc::new(Packet::raw(b"MM OK")));
-                    sink.send(id, &Rc::new(Packet::raw(cid.as_bytes())));
-                }
-                None => {
-                    warn_limited(&mut self.metrics.warned_bad_key, || {
-                        format!("bad key from {}", c.peer)
-                    });
-                    self.close_with(id, 1008, "bad key", now, CloseReason::BadKey);
-                }
-            },
+            Phase::AwaitKey => self.admit(id, data, now),
             Phase::Open => {
                 let Some(mut dec) = c.dec.take() else {
                     return;
@@ -634,8 +686,116 @@ impl Server {
                     }
                 }
             }
-            Phase::Http | Phase::Closing => {}
+            Phase::Http | Phase::RawKey | Phase::Closing => {}
         }
+    }
+
+    /// Check a presented key (and the listener's roles); admit or refuse.
+    fn admit(&mut self, id: ConnId, key: &[u8], now: Instant) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let role = self.cfg.keys.authenticate(key);
+        let allowed = match (role, self.listeners.get(c.listener)) {
+            (Some(r), Some(l)) => l.bound.allows(r),
+            (Some(_), None) => true, // listeners are gone during shutdown
+            (None, _) => false,
+        };
+        let Some(role) = role.filter(|_| allowed) else {
+            let why = if role.is_some() {
+                "role not allowed here"
+            } else {
+                "bad key"
+            };
+            warn_limited(&mut self.metrics.warned_bad_key, || {
+                format!("{why} from {}", c.peer)
+            });
+            return self.close_with(id, 1008, why, now, CloseReason::BadKey);
+        };
+        let cid = self.broker.connect(id, role);
+        c.phase = Phase::Open;
+        c.dec = Some(Decoder::new(self.cfg.limits));
+        debug!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
+        if c.framing == Framing::Raw {
+            c.out.push_bytes(b"MM OK\r\n");
+            c.out.push_bytes(cid.as_bytes());
+            c.out.push_bytes(b"\r\n");
+            self.mark_dirty(id);
+        } else {
+            let (_, mut sink) = self.split();
+            sink.send(id, &Rc::new(Packet::raw(b"MM OK")));
+            sink.send(id, &Rc::new(Packet::raw(cid.as_bytes())));
+        }
+    }
+
+    /// Raw transport: read the key line, then hand what follows to the decoder.
+    fn read_raw_key(&mut self, id: ConnId, now: Instant) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let cap = self.cfg.limits.max_line + 2;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match c.link.read(&mut chunk) {
+                Ok(0) => return self.remove(id, CloseReason::PeerGone),
+                Ok(n) => {
+                    self.metrics.bytes_in += n as u64;
+                    c.last_rx = now;
+                    c.http_buf.extend_from_slice(&chunk[..n]);
+                    if let Some(lf) = memchr::memchr(b'\n', &c.http_buf) {
+                        let rest = c.http_buf.split_off(lf + 1);
+                        let key = std::mem::take(&mut c.http_buf);
+                        self.admit(id, &key, now);
+                        if !rest.is_empty() {
+                            self.on_data(id, &rest, false, now);
+                        }
+                        return self.read_raw(id, now);
+                    }
+                    if c.http_buf.len() > cap {
+                        return self.close_with(
+                            id,
+                            1009,
+                            "key line too long",
+                            now,
+                            CloseReason::Limit,
+                        );
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.remove(id, CloseReason::PeerGone),
+            }
+        }
+    }
+
+    /// Raw transport: read stream bytes into the decoder, bounded per turn.
+    fn read_raw(&mut self, id: ConnId, now: Instant) {
+        let mut chunk = [0u8; 16 * 1024];
+        for _ in 0..MAX_READS_PER_TURN {
+            let Some(c) = self.conns.get_mut(id) else {
+                return;
+            };
+            if !matches!(c.phase, Phase::Open | Phase::Echo) {
+                return;
+            }
+            match c.link.read(&mut chunk) {
+                Ok(0) => return self.remove(id, CloseReason::PeerGone),
+                Ok(n) => {
+                    self.metrics.bytes_in += n as u64;
+                    c.last_rx = now;
+                    if c.phase == Phase::Echo {
+                        c.out.push_bytes(&chunk[..n]);
+                        self.mark_dirty(id);
+                    } else {
+                        self.on_data(id, &chunk[..n], false, now);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.remove(id, CloseReason::PeerGone),
+            }
+        }
+        self.again.push(id);
     }
 
     /// Send a close frame (after what is queued, or instead of it for a slow
@@ -661,14 +821,27 @@ impl Server {
                 format!("[{id}] slow consumer {} cut off", c.peer)
             });
         }
-        if let Some(ws) = c.ws.as_mut() {
+        if c.framing == Framing::Raw {
+            // No close frame on a raw stream: a last line says why.
+            if c.phase == Phase::RawKey || c.phase == Phase::AwaitKey {
+                c.out.push_bytes(format!("MM ERR {reason}\r\n").as_bytes());
+            } else {
+                let pkt = crate::broker::error_packet(
+                    b"CLOSE",
+                    code.to_string().as_bytes(),
+                    reason,
+                    None,
+                );
+                c.out.push_packet(&Rc::new(pkt));
+            }
+        } else if let Some(ws) = c.ws.as_mut() {
             let frame = CloseFrame {
                 code: CloseCode::from(code),
                 reason: reason.into(),
             };
             let _ = ws.close(
                 &mut Io {
-                    sock: &mut c.sock,
+                    sock: &mut c.link,
                     out: &mut c.out,
                     read_bytes: &mut c.rx_bytes,
                 },
@@ -701,7 +874,7 @@ impl Server {
         };
         let mut scratch = [0u8; 4096];
         for _ in 0..64 {
-            match c.sock.read(&mut scratch) {
+            match c.link.read(&mut scratch) {
                 Ok(0) => {
                     c.peer_eof = true;
                     if c.out.is_empty() {
@@ -750,7 +923,7 @@ impl Server {
             return;
         };
         if !c.out.is_empty() {
-            match c.out.write_to(&mut c.sock) {
+            match c.out.write_to(&mut c.link) {
                 Ok(n) => self.metrics.bytes_out += n as u64,
                 Err(_) => {
                     let why = match c.phase {
@@ -761,14 +934,20 @@ impl Server {
                 }
             }
         }
-        if c.phase == Phase::Closing && c.out.is_empty() {
+        if c.link.tls_pending() && c.link.flush_tls().is_err() {
+            let why = c.close_reason;
+            return self.remove(id, why);
+        }
+        if c.phase == Phase::Closing && c.out.is_empty() && !c.link.tls_pending() {
             if c.peer_eof {
                 let why = c.close_reason;
                 return self.remove(id, why);
             }
             if !c.write_shut {
                 c.write_shut = true;
-                let _ = c.sock.shutdown(std::net::Shutdown::Write);
+                c.link.send_close_notify();
+                let _ = c.link.flush_tls();
+                let _ = c.link.shutdown(std::net::Shutdown::Write);
             }
         }
     }
@@ -784,7 +963,7 @@ impl Server {
             return;
         }
         let mut c = self.conns.remove(id);
-        let _ = self.poll.registry().deregister(&mut c.sock);
+        let _ = self.poll.registry().deregister(&mut c.link);
         let cid = self.broker.cid(id).map(str::to_owned);
         {
             let (broker, mut sink) = self.split();
@@ -802,11 +981,14 @@ impl Server {
         let mut ping = Vec::new();
         for (id, c) in &self.conns {
             match c.phase {
-                Phase::Http | Phase::AwaitKey => {
+                Phase::Http | Phase::AwaitKey | Phase::RawKey => {
                     if now.duration_since(c.created) >= self.cfg.handshake_timeout {
                         expired.push((id, c.phase));
                     }
                 }
+                // Raw streams have no ping; TCP keepalive and the peer's own
+                // timeouts look after them.
+                Phase::Open | Phase::Echo if c.framing == Framing::Raw => {}
                 Phase::Open | Phase::Echo => {
                     if now.duration_since(c.last_rx) >= self.cfg.idle_timeout {
                         expired.push((id, c.phase));
@@ -826,7 +1008,7 @@ impl Server {
         for (id, phase) in expired {
             match phase {
                 Phase::Http => self.remove(id, CloseReason::Timeout),
-                Phase::AwaitKey => {
+                Phase::AwaitKey | Phase::RawKey => {
                     self.close_with(id, 1008, "handshake timeout", now, CloseReason::Timeout)
                 }
                 Phase::Open | Phase::Echo => {
@@ -844,7 +1026,7 @@ impl Server {
                 if let Some(ws) = c.ws.as_mut() {
                     let _ = ws.write(
                         &mut Io {
-                            sock: &mut c.sock,
+                            sock: &mut c.link,
                             out: &mut c.out,
                             read_bytes: &mut c.rx_bytes,
                         },
@@ -862,7 +1044,7 @@ impl Server {
         }
         let deadline = now + self.cfg.shutdown_grace;
         self.shutdown_deadline = Some(deadline);
-        if let Some(mut l) = self.listener.take() {
+        for mut l in std::mem::take(&mut self.listeners) {
             let _ = self.poll.registry().deregister(&mut l);
         }
         info!(
@@ -885,6 +1067,94 @@ impl Server {
     }
 }
 
+/// A bound listener.
+struct Listener {
+    sock: ListenSock,
+    /// The spec with the port actually bound.
+    bound: Listen,
+}
+
+enum ListenSock {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    fn bind(spec: &Listen) -> io::Result<Listener> {
+        let (sock, endpoint) = match &spec.endpoint {
+            Endpoint::Tcp(addr) => {
+                let l = TcpListener::bind(*addr)?;
+                let local = l.local_addr()?;
+                (ListenSock::Tcp(l), Endpoint::Tcp(local))
+            }
+            Endpoint::Unix(path) => {
+                // A socket file left by an earlier run is replaced; anything else is not.
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path)?;
+                    }
+                }
+                let l = UnixListener::bind(path)?;
+                (
+                    ListenSock::Unix(l, path.clone()),
+                    Endpoint::Unix(path.clone()),
+                )
+            }
+        };
+        Ok(Listener {
+            sock,
+            bound: Listen {
+                endpoint,
+                ..spec.clone()
+            },
+        })
+    }
+
+    fn accept(&self) -> io::Result<(Sock, String)> {
+        match &self.sock {
+            ListenSock::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Ok((Sock::Tcp(s), peer.to_string()))
+            }
+            ListenSock::Unix(l, path) => {
+                let (s, _) = l.accept()?;
+                Ok((Sock::Unix(s), format!("unix:{}", path.display())))
+            }
+        }
+    }
+}
+
+impl mio::event::Source for Listener {
+    fn register(&mut self, r: &mio::Registry, t: Token, i: Interest) -> io::Result<()> {
+        match &mut self.sock {
+            ListenSock::Tcp(l) => l.register(r, t, i),
+            ListenSock::Unix(l, _) => l.register(r, t, i),
+        }
+    }
+    fn reregister(&mut self, r: &mio::Registry, t: Token, i: Interest) -> io::Result<()> {
+        match &mut self.sock {
+            ListenSock::Tcp(l) => l.reregister(r, t, i),
+            ListenSock::Unix(l, _) => l.reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &mio::Registry) -> io::Result<()> {
+        match &mut self.sock {
+            ListenSock::Tcp(l) => l.deregister(r),
+            ListenSock::Unix(l, _) => l.deregister(r),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenSock::Unix(_, path) = &self.sock {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Log a warning, at most 10 per second-long window per kind, so a flood of bad peers
 /// cannot flood the log.
 fn warn_limited(state: &mut (Instant, u32), msg: impl FnOnce() -> String) {
@@ -903,8 +1173,10 @@ fn warn_limited(state: &mut (Instant, u32), msg: impl FnOnce() -> String) {
 
 /// A server running on its own thread (for tests and embedding).
 pub struct Running {
-    /// The bound address.
+    /// The first bound TCP address.
     pub addr: SocketAddr,
+    /// Every listener as bound (ports filled in).
+    pub listeners: Vec<Listen>,
     stop: StopHandle,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
@@ -918,7 +1190,11 @@ impl Running {
             .name("middleman".into())
             .spawn(move || match Server::bind(cfg) {
                 Ok(server) => {
-                    let _ = tx.send(Ok((server.local_addr(), server.stop_handle())));
+                    let _ = tx.send(Ok((
+                        server.local_addr(),
+                        server.listeners(),
+                        server.stop_handle(),
+                    )));
                     server.run()
                 }
                 Err(e) => {
@@ -926,11 +1202,12 @@ impl Running {
                     Err(e)
                 }
             })?;
-        let (addr, stop) = rx
+        let (addr, listeners, stop) = rx
             .recv()
             .map_err(|_| io::Error::other("server thread ended before binding"))??;
         Ok(Running {
             addr,
+            listeners,
             stop,
             thread: Some(thread),
         })

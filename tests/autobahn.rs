@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use middleman::transport::Listen;
 use middleman::{Config, Running};
 
 #[test]
@@ -35,7 +36,7 @@ fn autobahn_echo_has_no_failures() {
         return;
     }
     let server = Running::spawn(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listeners: vec![Listen::ws("127.0.0.1:0".parse().unwrap())],
         echo: true,
         ..Config::default()
     })

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use middleman::broker::Keys;
 use middleman::protocol::{Decoded, Decoder, Limits};
+use middleman::transport::Listen;
 use middleman::{Config, Running};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
@@ -26,7 +27,7 @@ pub struct TestServer {
 
 pub fn config() -> Config {
     Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listeners: vec![Listen::ws("127.0.0.1:0".parse().unwrap())],
         keys: Keys {
             service: vec![SERVICE_KEY.into()],
             client: vec![CLIENT_KEY.into()],
