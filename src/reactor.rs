@@ -345,9 +345,13 @@ impl Server {
             self.process_closes(now);
             self.flush_dirty();
             if let Some(deadline) = self.shutdown_deadline {
-                if self.conns.is_empty() || now >= deadline {
-                    info!(
-                        "shut down ({} connections dropped at the deadline)",
+                if self.conns.is_empty() {
+                    info!("shut down: every connection closed");
+                    return Ok(());
+                }
+                if now >= deadline {
+                    warn!(
+                        "shut down: grace period over, {} connections dropped unflushed",
                         self.conns.len()
                     );
                     return Ok(());

@@ -103,3 +103,31 @@ fn silent_connection_is_closed_after_the_idle_timeout_and_a_live_one_is_pinged()
     assert_eq!(code, 1001);
     assert_eq!(reason, "idle timeout");
 }
+
+/// §7 shutdown: what is queued when the stop comes is flushed (within the grace period)
+/// before close 1001, and run() returns Ok.
+#[test]
+fn shutdown_flushes_queued_messages_then_closes_1001() {
+    let srv = TestServer::with(|c| c.shutdown_grace = Duration::from_secs(5));
+    let mut publisher = Peer::service(srv.addr);
+    let mut reader = Peer::service(srv.addr);
+    reader.send("SUB", "t", &[], "");
+    reader.sync();
+    // ~2 MB for a reader that is not reading yet: most of it waits in the server's queue.
+    let body = "q".repeat(2000);
+    const N: usize = 1000;
+    for i in 0..N {
+        publisher.send("PUB", "t", &[("Seq", &i.to_string())], &body);
+    }
+    publisher.sync();
+    let stopper = std::thread::spawn(move || srv.stop());
+    for i in 0..N {
+        let m = reader.recv();
+        assert_eq!(m.header("Seq"), Some(i.to_string().as_str()));
+    }
+    assert_eq!(
+        reader.recv_close(),
+        (1001, "server shutting down".to_owned())
+    );
+    stopper.join().unwrap().expect("clean shutdown");
+}
