@@ -7,22 +7,9 @@ mod common;
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
-    let resp = http_get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
-}
 
 fn open_connections(m: &HashMap<String, f64>) -> f64 {
     m.iter()
@@ -58,20 +45,7 @@ fn settle(addr: SocketAddr, conns: f64, subs: f64, pending: f64, topics: f64) {
 
 /// Close with RST instead of FIN (SO_LINGER 0).
 fn reset(sock: TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a socket we own, with a correctly sized linger struct.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
+    set_linger_reset(&sock);
     drop(sock);
 }
 

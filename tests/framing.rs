@@ -4,28 +4,16 @@
 mod common;
 use common::*;
 
-use std::io::{ErrorKind, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::time::Instant;
 
 use middleman::broker::reason;
 use middleman::protocol::{Decoded, Decoder, FrameError, Limits};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
 // ---------------------------------------------------------------- helpers
-
-/// The next WebSocket message that is not a ping or pong.
-fn next_msg(ws: &mut WebSocket<TcpStream>) -> Message {
-    loop {
-        match ws.read() {
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            Ok(m) => return m,
-            Err(e) => panic!("read error: {e}"),
-        }
-    }
-}
 
 /// The next data message as (is_text, payload).
 fn recv_frame(p: &mut Peer) -> (bool, Vec<u8>) {
@@ -33,36 +21,6 @@ fn recv_frame(p: &mut Peer) -> (bool, Vec<u8>) {
         Message::Text(t) => (true, t.as_bytes().to_vec()),
         Message::Binary(b) => (false, b.to_vec()),
         other => panic!("expected a data message, got {other:?}"),
-    }
-}
-
-/// Expect the very next message to be a close frame; returns (code, reason).
-fn expect_close_only(ws: &mut WebSocket<TcpStream>) -> (u16, String) {
-    match next_msg(ws) {
-        Message::Close(Some(f)) => (u16::from(f.code), f.reason.to_string()),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
-}
-
-/// After the close frame the server hangs up.
-fn expect_hangup(ws: &mut WebSocket<TcpStream>) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(Instant::now() < deadline, "server did not hang up");
-        match ws.read() {
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_)) => continue,
-            Ok(m) => panic!("data after the close frame: {m:?}"),
-            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => return,
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
-                ) =>
-            {
-                return
-            }
-            Err(e) => panic!("expected the server to hang up, got {e}"),
-        }
     }
 }
 
@@ -980,7 +938,7 @@ fn reset_mid_frame_does_not_disturb_others() {
     victims.push(d.get_mut().try_clone().unwrap());
 
     for s in &victims {
-        reset(s);
+        set_linger_reset(s);
     }
     drop(victims);
     drop((a, b, d));
@@ -994,24 +952,4 @@ fn reset_mid_frame_does_not_disturb_others() {
     sub.sync();
     let resp = http_get(srv.addr, "GET /healthz HTTP/1.1\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-}
-
-/// Make the kernel answer the peer with RST on close (SO_LINGER 0) and shut it down.
-fn reset(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket fd and a correctly sized `linger`.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "setsockopt SO_LINGER");
 }

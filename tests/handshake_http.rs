@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use std::collections::HashSet;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -39,48 +39,6 @@ fn assert_cid(cid: &str) {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
         "cid {cid:?} is not [0-9a-z]+"
     );
-}
-
-/// The next WebSocket message of any data kind, skipping pings and pongs.
-fn next_msg(ws: &mut WebSocket<TcpStream>) -> Message {
-    loop {
-        match ws.read() {
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            Ok(m) => return m,
-            Err(e) => panic!("read error: {e}"),
-        }
-    }
-}
-
-/// Expect the next message to be a close frame (no data before it); returns (code, reason).
-fn expect_close_only(ws: &mut WebSocket<TcpStream>) -> (u16, String) {
-    match next_msg(ws) {
-        Message::Close(Some(f)) => (u16::from(f.code), f.reason.to_string()),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
-}
-
-/// After a close frame: the server hangs up (the socket reaches EOF) within `WAIT`.
-fn expect_hangup(ws: &mut WebSocket<TcpStream>) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(Instant::now() < deadline, "server did not hang up");
-        match ws.read() {
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_)) => continue,
-            Ok(m) => panic!("data after the close frame: {m:?}"),
-            Err(tungstenite::Error::ConnectionClosed) => return,
-            Err(tungstenite::Error::AlreadyClosed) => return,
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
-                ) =>
-            {
-                return
-            }
-            Err(e) => panic!("expected the server to hang up, got {e}"),
-        }
-    }
 }
 
 /// Split an HTTP response into (status, head, body).

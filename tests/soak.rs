@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,18 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::proc::{rss_kib, Proc};
 use common::*;
-
-fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
-    let resp = http_get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
-}
 
 fn gauges(addr: SocketAddr) -> (f64, f64, f64, f64) {
     let m = metrics(addr);
@@ -146,7 +133,7 @@ fn soak() {
                 ops.fetch_add(8, Ordering::Relaxed);
                 if i.is_multiple_of(3) {
                     // Leave with unread data and a reset now and then.
-                    let _ = c.ws.get_mut().set_linger_reset();
+                    set_linger_reset(c.ws.get_ref());
                 }
             }
         }));
@@ -196,33 +183,4 @@ fn soak() {
         last <= warm + warm / 5 + 2048,
         "RSS grew after warm-up: {warm} -> {last} KiB"
     );
-}
-
-trait LingerReset {
-    fn set_linger_reset(&mut self) -> std::io::Result<()>;
-}
-
-impl LingerReset for std::net::TcpStream {
-    fn set_linger_reset(&mut self) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let l = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt on a socket we own, with a correctly sized struct.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &l as *const libc::linger as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as u32,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
 }

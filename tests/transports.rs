@@ -130,22 +130,7 @@ impl<S: Read + Write> Raw<S> {
         let mut buf = [0u8; 4096];
         loop {
             match self.dec.next() {
-                Ok(Some(Decoded::Message(m))) => {
-                    return Msg {
-                        cmd: String::from_utf8_lossy(m.cmd).into(),
-                        target: String::from_utf8_lossy(m.target).into(),
-                        headers: m
-                            .headers()
-                            .map(|(n, v)| {
-                                (
-                                    String::from_utf8_lossy(n).into(),
-                                    String::from_utf8_lossy(v).into(),
-                                )
-                            })
-                            .collect(),
-                        body: String::from_utf8_lossy(&m.body).into(),
-                    }
-                }
+                Ok(Some(Decoded::Message(m))) => return Msg::of(&m),
                 Ok(None) => {}
                 other => panic!("raw stream: {other:?}"),
             }

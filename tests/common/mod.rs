@@ -2,7 +2,8 @@
 //! blocking WebSocket peer (tungstenite's client) with bounded read timeouts.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,17 @@ pub struct Msg {
 }
 
 impl Msg {
+    /// An owned copy of a decoded message.
+    pub fn of(m: &middleman::protocol::Message<'_>) -> Msg {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Msg {
+            cmd: text(m.cmd),
+            target: text(m.target),
+            headers: m.headers().map(|(n, v)| (text(n), text(v))).collect(),
+            body: text(&m.body),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -225,20 +237,7 @@ pub fn parse_one(data: &[u8]) -> Msg {
     });
     d.feed(data);
     let m = match d.next() {
-        Ok(Some(Decoded::Message(m))) => Msg {
-            cmd: String::from_utf8_lossy(m.cmd).into(),
-            target: String::from_utf8_lossy(m.target).into(),
-            headers: m
-                .headers()
-                .map(|(n, v)| {
-                    (
-                        String::from_utf8_lossy(n).into(),
-                        String::from_utf8_lossy(v).into(),
-                    )
-                })
-                .collect(),
-            body: String::from_utf8_lossy(&m.body).into(),
-        },
+        Ok(Some(Decoded::Message(m))) => Msg::of(&m),
         other => panic!(
             "not one message: {other:?} in {:?}",
             String::from_utf8_lossy(data)
@@ -260,4 +259,79 @@ pub fn http_get(addr: SocketAddr, raw: &str) -> String {
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into()
 }
+
+/// The next WebSocket message that is not a ping or pong.
+pub fn next_msg(ws: &mut WebSocket<TcpStream>) -> Message {
+    loop {
+        match ws.read() {
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(m) => return m,
+            Err(e) => panic!("read error: {e}"),
+        }
+    }
+}
+
+/// Expect the very next message to be a close frame; returns (code, reason).
+pub fn expect_close_only(ws: &mut WebSocket<TcpStream>) -> (u16, String) {
+    match next_msg(ws) {
+        Message::Close(Some(f)) => (u16::from(f.code), f.reason.to_string()),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+/// After the close frame the server hangs up.
+pub fn expect_hangup(ws: &mut WebSocket<TcpStream>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "server did not hang up");
+        match ws.read() {
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_)) => continue,
+            Ok(m) => panic!("data after the close frame: {m:?}"),
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => return,
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
+                ) =>
+            {
+                return
+            }
+            Err(e) => panic!("expected the server to hang up, got {e}"),
+        }
+    }
+}
+
+/// GET /metrics, as a map from `name{labels}` to value.
+pub fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
+    let resp = http_get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Make the kernel answer the peer with RST on close (SO_LINGER 0).
+pub fn set_linger_reset(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized `linger`.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_LINGER");
+}
+
 pub mod proc;
