@@ -10,6 +10,9 @@ use std::time::Duration;
 pub struct Proc {
     pub child: Child,
     lines: mpsc::Receiver<String>,
+    /// Every line received so far (stdout and stderr arrive on two threads, so their
+    /// relative order is not fixed: searches look at all of them).
+    seen: std::cell::RefCell<Vec<String>>,
 }
 
 impl Proc {
@@ -40,16 +43,27 @@ impl Proc {
                 let _ = tx2.send(format!("err: {l}"));
             }
         });
-        Proc { child, lines }
+        Proc {
+            child,
+            lines,
+            seen: Default::default(),
+        }
     }
 
-    /// Wait for a line containing `needle`; returns it.
+    /// Wait for a line containing `needle` (or find one already received); returns it.
     pub fn wait_line(&self, needle: &str) -> String {
+        if let Some(l) = self.seen.borrow().iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
+                Ok(l) => {
+                    self.seen.borrow_mut().push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
                 Err(_) => break,
             }
         }
