@@ -326,7 +326,7 @@ export class Middleman {
     const text = typeof data === "string" ? data : fromUtf8.decode(data);
     if (this._state === "key") {
       if (text !== "MM OK") {
-        ws.close(1002, "expected MM OK");
+        ws.close(4002, "expected MM OK"); // browsers only send 1000 or 3000-4999
         return;
       }
       this._state = "cid";
