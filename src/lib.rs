@@ -6,6 +6,8 @@
 
 pub mod args;
 pub mod broker;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod conn;
 pub mod http;

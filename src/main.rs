@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use middleman::args::ServeArgs;
+use middleman::cli;
 use middleman::Server;
 
 /// A low-latency publish/subscribe and request/response server over WebSocket.
@@ -19,13 +20,29 @@ struct Cli {
     cmd: Option<Cmd>,
 }
 
+/// Client subcommands (exit codes: 0 ok, 1 server error for the command or request,
+/// 2 usage, 3 connection or authentication failure, 4 timeout).
 #[derive(Subcommand, Debug)]
-enum Cmd {}
+enum Cmd {
+    /// Subscribe to topics and print each message on one line.
+    Sub(cli::SubArgs),
+    /// Publish one message.
+    Pub(cli::PubArgs),
+    /// Make a request and print the answer.
+    Req(cli::ReqArgs),
+    /// Answer requests for a target (a responder for trying things out).
+    Reply(cli::ReplyArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(cmd) = cli.cmd {
-        match cmd {}
+        return match cmd {
+            Cmd::Sub(a) => cli::sub(a),
+            Cmd::Pub(a) => cli::publish(a),
+            Cmd::Req(a) => cli::request(a),
+            Cmd::Reply(a) => cli::reply(a),
+        };
     }
     let cli = cli.serve;
     if let Err(e) = simple_logger::SimpleLogger::new()

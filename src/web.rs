@@ -1,5 +1,7 @@
 //! Plain HTTP on the server's port (PROTOCOL.md §8): the answer to every request that is
 //! not a WebSocket upgrade. Read-only views of the server's state; no key ever appears.
+//! Also the browser client (`/middleman.js`) and the chat demo page (`/demo`), both
+//! embedded in the binary.
 
 use crate::broker::Broker;
 use crate::http;
@@ -15,6 +17,11 @@ pub struct View<'a> {
     pub open: usize,
 }
 
+/// The browser client, `clients/js/middleman.js`.
+pub const MIDDLEMAN_JS: &str = include_str!("../clients/js/middleman.js");
+/// The chat demo page, `examples/chat.html` (needs `cargo run --example chat`).
+pub const DEMO_HTML: &str = include_str!("../examples/chat.html");
+
 /// The complete response (the connection closes after it).
 pub fn respond(method: &str, path: &str, view: &View<'_>) -> Vec<u8> {
     match (method, path) {
@@ -23,6 +30,8 @@ pub fn respond(method: &str, path: &str, view: &View<'_>) -> Vec<u8> {
             let body = view.metrics.render(view.broker, view.open);
             http::response(200, "text/plain; version=0.0.4", body.as_bytes())
         }
+        ("GET", "/middleman.js") => http::response(200, "text/javascript", MIDDLEMAN_JS.as_bytes()),
+        ("GET", "/demo") => http::response(200, "text/html; charset=utf-8", DEMO_HTML.as_bytes()),
         _ => http::response(404, "text/plain", b"not found\n"),
     }
 }

@@ -1,0 +1,318 @@
+//! The command-line client: `middleman sub|pub|req|reply`, on [`crate::client`].
+//!
+//! Output is one message per line on stdout: the body, or with `-v` the command and
+//! target, each header and the body, separated by tabs. Backslash, tab, CR, LF, other
+//! control characters and invalid UTF-8 are escaped (`\\`, `\t`, `\r`, `\n`, `\xNN`), so
+//! a line is always exactly one message. Diagnostics go to stderr.
+//!
+//! Exit codes: 0 ok, 1 the server refused the command or failed the request (e.g. `no
+//! responder`, `not permitted`, `responder disconnected`), 2 usage (bad arguments), 3
+//! connection or authentication failure (also a connection lost later), 4 timeout (no
+//! answer within `--timeout`, or the server's `request timed out`).
+
+use std::io::{self, Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::client::{Client, Error, Message};
+use crate::config::parse_duration;
+
+/// Exit code: the server refused the command or failed the request.
+pub const EXIT_SERVER_ERROR: u8 = 1;
+/// Exit code: bad arguments.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: connection or authentication failure.
+pub const EXIT_CONNECTION: u8 = 3;
+/// Exit code: timeout.
+pub const EXIT_TIMEOUT: u8 = 4;
+
+/// Where to connect and with which key.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// Server URL.
+    #[arg(long, env = "MM_URL", default_value = "ws://127.0.0.1:8765/")]
+    pub url: String,
+    /// API key (a service key or a client key).
+    #[arg(long, env = "MM_KEY", hide_env_values = true)]
+    pub key: String,
+}
+
+/// `middleman sub TOPIC...`
+#[derive(Args, Debug, Clone)]
+pub struct SubArgs {
+    /// Topics to subscribe to.
+    #[arg(required = true)]
+    pub topics: Vec<String>,
+    /// Exit (0) after this many messages.
+    #[arg(long, short = 'n')]
+    pub count: Option<u64>,
+    /// Print the command, target and headers too.
+    #[arg(long, short)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `middleman pub TOPIC BODY [-H name:value]...`
+#[derive(Args, Debug, Clone)]
+pub struct PubArgs {
+    /// Topic to publish to.
+    pub topic: String,
+    /// Message body; `-` reads it from stdin.
+    pub body: String,
+    /// A header `name:value`; repeatable.
+    #[arg(short = 'H', long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `middleman req TARGET BODY [--timeout 5s]`
+#[derive(Args, Debug, Clone)]
+pub struct ReqArgs {
+    /// Request name.
+    pub target: String,
+    /// Request body; `-` reads it from stdin.
+    pub body: String,
+    /// A header `name:value`; repeatable.
+    #[arg(short = 'H', long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// How long to wait for the answer (e.g. 500ms, 5s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print the command, target and headers of the answer too.
+    #[arg(long, short)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `middleman reply TARGET --echo`
+#[derive(Args, Debug, Clone)]
+pub struct ReplyArgs {
+    /// Request name to answer (needs a service key).
+    pub target: String,
+    /// Answer each request with its own body.
+    #[arg(long, required_unless_present = "body")]
+    pub echo: bool,
+    /// Answer each request with this body.
+    #[arg(long, conflicts_with = "echo")]
+    pub body: Option<String>,
+    /// Exit (0) after answering this many requests.
+    #[arg(long, short = 'n')]
+    pub count: Option<u64>,
+    /// Print the command, target and headers of each request too.
+    #[arg(long, short)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// Parse `name:value` (spaces around both trimmed).
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    let Some((n, v)) = s.split_once(':') else {
+        return Err(format!("header {s:?} is not name:value"));
+    };
+    let n = n.trim();
+    if n.is_empty() {
+        return Err(format!("header {s:?} has no name"));
+    }
+    Ok((n.to_owned(), v.trim().to_owned()))
+}
+
+/// Run `sub`.
+pub fn sub(a: SubArgs) -> ExitCode {
+    run(|| {
+        let mut c = connect(&a.conn)?;
+        for t in &a.topics {
+            c.subscribe(t)?;
+        }
+        eprintln!(
+            "middleman: subscribed to {} as {}",
+            a.topics.join(" "),
+            c.cid()
+        );
+        let mut seen = 0u64;
+        while a.count.is_none_or(|n| seen < n) {
+            let m = c.recv()?;
+            if let Some(e) = m.error() {
+                eprintln!("middleman: server error: {e}");
+                continue;
+            }
+            if !print(&m, a.verbose) {
+                return Ok(());
+            }
+            seen += 1;
+        }
+        Ok(())
+    })
+}
+
+/// Run `pub`: publish, then wait for the server to have processed it, so a refusal is
+/// reported (exit 1).
+pub fn publish(a: PubArgs) -> ExitCode {
+    run(|| {
+        let body = body_arg(&a.body)?;
+        let mut c = connect(&a.conn)?;
+        c.publish(&a.topic, &pairs(&a.headers), &body)?;
+        c.sync()?;
+        while let Some(m) = c.recv_timeout(Duration::ZERO)? {
+            if let Some(e) = m.error() {
+                if e.cmd == "PUB" && e.target == a.topic {
+                    return Err(Error::Server(e));
+                }
+            }
+        }
+        let _ = c.close();
+        Ok(())
+    })
+}
+
+/// Run `req`: print the answer's body (exit 0) or report the error.
+pub fn request(a: ReqArgs) -> ExitCode {
+    run(|| {
+        let body = body_arg(&a.body)?;
+        let mut c = connect(&a.conn)?;
+        let res = c.request(&a.target, &pairs(&a.headers), &body, a.timeout)?;
+        print(&res, a.verbose);
+        let _ = c.close();
+        Ok(())
+    })
+}
+
+/// Run `reply`: answer requests for the target, printing each one.
+pub fn reply(a: ReplyArgs) -> ExitCode {
+    run(|| {
+        let mut c = connect(&a.conn)?;
+        c.enable_requests(&a.target)?;
+        eprintln!("middleman: answering {} as {}", a.target, c.cid());
+        let mut answered = 0u64;
+        while a.count.is_none_or(|n| answered < n) {
+            let m = c.recv()?;
+            if let Some(e) = m.error() {
+                eprintln!("middleman: server error: {e}");
+                continue;
+            }
+            if m.cmd != "REQ" || m.target != a.target {
+                continue;
+            }
+            let body = match &a.body {
+                Some(b) => b.as_bytes(),
+                None => &m.body[..],
+            };
+            c.reply(&m, &[], body)?;
+            answered += 1;
+            if !print(&m, a.verbose) {
+                return Ok(());
+            }
+        }
+        c.sync()?; // the last answer has left
+        let _ = c.close();
+        Ok(())
+    })
+}
+
+fn run(f: impl FnOnce() -> Result<(), Error>) -> ExitCode {
+    match f() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("middleman: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn connect(a: &ConnArgs) -> Result<Client, Error> {
+    Client::connect(&a.url, &a.key)
+}
+
+fn body_arg(b: &str) -> Result<Vec<u8>, Error> {
+    if b != "-" {
+        return Ok(b.as_bytes().to_vec());
+    }
+    let mut v = Vec::new();
+    io::stdin()
+        .read_to_end(&mut v)
+        .map_err(|e| Error::Invalid(format!("cannot read the body from stdin: {e}")))?;
+    Ok(v)
+}
+
+fn pairs(h: &[(String, String)]) -> Vec<(&str, &str)> {
+    h.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect()
+}
+
+/// Print one message as one line; false when stdout is gone (e.g. a closed pipe).
+fn print(m: &Message, verbose: bool) -> bool {
+    let line = format_line(m, verbose);
+    let mut out = io::stdout().lock();
+    out.write_all(line.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
+}
+
+/// The output line for `m`, with its line break.
+pub fn format_line(m: &Message, verbose: bool) -> String {
+    let mut s = String::new();
+    if verbose {
+        escape_into(&mut s, format!("{} {}", m.cmd, m.target).as_bytes());
+        for (n, v) in &m.headers {
+            s.push('\t');
+            escape_into(&mut s, format!("{n}: {v}").as_bytes());
+        }
+        s.push('\t');
+    }
+    escape_into(&mut s, &m.body);
+    s.push('\n');
+    s
+}
+
+/// Append `b` with `\\`, `\t`, `\r`, `\n`, other control characters and invalid UTF-8
+/// escaped.
+pub fn escape_into(s: &mut String, b: &[u8]) {
+    for chunk in b.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => s.push_str("\\\\"),
+                '\t' => s.push_str("\\t"),
+                '\r' => s.push_str("\\r"),
+                '\n' => s.push_str("\\n"),
+                c if (c as u32) < 0x20 || c == '\x7f' => {
+                    s.push_str(&format!("\\x{:02x}", c as u32));
+                }
+                c => s.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            s.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines() {
+        let m = Message {
+            cmd: "PUB".into(),
+            target: "t".into(),
+            headers: vec![("a".into(), "1\t2".into()), ("cid".into(), "x".into())],
+            body: b"x\\y\r\nz\x01\xff".to_vec(),
+        };
+        assert_eq!(format_line(&m, false), "x\\\\y\\r\\nz\\x01\\xff\n");
+        assert_eq!(
+            format_line(&m, true),
+            "PUB t\ta: 1\\t2\tcid: x\tx\\\\y\\r\\nz\\x01\\xff\n"
+        );
+    }
+
+    #[test]
+    fn headers() {
+        assert_eq!(parse_header("A: b:c"), Ok(("A".into(), "b:c".into())));
+        assert!(parse_header("nocolon").is_err());
+        assert!(parse_header(":v").is_err());
+    }
+}

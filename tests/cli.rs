@@ -1,0 +1,367 @@
+//! The command-line client (`middleman sub|pub|req|reply`, the real binary) against an
+//! in-process server on 127.0.0.1:0: output lines and exit codes.
+
+mod common;
+use common::{TestServer, CLIENT_KEY, SERVICE_KEY};
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use middleman::client::Client;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn cmd(srv: &TestServer, key: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_middleman"));
+    c.args(args)
+        .env("MM_URL", srv.url())
+        .env("MM_KEY", key)
+        .env_remove("MM_LISTEN")
+        .env_remove("MM_SERVICE_KEY")
+        .env_remove("MM_CLIENT_KEY")
+        .env_remove("MM_MONITOR_KEY")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Run to completion (bounded): (exit code, stdout, stderr).
+fn run(srv: &TestServer, key: &str, args: &[&str]) -> (i32, String, String) {
+    let child = cmd(srv, key, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn middleman");
+    finish(Bg::from(child))
+}
+
+/// A running child whose stderr lines are collected as they come.
+struct Bg {
+    child: Child,
+    err_lines: mpsc::Receiver<String>,
+    err_seen: Vec<String>,
+}
+
+impl From<Child> for Bg {
+    fn from(mut child: Child) -> Bg {
+        let (tx, err_lines) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Bg {
+            child,
+            err_lines,
+            err_seen: Vec::new(),
+        }
+    }
+}
+
+impl Bg {
+    fn spawn(srv: &TestServer, key: &str, args: &[&str]) -> Bg {
+        let child = cmd(srv, key, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn middleman");
+        Bg::from(child)
+    }
+
+    /// Wait for a stderr line starting with `prefix`.
+    fn wait_err(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.err_lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.err_seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no stderr line {prefix:?} within {WAIT:?}; saw {:?}",
+            self.err_seen
+        );
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill(); // our own child, by its handle
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Wait (bounded) for the child to exit: (code, stdout, stderr).
+fn finish(mut bg: Bg) -> (i32, String, String) {
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = bg.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "middleman did not exit within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    if let Some(mut o) = bg.child.stdout.take() {
+        o.read_to_string(&mut out).unwrap();
+    }
+    let mut err: Vec<String> = std::mem::take(&mut bg.err_seen);
+    while let Ok(l) = bg.err_lines.recv_timeout(Duration::from_secs(2)) {
+        err.push(l);
+    }
+    let err = err.into_iter().map(|l| l + "\n").collect();
+    (status.code().unwrap_or(-1), out, err)
+}
+
+#[test]
+fn sub_and_pub() {
+    let srv = TestServer::start();
+    let mut sub = Bg::spawn(&srv, SERVICE_KEY, &["sub", "news", "-n", "3"]);
+    let line = sub.wait_err("middleman: subscribed to news as ");
+    assert!(line.len() > "middleman: subscribed to news as ".len());
+
+    assert_eq!(
+        run(&srv, SERVICE_KEY, &["pub", "news", "hello"]),
+        (0, "".into(), "".into())
+    );
+    assert_eq!(
+        run(
+            &srv,
+            SERVICE_KEY,
+            &[
+                "pub",
+                "news",
+                "two\nlines\\ \t.",
+                "-H",
+                "X-A: 1",
+                "-H",
+                "b:2"
+            ]
+        ),
+        (0, "".into(), "".into())
+    );
+    let mut svc = Client::connect(&srv.url(), SERVICE_KEY).unwrap();
+    svc.publish("news", &[], [b'o', b'k', 0xff]).unwrap();
+    svc.sync().unwrap();
+    let (code, out, err) = finish(sub);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello\ntwo\\nlines\\\\ \\t.\nok\\xff\n"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sub_verbose_prints_headers() {
+    let srv = TestServer::start();
+    let mut sub = Bg::spawn(&srv, SERVICE_KEY, &["sub", "a", "b", "-n", "2", "-v"]);
+    sub.wait_err("middleman: subscribed to a b as ");
+    let mut svc = Client::connect(&srv.url(), SERVICE_KEY).unwrap();
+    svc.publish("b", &[("K", "v")], "x").unwrap();
+    svc.publish("a", &[], "").unwrap();
+    let (code, out, _) = finish(sub);
+    let cid = svc.cid();
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        format!("PUB b\tK: v\tcid: {cid}\tuid: \tx\nPUB a\tcid: {cid}\tuid: \t\n")
+    );
+}
+
+#[test]
+fn pub_refused_exits_1() {
+    let srv = TestServer::start();
+    let (code, out, err) = run(&srv, CLIENT_KEY, &["pub", "closed", "x"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (1, "", "middleman: not permitted: PUB closed\n")
+    );
+    let (code, _, err) = run(&srv, CLIENT_KEY, &["sub", "closed"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "middleman: not permitted: SUB closed\n")
+    );
+}
+
+#[test]
+fn req_and_reply_echo() {
+    let srv = TestServer::start();
+    let mut reply = Bg::spawn(&srv, SERVICE_KEY, &["reply", "echo", "--echo", "-n", "2"]);
+    let line = reply.wait_err("middleman: answering echo as ");
+    let reply_cid = line.rsplit(' ').next().unwrap().to_owned();
+
+    assert_eq!(
+        run(&srv, CLIENT_KEY, &["req", "echo", "hi there"]),
+        (0, "hi there\n".into(), "".into())
+    );
+    let (code, out, err) = run(&srv, CLIENT_KEY, &["req", "echo", ".x", "-v", "-H", "T:1"]);
+    assert_eq!(
+        (code, out, err),
+        (
+            0,
+            format!("RES echo\tReqID: r1\tcid: {reply_cid}\tuid: \t.x\n"),
+            "".into()
+        )
+    );
+    let (code, out, err) = finish(reply);
+    assert_eq!((code, out.as_str()), (0, "hi there\n.x\n"), "{err}");
+}
+
+#[test]
+fn reply_with_fixed_body_and_verbose() {
+    let srv = TestServer::start();
+    let mut reply = Bg::spawn(
+        &srv,
+        SERVICE_KEY,
+        &["reply", "t", "--body", "fixed", "-n", "1", "-v"],
+    );
+    reply.wait_err("middleman: answering t as ");
+    let mut c = Client::connect(&srv.url(), CLIENT_KEY).unwrap();
+    let res = c.request("t", &[("A", "b")], "q", WAIT).unwrap();
+    assert_eq!(res.body, b"fixed");
+    let (code, out, _) = finish(reply);
+    assert_eq!(code, 0);
+    let rid_and_rest = out
+        .strip_prefix("REQ t\tReqID: r1\tA: b\trid: ")
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert_eq!(
+        rid_and_rest.split_once('\t').map(|x| x.1),
+        Some(format!("cid: {}\tuid: \tq\n", c.cid()).as_str())
+    );
+}
+
+#[test]
+fn req_errors_and_exit_codes() {
+    let srv = TestServer::with(|c| c.request_timeout = Duration::from_millis(300));
+    assert_eq!(
+        run(&srv, SERVICE_KEY, &["req", "nobody", "x"]),
+        (1, "".into(), "middleman: no responder: REQ nobody\n".into())
+    );
+    // A responder that never answers: the client gives up first (exit 4) ...
+    let mut silent = Client::connect(&srv.url(), SERVICE_KEY).unwrap();
+    silent.enable_requests("silent").unwrap();
+    let (code, out, err) = run(
+        &srv,
+        SERVICE_KEY,
+        &["req", "silent", "x", "--timeout", "100ms"],
+    );
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (4, "", "middleman: timed out\n")
+    );
+    // ... or the server does (also exit 4).
+    let (code, out, err) = run(
+        &srv,
+        SERVICE_KEY,
+        &["req", "silent", "x", "--timeout", "5s"],
+    );
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (4, "", "middleman: request timed out: REQ silent\n")
+    );
+    assert_eq!(silent.recv().unwrap().cmd, "REQ");
+    assert_eq!(silent.recv().unwrap().cmd, "REQ");
+}
+
+#[test]
+fn responder_disconnect_exits_1() {
+    let srv = TestServer::start();
+    let mut responder = Client::connect(&srv.url(), SERVICE_KEY).unwrap();
+    responder.enable_requests("flaky").unwrap();
+    let req = Bg::spawn(&srv, CLIENT_KEY, &["req", "flaky", "x"]);
+    assert_eq!(responder.recv().unwrap().target, "flaky");
+    drop(responder);
+    assert_eq!(
+        finish(req),
+        (
+            1,
+            "".into(),
+            "middleman: responder disconnected: REQ flaky\n".into()
+        )
+    );
+}
+
+#[test]
+fn connection_and_usage_failures() {
+    let srv = TestServer::start();
+    let (code, _, err) = run(&srv, "wrong-key", &["sub", "t"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (3, "middleman: the server refused the key\n")
+    );
+
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let url = format!("ws://127.0.0.1:{port}/");
+    let (code, _, err) = run(&srv, SERVICE_KEY, &["pub", "t", "x", "--url", &url]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.starts_with("middleman: cannot connect: "), "{err}");
+
+    for args in [
+        &["pub", "t"][..],                       // no body
+        &["pub", "t", "x", "-H", "nocolon"][..], // bad header
+        &["req", "t", "x", "--timeout", "soon"][..],
+        &["reply", "t"][..], // neither --echo nor --body
+        &["pub", "t\nx", "b"][..],
+        &["pub", "t", "x", "--url", "http://127.0.0.1:1/"][..],
+    ] {
+        let (code, out, err) = run(&srv, SERVICE_KEY, args);
+        assert_eq!((code, out.as_str()), (2, ""), "{args:?}: {err}");
+        assert!(!err.is_empty());
+    }
+    // No key at all: usage.
+    let out = Command::new(env!("CARGO_BIN_EXE_middleman"))
+        .args(["sub", "t"])
+        .env_remove("MM_KEY")
+        .env("MM_URL", srv.url())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn sub_ends_with_3_when_the_server_goes_away() {
+    let srv = TestServer::start();
+    let mut sub = Bg::spawn(&srv, SERVICE_KEY, &["sub", "t"]);
+    sub.wait_err("middleman: subscribed to t as ");
+    srv.stop().unwrap();
+    let (code, out, err) = finish(sub);
+    assert_eq!((code, out.as_str()), (3, ""));
+    assert!(err.contains("middleman: connection closed (1001"), "{err}");
+}
+
+#[test]
+fn body_from_stdin() {
+    let srv = TestServer::start();
+    let mut reply = Bg::spawn(&srv, SERVICE_KEY, &["reply", "e", "--echo", "-n", "1"]);
+    reply.wait_err("middleman: answering e as ");
+    let mut child = cmd(&srv, SERVICE_KEY, &["req", "e", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"from\nstdin").unwrap();
+    }
+    assert_eq!(
+        finish(Bg::from(child)),
+        (0, "from\\nstdin\n".into(), "".into())
+    );
+    assert_eq!(finish(reply).0, 0);
+}

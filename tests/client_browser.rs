@@ -1,0 +1,224 @@
+//! The browser client (`/middleman.js`) in headless Chromium, driven by playwright-core
+//! (`tests/browser-client/run.mjs`), against an in-process server answered by a Rust
+//! service on the client library: subscribe, publish, request, `no responder`, and a
+//! server restart on the same port (reconnect and re-subscribe).
+//!
+//! Needs node, /usr/bin/chromium (or `MM_CHROMIUM`) and `npm ci` in tests/browser-client
+//! (`.ci/install-browser-client.sh` does all three). Without them the test says so and
+//! passes, except under CI (env `CI` set), where it fails.
+
+mod common;
+use common::{config, CLIENT_KEY, SERVICE_KEY};
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use middleman::client::{Client, Closer, Error};
+use middleman::{Config, Running};
+
+/// Bound for the whole browser run.
+const BROWSER_WAIT: Duration = Duration::from_secs(120);
+
+fn project_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser-client")
+}
+
+/// What is missing to run the browser test, if anything.
+fn missing() -> Vec<String> {
+    let mut miss = Vec::new();
+    let node = Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !node.is_ok_and(|s| s.success()) {
+        miss.push("node (apt-get install -y nodejs npm)".to_owned());
+    }
+    let chromium = std::env::var("MM_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        miss.push(format!("{chromium} (apt-get install -y chromium)"));
+    }
+    if !project_dir()
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        miss.push("playwright-core (npm ci in tests/browser-client)".to_owned());
+    }
+    miss
+}
+
+/// The Rust side: enables "room" for clients, echoes "echo" requests (adding a header)
+/// and answers "poke" by publishing `poked:<body>` to the room first.
+fn service(addr: SocketAddr) -> (Closer, JoinHandle<Result<(), Error>>) {
+    let mut c = Client::connect(&format!("ws://{addr}/"), SERVICE_KEY).expect("service");
+    c.enable_publish("room").unwrap();
+    c.enable_subscribe("room").unwrap();
+    c.enable_requests("echo").unwrap();
+    c.enable_requests("poke").unwrap();
+    let closer = c.closer();
+    let t = std::thread::spawn(move || loop {
+        let m = c.recv()?;
+        if m.cmd != "REQ" {
+            continue;
+        }
+        match m.target.as_str() {
+            "echo" => {
+                let trace = m.header("Trace").unwrap_or("-").to_owned();
+                c.reply(&m, &[("Trace-Seen", &trace)], &m.body)?
+            }
+            "poke" => {
+                let body = [b"poked:".as_slice(), &m.body].concat();
+                c.publish("room", &[], body)?;
+                c.reply(&m, &[], "ok")?
+            }
+            _ => {}
+        }
+    });
+    (closer, t)
+}
+
+fn start(cfg: Config) -> Running {
+    Running::spawn(cfg).expect("server start")
+}
+
+#[test]
+fn browser_client_in_headless_chromium() {
+    let miss = missing();
+    if !miss.is_empty() {
+        let what = miss.join(", ");
+        if std::env::var_os("CI").is_some() {
+            panic!("browser client test cannot run under CI: missing {what}; run .ci/install-browser-client.sh");
+        }
+        eprintln!("SKIPPED browser_client_in_headless_chromium: missing {what} (run .ci/install-browser-client.sh)");
+        return;
+    }
+
+    let server = start(config());
+    let addr = server.addr;
+    let (mut closer, mut svc) = service(addr);
+
+    let mut node = Command::new("node")
+        .arg("run.mjs")
+        .arg(format!("http://{addr}"))
+        .arg(CLIENT_KEY)
+        .current_dir(project_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let (tx, lines) = mpsc::channel::<String>();
+    let out = node.stdout.take().unwrap();
+    let err = node.stderr.take().unwrap();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("node: {l}");
+            all.push_str(&l);
+            all.push('\n');
+        }
+        drop(tx2);
+        all
+    });
+    let mut stdin = node.stdin.take();
+
+    let deadline = Instant::now() + BROWSER_WAIT;
+    let mut server = Some(server);
+    let mut out_lines = Vec::new();
+    let mut restarted = false;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = lines.recv_timeout(left) else {
+            break; // node finished (or the deadline passed)
+        };
+        eprintln!("node> {line}");
+        if line == "restart-now" {
+            // Stop the server (the page sees close 1001), start a new one on the same
+            // port, bring the service back, then let the page go on.
+            server.take().unwrap().stop().expect("server stop");
+            let e = svc.join().unwrap().unwrap_err();
+            assert!(matches!(e, Error::Closed { code: 1001, .. }), "{e:?}");
+            let cfg = Config {
+                listen: addr,
+                ..config()
+            };
+            server = Some(start(cfg));
+            (closer, svc) = service(addr);
+            let s = stdin.as_mut().expect("stdin");
+            s.write_all(b"restarted\n").unwrap();
+            s.flush().unwrap();
+            restarted = true;
+        }
+        out_lines.push(line);
+    }
+    drop(stdin);
+    let status = loop {
+        if let Some(st) = node.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = node.kill(); // our own child, by its handle
+            let _ = node.wait();
+            panic!("the browser run did not finish within {BROWSER_WAIT:?}; output {out_lines:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = err_reader.join().unwrap();
+    assert!(
+        status.success(),
+        "node failed ({status}):\n{stderr}\nstdout: {out_lines:?}"
+    );
+    assert!(
+        restarted,
+        "the page never asked for the restart: {out_lines:?}"
+    );
+    assert_eq!(
+        out_lines.last().map(String::as_str),
+        Some("browser-client: 9 passed, 0 failed"),
+        "{out_lines:?}"
+    );
+    closer.close();
+    let _ = svc.join();
+    drop(server);
+}
+
+#[test]
+fn the_server_serves_the_client_and_the_demo() {
+    let srv = common::TestServer::start();
+    let js = common::http_get(srv.addr, "GET /middleman.js HTTP/1.1\r\nHost: x\r\n\r\n");
+    let file = include_str!("../clients/js/middleman.js");
+    let (head, body) = js.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nContent-Type: text/javascript\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", file.len())),
+        "{head}"
+    );
+    assert_eq!(body, file);
+
+    let demo = common::http_get(srv.addr, "GET /demo?key=abc HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (head, body) = demo.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nContent-Type: text/html; charset=utf-8\r\n"),
+        "{head}"
+    );
+    assert_eq!(body, include_str!("../examples/chat.html"));
+    assert!(body.contains(r#"import { connect } from "/middleman.js";"#));
+
+    let other = common::http_get(srv.addr, "GET /middleman.jsx HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 404 "), "{other}");
+}
