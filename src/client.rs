@@ -11,7 +11,7 @@
 //! ```
 //! # use middleman::{broker::Keys, Config, Running};
 //! # let server = Running::spawn(Config {
-//! #     listen: "127.0.0.1:0".parse()?,
+//! #     listeners: vec!["ws://127.0.0.1:0".parse()?],
 //! #     keys: Keys { service: vec!["svc-key".into()], client: vec!["cli-key".into()], monitor: vec![] },
 //! #     ..Config::default()
 //! # })?;
@@ -284,7 +284,7 @@ enum Event {
 /// ```
 /// # use middleman::{broker::Keys, Config, Running};
 /// # let server = Running::spawn(Config {
-/// #     listen: "127.0.0.1:0".parse()?,
+/// #     listeners: vec!["ws://127.0.0.1:0".parse()?],
 /// #     keys: Keys { service: vec!["svc-key".into()], client: vec![], monitor: vec![] },
 /// #     ..Config::default()
 /// # })?;
@@ -438,7 +438,7 @@ impl Client {
     /// ```
     /// # use middleman::{broker::Keys, Config, Running};
     /// # let server = Running::spawn(Config {
-    /// #     listen: "127.0.0.1:0".parse()?,
+    /// #     listeners: vec!["ws://127.0.0.1:0".parse()?],
     /// #     keys: Keys { service: vec!["svc-key".into()], client: vec!["cli-key".into()], monitor: vec![] },
     /// #     ..Config::default()
     /// # })?;
@@ -807,7 +807,7 @@ impl Client {
 /// ```
 /// # use middleman::{broker::Keys, Config, Running};
 /// # let server = Running::spawn(Config {
-/// #     listen: "127.0.0.1:0".parse()?,
+/// #     listeners: vec!["ws://127.0.0.1:0".parse()?],
 /// #     keys: Keys { service: vec!["svc-key".into()], client: vec![], monitor: vec![] },
 /// #     ..Config::default()
 /// # })?;

@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use middleman::client::{Client, Closer, Error};
+use middleman::transport::Listen;
 use middleman::{Config, Running};
 
 /// Bound for the whole browser run.
@@ -149,7 +150,7 @@ fn browser_client_in_headless_chromium() {
             let e = svc.join().unwrap().unwrap_err();
             assert!(matches!(e, Error::Closed { code: 1001, .. }), "{e:?}");
             let cfg = Config {
-                listen: addr,
+                listeners: vec![Listen::ws(addr)],
                 ..config()
             };
             server = Some(start(cfg));
