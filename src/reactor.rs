@@ -244,7 +244,6 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            self.metrics.loop_iterations += 1;
             let now = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
@@ -294,6 +293,7 @@ impl Server {
             }
             self.process_closes(now);
             self.flush_dirty();
+            self.metrics.end_pass(now, &self.broker);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || now >= deadline {
                     info!(
@@ -471,6 +471,7 @@ impl Server {
             broker: &self.broker,
             metrics: &self.metrics,
             open: self.conns.len(),
+            cfg: &self.cfg,
         };
         web::respond(method, path, &view)
     }
