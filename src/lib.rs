@@ -7,6 +7,7 @@
 pub mod args;
 pub mod broker;
 pub mod config;
+pub mod config_file;
 pub mod conn;
 pub mod http;
 pub mod metrics;

@@ -2,8 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use middleman::args::ServeArgs;
+use middleman::config_file::{self, Effective};
 use middleman::Server;
 
 /// A low-latency publish/subscribe and request/response server over WebSocket.
@@ -23,19 +24,43 @@ struct Cli {
 enum Cmd {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The raw matches tell, for each option, whether it came from the command line, the
+    // environment or a default: a configuration file value replaces only a default.
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if let Some(cmd) = cli.cmd {
         match cmd {}
     }
-    let cli = cli.serve;
+    let args = cli.serve;
+    let eff = match args.effective(&matches) {
+        Ok(eff) => eff,
+        Err(e) => {
+            eprintln!("middleman: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_config {
+        print!("{}", config_file::render(&eff));
+        for w in config_file::warnings(&eff) {
+            println!("# warning: {w}");
+        }
+        println!("# configuration is valid");
+        return ExitCode::SUCCESS;
+    }
     if let Err(e) = simple_logger::SimpleLogger::new()
-        .with_level(cli.log_level)
+        .with_level(eff.log_level)
         .with_utc_timestamps()
         .init()
     {
         eprintln!("middleman: cannot set up logging: {e}");
     }
-    match run(cli) {
+    for w in config_file::warnings(&eff) {
+        log::warn!("{w}");
+    }
+    match run(eff) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -45,27 +70,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: ServeArgs) -> Result<(), String> {
-    let mut cfg = cli.to_config();
-    let keys = &mut cfg.keys;
-    let loopback = cli.listen.ip().is_loopback();
-    if cli.echo {
-        if !loopback {
-            return Err(format!(
-                "echo mode has no keys and only listens on loopback, not {}",
-                cli.listen
-            ));
-        }
-    } else if keys.is_empty() {
-        if !loopback {
-            return Err(format!(
-                "no keys configured: refusing to listen on non-loopback {} with generated keys \
-                 (pass --service-key and --client-key, or MM_SERVICE_KEY / MM_CLIENT_KEY)",
-                cli.listen
-            ));
-        }
+fn run(eff: Effective) -> Result<(), String> {
+    let mut cfg = eff.cfg;
+    // validate() has refused generated keys on a non-loopback address.
+    let generated = !cfg.echo && cfg.keys.is_empty();
+    if generated {
+        let keys = &mut cfg.keys;
         keys.service.push(generate_key()?);
         keys.client.push(generate_key()?);
+        // The one place a key is ever printed: keys this server made up for this run.
         println!("No keys configured; generated for this run (loopback only):");
         println!("  service key: {}", keys.service[0]);
         println!("  client key:  {}", keys.client[0]);
@@ -74,17 +87,31 @@ fn run(cli: ServeArgs) -> Result<(), String> {
     let server =
         Server::bind(cfg.clone()).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     log::info!(
-        "middleman {} listening on ws://{}{} ({} service, {} client, {} monitor keys; \
-         max message {} B, max connections {}, outbound cap {} B)",
+        "middleman {} listening on ws://{}{} (config {}; keys: {} service, {} client, {} monitor{}; \
+         limits: message {} B, line {} B, {} header lines, {} connections, {} subscriptions, \
+         outbound {} B; timeouts: handshake {:?}, ping {:?}, idle {:?}, request {:?}, \
+         shutdown grace {:?}; HTTP: /healthz /metrics /stats /console)",
         env!("CARGO_PKG_VERSION"),
         server.local_addr(),
         if cfg.echo { " in echo mode" } else { "" },
+        eff.file
+            .as_ref()
+            .map_or("none".to_owned(), |p| p.display().to_string()),
         cfg.keys.service.len(),
         cfg.keys.client.len(),
         cfg.keys.monitor.len(),
+        if generated { ", generated" } else { "" },
         cfg.limits.max_message,
+        cfg.limits.max_line,
+        cfg.limits.max_headers,
         cfg.max_connections,
+        cfg.max_subscriptions,
         cfg.max_outbound_bytes,
+        cfg.handshake_timeout,
+        cfg.ping_interval,
+        cfg.idle_timeout,
+        cfg.request_timeout,
+        cfg.shutdown_grace,
     );
     server.run().map_err(|e| format!("event loop failed: {e}"))
 }
