@@ -550,10 +550,11 @@ impl Server {
             }
             E::Capacity(_) => self.close_with(id, 1009, "frame too large", now, CloseReason::Limit),
             E::Utf8(_) => {
+                self.warn_protocol(id, "invalid utf-8");
                 self.close_with(id, 1007, "invalid utf-8", now, CloseReason::ProtocolError)
             }
             E::Protocol(p) => {
-                debug!("[{id}] websocket protocol error: {p}");
+                self.warn_protocol(id, &p.to_string());
                 self.close_with(
                     id,
                     1002,
@@ -563,10 +564,18 @@ impl Server {
                 )
             }
             other => {
-                debug!("[{id}] websocket error: {other}");
+                self.warn_protocol(id, &other.to_string());
                 self.close_with(id, 1002, "websocket error", now, CloseReason::ProtocolError)
             }
         }
+    }
+
+    fn warn_protocol(&mut self, id: ConnId, what: &str) {
+        let peer = self.conns.get(id).map(|c| c.peer);
+        warn_limited(&mut self.metrics.warned_protocol, || match peer {
+            Some(peer) => format!("[{id}] websocket protocol error from {peer}: {what}"),
+            None => format!("[{id}] websocket protocol error: {what}"),
+        });
     }
 
     fn on_data(&mut self, id: ConnId, data: &[u8], text: bool, now: Instant) {
@@ -786,16 +795,22 @@ impl Server {
         }
         let mut c = self.conns.remove(id);
         let _ = self.poll.registry().deregister(&mut c.sock);
-        let cid = self.broker.cid(id).map(str::to_owned);
+        let who = self
+            .broker
+            .cid(id)
+            .zip(self.broker.role(id))
+            .map(|(cid, role)| format!("{} {cid}", role.name()));
         {
             let (broker, mut sink) = self.split();
             broker.disconnect(id, &mut sink);
         }
         self.metrics.count_close(why);
-        match cid {
-            Some(cid) => debug!("[{id}] {cid} closed ({})", why.name()),
-            None => debug!("[{id}] {} closed ({})", c.peer, why.name()),
-        }
+        debug!(
+            "[{id}] {} from {} closed ({})",
+            who.as_deref().unwrap_or("unauthenticated"),
+            c.peer,
+            why.name()
+        );
     }
 
     fn housekeeping(&mut self, now: Instant) {
