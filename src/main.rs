@@ -50,8 +50,11 @@ fn main() -> ExitCode {
         println!("# configuration is valid");
         return ExitCode::SUCCESS;
     }
+    // Other crates log at most at debug: tungstenite's trace lines carry frame payloads,
+    // and the first payload of every connection is its key.
     if let Err(e) = simple_logger::SimpleLogger::new()
-        .with_level(eff.log_level)
+        .with_level(eff.log_level.min(log::LevelFilter::Debug))
+        .with_module_level("middleman", eff.log_level)
         .with_utc_timestamps()
         .init()
     {

@@ -3,13 +3,16 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 #[allow(dead_code)]
 pub struct Proc {
     pub child: Child,
     lines: mpsc::Receiver<String>,
+    /// Every line printed so far, in arrival order ("out: ..." / "err: ...").
+    all: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -27,20 +30,28 @@ impl Proc {
         }
         let mut child = cmd.spawn().expect("spawn middleman");
         let (tx, lines) = mpsc::channel();
+        let all = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
+        let (tx2, all2, all3) = (tx.clone(), all.clone(), all.clone());
+        let r1 = std::thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
+                all2.lock().unwrap().push(format!("out: {l}"));
                 let _ = tx.send(format!("out: {l}"));
             }
         });
-        std::thread::spawn(move || {
+        let r2 = std::thread::spawn(move || {
             for l in BufReader::new(err).lines().map_while(Result::ok) {
+                all3.lock().unwrap().push(format!("err: {l}"));
                 let _ = tx2.send(format!("err: {l}"));
             }
         });
-        Proc { child, lines }
+        Proc {
+            child,
+            lines,
+            all,
+            readers: vec![r1, r2],
+        }
     }
 
     /// Wait for a line containing `needle`; returns it.
@@ -60,6 +71,14 @@ impl Proc {
         let l = self.wait_line("listening on ws://");
         let rest = &l[l.find("ws://").unwrap() + 5..];
         rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// After the child has exited: every line it printed on stdout and stderr.
+    pub fn output_after_exit(&mut self) -> Vec<String> {
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        self.all.lock().unwrap().clone()
     }
 
     pub fn sigterm(&self) {
