@@ -80,6 +80,9 @@ struct Conn {
     peer_eof: bool,
     /// Why it is closing (for metrics and logs).
     close_reason: CloseReason,
+    /// Role and cid once authenticated, for the close log line (the broker forgets the
+    /// session as soon as closing begins).
+    who: Option<Box<str>>,
 }
 
 impl Conn {
@@ -385,6 +388,7 @@ impl Server {
                         write_shut: false,
                         peer_eof: false,
                         close_reason: CloseReason::Normal,
+                        who: None,
                     });
                     debug!("[{id}] accepted {peer}");
                 }
@@ -594,6 +598,7 @@ impl Server {
                     c.phase = Phase::Open;
                     c.dec = Some(Decoder::new(self.cfg.limits));
                     debug!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
+                    c.who = Some(format!("{} {cid}", role.name()).into());
                     let (_, mut sink) = self.split();
                     sink.send(id, &Rc::new(Packet::raw(b"MM OK")));
                     sink.send(id, &Rc::new(Packet::raw(cid.as_bytes())));
@@ -795,11 +800,6 @@ impl Server {
         }
         let mut c = self.conns.remove(id);
         let _ = self.poll.registry().deregister(&mut c.sock);
-        let who = self
-            .broker
-            .cid(id)
-            .zip(self.broker.role(id))
-            .map(|(cid, role)| format!("{} {cid}", role.name()));
         {
             let (broker, mut sink) = self.split();
             broker.disconnect(id, &mut sink);
@@ -807,7 +807,7 @@ impl Server {
         self.metrics.count_close(why);
         debug!(
             "[{id}] {} from {} closed ({})",
-            who.as_deref().unwrap_or("unauthenticated"),
+            c.who.as_deref().unwrap_or("unauthenticated"),
             c.peer,
             why.name()
         );
