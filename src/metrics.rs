@@ -11,8 +11,10 @@ use crate::broker::{reason, Broker, Keys, COMMANDS};
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// Closing handshake or a plain HTTP request answered.
+    /// Closing handshake.
     Normal,
+    /// A plain HTTP request (`/metrics`, `/stats`, ...) answered.
+    Http,
     /// The key was refused.
     BadKey,
     /// Cut off as a slow consumer.
@@ -33,8 +35,9 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, in the order of [`Metrics::closed`].
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Normal,
+        CloseReason::Http,
         CloseReason::BadKey,
         CloseReason::SlowConsumer,
         CloseReason::Idle,
@@ -49,6 +52,7 @@ impl CloseReason {
     pub fn name(self) -> &'static str {
         match self {
             CloseReason::Normal => "normal",
+            CloseReason::Http => "http",
             CloseReason::BadKey => "bad_key",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Idle => "idle",
@@ -91,7 +95,7 @@ pub struct Metrics {
     /// Connections refused at the connection limit.
     pub refused: u64,
     /// Connections closed, by [`CloseReason::ALL`] index.
-    pub closed: [u64; 9],
+    pub closed: [u64; 10],
     /// Bytes read from sockets.
     pub bytes_in: u64,
     /// Bytes written to sockets.
@@ -110,7 +114,8 @@ pub struct Metrics {
     pub history: VecDeque<Sample>,
     /// When the next sample is due.
     pub next_sample: Instant,
-    /// The most recent closes (ms since the Unix epoch, reason), oldest first.
+    /// The most recent closes of WebSocket connections (ms since the Unix epoch, reason),
+    /// oldest first.
     pub recent_closes: VecDeque<(u64, CloseReason)>,
     /// Rate-limit state for warnings.
     pub warned_refused: (Instant, u32),
@@ -128,7 +133,7 @@ impl Default for Metrics {
         Metrics {
             accepted: 0,
             refused: 0,
-            closed: [0; 9],
+            closed: [0; 10],
             bytes_in: 0,
             bytes_out: 0,
             slow_consumers: 0,
@@ -159,6 +164,9 @@ impl Metrics {
     pub fn count_close(&mut self, why: CloseReason) {
         if let Some(i) = CloseReason::ALL.iter().position(|r| *r == why) {
             self.closed[i] += 1;
+        }
+        if why == CloseReason::Http {
+            return; // the console's own polls would fill the list
         }
         if self.recent_closes.len() == RECENT_CLOSES {
             self.recent_closes.pop_front();

@@ -459,7 +459,7 @@ impl Server {
             Request::Plain { method, path } => {
                 let resp = self.plain_http(&method, &path);
                 self.metrics.http_requests += 1;
-                self.http_close(id, &resp, now, CloseReason::Normal);
+                self.http_close(id, &resp, now, CloseReason::Http);
             }
             Request::Bad(why) => {
                 debug!("[{id}] bad HTTP request: {why}");

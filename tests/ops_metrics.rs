@@ -148,12 +148,6 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
-/// Closes by a WebSocket closing handshake: "normal" closes minus the plain HTTP
-/// requests answered (each of those closes as "normal" too, once the client hangs up).
-fn ws_normal_closes(s: &Value) -> i64 {
-    u(&s["connections_closed_total"]["normal"]) as i64 - u(&s["http_requests_total"]) as i64
-}
-
 #[test]
 fn metrics_counters_move_exactly_with_traffic() {
     let srv = TestServer::start();
@@ -283,7 +277,7 @@ fn metrics_counters_move_exactly_with_traffic() {
 #[test]
 fn closes_are_counted_by_reason() {
     let srv = TestServer::with(|c| c.limits.max_line = 256);
-    let base = await_stats(srv.addr, "quiet start", |s| ws_normal_closes(s) == 0);
+    let base = stats(srv.addr);
     let c0 = |r: &str| u(&base["connections_closed_total"][r]);
 
     // bad key
@@ -310,6 +304,7 @@ fn closes_are_counted_by_reason() {
     }
 
     let want = [
+        ("normal", 2),
         ("bad_key", 1),
         ("protocol_error", 1),
         ("limit", 1),
@@ -317,10 +312,8 @@ fn closes_are_counted_by_reason() {
         ("idle", 0),
     ];
     let s = await_stats(srv.addr, "closes counted", |s| {
-        ws_normal_closes(s) == 2
-            && want
-                .iter()
-                .all(|(r, n)| u(&s["connections_closed_total"][r]) == c0(r) + n)
+        want.iter()
+            .all(|(r, n)| u(&s["connections_closed_total"][r]) == c0(r) + n)
     });
     // Five WebSocket connections were accepted besides the HTTP requests.
     assert_eq!(
@@ -333,9 +326,14 @@ fn closes_are_counted_by_reason() {
         .iter()
         .map(|c| c["reason"].as_str().unwrap())
         .collect();
+    // WebSocket closes only: the plain HTTP polls of /stats are not listed.
+    assert_eq!(recent.len(), 5, "{recent:?}");
     for r in ["bad_key", "protocol_error", "limit"] {
         assert_eq!(recent.iter().filter(|x| **x == r).count(), 1, "{recent:?}");
     }
+    assert_eq!(recent.iter().filter(|x| **x == "normal").count(), 2);
+    // HTTP closes have their own reason.
+    assert!(u(&s["connections_closed_total"]["http"]) >= 1);
     // The same numbers in /metrics.
     let mm = metrics(srv.addr);
     for (r, n) in want {
@@ -510,7 +508,10 @@ fn console_page_is_self_contained() {
     assert!(body.contains("fetch(\"/stats\""));
     assert!(body.contains("<canvas id=\"chart\""));
     // No external assets: nothing is loaded from another origin.
-    for needle in ["http://", "https://", "src=", "<link", "@import", "//cdn"] {
+    for needle in ["http://", "https://", "src=", "@import", "//cdn", "url("] {
         assert!(!body.contains(needle), "console refers to {needle:?}");
     }
+    // The one href is an empty inline icon (so the browser asks for no favicon).
+    assert_eq!(body.matches("href=").count(), 1);
+    assert!(body.contains("<link rel=\"icon\" href=\"data:,\">"));
 }
