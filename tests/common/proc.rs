@@ -73,6 +73,22 @@ impl Proc {
         rest.split_whitespace().next().unwrap().parse().unwrap()
     }
 
+    /// A line containing `needle` among everything printed so far (on either stream,
+    /// whatever `wait_line` consumed), waiting for it up to 10 s.
+    pub fn wait_seen(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self.all.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line containing {needle:?} within 10s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// After the child has exited: every line it printed on stdout and stderr.
     pub fn output_after_exit(&mut self) -> Vec<String> {
         for r in self.readers.drain(..) {
