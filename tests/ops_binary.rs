@@ -302,7 +302,7 @@ fn the_example_configuration_checks_and_starts() {
     let mut p = Proc::start(&["--config", example, "--listen", "127.0.0.1:0"], &[]);
     let addr = p.addr();
     // Printed on stdout before the listener is bound; the log line came on stderr.
-    let svc_key = p.wait_seen("service key:");
+    let svc_key = p.wait_line("service key:");
     let svc_key = svc_key.rsplit(' ').next().unwrap().to_owned();
     let (_ws, _) = auth(addr, &svc_key);
     let health = http_get(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");

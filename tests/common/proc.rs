@@ -3,15 +3,15 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 #[allow(dead_code)]
 pub struct Proc {
     pub child: Child,
-    lines: mpsc::Receiver<String>,
-    /// Every line printed so far, in arrival order ("out: ..." / "err: ...").
-    all: Arc<Mutex<Vec<String>>>,
+    /// Every line printed so far, in arrival order ("out: ..." / "err: ..."), and a
+    /// condition signalled at each new one.
+    all: Arc<(Mutex<Vec<String>>, Condvar)>,
     readers: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -29,63 +29,41 @@ impl Proc {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn middleman");
-        let (tx, lines) = mpsc::channel();
-        let all = Arc::new(Mutex::new(Vec::new()));
+        let all = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
-        let (tx2, all2, all3) = (tx.clone(), all.clone(), all.clone());
-        let r1 = std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                all2.lock().unwrap().push(format!("out: {l}"));
-                let _ = tx.send(format!("out: {l}"));
-            }
-        });
-        let r2 = std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                all3.lock().unwrap().push(format!("err: {l}"));
-                let _ = tx2.send(format!("err: {l}"));
-            }
-        });
+        let reader = |stream: Box<dyn std::io::Read + Send>, tag: &'static str| {
+            let all = all.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                    all.0.lock().unwrap().push(format!("{tag}: {l}"));
+                    all.1.notify_all();
+                }
+            })
+        };
+        let readers = vec![reader(Box::new(out), "out"), reader(Box::new(err), "err")];
         Proc {
             child,
-            lines,
             all,
-            readers: vec![r1, r2],
+            readers,
         }
     }
 
-    /// Wait for a line containing `needle`; returns it.
+    /// Wait for a line containing `needle` on either stream (the first such line printed
+    /// since the start, whatever was waited for before); returns it. stdout and stderr
+    /// are read on two threads, so lines of the two streams may arrive in either order.
     pub fn wait_line(&self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        panic!("no line containing {needle:?} within 10s");
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        let l = self.wait_line("listening on ws://");
-        let rest = &l[l.find("ws://").unwrap() + 5..];
-        rest.split_whitespace().next().unwrap().parse().unwrap()
-    }
-
-    /// A line containing `needle` among everything printed so far (on either stream,
-    /// whatever `wait_line` consumed), waiting for it up to 10 s.
-    pub fn wait_seen(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (lock, cond) = &*self.all;
+        let mut lines = lock.lock().unwrap();
         loop {
-            if let Some(l) = self.all.lock().unwrap().iter().find(|l| l.contains(needle)) {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
                 return l.clone();
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no line containing {needle:?} within 10s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+                panic!("no line containing {needle:?} within 10s");
+            };
+            lines = cond.wait_timeout(lines, left).unwrap().0;
         }
     }
 
@@ -94,7 +72,13 @@ impl Proc {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
-        self.all.lock().unwrap().clone()
+        self.all.0.lock().unwrap().clone()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        let l = self.wait_line("listening on ws://");
+        let rest = &l[l.find("ws://").unwrap() + 5..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
     }
 
     pub fn sigterm(&self) {
