@@ -1,19 +1,30 @@
 //! Command-line arguments of the server (`middleman [OPTIONS]`) and how they become a
-//! [`Config`](crate::Config).
+//! [`Config`](crate::Config), merged with the configuration file (`--config`) under the
+//! precedence command line > environment > file > defaults.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
 
 use crate::broker::Keys;
 use crate::config::{parse_bytes, parse_duration, Config};
+use crate::config_file::{self, Effective, Source};
 use crate::protocol::Limits;
 use crate::transport::Listen;
 
 /// Options of the server itself.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Configuration file (TOML; see middleman.example.toml). Command-line options and
+    /// MM_* environment variables override its values.
+    #[arg(long, env = "MM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration (file, environment, command line), print the effective
+    /// configuration with keys redacted, and exit: 0 if valid, 1 if not.
+    #[arg(long)]
+    pub check_config: bool,
     /// Listener URL; repeat for several: `ws://HOST:PORT` (default scheme), `wss://HOST:PORT`
     /// (needs --tls-cert/--tls-key), `tcp://HOST:PORT`, `unix:///path`; `?roles=service,monitor`
     /// restricts which keys a listener accepts. From the environment: comma-separated.
@@ -58,37 +69,37 @@ pub struct ServeArgs {
     #[arg(long, env = "MM_LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
     /// Largest protocol message in bytes (e.g. 1MiB); larger closes with 1009.
-    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "MM_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     pub max_message_bytes: usize,
     /// Longest line in bytes; longer closes with 1009.
-    #[arg(long, default_value = "8KiB", value_parser = parse_bytes)]
+    #[arg(long, env = "MM_MAX_LINE_BYTES", default_value = "8KiB", value_parser = parse_bytes)]
     pub max_line_bytes: usize,
     /// Most header lines in one message; more closes with 1002.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "MM_MAX_HEADER_LINES", default_value_t = 64)]
     pub max_header_lines: usize,
     /// Most simultaneous connections; beyond it new ones get HTTP 503.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "MM_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
     /// Most subscriptions per connection (its private channel not counted).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "MM_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     pub max_subscriptions: usize,
     /// Bytes queued for one peer before it is closed as a slow consumer (1008).
-    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "MM_MAX_OUTBOUND_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
     pub max_outbound_bytes: usize,
     /// Time allowed for the WebSocket upgrade and the key.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "MM_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
     /// How often the server pings a quiet connection.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "MM_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub ping_interval: Duration,
     /// A connection silent this long is closed.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "MM_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// How long a request may stay unanswered.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "MM_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// How long shutdown waits for queued messages to flush.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "MM_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Echo mode for WebSocket compliance testing: no keys, every message is echoed.
     #[arg(long)]
@@ -123,6 +134,31 @@ impl ServeArgs {
             echo: self.echo,
             handle_signals: true,
         }
+    }
+}
+
+impl ServeArgs {
+    /// The effective configuration: these arguments (from the command line, the
+    /// environment or clap's defaults, as `matches` tells), over the `--config` file if
+    /// any. Checked as a whole; errors name the setting and where its value came from.
+    pub fn effective(&self, matches: &ArgMatches) -> Result<Effective, String> {
+        let file = match &self.config {
+            Some(path) => Some(config_file::load(path)?),
+            None => None,
+        };
+        let eff =
+            config_file::merge(
+                self.to_config(),
+                self.log_level,
+                file.as_ref(),
+                |id| match matches.value_source(id) {
+                    Some(ValueSource::CommandLine) => Source::CommandLine,
+                    Some(ValueSource::EnvVariable) => Source::Env,
+                    _ => Source::Default,
+                },
+            );
+        config_file::validate(&eff)?;
+        Ok(eff)
     }
 }
 

@@ -51,8 +51,9 @@ impl Role {
     }
 }
 
-/// The configured keys. Comparison is constant-time per key.
-#[derive(Debug, Clone, Default)]
+/// The configured keys. Comparison is constant-time per key. Its `Debug` shows only how
+/// many there are, so a logged or printed configuration never holds a key.
+#[derive(Clone, Default)]
 pub struct Keys {
     /// Service keys.
     pub service: Vec<String>,
@@ -60,6 +61,18 @@ pub struct Keys {
     pub client: Vec<String>,
     /// Monitor keys.
     pub monitor: Vec<String>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Keys {{ service: {} redacted, client: {} redacted, monitor: {} redacted }}",
+            self.service.len(),
+            self.client.len(),
+            self.monitor.len()
+        )
+    }
 }
 
 impl Keys {

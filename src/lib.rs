@@ -9,6 +9,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod config_file;
 pub mod conn;
 pub mod http;
 pub mod metrics;

@@ -2,9 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use middleman::args::ServeArgs;
 use middleman::cli;
+use middleman::config_file::{self, Effective};
 use middleman::Server;
 
 /// A low-latency publish/subscribe and request/response server over WebSocket.
@@ -35,7 +36,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The raw matches tell, for each option, whether it came from the command line, the
+    // environment or a default: a configuration file value replaces only a default.
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if let Some(cmd) = cli.cmd {
         return match cmd {
             Cmd::Sub(a) => cli::sub(a),
@@ -44,15 +51,36 @@ fn main() -> ExitCode {
             Cmd::Reply(a) => cli::reply(a),
         };
     }
-    let cli = cli.serve;
+    let args = cli.serve;
+    let eff = match args.effective(&matches) {
+        Ok(eff) => eff,
+        Err(e) => {
+            eprintln!("middleman: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_config {
+        print!("{}", config_file::render(&eff));
+        for w in config_file::warnings(&eff) {
+            println!("# warning: {w}");
+        }
+        println!("# configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    // Other crates log at most at debug: tungstenite's trace lines carry frame payloads,
+    // and the first payload of every connection is its key.
     if let Err(e) = simple_logger::SimpleLogger::new()
-        .with_level(cli.log_level)
+        .with_level(eff.log_level.min(log::LevelFilter::Debug))
+        .with_module_level("middleman", eff.log_level)
         .with_utc_timestamps()
         .init()
     {
         eprintln!("middleman: cannot set up logging: {e}");
     }
-    match run(cli) {
+    for w in config_file::warnings(&eff) {
+        log::warn!("{w}");
+    }
+    match run(eff) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -62,32 +90,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: ServeArgs) -> Result<(), String> {
-    let mut cfg = cli.to_config();
-    let keys = &mut cfg.keys;
-    let exposed: Vec<String> = cfg
-        .listeners
-        .iter()
-        .filter(|l| !l.is_local())
-        .map(ToString::to_string)
-        .collect();
-    if cfg.echo {
-        if !exposed.is_empty() {
-            return Err(format!(
-                "echo mode has no keys and only listens on loopback, not {}",
-                exposed.join(", ")
-            ));
-        }
-    } else if keys.is_empty() {
-        if !exposed.is_empty() {
-            return Err(format!(
-                "no keys configured: refusing to listen on non-loopback {} with generated keys \
-                 (pass --service-key and --client-key, or MM_SERVICE_KEY / MM_CLIENT_KEY)",
-                exposed.join(", ")
-            ));
-        }
+fn run(eff: Effective) -> Result<(), String> {
+    let mut cfg = eff.cfg;
+    // validate() has refused generated keys on a non-loopback address.
+    let generated = !cfg.echo && cfg.keys.is_empty();
+    if generated {
+        let keys = &mut cfg.keys;
         keys.service.push(generate_key()?);
         keys.client.push(generate_key()?);
+        // The one place a key is ever printed: keys this server made up for this run.
         println!("No keys configured; generated for this run (loopback only):");
         println!("  service key: {}", keys.service[0]);
         println!("  client key:  {}", keys.client[0]);
@@ -98,17 +109,31 @@ fn run(cli: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", wanted.join(" ")))?;
     let bound: Vec<String> = server.listeners().iter().map(ToString::to_string).collect();
     log::info!(
-        "middleman {} listening on {}{} ({} service, {} client, {} monitor keys; \
-         max message {} B, max connections {}, outbound cap {} B)",
+        "middleman {} listening on {}{} (config {}; keys: {} service, {} client, {} monitor{}; \
+         limits: message {} B, line {} B, {} header lines, {} connections, {} subscriptions, \
+         outbound {} B; timeouts: handshake {:?}, ping {:?}, idle {:?}, request {:?}, \
+         shutdown grace {:?}; HTTP: /healthz /metrics /stats /console)",
         env!("CARGO_PKG_VERSION"),
         bound.join(" "),
         if cfg.echo { " in echo mode" } else { "" },
+        eff.file
+            .as_ref()
+            .map_or("none".to_owned(), |p| p.display().to_string()),
         cfg.keys.service.len(),
         cfg.keys.client.len(),
         cfg.keys.monitor.len(),
+        if generated { ", generated" } else { "" },
         cfg.limits.max_message,
+        cfg.limits.max_line,
+        cfg.limits.max_headers,
         cfg.max_connections,
+        cfg.max_subscriptions,
         cfg.max_outbound_bytes,
+        cfg.handshake_timeout,
+        cfg.ping_interval,
+        cfg.idle_timeout,
+        cfg.request_timeout,
+        cfg.shutdown_grace,
     );
     server.run().map_err(|e| format!("event loop failed: {e}"))
 }

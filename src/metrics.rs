@@ -1,16 +1,20 @@
-//! Counters kept on the event-loop thread as plain integers, and their Prometheus text
-//! rendering (PROTOCOL.md §8). No key ever appears here.
+//! Counters kept on the event-loop thread as plain integers, and their two renderings:
+//! Prometheus text for `GET /metrics` (PROTOCOL.md §8) and JSON for `GET /stats` (the live
+//! console). Both are built from one [`Snapshot`], so they always agree. No key ever
+//! appears here: topic names that contain a configured key are redacted.
 
+use std::collections::VecDeque;
 use std::fmt::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::broker::{reason, Broker, COMMANDS};
-
+use crate::broker::{reason, Broker, Keys, COMMANDS};
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// Closing handshake or a plain HTTP request answered.
+    /// Closing handshake.
     Normal,
+    /// A plain HTTP request (`/metrics`, `/stats`, ...) answered.
+    Http,
     /// The key was refused.
     BadKey,
     /// Cut off as a slow consumer.
@@ -31,8 +35,9 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, in the order of [`Metrics::closed`].
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Normal,
+        CloseReason::Http,
         CloseReason::BadKey,
         CloseReason::SlowConsumer,
         CloseReason::Idle,
@@ -47,6 +52,7 @@ impl CloseReason {
     pub fn name(self) -> &'static str {
         match self {
             CloseReason::Normal => "normal",
+            CloseReason::Http => "http",
             CloseReason::BadKey => "bad_key",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Idle => "idle",
@@ -59,6 +65,28 @@ impl CloseReason {
     }
 }
 
+/// How many per-second samples of the traffic totals are kept (the console's chart).
+pub const HISTORY_SECONDS: usize = 300;
+/// How many recent closes are kept (the console's list).
+pub const RECENT_CLOSES: usize = 50;
+/// How many topics the console's "busiest topics" table shows.
+pub const BUSIEST_TOPICS: usize = 10;
+
+/// One per-second sample of the traffic totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Wall-clock time of the sample, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Protocol messages received so far.
+    pub msgs_in: u64,
+    /// Protocol messages sent so far.
+    pub msgs_out: u64,
+    /// Bytes read so far.
+    pub bytes_in: u64,
+    /// Bytes written so far.
+    pub bytes_out: u64,
+}
+
 /// Reactor-level counters.
 #[derive(Debug)]
 pub struct Metrics {
@@ -67,7 +95,7 @@ pub struct Metrics {
     /// Connections refused at the connection limit.
     pub refused: u64,
     /// Connections closed, by [`CloseReason::ALL`] index.
-    pub closed: [u64; 9],
+    pub closed: [u64; 10],
     /// Bytes read from sockets.
     pub bytes_in: u64,
     /// Bytes written to sockets.
@@ -78,6 +106,17 @@ pub struct Metrics {
     pub http_requests: u64,
     /// Event-loop iterations.
     pub loop_iterations: u64,
+    /// Time spent handling events (from the return of `poll` to the end of the pass), ns.
+    pub busy_ns: u64,
+    /// When the server started.
+    pub started: Instant,
+    /// Per-second samples of the traffic totals, oldest first.
+    pub history: VecDeque<Sample>,
+    /// When the next sample is due.
+    pub next_sample: Instant,
+    /// The most recent closes of WebSocket connections (ms since the Unix epoch, reason),
+    /// oldest first.
+    pub recent_closes: VecDeque<(u64, CloseReason)>,
     /// Rate-limit state for warnings.
     pub warned_refused: (Instant, u32),
     /// Rate-limit state for warnings.
@@ -94,12 +133,17 @@ impl Default for Metrics {
         Metrics {
             accepted: 0,
             refused: 0,
-            closed: [0; 9],
+            closed: [0; 10],
             bytes_in: 0,
             bytes_out: 0,
             slow_consumers: 0,
             http_requests: 0,
             loop_iterations: 0,
+            busy_ns: 0,
+            started: now,
+            history: VecDeque::with_capacity(HISTORY_SECONDS),
+            next_sample: now,
+            recent_closes: VecDeque::with_capacity(RECENT_CLOSES),
             warned_refused: (now, 0),
             warned_bad_key: (now, 0),
             warned_protocol: (now, 0),
@@ -108,156 +152,405 @@ impl Default for Metrics {
     }
 }
 
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Metrics {
     /// Count a closed connection.
     pub fn count_close(&mut self, why: CloseReason) {
         if let Some(i) = CloseReason::ALL.iter().position(|r| *r == why) {
             self.closed[i] += 1;
         }
+        if why == CloseReason::Http {
+            return; // the console's own polls would fill the list
+        }
+        if self.recent_closes.len() == RECENT_CLOSES {
+            self.recent_closes.pop_front();
+        }
+        self.recent_closes.push_back((unix_ms(), why));
+    }
+
+    /// End of one event-loop pass that began (poll returned) at `started`: count it,
+    /// add its busy time, and take the once-a-second traffic sample when it is due.
+    pub fn end_pass(&mut self, started: Instant, broker: &Broker) {
+        let now = Instant::now();
+        self.loop_iterations += 1;
+        self.busy_ns += now.saturating_duration_since(started).as_nanos() as u64;
+        if now >= self.next_sample {
+            self.next_sample = now + Duration::from_secs(1);
+            if self.history.len() == HISTORY_SECONDS {
+                self.history.pop_front();
+            }
+            let st = &broker.stats;
+            self.history.push_back(Sample {
+                at_ms: unix_ms(),
+                msgs_in: st.msgs_in.iter().sum(),
+                msgs_out: messages_out(broker).iter().map(|(_, v)| v).sum(),
+                bytes_in: self.bytes_in,
+                bytes_out: self.bytes_out,
+            });
+        }
+    }
+
+    /// Everything `/metrics` and `/stats` show, read at one instant.
+    pub fn snapshot(&self, broker: &Broker, open: usize, keys: &Keys) -> Snapshot {
+        let (svc, mon, cli) = broker.role_counts();
+        let st = &broker.stats;
+        let mut msgs_in: Vec<(&'static str, u64)> =
+            COMMANDS.iter().copied().zip(st.msgs_in).collect();
+        msgs_in.push(("other", st.msgs_in[COMMANDS.len()]));
+        let router = broker.router();
+        let mut busiest: Vec<(String, usize)> = router
+            .topics()
+            .filter(|t| !t.name.starts_with(b"MSG:") && !t.subs.is_empty())
+            .map(|t| (t.name.as_ref(), t.subs.len()))
+            .fold(Vec::new(), |mut top: Vec<(&[u8], usize)>, (name, n)| {
+                // Keep the BUSIEST_TOPICS largest, most subscribers first, then by name.
+                let pos = top
+                    .iter()
+                    .position(|&(tn, tc)| n > tc || (n == tc && name < tn))
+                    .unwrap_or(top.len());
+                if pos < BUSIEST_TOPICS {
+                    top.insert(pos, (name, n));
+                    top.truncate(BUSIEST_TOPICS);
+                }
+                top
+            })
+            .into_iter()
+            .map(|(name, n)| (redact_topic(name, keys), n))
+            .collect();
+        busiest.truncate(BUSIEST_TOPICS);
+        Snapshot {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: self.started.elapsed(),
+            connections: [
+                ("service", svc as u64),
+                ("monitor", mon as u64),
+                ("client", cli as u64),
+                (
+                    "unauthenticated",
+                    open.saturating_sub(svc + mon + cli) as u64,
+                ),
+            ],
+            accepted: self.accepted,
+            refused: self.refused,
+            closed: CloseReason::ALL
+                .iter()
+                .zip(self.closed)
+                .map(|(r, v)| (r.name(), v))
+                .collect(),
+            msgs_in,
+            msgs_out: messages_out(broker),
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            subscriptions: router.total_subscriptions() as u64,
+            topics: router.topic_count() as u64,
+            pending_requests: router.pending_count() as u64,
+            requests: vec![
+                ("answered", st.req_answered),
+                ("timed_out", st.req_timed_out),
+                ("no_responder", st.req_no_responder),
+                ("responder_gone", st.req_responder_gone),
+            ],
+            slow_consumers: self.slow_consumers,
+            errors: reason::ALL.iter().copied().zip(st.errors).collect(),
+            http_requests: self.http_requests,
+            loop_iterations: self.loop_iterations,
+            busy: Duration::from_nanos(self.busy_ns),
+            busiest_topics: busiest,
+            recent_closes: self
+                .recent_closes
+                .iter()
+                .rev()
+                .map(|&(at, r)| (at, r.name()))
+                .collect(),
+            history: self.history.iter().copied().collect(),
+        }
     }
 
     /// Prometheus text exposition.
-    pub fn render(&self, broker: &Broker, open: usize) -> String {
-        let mut s = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+    pub fn render(&self, broker: &Broker, open: usize, keys: &Keys) -> String {
+        self.snapshot(broker, open, keys).prometheus()
+    }
+}
+
+/// Messages sent, by command: relayed PUB, REQ and RES, and errors.
+fn messages_out(broker: &Broker) -> Vec<(&'static str, u64)> {
+    let st = &broker.stats;
+    vec![
+        ("PUB", st.delivered_pub),
+        ("REQ", st.delivered_req),
+        ("RES", st.delivered_res),
+        ("ERROR", st.errors.iter().sum::<u64>()),
+    ]
+}
+
+/// A topic name for display: lossy UTF-8, and never a configured key (a trusted service
+/// could name a topic after one).
+fn redact_topic(name: &[u8], keys: &Keys) -> String {
+    let all = keys.service.iter().chain(&keys.client).chain(&keys.monitor);
+    for k in all {
+        if !k.is_empty() && name.windows(k.len()).any(|w| w == k.as_bytes()) {
+            return "(redacted)".to_owned();
+        }
+    }
+    String::from_utf8_lossy(name).into_owned()
+}
+
+/// The server's counters and gauges at one instant.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Server version.
+    pub version: &'static str,
+    /// Time since start.
+    pub uptime: Duration,
+    /// Open connections by role.
+    pub connections: [(&'static str, u64); 4],
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections refused at the limit.
+    pub refused: u64,
+    /// Connections closed, by reason.
+    pub closed: Vec<(&'static str, u64)>,
+    /// Messages received, by command.
+    pub msgs_in: Vec<(&'static str, u64)>,
+    /// Messages sent, by command.
+    pub msgs_out: Vec<(&'static str, u64)>,
+    /// Bytes read.
+    pub bytes_in: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+    /// Subscriptions held (private channels included).
+    pub subscriptions: u64,
+    /// Topics in the routing table.
+    pub topics: u64,
+    /// Requests in flight.
+    pub pending_requests: u64,
+    /// Requests ended, by outcome.
+    pub requests: Vec<(&'static str, u64)>,
+    /// Slow consumers cut off.
+    pub slow_consumers: u64,
+    /// Errors sent, by reason.
+    pub errors: Vec<(&'static str, u64)>,
+    /// Plain HTTP requests answered.
+    pub http_requests: u64,
+    /// Event-loop iterations.
+    pub loop_iterations: u64,
+    /// Time spent busy in the event loop.
+    pub busy: Duration,
+    /// The topics with the most subscribers (private channels left out).
+    pub busiest_topics: Vec<(String, usize)>,
+    /// Recent closes, newest first: (ms since the Unix epoch, reason).
+    pub recent_closes: Vec<(u64, &'static str)>,
+    /// Per-second samples of the traffic totals, oldest first.
+    pub history: Vec<Sample>,
+}
+
+/// Label value escaping of the text exposition format.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Snapshot {
+    /// Prometheus text exposition format 0.0.4.
+    pub fn prometheus(&self) -> String {
+        let mut s = String::with_capacity(8192);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (labels, v) in samples {
                 let _ = writeln!(s, "{name}{labels} {v}");
             }
         };
-        let (svc, mon, cli) = broker.role_counts();
-        let pending_auth = open.saturating_sub(svc + mon + cli);
+        let one = |v: u64| vec![(String::new(), v.to_string())];
+        let by = |label: &str, vs: &[(&str, u64)]| -> Vec<(String, String)> {
+            vs.iter()
+                .map(|(k, v)| {
+                    (
+                        format!("{{{label}=\"{}\"}}", escape_label(k)),
+                        v.to_string(),
+                    )
+                })
+                .collect()
+        };
+        metric(
+            "middleman_build_info",
+            "gauge",
+            "Always 1; the version is a label.",
+            &[(
+                format!("{{version=\"{}\"}}", escape_label(self.version)),
+                "1".into(),
+            )],
+        );
+        metric(
+            "middleman_uptime_seconds",
+            "gauge",
+            "Seconds since the server started.",
+            &[(String::new(), format!("{:.3}", self.uptime.as_secs_f64()))],
+        );
         metric(
             "middleman_connections",
             "gauge",
-            "Open connections by role (unauthenticated: handshake or closing).",
-            &[
-                (r#"{role="service"}"#.into(), svc as u64),
-                (r#"{role="monitor"}"#.into(), mon as u64),
-                (r#"{role="client"}"#.into(), cli as u64),
-                (r#"{role="unauthenticated"}"#.into(), pending_auth as u64),
-            ],
+            "Open connections by role (unauthenticated: handshake, plain HTTP or closing).",
+            &by("role", &self.connections),
         );
         metric(
             "middleman_connections_accepted_total",
             "counter",
-            "Connections accepted.",
-            &[(String::new(), self.accepted)],
+            "Connections accepted (refused ones included).",
+            &one(self.accepted),
         );
         metric(
             "middleman_connections_refused_total",
             "counter",
-            "Connections refused at the connection limit.",
-            &[(String::new(), self.refused)],
+            "Connections refused at the connection limit (HTTP 503).",
+            &one(self.refused),
         );
-        let closed: Vec<(String, u64)> = CloseReason::ALL
-            .iter()
-            .zip(self.closed)
-            .map(|(r, v)| (format!(r#"{{reason="{}"}}"#, r.name()), v))
-            .collect();
         metric(
             "middleman_connections_closed_total",
             "counter",
             "Connections closed, by reason.",
-            &closed,
+            &by("reason", &self.closed),
         );
-        let mut msgs: Vec<(String, u64)> = COMMANDS
-            .iter()
-            .zip(broker.stats.msgs_in)
-            .map(|(c, v)| (format!(r#"{{cmd="{c}"}}"#), v))
-            .collect();
-        msgs.push((
-            r#"{cmd="other"}"#.into(),
-            broker.stats.msgs_in[COMMANDS.len()],
-        ));
         metric(
             "middleman_messages_in_total",
             "counter",
             "Protocol messages received, by command.",
-            &msgs,
+            &by("cmd", &self.msgs_in),
         );
         metric(
             "middleman_messages_out_total",
             "counter",
-            "Protocol messages delivered, by command.",
-            &[
-                (r#"{cmd="PUB"}"#.into(), broker.stats.delivered_pub),
-                (r#"{cmd="REQ"}"#.into(), broker.stats.delivered_req),
-                (r#"{cmd="RES"}"#.into(), broker.stats.delivered_res),
-                (
-                    r#"{cmd="ERROR"}"#.into(),
-                    broker.stats.errors.iter().sum::<u64>(),
-                ),
-            ],
+            "Protocol messages delivered, by command (monitor copies not counted).",
+            &by("cmd", &self.msgs_out),
         );
         metric(
             "middleman_bytes_in_total",
             "counter",
             "Bytes read from sockets.",
-            &[(String::new(), self.bytes_in)],
+            &one(self.bytes_in),
         );
         metric(
             "middleman_bytes_out_total",
             "counter",
             "Bytes written to sockets.",
-            &[(String::new(), self.bytes_out)],
+            &one(self.bytes_out),
         );
         metric(
             "middleman_subscriptions",
             "gauge",
             "Subscriptions held (private channels included).",
-            &[(String::new(), broker.router().total_subscriptions() as u64)],
+            &one(self.subscriptions),
         );
         metric(
             "middleman_topics",
             "gauge",
-            "Topics and request targets in the routing table.",
-            &[(String::new(), broker.router().topic_count() as u64)],
+            "Topics and request targets in the routing table (private channels included).",
+            &one(self.topics),
         );
         metric(
             "middleman_pending_requests",
             "gauge",
             "Requests delivered and not yet ended.",
-            &[(String::new(), broker.router().pending_count() as u64)],
+            &one(self.pending_requests),
         );
-        let st = &broker.stats;
         metric(
             "middleman_requests_total",
             "counter",
             "Requests ended, by outcome.",
-            &[
-                (r#"{outcome="answered"}"#.into(), st.req_answered),
-                (r#"{outcome="timed_out"}"#.into(), st.req_timed_out),
-                (r#"{outcome="no_responder"}"#.into(), st.req_no_responder),
-                (
-                    r#"{outcome="responder_gone"}"#.into(),
-                    st.req_responder_gone,
-                ),
-            ],
+            &by("outcome", &self.requests),
         );
         metric(
             "middleman_slow_consumers_total",
             "counter",
             "Connections cut off as slow consumers.",
-            &[(String::new(), self.slow_consumers)],
+            &one(self.slow_consumers),
         );
-        let errors: Vec<(String, u64)> = reason::ALL
-            .iter()
-            .zip(st.errors)
-            .map(|(r, v)| (format!(r#"{{reason="{r}"}}"#), v))
-            .collect();
         metric(
             "middleman_errors_total",
             "counter",
             "Protocol errors sent, by reason.",
-            &errors,
+            &by("reason", &self.errors),
+        );
+        metric(
+            "middleman_http_requests_total",
+            "counter",
+            "Plain HTTP requests answered.",
+            &one(self.http_requests),
         );
         metric(
             "middleman_loop_iterations_total",
             "counter",
             "Event-loop iterations.",
-            &[(String::new(), self.loop_iterations)],
+            &one(self.loop_iterations),
+        );
+        metric(
+            "middleman_loop_busy_seconds_total",
+            "counter",
+            "Time the event loop spent handling events (not waiting in poll).",
+            &[(String::new(), format!("{:.6}", self.busy.as_secs_f64()))],
         );
         s
+    }
+
+    /// The JSON document of `GET /stats`.
+    pub fn json(&self) -> serde_json::Value {
+        use serde_json::{json, Map, Value};
+        let obj = |vs: &[(&str, u64)]| -> Value {
+            Value::Object(
+                vs.iter()
+                    .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+                    .collect::<Map<String, Value>>(),
+            )
+        };
+        // Rates between successive samples, per second.
+        let rates: Vec<Value> = self
+            .history
+            .windows(2)
+            .map(|w| {
+                let dt = (w[1].at_ms.saturating_sub(w[0].at_ms)).max(1) as f64 / 1000.0;
+                let r = |a: u64, b: u64| (b.saturating_sub(a) as f64 / dt * 10.0).round() / 10.0;
+                json!({
+                    "at_ms": w[1].at_ms,
+                    "messages_in": r(w[0].msgs_in, w[1].msgs_in),
+                    "messages_out": r(w[0].msgs_out, w[1].msgs_out),
+                    "bytes_in": r(w[0].bytes_in, w[1].bytes_in),
+                    "bytes_out": r(w[0].bytes_out, w[1].bytes_out),
+                })
+            })
+            .collect();
+        json!({
+            "version": self.version,
+            "uptime_seconds": (self.uptime.as_secs_f64() * 1000.0).round() / 1000.0,
+            "connections": obj(&self.connections),
+            "connections_accepted_total": self.accepted,
+            "connections_refused_total": self.refused,
+            "connections_closed_total": obj(&self.closed),
+            "messages_in_total": obj(&self.msgs_in),
+            "messages_out_total": obj(&self.msgs_out),
+            "bytes_in_total": self.bytes_in,
+            "bytes_out_total": self.bytes_out,
+            "subscriptions": self.subscriptions,
+            "topics": self.topics,
+            "pending_requests": self.pending_requests,
+            "requests_total": obj(&self.requests),
+            "slow_consumers_total": self.slow_consumers,
+            "errors_total": obj(&self.errors),
+            "http_requests_total": self.http_requests,
+            "loop_iterations_total": self.loop_iterations,
+            "loop_busy_seconds_total": self.busy.as_secs_f64(),
+            "busiest_topics": self.busiest_topics.iter()
+                .map(|(name, n)| json!({"name": name, "subscribers": n}))
+                .collect::<Vec<_>>(),
+            "recent_closes": self.recent_closes.iter()
+                .map(|(at, r)| json!({"at_ms": at, "reason": r}))
+                .collect::<Vec<_>>(),
+            "rates": rates,
+        })
     }
 }

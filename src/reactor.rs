@@ -91,6 +91,9 @@ struct Conn {
     peer_eof: bool,
     /// Why it is closing (for metrics and logs).
     close_reason: CloseReason,
+    /// Role and cid once authenticated, for the close log line (the broker forgets the
+    /// session as soon as closing begins).
+    who: Option<Box<str>>,
 }
 
 impl Conn {
@@ -290,7 +293,6 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            self.metrics.loop_iterations += 1;
             let now = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
@@ -344,6 +346,7 @@ impl Server {
             }
             self.process_closes(now);
             self.flush_dirty();
+            self.metrics.end_pass(now, &self.broker);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() {
                     info!("shut down: every connection closed");
@@ -471,6 +474,7 @@ impl Server {
                 write_shut: false,
                 peer_eof: false,
                 close_reason: CloseReason::Normal,
+                who: None,
             });
             debug!("[{id}] accepted {peer} on {}", scheme.name());
         }
@@ -533,7 +537,7 @@ impl Server {
             Request::Plain { method, path } => {
                 let resp = self.plain_http(&method, &path);
                 self.metrics.http_requests += 1;
-                self.http_close(id, &resp, now, CloseReason::Normal);
+                self.http_close(id, &resp, now, CloseReason::Http);
             }
             Request::Bad(why) => {
                 debug!("[{id}] bad HTTP request: {why}");
@@ -549,6 +553,7 @@ impl Server {
             broker: &self.broker,
             metrics: &self.metrics,
             open: self.conns.len(),
+            cfg: &self.cfg,
         };
         web::respond(method, path, &view)
     }
@@ -627,10 +632,11 @@ impl Server {
             }
             E::Capacity(_) => self.close_with(id, 1009, "frame too large", now, CloseReason::Limit),
             E::Utf8(_) => {
+                self.warn_protocol(id, "invalid utf-8");
                 self.close_with(id, 1007, "invalid utf-8", now, CloseReason::ProtocolError)
             }
             E::Protocol(p) => {
-                debug!("[{id}] websocket protocol error: {p}");
+                self.warn_protocol(id, &p.to_string());
                 self.close_with(
                     id,
                     1002,
@@ -640,10 +646,18 @@ impl Server {
                 )
             }
             other => {
-                debug!("[{id}] websocket error: {other}");
+                self.warn_protocol(id, &other.to_string());
                 self.close_with(id, 1002, "websocket error", now, CloseReason::ProtocolError)
             }
         }
+    }
+
+    fn warn_protocol(&mut self, id: ConnId, what: &str) {
+        let peer = self.conns.get(id).map(|c| c.peer.clone());
+        warn_limited(&mut self.metrics.warned_protocol, || match peer {
+            Some(peer) => format!("[{id}] websocket protocol error from {peer}: {what}"),
+            None => format!("[{id}] websocket protocol error: {what}"),
+        });
     }
 
     fn on_data(&mut self, id: ConnId, data: &[u8], text: bool, now: Instant) {
@@ -728,6 +742,7 @@ impl Server {
         c.phase = Phase::Open;
         c.dec = Some(Decoder::new(self.cfg.limits));
         debug!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
+        c.who = Some(format!("{} {cid}", role.name()).into());
         if c.framing == Framing::Raw {
             c.out.push_bytes(b"MM OK\r\n");
             c.out.push_bytes(cid.as_bytes());
@@ -976,16 +991,17 @@ impl Server {
         }
         let mut c = self.conns.remove(id);
         let _ = self.poll.registry().deregister(&mut c.link);
-        let cid = self.broker.cid(id).map(str::to_owned);
         {
             let (broker, mut sink) = self.split();
             broker.disconnect(id, &mut sink);
         }
         self.metrics.count_close(why);
-        match cid {
-            Some(cid) => debug!("[{id}] {cid} closed ({})", why.name()),
-            None => debug!("[{id}] {} closed ({})", c.peer, why.name()),
-        }
+        debug!(
+            "[{id}] {} from {} closed ({})",
+            c.who.as_deref().unwrap_or("unauthenticated"),
+            c.peer,
+            why.name()
+        );
     }
 
     fn housekeeping(&mut self, now: Instant) {

@@ -161,6 +161,11 @@ impl Router {
         }
     }
 
+    /// Every topic in the table (in no particular order).
+    pub fn topics(&self) -> impl Iterator<Item = &Topic> {
+        self.topics.iter().map(|(_, t)| t)
+    }
+
     /// Number of topics in the table.
     pub fn topic_count(&self) -> usize {
         self.topics.len()

@@ -3,16 +3,16 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 #[allow(dead_code)]
 pub struct Proc {
     pub child: Child,
-    lines: mpsc::Receiver<String>,
-    /// Every line received so far (stdout and stderr arrive on two threads, so their
-    /// relative order is not fixed: searches look at all of them).
-    seen: std::cell::RefCell<Vec<String>>,
+    /// Every line printed so far, in arrival order ("out: ..." / "err: ..."), and a
+    /// condition signalled at each new one.
+    all: Arc<(Mutex<Vec<String>>, Condvar)>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -29,45 +29,50 @@ impl Proc {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn middleman");
-        let (tx, lines) = mpsc::channel();
+        let all = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(format!("out: {l}"));
-            }
-        });
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("err: {l}"));
-            }
-        });
+        let reader = |stream: Box<dyn std::io::Read + Send>, tag: &'static str| {
+            let all = all.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                    all.0.lock().unwrap().push(format!("{tag}: {l}"));
+                    all.1.notify_all();
+                }
+            })
+        };
+        let readers = vec![reader(Box::new(out), "out"), reader(Box::new(err), "err")];
         Proc {
             child,
-            lines,
-            seen: Default::default(),
+            all,
+            readers,
         }
     }
 
-    /// Wait for a line containing `needle` (or find one already received); returns it.
+    /// Wait for a line containing `needle` on either stream (the first such line printed
+    /// since the start, whatever was waited for before); returns it. stdout and stderr
+    /// are read on two threads, so lines of the two streams may arrive in either order.
     pub fn wait_line(&self, needle: &str) -> String {
-        if let Some(l) = self.seen.borrow().iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.borrow_mut().push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(_) => break,
+        let (lock, cond) = &*self.all;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return l.clone();
             }
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+                panic!("no line containing {needle:?} within 10s");
+            };
+            lines = cond.wait_timeout(lines, left).unwrap().0;
         }
-        panic!("no line containing {needle:?} within 10s");
+    }
+
+    /// After the child has exited: every line it printed on stdout and stderr.
+    pub fn output_after_exit(&mut self) -> Vec<String> {
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        self.all.0.lock().unwrap().clone()
     }
 
     pub fn addr(&self) -> SocketAddr {

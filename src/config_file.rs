@@ -1,0 +1,992 @@
+//! The configuration file (`--config middleman.toml`): parsing with line numbers, merging
+//! under the precedence command line > environment > file > defaults, validation, and the
+//! redacted print-out of `--check-config`.
+//!
+//! ```toml
+//! listen = ["ws://127.0.0.1:8765", "tcp://127.0.0.1:8764?roles=service"]  # or one string
+//! log_level = "info"
+//!
+//! [[keys]]
+//! role = "service"                 # service, client or monitor
+//! key_file = "secrets/service.key" # one key per line; or: key = "..."
+//!
+//! [limits]
+//! max_message_bytes = "1MiB"
+//!
+//! [timeouts]
+//! idle = "60s"
+//! ```
+
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{parse_bytes, parse_duration, Config};
+use crate::transport::Listen;
+
+/// Where an effective value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The built-in default.
+    Default,
+    /// The configuration file, at this line (1-based).
+    File(usize),
+    /// An `MM_*` environment variable.
+    Env,
+    /// The command line.
+    CommandLine,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::File(line) => write!(f, "file, line {line}"),
+            Source::Env => f.write_str("environment"),
+            Source::CommandLine => f.write_str("command line"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ raw file schema
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    listen: Option<Spanned<toml::Value>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
+    #[serde(default)]
+    keys: Vec<Spanned<RawKey>>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    role: Spanned<String>,
+    key: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_message_bytes: Option<Spanned<toml::Value>>,
+    max_line_bytes: Option<Spanned<toml::Value>>,
+    max_header_lines: Option<Spanned<toml::Value>>,
+    max_connections: Option<Spanned<toml::Value>>,
+    max_subscriptions: Option<Spanned<toml::Value>>,
+    max_outbound_bytes: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    handshake: Option<Spanned<toml::Value>>,
+    ping_interval: Option<Spanned<toml::Value>>,
+    idle: Option<Spanned<toml::Value>>,
+    request: Option<Spanned<toml::Value>>,
+    shutdown_grace: Option<Spanned<toml::Value>>,
+}
+
+// ------------------------------------------------------------------ parsed file
+
+/// A value from the file and the line it is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct At<T> {
+    /// The value.
+    pub value: T,
+    /// 1-based line number.
+    pub line: usize,
+}
+
+/// Keys of one role, and where they came from (for the print-out; never the keys).
+#[derive(Debug, Clone, Default)]
+pub struct FileKeys {
+    /// The keys.
+    pub keys: Vec<String>,
+    /// One entry per key: where it came from ("line 12" or "key_file x, line 12").
+    pub origins: Vec<String>,
+}
+
+/// A configuration file, parsed and checked; key files read.
+#[derive(Debug, Clone, Default)]
+pub struct FileConfig {
+    /// The file's path as given.
+    pub path: PathBuf,
+    /// `listen`: one listener URL or a list of them.
+    pub listen: Option<At<Vec<Listen>>>,
+    /// `tls_cert` (relative to the file's folder).
+    pub tls_cert: Option<At<Option<PathBuf>>>,
+    /// `tls_key` (relative to the file's folder).
+    pub tls_key: Option<At<Option<PathBuf>>>,
+    /// `log_level`.
+    pub log_level: Option<At<log::LevelFilter>>,
+    /// `[[keys]]` with `role = "service"`.
+    pub service_keys: FileKeys,
+    /// `[[keys]]` with `role = "client"`.
+    pub client_keys: FileKeys,
+    /// `[[keys]]` with `role = "monitor"`.
+    pub monitor_keys: FileKeys,
+    /// `[limits] max_message_bytes`.
+    pub max_message_bytes: Option<At<usize>>,
+    /// `[limits] max_line_bytes`.
+    pub max_line_bytes: Option<At<usize>>,
+    /// `[limits] max_header_lines`.
+    pub max_header_lines: Option<At<usize>>,
+    /// `[limits] max_connections`.
+    pub max_connections: Option<At<usize>>,
+    /// `[limits] max_subscriptions`.
+    pub max_subscriptions: Option<At<usize>>,
+    /// `[limits] max_outbound_bytes`.
+    pub max_outbound_bytes: Option<At<usize>>,
+    /// `[timeouts] handshake`.
+    pub handshake_timeout: Option<At<Duration>>,
+    /// `[timeouts] ping_interval`.
+    pub ping_interval: Option<At<Duration>>,
+    /// `[timeouts] idle`.
+    pub idle_timeout: Option<At<Duration>>,
+    /// `[timeouts] request`.
+    pub request_timeout: Option<At<Duration>>,
+    /// `[timeouts] shutdown_grace`.
+    pub shutdown_grace: Option<At<Duration>>,
+}
+
+/// 1-based (line, column) of a byte offset.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(src.len());
+    while !src.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &src[..end];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+/// The dotted key whose line this is (`timeouts.idle`), from the line's text and the
+/// nearest table header above it.
+fn key_on_line(src: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = src.lines().collect();
+    let text = lines.get(line.checked_sub(1)?)?.trim();
+    let header = |l: &str| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned())
+    };
+    if let Some(h) = header(text) {
+        return Some(h);
+    }
+    let key = text.split_once('=')?.0.trim().trim_matches('"').to_owned();
+    let table = lines[..line - 1].iter().rev().find_map(|l| header(l));
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
+    })
+}
+
+/// Read and check a configuration file.
+pub fn load(path: &Path) -> Result<FileConfig, String> {
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read configuration file {}: {e}", path.display()))?;
+    parse(&src, path)
+}
+
+/// Parse and check configuration text; `path` names it in errors and anchors relative
+/// `key_file` paths (they are relative to the file's directory).
+pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
+    let name = path.display().to_string();
+    // An error at a place in the file: "file:line:col: key: message" and the line itself.
+    let err_at = |span: Range<usize>, key: Option<&str>, msg: &str| -> String {
+        let (line, col) = line_col(src, span.start);
+        let key = key.map(str::to_owned).or_else(|| key_on_line(src, line));
+        let mut s = format!("{name}:{line}:{col}: ");
+        if let Some(k) = key {
+            let _ = write!(s, "{k}: ");
+        }
+        s.push_str(msg.trim_end());
+        if let Some(text) = src.lines().nth(line - 1) {
+            let _ = write!(s, "\n  {line:>4} | {text}");
+        }
+        s
+    };
+    let raw: RawFile = toml::from_str(src).map_err(|e| match e.span() {
+        Some(span) => err_at(span, None, e.message()),
+        None => format!("{name}: {}", e.message().trim_end()),
+    })?;
+    let line_of = |span: Range<usize>| line_col(src, span.start).0;
+
+    let mut out = FileConfig {
+        path: path.to_owned(),
+        ..Default::default()
+    };
+    if let Some(l) = raw.listen {
+        let bad = |msg: &str| err_at(l.span(), Some("listen"), msg);
+        let urls: Vec<&str> = match l.get_ref() {
+            toml::Value::String(one) => vec![one.as_str()],
+            toml::Value::Array(many) => many
+                .iter()
+                .map(|v| v.as_str().ok_or_else(|| bad("expected a list of strings")))
+                .collect::<Result<_, _>>()?,
+            _ => return Err(bad("expected a listener URL or a list of them")),
+        };
+        if urls.is_empty() {
+            return Err(bad("names no listener"));
+        }
+        let value = urls
+            .iter()
+            .map(|u| u.parse::<Listen>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&format!("{e} (expected e.g. \"ws://127.0.0.1:8765\")")))?;
+        out.listen = Some(At {
+            value,
+            line: line_of(l.span()),
+        });
+    }
+    let file_dir = path.parent().unwrap_or(Path::new("."));
+    for (name, raw_path, dst) in [
+        ("tls_cert", raw.tls_cert, &mut out.tls_cert),
+        ("tls_key", raw.tls_key, &mut out.tls_key),
+    ] {
+        if let Some(p) = raw_path {
+            if p.get_ref().trim().is_empty() {
+                return Err(err_at(p.span(), Some(name), "empty path"));
+            }
+            *dst = Some(At {
+                value: Some(file_dir.join(p.get_ref().trim())),
+                line: line_of(p.span()),
+            });
+        }
+    }
+    if let Some(l) = raw.log_level {
+        let value = l
+            .get_ref()
+            .trim()
+            .parse::<log::LevelFilter>()
+            .map_err(|_| {
+                err_at(
+                    l.span(),
+                    Some("log_level"),
+                    "expected one of off, error, warn, info, debug, trace",
+                )
+            })?;
+        out.log_level = Some(At {
+            value,
+            line: line_of(l.span()),
+        });
+    }
+
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for (i, entry) in raw.keys.iter().enumerate() {
+        let here = format!("keys[{i}]");
+        let k = entry.get_ref();
+        let line = line_of(entry.span());
+        let role = k.role.get_ref().trim();
+        let bucket = match role {
+            "service" => &mut out.service_keys,
+            "client" => &mut out.client_keys,
+            "monitor" => &mut out.monitor_keys,
+            _ => {
+                return Err(err_at(
+                    k.role.span(),
+                    Some(&format!("{here}.role")),
+                    "expected \"service\", \"client\" or \"monitor\"",
+                ))
+            }
+        };
+        match (&k.key, &k.key_file) {
+            (Some(key), None) => {
+                let v = key.get_ref().trim();
+                if v.is_empty() {
+                    return Err(err_at(
+                        key.span(),
+                        Some(&format!("{here}.key")),
+                        "empty key",
+                    ));
+                }
+                bucket.keys.push(v.to_owned());
+                bucket.origins.push(format!("line {}", line_of(key.span())));
+            }
+            (None, Some(file)) => {
+                let p = dir.join(file.get_ref().trim());
+                let text = std::fs::read_to_string(&p).map_err(|e| {
+                    err_at(
+                        file.span(),
+                        Some(&format!("{here}.key_file")),
+                        &format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                let before = bucket.keys.len();
+                for l in text.lines().map(str::trim) {
+                    if !l.is_empty() && !l.starts_with('#') {
+                        bucket.keys.push(l.to_owned());
+                        bucket.origins.push(format!(
+                            "key_file {}, line {}",
+                            p.display(),
+                            line_of(file.span())
+                        ));
+                    }
+                }
+                if bucket.keys.len() == before {
+                    return Err(err_at(
+                        file.span(),
+                        Some(&format!("{here}.key_file")),
+                        &format!(
+                            "{} holds no key (one key per line; # starts a comment)",
+                            p.display()
+                        ),
+                    ));
+                }
+            }
+            (Some(_), Some(_)) | (None, None) => {
+                let _ = line;
+                return Err(err_at(
+                    entry.span(),
+                    Some(&here),
+                    "give exactly one of key = \"...\" or key_file = \"path\"",
+                ));
+            }
+        }
+    }
+
+    let size = |v: &Option<Spanned<toml::Value>>, key: &str| -> Result<Option<At<usize>>, String> {
+        let Some(v) = v else { return Ok(None) };
+        let value = match v.get_ref() {
+            toml::Value::Integer(n) => usize::try_from(*n).map_err(|_| "negative size".to_owned()),
+            toml::Value::String(s) => parse_bytes(s),
+            other => Err(format!(
+                "expected a size like 1048576 or \"1MiB\", found {}",
+                other.type_str()
+            )),
+        }
+        .map_err(|e| err_at(v.span(), Some(key), &e))?;
+        Ok(Some(At {
+            value,
+            line: line_of(v.span()),
+        }))
+    };
+    let count =
+        |v: &Option<Spanned<toml::Value>>, key: &str| -> Result<Option<At<usize>>, String> {
+            let Some(v) = v else { return Ok(None) };
+            let value = match v.get_ref() {
+                toml::Value::Integer(n) => {
+                    usize::try_from(*n).map_err(|_| "negative number".to_owned())
+                }
+                other => Err(format!("expected an integer, found {}", other.type_str())),
+            }
+            .map_err(|e| err_at(v.span(), Some(key), &e))?;
+            Ok(Some(At {
+                value,
+                line: line_of(v.span()),
+            }))
+        };
+    let duration =
+        |v: &Option<Spanned<toml::Value>>, key: &str| -> Result<Option<At<Duration>>, String> {
+            let Some(v) = v else { return Ok(None) };
+            let value = match v.get_ref() {
+                toml::Value::Integer(n) => u64::try_from(*n)
+                    .map(Duration::from_secs)
+                    .map_err(|_| "negative duration".to_owned()),
+                toml::Value::String(s) => parse_duration(s),
+                other => Err(format!(
+                    "expected a duration like \"30s\" or \"500ms\", found {}",
+                    other.type_str()
+                )),
+            }
+            .map_err(|e| err_at(v.span(), Some(key), &e))?;
+            Ok(Some(At {
+                value,
+                line: line_of(v.span()),
+            }))
+        };
+    let l = &raw.limits;
+    out.max_message_bytes = size(&l.max_message_bytes, "limits.max_message_bytes")?;
+    out.max_line_bytes = size(&l.max_line_bytes, "limits.max_line_bytes")?;
+    out.max_header_lines = count(&l.max_header_lines, "limits.max_header_lines")?;
+    out.max_connections = count(&l.max_connections, "limits.max_connections")?;
+    out.max_subscriptions = count(&l.max_subscriptions, "limits.max_subscriptions")?;
+    out.max_outbound_bytes = size(&l.max_outbound_bytes, "limits.max_outbound_bytes")?;
+    let t = &raw.timeouts;
+    out.handshake_timeout = duration(&t.handshake, "timeouts.handshake")?;
+    out.ping_interval = duration(&t.ping_interval, "timeouts.ping_interval")?;
+    out.idle_timeout = duration(&t.idle, "timeouts.idle")?;
+    out.request_timeout = duration(&t.request, "timeouts.request")?;
+    out.shutdown_grace = duration(&t.shutdown_grace, "timeouts.shutdown_grace")?;
+    Ok(out)
+}
+
+// ------------------------------------------------------------------ merging
+
+/// The configuration in force, with the source of every value.
+#[derive(Debug, Clone)]
+pub struct Effective {
+    /// The server configuration.
+    pub cfg: Config,
+    /// The log level.
+    pub log_level: log::LevelFilter,
+    /// The configuration file, if one was given.
+    pub file: Option<PathBuf>,
+    /// Source of each setting, by its file name (`listen`, `limits.max_line_bytes`, ...).
+    pub sources: Vec<(&'static str, Source)>,
+    /// Where each key came from, by role (service, client, monitor); never the keys.
+    pub key_origins: [(&'static str, Vec<String>); 3],
+}
+
+impl Effective {
+    /// Source of a setting (Default if unknown).
+    pub fn source(&self, name: &str) -> Source {
+        self.sources
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s.clone())
+            .unwrap_or(Source::Default)
+    }
+}
+
+/// Merge: `cfg` and `log_level` hold what the command line, the environment and the
+/// defaults say; `arg_source(arg id)` tells which of the three each came from. A file
+/// value replaces a default and nothing else.
+pub fn merge(
+    mut cfg: Config,
+    mut log_level: log::LevelFilter,
+    file: Option<&FileConfig>,
+    arg_source: impl Fn(&str) -> Source,
+) -> Effective {
+    let mut sources = Vec::new();
+    let empty = FileConfig::default();
+    let f = file.unwrap_or(&empty);
+    macro_rules! take {
+        ($name:literal, $arg:literal, $file:expr, $dst:expr) => {{
+            let src = arg_source($arg);
+            match (&src, &$file) {
+                (Source::Default, Some(at)) => {
+                    $dst = at.value.clone();
+                    sources.push(($name, Source::File(at.line)));
+                }
+                _ => sources.push(($name, src)),
+            }
+        }};
+    }
+    take!("listen", "listen", f.listen, cfg.listeners);
+    take!("tls_cert", "tls_cert", f.tls_cert, cfg.tls_cert);
+    take!("tls_key", "tls_key", f.tls_key, cfg.tls_key);
+    take!("log_level", "log_level", f.log_level, log_level);
+    take!(
+        "limits.max_message_bytes",
+        "max_message_bytes",
+        f.max_message_bytes,
+        cfg.limits.max_message
+    );
+    take!(
+        "limits.max_line_bytes",
+        "max_line_bytes",
+        f.max_line_bytes,
+        cfg.limits.max_line
+    );
+    take!(
+        "limits.max_header_lines",
+        "max_header_lines",
+        f.max_header_lines,
+        cfg.limits.max_headers
+    );
+    take!(
+        "limits.max_connections",
+        "max_connections",
+        f.max_connections,
+        cfg.max_connections
+    );
+    take!(
+        "limits.max_subscriptions",
+        "max_subscriptions",
+        f.max_subscriptions,
+        cfg.max_subscriptions
+    );
+    take!(
+        "limits.max_outbound_bytes",
+        "max_outbound_bytes",
+        f.max_outbound_bytes,
+        cfg.max_outbound_bytes
+    );
+    take!(
+        "timeouts.handshake",
+        "handshake_timeout",
+        f.handshake_timeout,
+        cfg.handshake_timeout
+    );
+    take!(
+        "timeouts.ping_interval",
+        "ping_interval",
+        f.ping_interval,
+        cfg.ping_interval
+    );
+    take!(
+        "timeouts.idle",
+        "idle_timeout",
+        f.idle_timeout,
+        cfg.idle_timeout
+    );
+    take!(
+        "timeouts.request",
+        "request_timeout",
+        f.request_timeout,
+        cfg.request_timeout
+    );
+    take!(
+        "timeouts.shutdown_grace",
+        "shutdown_grace",
+        f.shutdown_grace,
+        cfg.shutdown_grace
+    );
+    // Keys, per role: the command line or environment replaces the file's keys of that role.
+    let mut origins: [(&'static str, Vec<String>); 3] =
+        [("service", vec![]), ("client", vec![]), ("monitor", vec![])];
+    for ((role, origin), (arg, dst, from_file)) in origins.iter_mut().zip([
+        ("service_keys", &mut cfg.keys.service, &f.service_keys),
+        ("client_keys", &mut cfg.keys.client, &f.client_keys),
+        ("monitor_keys", &mut cfg.keys.monitor, &f.monitor_keys),
+    ]) {
+        let _ = role;
+        match arg_source(arg) {
+            Source::Default => {
+                *dst = from_file.keys.clone();
+                *origin = from_file
+                    .origins
+                    .iter()
+                    .map(|o| format!("file, {o}"))
+                    .collect();
+            }
+            src => *origin = vec![src.to_string(); dst.len()],
+        }
+    }
+    Effective {
+        cfg,
+        log_level,
+        file: file.map(|f| f.path.clone()),
+        sources,
+        key_origins: origins,
+    }
+}
+
+/// Check the effective configuration as a whole. Errors name the setting and where its
+/// value came from.
+pub fn validate(eff: &Effective) -> Result<(), String> {
+    let c = &eff.cfg;
+    let at = |name: &str| match eff.source(name) {
+        Source::File(line) => match &eff.file {
+            Some(p) => format!("{name} ({}:{line})", p.display()),
+            None => name.to_owned(),
+        },
+        s => format!("{name} ({s})"),
+    };
+    let positive: [(&str, usize, usize); 6] = [
+        ("limits.max_message_bytes", c.limits.max_message, 64),
+        ("limits.max_line_bytes", c.limits.max_line, 64),
+        ("limits.max_header_lines", c.limits.max_headers, 1),
+        ("limits.max_connections", c.max_connections, 1),
+        ("limits.max_subscriptions", c.max_subscriptions, 0),
+        ("limits.max_outbound_bytes", c.max_outbound_bytes, 1024),
+    ];
+    for (name, v, min) in positive {
+        if v < min {
+            return Err(format!("{}: {v} is below the minimum {min}", at(name)));
+        }
+    }
+    for (name, v) in [
+        ("timeouts.handshake", c.handshake_timeout),
+        ("timeouts.ping_interval", c.ping_interval),
+        ("timeouts.idle", c.idle_timeout),
+        ("timeouts.request", c.request_timeout),
+    ] {
+        if v.is_zero() {
+            return Err(format!("{}: must be more than 0", at(name)));
+        }
+    }
+    let exposed: Vec<String> = c
+        .listeners
+        .iter()
+        .filter(|l| !l.is_local())
+        .map(ToString::to_string)
+        .collect();
+    if c.echo && !exposed.is_empty() {
+        return Err(format!(
+            "{}: echo mode has no keys and only listens on loopback, not {}",
+            at("listen"),
+            exposed.join(", ")
+        ));
+    }
+    if !c.echo && c.keys.is_empty() && !exposed.is_empty() {
+        return Err(format!(
+            "{}: no keys configured: refusing to listen on non-loopback {} with generated \
+             keys (configure [[keys]] in the file, --service-key and --client-key, or \
+             MM_SERVICE_KEY / MM_CLIENT_KEY)",
+            at("listen"),
+            exposed.join(", ")
+        ));
+    }
+    let wss = c
+        .listeners
+        .iter()
+        .any(|l| l.scheme == crate::transport::Scheme::Wss);
+    if wss && (c.tls_cert.is_none() || c.tls_key.is_none()) {
+        return Err(format!(
+            "{}: a wss:// listener needs tls_cert and tls_key (--tls-cert, --tls-key)",
+            at("listen")
+        ));
+    }
+    Ok(())
+}
+
+/// Warnings about settings that work but are probably not meant.
+pub fn warnings(eff: &Effective) -> Vec<String> {
+    let c = &eff.cfg;
+    let mut w = Vec::new();
+    if c.max_outbound_bytes < c.limits.max_message {
+        w.push(format!(
+            "limits.max_outbound_bytes ({}) is below limits.max_message_bytes ({}): one \
+             large message closes its receiver as a slow consumer",
+            c.max_outbound_bytes, c.limits.max_message
+        ));
+    }
+    if c.ping_interval >= c.idle_timeout {
+        w.push(format!(
+            "timeouts.ping_interval ({}) is not below timeouts.idle ({}): quiet peers are \
+             closed before they are pinged",
+            show_duration(c.ping_interval),
+            show_duration(c.idle_timeout)
+        ));
+    }
+    w
+}
+
+// ------------------------------------------------------------------ print-out
+
+fn show_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("\"{}MiB\"", n >> 20)
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
+        format!("\"{}KiB\"", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
+fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("\"{}s\"", ms / 1000)
+    } else {
+        format!("\"{ms}ms\"")
+    }
+}
+
+/// The effective configuration as TOML, with every value's source as a comment and
+/// every key redacted.
+pub fn render(eff: &Effective) -> String {
+    let c = &eff.cfg;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# middleman {}: effective configuration",
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = writeln!(
+        s,
+        "# precedence: command line > environment > {} > defaults; keys redacted\n",
+        eff.file
+            .as_ref()
+            .map_or("file (none given)".to_owned(), |p| p.display().to_string())
+    );
+    let line = |s: &mut String, name: &'static str, key: &str, value: String| {
+        let text = format!("{key} = {value}");
+        let _ = writeln!(s, "{text:<40} # {}", eff.source(name));
+    };
+    let urls: Vec<String> = c.listeners.iter().map(|l| format!("\"{l}\"")).collect();
+    line(&mut s, "listen", "listen", format!("[{}]", urls.join(", ")));
+    for (name, v) in [("tls_cert", &c.tls_cert), ("tls_key", &c.tls_key)] {
+        if let Some(p) = v {
+            line(&mut s, name, name, format!("{:?}", p.display().to_string()));
+        }
+    }
+    line(
+        &mut s,
+        "log_level",
+        "log_level",
+        format!("\"{}\"", eff.log_level.as_str().to_ascii_lowercase()),
+    );
+    if c.echo {
+        let _ = writeln!(s, "# echo mode (--echo): no keys");
+    } else if c.keys.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n# no keys configured: a service key and a client key are generated at start \
+             and printed once (loopback only)"
+        );
+    }
+    for (role, origins) in &eff.key_origins {
+        for o in origins {
+            let _ = writeln!(s, "\n[[keys]]\nrole = \"{role}\"");
+            let _ = writeln!(s, "{:<40} # {o}", "key = \"(redacted)\"");
+        }
+    }
+    let _ = writeln!(s, "\n[limits]");
+    for (name, key, v) in [
+        (
+            "limits.max_message_bytes",
+            "max_message_bytes",
+            show_bytes(c.limits.max_message),
+        ),
+        (
+            "limits.max_line_bytes",
+            "max_line_bytes",
+            show_bytes(c.limits.max_line),
+        ),
+        (
+            "limits.max_header_lines",
+            "max_header_lines",
+            c.limits.max_headers.to_string(),
+        ),
+        (
+            "limits.max_connections",
+            "max_connections",
+            c.max_connections.to_string(),
+        ),
+        (
+            "limits.max_subscriptions",
+            "max_subscriptions",
+            c.max_subscriptions.to_string(),
+        ),
+        (
+            "limits.max_outbound_bytes",
+            "max_outbound_bytes",
+            show_bytes(c.max_outbound_bytes),
+        ),
+    ] {
+        line(&mut s, name, key, v);
+    }
+    let _ = writeln!(s, "\n[timeouts]");
+    for (name, key, v) in [
+        ("timeouts.handshake", "handshake", c.handshake_timeout),
+        ("timeouts.ping_interval", "ping_interval", c.ping_interval),
+        ("timeouts.idle", "idle", c.idle_timeout),
+        ("timeouts.request", "request", c.request_timeout),
+        (
+            "timeouts.shutdown_grace",
+            "shutdown_grace",
+            c.shutdown_grace,
+        ),
+    ] {
+        line(&mut s, name, key, show_duration(v));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(src: &str) -> Result<FileConfig, String> {
+        parse(src, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn full_file() {
+        let f = parse_str(
+            "listen = \"127.0.0.1:9000\"\nlog_level = \"debug\"\n\n[[keys]]\nrole = \"client\"\n\
+             key = \" abc \"\n\n[limits]\nmax_message_bytes = \"2MiB\"\nmax_line_bytes = 4096\n\
+             max_connections = 7\n\n[timeouts]\nidle = \"90s\"\nrequest = 5\n",
+        )
+        .unwrap();
+        assert_eq!(
+            f.listen,
+            Some(At {
+                value: vec!["127.0.0.1:9000".parse().unwrap()],
+                line: 1
+            })
+        );
+        assert_eq!(f.log_level.map(|a| a.value), Some(log::LevelFilter::Debug));
+        assert_eq!(f.client_keys.keys, vec!["abc".to_owned()]);
+        assert_eq!(f.client_keys.origins, vec!["line 6".to_owned()]);
+        assert_eq!(
+            f.max_message_bytes,
+            Some(At {
+                value: 2 << 20,
+                line: 9
+            })
+        );
+        assert_eq!(f.max_line_bytes.map(|a| a.value), Some(4096));
+        assert_eq!(f.max_connections.map(|a| a.value), Some(7));
+        assert_eq!(
+            f.idle_timeout,
+            Some(At {
+                value: Duration::from_secs(90),
+                line: 14
+            })
+        );
+        assert_eq!(
+            f.request_timeout.map(|a| a.value),
+            Some(Duration::from_secs(5))
+        );
+        assert!(f.handshake_timeout.is_none());
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let e =
+            parse_str("listen = \"127.0.0.1:1\"\n[timeouts]\nidle = \"60 parsecs\"\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:3:8: timeouts.idle: invalid duration"),
+            "{e}"
+        );
+        assert!(e.contains("   3 | idle = \"60 parsecs\""), "{e}");
+
+        let e = parse_str("\n[limits]\nmax_conections = 5\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:3:1: limits.max_conections: "),
+            "{e}"
+        );
+        assert!(e.contains("unknown field `max_conections`"), "{e}");
+
+        let e = parse_str("listen = \"nowhere\"\n").unwrap_err();
+        assert!(e.starts_with("test.toml:1:10: listen: "), "{e}");
+
+        let e = parse_str("[limits]\nmax_connections = \"many\"\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:2:19: limits.max_connections: expected an integer"),
+            "{e}"
+        );
+
+        let e = parse_str("a = [\n").unwrap_err();
+        assert!(e.starts_with("test.toml:"), "{e}");
+
+        let e = parse_str("[[keys]]\nrole = \"admin\"\nkey = \"x\"\n").unwrap_err();
+        assert!(e.starts_with("test.toml:2:8: keys[0].role: "), "{e}");
+
+        let e = parse_str("[[keys]]\nrole = \"client\"\n").unwrap_err();
+        assert!(e.contains("keys[0]: give exactly one of"), "{e}");
+
+        let e =
+            parse_str("[[keys]]\nrole = \"client\"\nkey_file = \"/nonexistent/k\"\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:3:12: keys[0].key_file: cannot read /nonexistent/k"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn key_file_is_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("mm-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("svc.keys"),
+            "# rotated 2026-11\nk-one\n\n  k-two  \n",
+        )
+        .unwrap();
+        let f = parse(
+            "[[keys]]\nrole = \"service\"\nkey_file = \"svc.keys\"\n",
+            &dir.join("m.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.service_keys.keys, vec!["k-one", "k-two"]);
+        std::fs::write(dir.join("empty.keys"), "# nothing\n").unwrap();
+        let e = parse(
+            "[[keys]]\nrole = \"service\"\nkey_file = \"empty.keys\"\n",
+            &dir.join("m.toml"),
+        )
+        .unwrap_err();
+        assert!(e.contains("holds no key"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn precedence_command_line_env_file_default() {
+        let f = parse_str(
+            "listen = \"127.0.0.1:9000\"\n[[keys]]\nrole = \"service\"\nkey = \"file-svc\"\n\
+             [[keys]]\nrole = \"client\"\nkey = \"file-cli\"\n[limits]\nmax_connections = 7\n\
+             max_subscriptions = 8\n[timeouts]\nidle = \"90s\"\n",
+        )
+        .unwrap();
+        let mut cfg = Config {
+            listeners: vec!["127.0.0.1:1".parse().unwrap()], // from the command line
+            max_connections: 3,                              // from the environment
+            ..Config::default()
+        };
+        cfg.keys.client = vec!["env-cli".into()]; // from the environment
+        let eff = merge(cfg, log::LevelFilter::Info, Some(&f), |id| match id {
+            "listen" => Source::CommandLine,
+            "max_connections" | "client_keys" => Source::Env,
+            _ => Source::Default,
+        });
+        assert_eq!(eff.cfg.listeners, vec!["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(eff.source("listen"), Source::CommandLine);
+        assert_eq!(eff.cfg.max_connections, 3);
+        assert_eq!(eff.source("limits.max_connections"), Source::Env);
+        assert_eq!(eff.cfg.max_subscriptions, 8);
+        assert_eq!(eff.source("limits.max_subscriptions"), Source::File(10));
+        assert_eq!(eff.cfg.idle_timeout, Duration::from_secs(90));
+        assert_eq!(eff.cfg.request_timeout, Duration::from_secs(30));
+        assert_eq!(eff.source("timeouts.request"), Source::Default);
+        assert_eq!(eff.cfg.keys.service, vec!["file-svc"]);
+        assert_eq!(eff.cfg.keys.client, vec!["env-cli"]);
+        let printed = render(&eff);
+        assert!(!printed.contains("file-svc") && !printed.contains("env-cli"));
+        assert!(printed.contains("max_subscriptions = 8"), "{printed}");
+        assert!(printed.contains("# file, line 10"), "{printed}");
+        assert!(validate(&eff).is_ok());
+    }
+
+    #[test]
+    fn validation_names_the_source() {
+        let f = parse_str("[limits]\nmax_connections = 0\n").unwrap();
+        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
+            Source::Default
+        });
+        let e = validate(&eff).unwrap_err();
+        assert_eq!(
+            e,
+            "limits.max_connections (test.toml:2): 0 is below the minimum 1"
+        );
+        let cfg = Config {
+            listeners: vec!["0.0.0.0:8765".parse().unwrap()],
+            ..Config::default()
+        };
+        let eff = merge(cfg, log::LevelFilter::Info, None, |id| match id {
+            "listen" => Source::CommandLine,
+            _ => Source::Default,
+        });
+        let e = validate(&eff).unwrap_err();
+        assert!(
+            e.starts_with("listen (command line): no keys configured"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listeners_with_roles_and_tls_paths() {
+        let f = parse_str(
+            "listen = [\"ws://127.0.0.1:1\", \"tcp://127.0.0.1:2?roles=service\"]\n\
+             tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        let l = f.listen.unwrap();
+        assert_eq!(l.line, 1);
+        assert_eq!(l.value.len(), 2);
+        assert_eq!(l.value[1].roles, Some(vec![crate::broker::Role::Service]));
+        assert!(f.tls_cert.unwrap().value.unwrap().ends_with("c.pem"));
+        let e = parse_str("listen = [\"ftp://127.0.0.1:1\"]\n").unwrap_err();
+        assert!(
+            e.contains(":1:") && e.contains("listen: ") && e.contains("ftp"),
+            "{e}"
+        );
+        let e = parse_str("listen = 5\n").unwrap_err();
+        assert!(e.contains("listen: expected a listener URL"), "{e}");
+    }
+}

@@ -1,0 +1,212 @@
+//! The live console in a real browser: headless Chromium, driven by playwright-core from
+//! tests/browser-console/console.mjs, loads `/console` from an in-process server; the test
+//! then applies load through the server with the harness peers, and the page must show
+//! the numbers and the chart change. A screenshot of the console under load is kept at
+//! target/console-browser/console-under-load.png.
+//!
+//! Needs node, /usr/bin/chromium and `npm ci` in tests/browser-console
+//! (`.ci/install-browser.sh` installs them). Without them the test says so and passes,
+//! unless the CI environment variable is set, where it fails.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::Message;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn project_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser-console")
+}
+
+/// What is missing to run the browser test, if anything.
+fn missing_tools() -> Vec<String> {
+    let mut missing = Vec::new();
+    let node_ok = Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !node_ok {
+        missing.push("node (not on PATH)".to_owned());
+    }
+    if !Path::new(CHROMIUM).exists() {
+        missing.push(format!("{CHROMIUM} (apt-get install -y chromium)"));
+    }
+    if !project_dir()
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        missing.push("playwright-core (npm ci in tests/browser-console)".to_owned());
+    }
+    missing
+}
+
+/// Next line from the script's stdout that starts with one of `tags`, within `limit`.
+fn next_tagged(lines: &mpsc::Receiver<String>, tags: &[&str], limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .unwrap_or_else(|| panic!("no {tags:?} line from the browser script in {limit:?}"));
+        match lines.recv_timeout(left) {
+            Ok(l) if tags.iter().any(|t| l.starts_with(t)) => return l,
+            Ok(l) => eprintln!("browser script: {l}"),
+            Err(_) => panic!("browser script ended or went quiet before {tags:?}"),
+        }
+    }
+}
+
+#[test]
+fn console_shows_the_server_live_in_chromium() {
+    let missing = missing_tools();
+    if !missing.is_empty() {
+        let msg = format!(
+            "console browser test cannot run; missing: {} (bash .ci/install-browser.sh)",
+            missing.join(", ")
+        );
+        if std::env::var_os("CI").is_some() {
+            panic!("{msg}");
+        }
+        // Straight to fd 2: the test harness captures eprintln! of passing tests.
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
+        return;
+    }
+    let srv = TestServer::start();
+    let base = format!("http://{}", srv.addr);
+    let shot_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("console-browser");
+    std::fs::create_dir_all(&shot_dir).unwrap();
+    let shot = shot_dir.join("console-under-load.png");
+    let _ = std::fs::remove_file(&shot);
+
+    let mut node = Command::new("node")
+        .arg("console.mjs")
+        .arg(&base)
+        .arg(&shot)
+        .current_dir(project_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start node");
+    let mut stdin = node.stdin.take().unwrap();
+    let stdout = node.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+
+    // 1. The page is live and shows an idle server.
+    let ready = next_tagged(&lines, &["READY ", "FAIL "], Duration::from_secs(60));
+    assert!(ready.starts_with("READY "), "{ready}");
+    let before: Value = serde_json::from_str(&ready["READY ".len()..]).unwrap();
+    assert_eq!(before["service"], "0", "{before}");
+    assert_eq!(before["client"], "0", "{before}");
+    assert_eq!(before["pending"], "0", "{before}");
+
+    // 2. Load: one service, three subscribed clients, a pending request, a refused key,
+    //    and a steady stream of publications (the clients drain theirs on threads).
+    let mut svc = Peer::service(srv.addr);
+    svc.send("ESUB", "load-topic", &[], "");
+    svc.send("EREQ", "clock", &[], "");
+    svc.sync();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut drainers = Vec::new();
+    for i in 0..3 {
+        let mut c = Peer::client(srv.addr);
+        c.send("SUB", "load-topic", &[], "");
+        c.sync();
+        if i == 0 {
+            c.send("REQ", "clock", &[("ReqID", "1")], "");
+            let req = svc.recv();
+            assert_eq!(req.header("ReqID"), Some("1"));
+        }
+        let stop = stop.clone();
+        drainers.push(std::thread::spawn(move || {
+            let mut got = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match c.ws.read() {
+                    Ok(Message::Text(_) | Message::Binary(_)) => got += 1,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            (got, c)
+        }));
+    }
+    let mut bad = ws_connect(srv.addr);
+    bad.send(Message::text("wrong-key")).unwrap();
+    assert_eq!(recv_close(&mut bad).0, 1008);
+    drop(bad);
+    let publisher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            let limit = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < limit {
+                for _ in 0..25 {
+                    svc.send("PUB", "load-topic", &[], &format!("tick {sent}"));
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20)); // pacing, not synchronisation
+            }
+            (sent, svc)
+        })
+    };
+    let want = serde_json::json!({
+        "service": 1, "client": 3, "pending": 1, "topic": "load-topic", "subscribers": 3,
+        "bad_key_closes": 1,
+    });
+    writeln!(stdin, "LOADED {want}").unwrap();
+    stdin.flush().unwrap();
+
+    // 3. The page shows it.
+    let result = next_tagged(&lines, &["RESULT ", "FAIL "], Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, _svc) = publisher.join().unwrap();
+    for d in drainers {
+        let _ = d.join();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = node.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = node.kill();
+            panic!("node did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(result.starts_with("RESULT "), "{result}");
+    assert!(status.success(), "node exited with {status}");
+    let after: Value = serde_json::from_str(&result["RESULT ".len()..]).unwrap();
+    assert_eq!(after["service"], "1", "{after}");
+    assert_eq!(after["client"], "3", "{after}");
+    assert_eq!(after["pending"], "1", "{after}");
+    assert_eq!(after["busiest"][0], serde_json::json!(["load-topic", "3"]));
+    assert_eq!(after["chart_changed"], true);
+    assert!(after["chart_points"].as_u64().unwrap() >= 2, "{after}");
+    assert!(
+        after["chart_max"].as_f64().unwrap() > before["chart_max"].as_f64().unwrap(),
+        "{after}"
+    );
+    assert!(sent > 0);
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(png.len() > 10_000 && png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    eprintln!("console screenshot: {}", shot.display());
+}
