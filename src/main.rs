@@ -20,12 +20,17 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Cmd {}
+enum Cmd {
+    /// Load tool: measure a running server (middleman or nats-server) over WebSocket.
+    Bench(middleman::bench::Args),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(cmd) = cli.cmd {
-        match cmd {}
+        match cmd {
+            Cmd::Bench(args) => return middleman::bench::run(args),
+        }
     }
     let cli = cli.serve;
     if let Err(e) = simple_logger::SimpleLogger::new()
