@@ -92,6 +92,11 @@ pub struct FanoutArgs {
     /// Messages per write when not rate-limited.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Put each batch in one WebSocket message (both protocols allow several protocol
+    /// messages per WebSocket message; NATS WebSocket clients send that way) instead of
+    /// one WebSocket message per published message.
+    #[arg(long)]
+    pub pack: bool,
 }
 
 /// `bench reqres`.

@@ -539,18 +539,24 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
+        scratch.clear();
         for _ in 0..batch {
             if sent >= limit {
                 break;
             }
             stats::restamp(&mut body, sent, now_ns());
-            scratch.clear();
             match c.proto {
                 Proto::Mm => encode_mm(&mut scratch, b"PUB", &plan.subject, &[], &body),
                 Proto::Nats => encode_nats_pub(&mut scratch, &plan.subject, b"", &body),
             }
-            push_frame(&mut publisher.wbuf, 0x1, &scratch);
+            if !a.pack {
+                push_frame(&mut publisher.wbuf, 0x1, &scratch);
+                scratch.clear();
+            }
             sent += 1;
+        }
+        if a.pack && !scratch.is_empty() {
+            push_frame(&mut publisher.wbuf, 0x1, &scratch);
         }
         if let Err(e) = publisher.flush_blocking() {
             pub_err = Some(format!("publisher: {e}"));
