@@ -105,6 +105,7 @@ for RUN in $(seq 1 "$RUNS"); do
         both "fanout${size}_100" fanout --subs 100 --size "$size" --duration "$DUR" --threads 2
         both "fanout${size}_1000" fanout --subs 1000 --size "$size" --duration "$DUR" --threads 2
     done
+    both fanout64_1_pack fanout --subs 1 --size 64 --duration "$DUR" --pack
     both lat1_10k fanout --subs 1 --rate 10000 --duration "$DUR"
     both lat1000_100 fanout --subs 1000 --rate 100 --duration "$DUR" --threads 2
     both reqres100x16x2 reqres --requesters 100 --window 16 --responders 2 --duration "$DUR"
@@ -139,6 +140,7 @@ def fmt(v, unit):
 
 spec = [
     ("fanout64_1", "fan-out 64 B, 1 subscriber (deliveries / server CPU-s)", "deliveries_per_server_cpu_s", "M", True),
+    ("fanout64_1_pack", "(extra) fan-out 64 B, 1 subscriber, publisher packs 16 per WebSocket message", "deliveries_per_server_cpu_s", "M", True),
     ("fanout64_100", "fan-out 64 B, 100 subscribers", "deliveries_per_server_cpu_s", "M", True),
     ("fanout64_1000", "fan-out 64 B, 1000 subscribers", "deliveries_per_server_cpu_s", "M", True),
     ("fanout1024_1", "fan-out 1 KiB, 1 subscriber", "deliveries_per_server_cpu_s", "M", True),
