@@ -109,6 +109,23 @@ fn fanout_delivers_everything_in_order() {
     assert_eq!(field(&out, "deliveries"), "400");
     assert_eq!(field(&out, "size"), "1024");
     assert!(num(&out, "elapsed_s") >= 0.15, "rate not applied: {out}");
+
+    // Bodies larger than the server's 8 KiB line limit are sent as several lines.
+    let (code, out) = bench(
+        &server,
+        &["fanout", "--subs", "2", "--msgs", "50", "--size", "64KiB"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "deliveries"), "100");
+}
+
+#[test]
+fn a_refused_publisher_is_reported() {
+    // A message limit below the body size: the server closes the publisher (1009).
+    let server = TestServer::with(|c| c.limits.max_message = 500);
+    let (code, out) = bench(&server, &["fanout", "--msgs", "5", "--size", "1000"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("first error: publisher"), "{out}");
 }
 
 #[test]

@@ -564,6 +564,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         }
     }
     let pub_secs = started.elapsed().as_secs_f64();
+
     // Wait for every delivery, or until receivers stall.
     let expected = sent * a.subs as u64;
     let mut last = (shared.received.load(Ordering::Acquire), Instant::now());
@@ -580,6 +581,10 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         std::thread::sleep(Duration::from_millis(1));
     }
     shared.stop.store(true, Ordering::Release);
+    // Did the server refuse anything from the publisher (e.g. a close for a limit)?
+    if pub_err.is_none() {
+        pub_err = publisher_refusal(&mut publisher);
+    }
     let o = join_all(workers)?;
     let server_cpu = cpu.elapsed();
     let client_cpu = stats::self_cpu().saturating_sub(self0);
@@ -643,6 +648,37 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
     }
     println!("{kv}");
     Ok(lost == 0 && o.out_of_order == 0 && o.errors == 0 && pub_err.is_none() && sent > 0)
+}
+
+/// An error or close the server sent the publisher, if any (read without blocking).
+fn publisher_refusal(p: &mut WsConn) -> Option<String> {
+    if p.sock.set_nonblocking(true).is_err() {
+        return None;
+    }
+    let mut err = None;
+    for _ in 0..64 {
+        match p.read_nonblocking() {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                err.get_or_insert(format!("publisher: {e}"));
+                break;
+            }
+        }
+    }
+    let _ = p.drain(|ev, _| match ev {
+        Ev::Error(e) => {
+            err = Some(format!(
+                "publisher: server said {}",
+                String::from_utf8_lossy(e)
+            ));
+        }
+        Ev::Msg { subject, body, .. } if subject == b"ERROR" => {
+            err = Some(format!("publisher: {}", String::from_utf8_lossy(body)));
+        }
+        _ => {}
+    });
+    err
 }
 
 /// `bench reqres`.

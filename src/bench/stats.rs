@@ -24,7 +24,13 @@ pub fn stamp_body(out: &mut Vec<u8>, seq: u64, ts: u64, size: usize) {
     out.push(b' ');
     push_hex(out, ts);
     out.push(b' ');
-    out.resize(size.max(STAMP), b'x');
+    let size = size.max(STAMP);
+    out.resize(size, b'x');
+    // Lines of 64 bytes (LF, never the last byte), so large bodies stay within the
+    // server's line limit (middleman: 8 KiB by default); a 64-byte body is one line.
+    for i in (63..size - 1).step_by(64) {
+        out[i] = b'\n';
+    }
 }
 
 /// Overwrite the stamp at the start of an already built body.
@@ -202,6 +208,14 @@ mod tests {
         assert_eq!(read_stamp(&b), Some((0x1234, u64::MAX - 7)));
         restamp(&mut b, 9, 10);
         assert_eq!(read_stamp(&b), Some((9, 10)));
+        assert!(!b.contains(&b'\n'), "a 64-byte body is one line");
+        stamp_body(&mut b, 1, 2, 1000);
+        assert_eq!(b.len(), 1000);
+        assert_eq!(read_stamp(&b), Some((1, 2)));
+        assert!(b
+            .split(|&c| c == b'\n')
+            .all(|l| l.len() <= 64 && !l.starts_with(b".")));
+        assert_ne!(b.last(), Some(&b'\n'));
         assert_eq!(read_stamp(b"short"), None);
         assert_eq!(read_stamp(&[b'z'; 40]), None);
     }
