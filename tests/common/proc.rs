@@ -10,6 +10,11 @@ use std::time::Duration;
 pub struct Proc {
     pub child: Child,
     lines: mpsc::Receiver<String>,
+    /// Lines received while waiting for another one. stdout and stderr are read by two
+    /// threads, so their lines can arrive out of the order they were written in (keys
+    /// on stdout, then "listening" on stderr): a wait must not throw away a line a
+    /// later wait needs.
+    held: std::cell::RefCell<Vec<String>>,
 }
 
 impl Proc {
@@ -40,16 +45,26 @@ impl Proc {
                 let _ = tx2.send(format!("err: {l}"));
             }
         });
-        Proc { child, lines }
+        Proc {
+            child,
+            lines,
+            held: Default::default(),
+        }
     }
 
     /// Wait for a line containing `needle`; returns it.
     pub fn wait_line(&self, needle: &str) -> String {
+        {
+            let mut held = self.held.borrow_mut();
+            if let Some(i) = held.iter().position(|l| l.contains(needle)) {
+                return held.remove(i);
+            }
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
+                Ok(l) => self.held.borrow_mut().push(l),
                 Err(_) => break,
             }
         }
