@@ -217,7 +217,7 @@ struct Session {
 pub struct Broker {
     router: Router,
     sessions: Vec<Option<Session>>,
-    cids: std::collections::HashMap<Box<str>, ConnId>,
+    cids: foldhash::HashMap<Box<str>, ConnId>,
     monitors: Vec<ConnId>,
     settings: Settings,
     cid_prefix: String,
@@ -407,18 +407,27 @@ impl Broker {
     }
 
     fn publish(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
-        let subs = self.router.subscribers(msg.target);
+        // One topic look-up per message: the subscriber list is borrowed from the
+        // router while the packet is built from the session (disjoint fields).
+        let topic = self.router.lookup(msg.target);
+        let subs: &[ConnId] = topic
+            .and_then(|id| self.router.topic(id))
+            .map_or(&[], |t| &t.subs);
         if subs.is_empty() && self.monitors.is_empty() {
             return;
         }
-        let pkt = Rc::new(self.relay_packet(from, msg, &[], None));
-        let subs = self.router.subscribers(msg.target);
+        let pkt = Rc::new(relay_packet(
+            self.sessions.get(from).and_then(Option::as_ref),
+            msg,
+            &[],
+            None,
+        ));
         for &s in subs {
             out.send(s, &pkt);
         }
         self.stats.delivered_pub += subs.len() as u64;
         for &m in &self.monitors {
-            if !self.router.is_subscribed(m, msg.target) {
+            if !topic.is_some_and(|t| self.router.is_subscribed_id(m, t)) {
                 out.send(m, &pkt);
             }
         }
@@ -515,46 +524,7 @@ impl Broker {
         drop: &[&[u8]],
         extra: Option<(&[u8], &[u8])>,
     ) -> Packet {
-        let (cid, uid): (&[u8], &[u8]) = match self.session(from) {
-            Some(s) => (s.cid.as_bytes(), &s.uid),
-            None => (b"", b""),
-        };
-        // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
-        // body with a little room for stuffing dots, terminator.
-        let hint = msg.cmd.len()
-            + msg.target.len()
-            + msg
-                .headers()
-                .map(|(n, v)| n.len() + v.len() + 4)
-                .sum::<usize>()
-            + extra.map_or(0, |(n, v)| n.len() + v.len() + 4)
-            + cid.len()
-            + uid.len()
-            + msg.body.len()
-            + msg.body.len() / 32
-            + 32;
-        Packet::build_sized(hint, |b| {
-            b.extend_from_slice(msg.cmd);
-            b.push(b' ');
-            b.extend_from_slice(msg.target);
-            b.extend_from_slice(b"\r\n");
-            for (name, value) in msg.headers() {
-                let skip = name.eq_ignore_ascii_case(b"cid")
-                    || name.eq_ignore_ascii_case(b"uid")
-                    || drop.iter().any(|d| name.eq_ignore_ascii_case(d));
-                if !skip {
-                    push_header(b, name, value);
-                }
-            }
-            if let Some((n, v)) = extra {
-                push_header(b, n, v);
-            }
-            push_header(b, b"cid", cid);
-            push_header(b, b"uid", uid);
-            b.extend_from_slice(b"\r\n");
-            push_body(b, &msg.body);
-            b.extend_from_slice(b"\r\n.\r\n");
-        })
+        relay_packet(self.session(from), msg, drop, extra)
     }
 
     fn error(&mut self, out: &mut impl Outbox, to: ConnId, msg: &Message<'_>, why: &'static str) {
@@ -576,6 +546,57 @@ impl Broker {
         }
         out.send(to, &Rc::new(error_packet(cmd, target, why, reqid)));
     }
+}
+
+/// Encode `msg` as relayed from `session`: the sender's headers in order, minus `cid`,
+/// `uid` and any name in `drop` (lower case; compared case-insensitively), then `extra`,
+/// then the server's `cid` and `uid`.
+fn relay_packet(
+    session: Option<&Session>,
+    msg: &Message<'_>,
+    drop: &[&[u8]],
+    extra: Option<(&[u8], &[u8])>,
+) -> Packet {
+    let (cid, uid): (&[u8], &[u8]) = match session {
+        Some(s) => (s.cid.as_bytes(), &s.uid),
+        None => (b"", b""),
+    };
+    // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
+    // body with a little room for stuffing dots, terminator.
+    let hint = msg.cmd.len()
+        + msg.target.len()
+        + msg
+            .headers()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum::<usize>()
+        + extra.map_or(0, |(n, v)| n.len() + v.len() + 4)
+        + cid.len()
+        + uid.len()
+        + msg.body.len()
+        + msg.body.len() / 32
+        + 32;
+    Packet::build_sized(hint, |b| {
+        b.extend_from_slice(msg.cmd);
+        b.push(b' ');
+        b.extend_from_slice(msg.target);
+        b.extend_from_slice(b"\r\n");
+        for (name, value) in msg.headers() {
+            let skip = name.eq_ignore_ascii_case(b"cid")
+                || name.eq_ignore_ascii_case(b"uid")
+                || drop.iter().any(|d| name.eq_ignore_ascii_case(d));
+            if !skip {
+                push_header(b, name, value);
+            }
+        }
+        if let Some((n, v)) = extra {
+            push_header(b, n, v);
+        }
+        push_header(b, b"cid", cid);
+        push_header(b, b"uid", uid);
+        b.extend_from_slice(b"\r\n");
+        push_body(b, &msg.body);
+        b.extend_from_slice(b"\r\n.\r\n");
+    })
 }
 
 /// The §7 error message: `PUB ERROR` with `cmd`, `target`, `reason` (and `ReqID`),

@@ -5,6 +5,7 @@
 //! WebSocket framing and the event loop).
 
 pub mod args;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -33,6 +33,8 @@ enum Cmd {
     Req(cli::ReqArgs),
     /// Answer requests for a target (a responder for trying things out).
     Reply(cli::ReplyArgs),
+    /// Load tool: measure a running server (middleman or nats-server) over WebSocket.
+    Bench(middleman::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
             Cmd::Pub(a) => cli::publish(a),
             Cmd::Req(a) => cli::request(a),
             Cmd::Reply(a) => cli::reply(a),
+            Cmd::Bench(args) => middleman::bench::run(args),
         };
     }
     let args = cli.serve;

@@ -34,25 +34,40 @@ pub fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Append a body with dot-stuffing (a `.` is added before every line starting with `.`).
+///
+/// Copies the runs between stuffing points whole rather than line by line (a 1 KiB
+/// body of 16 lines was 16 `memchr` calls and 16 copies). Long bodies are scanned for
+/// `\n.` with `memmem` (1 KiB: 39% faster than line by line); short ones with
+/// `memchr_iter`, because building a `memmem` searcher per call made one-line 64-byte
+/// bodies 50% slower.
 pub fn push_body(out: &mut Vec<u8>, body: &[u8]) {
-    let mut line_start = 0;
-    loop {
-        if body.get(line_start) == Some(&b'.') {
-            out.push(b'.');
+    out.reserve(body.len() + 1);
+    if body.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    let mut from = 0;
+    // `i` is a line break followed by a '.' that starts the next line.
+    let mut stuff = |i: usize, out: &mut Vec<u8>| {
+        out.extend_from_slice(&body[from..=i]);
+        out.push(b'.');
+        from = i + 1;
+    };
+    if body.len() >= MEMMEM_FROM {
+        for i in memchr::memmem::find_iter(body, b"\n.") {
+            stuff(i, out);
         }
-        match memchr::memchr(b'\n', &body[line_start..]) {
-            Some(i) => {
-                let end = line_start + i + 1;
-                out.extend_from_slice(&body[line_start..end]);
-                line_start = end;
-            }
-            None => {
-                out.extend_from_slice(&body[line_start..]);
-                return;
+    } else {
+        for i in memchr::memchr_iter(b'\n', body) {
+            if body.get(i + 1) == Some(&b'.') {
+                stuff(i, out);
             }
         }
     }
+    out.extend_from_slice(&body[from..]);
 }
+
+/// Body length from which [`push_body`] searches with `memmem`.
+const MEMMEM_FROM: usize = 256;
 
 /// Room kept in front of a packet's payload for the largest WebSocket frame header.
 const HEADROOM: usize = 10;
@@ -146,9 +161,56 @@ mod tests {
         let mut v = Vec::new();
         push_body(&mut v, b".a\n.b\r\nc\n.");
         assert_eq!(v, b"..a\n..b\r\nc\n..");
+        for (body, want) in [
+            (&b""[..], &b""[..]),
+            (b".", b".."),
+            (b"\n.\n.", b"\n..\n.."),
+            (b"\n\n..x", b"\n\n...x"),
+            (b"a.b\n c.", b"a.b\n c."),
+        ] {
+            let mut v = Vec::new();
+            push_body(&mut v, body);
+            assert_eq!(v, want, "{:?}", String::from_utf8_lossy(body));
+        }
         let mut v = Vec::new();
         encode_into(&mut v, b"PUB", b"t", [], b"");
         assert_eq!(v, b"PUB t\r\n\r\n\r\n.\r\n");
+    }
+
+    /// The obvious line-by-line stuffing, to check both search paths against.
+    fn stuff_reference(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+            if i > 0 {
+                out.push(b'\n');
+            }
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+        }
+        out
+    }
+
+    #[test]
+    fn stuffing_long_and_short_bodies_agree_with_reference() {
+        let alphabet = [b'.', b'\n', b'\r', b'a', b'.', b'\n'];
+        let mut seed = 0x2545_f491_u64;
+        for len in [0usize, 1, 2, 3, 63, 64, 255, 256, 257, 1000, 4096] {
+            for _ in 0..20 {
+                let body: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        alphabet[(seed % alphabet.len() as u64) as usize]
+                    })
+                    .collect();
+                let mut v = Vec::new();
+                push_body(&mut v, &body);
+                assert_eq!(v, stuff_reference(&body), "len {len}");
+            }
+        }
     }
 
     #[test]

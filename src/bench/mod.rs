@@ -1,0 +1,156 @@
+//! `middleman bench`: a load tool over real WebSocket connections (in the spirit of
+//! `nats bench`), for middleman and, with `--proto nats`, for nats-server's WebSocket
+//! listener, so both are measured with the same client.
+//!
+//! Scenarios: `fanout` (S subscribers, one publisher), `reqres` (C requesters with a
+//! window of W, K responders), `conns` (N idle authenticated connections). Throughput
+//! is reported per wall second and, given `--server-pid`, per server CPU-second (read
+//! from `/proc/PID/stat`), next to the tool's own CPU time so a saturated client shows.
+//!
+//! The client side uses a few threads, each running one `mio` poll over its share of
+//! the connections, with reused buffers. Every message carries its sequence number and
+//! send time (nanoseconds on the tool's monotonic clock) at the start of its body, so
+//! receivers count losses, reordering and end-to-end latency.
+
+mod run;
+pub mod stats;
+pub mod ws;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::{parse_bytes, parse_duration};
+pub use ws::Proto;
+
+/// `middleman bench SCENARIO [options]`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// What to measure.
+#[derive(clap::Subcommand, Debug)]
+pub enum Scenario {
+    /// S subscribers, one publisher: deliveries/s, latency, lost and out-of-order counts.
+    Fanout(FanoutArgs),
+    /// C requesters with W requests in flight each, K responders.
+    Reqres(ReqresArgs),
+    /// N idle authenticated connections: connect+auth latency, server RSS per connection.
+    Conns(ConnsArgs),
+}
+
+/// Options every scenario takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Server URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8765/")]
+    pub url: String,
+    /// middleman service key (ignored for NATS).
+    #[arg(long, env = "MM_SERVICE_KEY", default_value = "")]
+    pub key: String,
+    /// Protocol spoken by the server.
+    #[arg(long, value_enum, default_value = "mm")]
+    pub proto: Proto,
+    /// The server's process id: report its CPU time (and RSS for `conns`).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Client threads receiving (each polls its share of the connections).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Subject / topic name.
+    #[arg(long, default_value = "bench")]
+    pub subject: String,
+    /// Longest time to wait for set-up steps (connect, auth, subscribe).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub setup_timeout: Duration,
+}
+
+/// `bench fanout`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Subscribers.
+    #[arg(long, short = 's', default_value_t = 1)]
+    pub subs: usize,
+    /// Messages to publish (0: until --duration).
+    #[arg(long, short = 'n', default_value_t = 0)]
+    pub msgs: u64,
+    /// Publish for this long (when --msgs is 0, or whichever comes first).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Body size in bytes (at least 34: sequence number and timestamp).
+    #[arg(long, default_value = "64", value_parser = parse_bytes)]
+    pub size: usize,
+    /// Messages per second (0: as fast as the slowest subscriber keeps up).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Most messages the publisher may be ahead of the slowest subscriber.
+    #[arg(long, default_value_t = 256)]
+    pub window: u64,
+    /// Messages per write when not rate-limited.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Put each batch in one WebSocket message (both protocols allow several protocol
+    /// messages per WebSocket message; NATS WebSocket clients send that way) instead of
+    /// one WebSocket message per published message.
+    #[arg(long)]
+    pub pack: bool,
+}
+
+/// `bench reqres`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReqresArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Requesters.
+    #[arg(long, short = 'c', default_value_t = 10)]
+    pub requesters: usize,
+    /// Requests in flight per requester.
+    #[arg(long, short = 'w', default_value_t = 16)]
+    pub window: u32,
+    /// Responders.
+    #[arg(long, short = 'k', default_value_t = 2)]
+    pub responders: usize,
+    /// Requests in total (0: until --duration).
+    #[arg(long, short = 'n', default_value_t = 0)]
+    pub msgs: u64,
+    /// Issue requests for this long (when --msgs is 0, or whichever comes first).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Body size in bytes (at least 34).
+    #[arg(long, default_value = "64", value_parser = parse_bytes)]
+    pub size: usize,
+}
+
+/// `bench conns`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnsArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Connections to open and hold.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    pub conns: usize,
+    /// How long to hold them before measuring the server's RSS.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub hold: Duration,
+}
+
+/// Run a scenario; prints a report and a final `result:` line of `key=value` pairs.
+/// Exit status 1 when anything was lost or reordered or the run failed.
+pub fn run(args: Args) -> ExitCode {
+    let res = match args.scenario {
+        Scenario::Fanout(a) => run::fanout(&a),
+        Scenario::Reqres(a) => run::reqres(&a),
+        Scenario::Conns(a) => run::conns(&a),
+    };
+    match res {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("middleman bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,895 @@
+//! The scenarios: set-up (blocking, on the main thread), then worker threads each
+//! polling their share of the connections, then a report.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use super::stats::{self, histogram, latency_kv, latency_line, now_ns, ServerCpu, STAMP};
+use super::ws::{encode_mm, encode_nats_pub, push_dec, push_frame, Ev, Proto, Url, WsConn};
+use super::{Common, ConnsArgs, FanoutArgs, ReqresArgs};
+
+/// After the last send, how long receivers may make no progress before the run ends.
+const STALL: Duration = Duration::from_secs(3);
+/// Reads per connection per event before the others get a turn.
+const READS_PER_TURN: usize = 16;
+
+/// What a connection does in a worker.
+enum Role {
+    Subscriber {
+        next: u64,
+        received: u64,
+    },
+    Responder {
+        handled: u64,
+    },
+    Requester {
+        id: usize,
+        quota: u64,
+        sent: u64,
+        done: u64,
+        outstanding: u32,
+        window: u32,
+        finished: bool,
+    },
+}
+
+struct Slot {
+    conn: WsConn,
+    role: Role,
+}
+
+/// Shared between the main thread and the workers.
+#[derive(Default)]
+struct Shared {
+    start: AtomicBool,
+    stop: AtomicBool,
+    /// Messages received by subscribers / responses received by requesters.
+    received: AtomicU64,
+    /// Finished requesters.
+    finished: AtomicU64,
+    /// Unix time-free deadline for issuing requests, as [`now_ns`].
+    req_deadline_ns: AtomicU64,
+}
+
+/// What one worker measured.
+struct Outcome {
+    hist: Histogram<u64>,
+    received: u64,
+    out_of_order: u64,
+    errors: u64,
+    first_error: Option<String>,
+    last_rx_ns: u64,
+    /// Per responder: requests handled.
+    handled: Vec<u64>,
+    req_sent: u64,
+    req_done: u64,
+    /// Per subscriber: messages received.
+    per_sub: Vec<u64>,
+}
+
+/// Per-worker scenario constants.
+#[derive(Clone)]
+struct Plan {
+    proto: Proto,
+    subject: Vec<u8>,
+    size: usize,
+}
+
+struct Worker {
+    plan: Plan,
+    shared: Arc<Shared>,
+    /// This worker's progress: the fewest messages any of its subscribers received.
+    min_seq: Arc<AtomicU64>,
+    hard_deadline: Instant,
+}
+
+impl Worker {
+    fn run(self, mut slots: Vec<Slot>) -> io::Result<Outcome> {
+        let mut poll = Poll::new()?;
+        for (i, s) in slots.iter_mut().enumerate() {
+            s.conn.sock.set_nonblocking(true)?;
+            let fd = s.conn.sock.as_raw_fd();
+            poll.registry().register(
+                &mut SourceFd(&fd),
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+        }
+        let mut o = Outcome {
+            hist: histogram(),
+            received: 0,
+            out_of_order: 0,
+            errors: 0,
+            first_error: None,
+            last_rx_ns: 0,
+            handled: Vec::new(),
+            req_sent: 0,
+            req_done: 0,
+            per_sub: Vec::new(),
+        };
+        while !self.shared.start.load(Ordering::Acquire) {
+            if self.shared.stop.load(Ordering::Acquire) || Instant::now() > self.hard_deadline {
+                return Ok(o);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut body = Vec::with_capacity(self.plan.size.max(STAMP));
+        let mut scratch = Vec::with_capacity(self.plan.size + 128);
+        // Requesters fill their windows.
+        for s in slots.iter_mut() {
+            if let Role::Requester { .. } = s.role {
+                self.top_up(s, &mut body, &mut scratch);
+            }
+        }
+        let mut events = Events::with_capacity(1024);
+        let mut dirty: Vec<usize> = (0..slots.len()).collect();
+        let mut again: Vec<usize> = Vec::new();
+        let mut reported = 0u64;
+        loop {
+            for &i in &dirty {
+                if let Some(s) = slots.get_mut(i) {
+                    if let Err(e) = s.conn.flush_nonblocking() {
+                        note_error(&mut o, format!("write: {e}"));
+                        s.conn.closed = true;
+                    }
+                }
+            }
+            dirty.clear();
+            if self.shared.stop.load(Ordering::Acquire) || Instant::now() > self.hard_deadline {
+                break;
+            }
+            let timeout = if again.is_empty() {
+                Duration::from_millis(2)
+            } else {
+                Duration::ZERO
+            };
+            poll.poll(&mut events, Some(timeout))?;
+            let mut ready: Vec<usize> = std::mem::take(&mut again);
+            ready.extend(events.iter().map(|e| e.token().0));
+            for i in ready {
+                let Some(s) = slots.get_mut(i) else { continue };
+                if s.conn.closed {
+                    continue;
+                }
+                let mut more = false;
+                for turn in 0..=READS_PER_TURN {
+                    if turn == READS_PER_TURN {
+                        more = true;
+                        break;
+                    }
+                    match s.conn.read_nonblocking() {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            note_error(&mut o, format!("read: {e}"));
+                            break;
+                        }
+                    }
+                    if let Err(e) = self.drain(s, &mut o, &mut body, &mut scratch) {
+                        note_error(&mut o, format!("parse: {e}"));
+                        s.conn.closed = true;
+                        break;
+                    }
+                }
+                if more {
+                    again.push(i);
+                }
+                dirty.push(i);
+            }
+            // Progress for the publisher's window and the main thread.
+            let mut min = u64::MAX;
+            for s in &slots {
+                if let Role::Subscriber { received, .. } = s.role {
+                    min = min.min(received);
+                }
+            }
+            self.min_seq.store(min, Ordering::Release);
+            if o.received != reported {
+                self.shared
+                    .received
+                    .fetch_add(o.received - reported, Ordering::AcqRel);
+                reported = o.received;
+            }
+            // Requesters that stopped by the deadline and have nothing in flight.
+            for s in slots.iter_mut() {
+                if let Role::Requester {
+                    quota,
+                    sent,
+                    outstanding,
+                    ref mut finished,
+                    ..
+                } = s.role
+                {
+                    let past = now_ns() >= self.shared.req_deadline_ns.load(Ordering::Relaxed);
+                    if !*finished && outstanding == 0 && (sent >= quota || past) {
+                        *finished = true;
+                        self.shared.finished.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+        for s in &slots {
+            match s.role {
+                Role::Subscriber { received, .. } => o.per_sub.push(received),
+                Role::Responder { handled } => o.handled.push(handled),
+                Role::Requester { sent, done, .. } => {
+                    o.req_sent += sent;
+                    o.req_done += done;
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// Handle everything parsed from one connection's read buffer.
+    fn drain(
+        &self,
+        s: &mut Slot,
+        o: &mut Outcome,
+        body: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let plan = &self.plan;
+        let mut top_up = false;
+        let Slot { conn, role } = s;
+        conn.drain(|ev, w| match ev {
+            Ev::Msg {
+                cmd,
+                subject,
+                reply,
+                body: b,
+                ..
+            } => match role {
+                Role::Subscriber { next, received } => {
+                    if subject != plan.subject.as_slice() {
+                        return;
+                    }
+                    let now = now_ns();
+                    let Some((seq, ts)) = stats::read_stamp(b) else {
+                        note_error(o, "subscriber: body without stamp".into());
+                        return;
+                    };
+                    o.hist.saturating_record(now.saturating_sub(ts).max(1));
+                    if seq >= *next {
+                        *next = seq + 1;
+                    } else {
+                        o.out_of_order += 1;
+                    }
+                    *received += 1;
+                    o.received += 1;
+                    o.last_rx_ns = now;
+                }
+                Role::Responder { handled } => {
+                    if (cmd == b"REQ" || cmd == b"MSG") && !reply.is_empty() {
+                        *handled += 1;
+                        scratch.clear();
+                        match plan.proto {
+                            Proto::Mm => encode_mm(scratch, b"RES", subject, &[(b"rid", reply)], b),
+                            Proto::Nats => encode_nats_pub(scratch, reply, b"", b),
+                        }
+                        push_frame(w, 0x1, scratch);
+                    }
+                }
+                Role::Requester {
+                    done, outstanding, ..
+                } => {
+                    let ok = match plan.proto {
+                        Proto::Mm => cmd == b"RES",
+                        Proto::Nats => cmd == b"MSG",
+                    };
+                    if ok {
+                        let now = now_ns();
+                        if let Some((_, ts)) = stats::read_stamp(b) {
+                            o.hist.saturating_record(now.saturating_sub(ts).max(1));
+                        }
+                        o.received += 1;
+                        o.last_rx_ns = now;
+                    } else if subject == b"ERROR" {
+                        note_error(o, format!("request failed: {}", String::from_utf8_lossy(b)));
+                    } else {
+                        return;
+                    }
+                    *done += 1;
+                    *outstanding = outstanding.saturating_sub(1);
+                    top_up = true;
+                }
+            },
+            Ev::Error(e) => note_error(o, format!("server: {}", String::from_utf8_lossy(e))),
+            _ => {}
+        })?;
+        if top_up {
+            self.top_up(s, body, scratch);
+        }
+        Ok(())
+    }
+
+    /// A requester sends until its window is full (or its quota or the deadline is hit).
+    fn top_up(&self, s: &mut Slot, body: &mut Vec<u8>, scratch: &mut Vec<u8>) {
+        let Role::Requester {
+            id,
+            quota,
+            sent,
+            outstanding,
+            window,
+            ..
+        } = &mut s.role
+        else {
+            return;
+        };
+        let deadline = self.shared.req_deadline_ns.load(Ordering::Relaxed);
+        while *outstanding < *window && *sent < *quota {
+            let now = now_ns();
+            if now >= deadline {
+                break;
+            }
+            stats::stamp_body(body, *sent, now, self.plan.size);
+            scratch.clear();
+            let mut tag = Vec::with_capacity(40);
+            match self.plan.proto {
+                Proto::Mm => {
+                    push_dec(&mut tag, *sent);
+                    encode_mm(
+                        scratch,
+                        b"REQ",
+                        &self.plan.subject,
+                        &[(b"ReqID", &tag)],
+                        body,
+                    );
+                }
+                Proto::Nats => {
+                    tag.extend_from_slice(b"_INBOX.bench.");
+                    push_dec(&mut tag, *id as u64);
+                    tag.push(b'.');
+                    push_dec(&mut tag, *sent);
+                    encode_nats_pub(scratch, &self.plan.subject, &tag, body);
+                }
+            }
+            push_frame(&mut s.conn.wbuf, 0x1, scratch);
+            *sent += 1;
+            *outstanding += 1;
+        }
+    }
+}
+
+fn note_error(o: &mut Outcome, e: String) {
+    o.errors += 1;
+    if o.first_error.is_none() {
+        o.first_error = Some(e);
+    }
+}
+
+fn connect(c: &Common, url: &Url) -> io::Result<WsConn> {
+    WsConn::connect(url, c.proto, &c.key, c.setup_timeout)
+}
+
+/// Subscribe every connection (pipelined), then wait until the server confirms each.
+fn subscribe_all(
+    conns: &mut [WsConn],
+    subject: &str,
+    queue: Option<&str>,
+    deadline: Instant,
+) -> io::Result<()> {
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.subscribe(subject, queue, i as u64 + 1);
+        c.sync_start();
+        c.flush_blocking()?;
+    }
+    for c in conns.iter_mut() {
+        c.sync_wait(deadline)?;
+    }
+    Ok(())
+}
+
+/// A worker's progress counter and its thread.
+type WorkerHandle = (Arc<AtomicU64>, std::thread::JoinHandle<io::Result<Outcome>>);
+
+/// Spread slots over `threads` workers and start them.
+fn spawn_workers(
+    slots: Vec<Slot>,
+    threads: usize,
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    hard_deadline: Instant,
+) -> io::Result<Vec<WorkerHandle>> {
+    let threads = threads.clamp(1, slots.len().max(1));
+    let mut groups: Vec<Vec<Slot>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, s) in slots.into_iter().enumerate() {
+        groups[i % threads].push(s);
+    }
+    let mut out = Vec::new();
+    for (n, g) in groups.into_iter().enumerate() {
+        let min_seq = Arc::new(AtomicU64::new(0));
+        let w = Worker {
+            plan: plan.clone(),
+            shared: shared.clone(),
+            min_seq: min_seq.clone(),
+            hard_deadline,
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("bench-{n}"))
+            .spawn(move || w.run(g))?;
+        out.push((min_seq, h));
+    }
+    Ok(out)
+}
+
+fn join_all(workers: Vec<WorkerHandle>) -> Result<Outcome, String> {
+    let mut total: Option<Outcome> = None;
+    for (_, h) in workers {
+        let o = h
+            .join()
+            .map_err(|_| "a worker thread panicked".to_string())?
+            .map_err(|e| format!("worker: {e}"))?;
+        match total.as_mut() {
+            None => total = Some(o),
+            Some(t) => {
+                let _ = t.hist.add(&o.hist);
+                t.received += o.received;
+                t.out_of_order += o.out_of_order;
+                t.errors += o.errors;
+                if t.first_error.is_none() {
+                    t.first_error = o.first_error;
+                }
+                t.last_rx_ns = t.last_rx_ns.max(o.last_rx_ns);
+                t.handled.extend(o.handled);
+                t.req_sent += o.req_sent;
+                t.req_done += o.req_done;
+                t.per_sub.extend(o.per_sub);
+            }
+        }
+    }
+    total.ok_or_else(|| "no worker".to_string())
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Mm => "mm",
+        Proto::Nats => "nats",
+    }
+}
+
+/// `bench fanout`.
+pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
+    let c = &a.common;
+    let url = Url::parse(&c.url)?;
+    if a.subs == 0 {
+        return Err("--subs must be at least 1".into());
+    }
+    let size = a.size.max(STAMP);
+    stats::raise_fd_limit();
+    now_ns();
+    let setup_deadline = Instant::now() + c.setup_timeout + Duration::from_millis(a.subs as u64);
+    let mut publisher = connect(c, &url).map_err(|e| format!("publisher: {e}"))?;
+    let mut subs = Vec::with_capacity(a.subs);
+    for i in 0..a.subs {
+        subs.push(connect(c, &url).map_err(|e| format!("subscriber {i}: {e}"))?);
+    }
+    subscribe_all(&mut subs, &c.subject, None, setup_deadline)
+        .map_err(|e| format!("subscribe: {e}"))?;
+    let slots = subs
+        .into_iter()
+        .map(|conn| Slot {
+            conn,
+            role: Role::Subscriber {
+                next: 0,
+                received: 0,
+            },
+        })
+        .collect();
+    let plan = Plan {
+        proto: c.proto,
+        subject: c.subject.as_bytes().to_vec(),
+        size,
+    };
+    let shared = Arc::new(Shared::default());
+    let hard = Instant::now() + a.duration + STALL + Duration::from_secs(30);
+    let workers =
+        spawn_workers(slots, c.threads, &plan, &shared, hard).map_err(|e| e.to_string())?;
+
+    let cpu = ServerCpu::start(c.server_pid)?;
+    let self0 = stats::self_cpu();
+    shared.start.store(true, Ordering::Release);
+    let t0 = now_ns();
+    let started = Instant::now();
+    let end = started + a.duration;
+    let limit = if a.msgs == 0 { u64::MAX } else { a.msgs };
+    let batch = if a.rate > 0 { 1 } else { a.batch.max(1) };
+    let mut body = Vec::with_capacity(size);
+    stats::stamp_body(&mut body, 0, 0, size);
+    let mut scratch = Vec::with_capacity(size + 64);
+    let mut sent = 0u64;
+    let mut pub_err = None;
+    let interval_ns = 1_000_000_000u64.checked_div(a.rate).unwrap_or(0);
+    'publish: while sent < limit {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if interval_ns > 0 {
+            let due = started + Duration::from_nanos(sent * interval_ns);
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        // Window: never more than `window` ahead of the slowest subscriber.
+        let mut waited = 0u32;
+        loop {
+            let min = workers
+                .iter()
+                .map(|(m, _)| m.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(0);
+            if sent < min + a.window {
+                break;
+            }
+            if Instant::now() >= end || waited > 2_000_000 {
+                break 'publish;
+            }
+            waited += 1;
+            if waited < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        scratch.clear();
+        for _ in 0..batch {
+            if sent >= limit {
+                break;
+            }
+            stats::restamp(&mut body, sent, now_ns());
+            match c.proto {
+                Proto::Mm => encode_mm(&mut scratch, b"PUB", &plan.subject, &[], &body),
+                Proto::Nats => encode_nats_pub(&mut scratch, &plan.subject, b"", &body),
+            }
+            if !a.pack {
+                push_frame(&mut publisher.wbuf, 0x1, &scratch);
+                scratch.clear();
+            }
+            sent += 1;
+        }
+        if a.pack && !scratch.is_empty() {
+            push_frame(&mut publisher.wbuf, 0x1, &scratch);
+        }
+        if let Err(e) = publisher.flush_blocking() {
+            pub_err = Some(format!("publisher: {e}"));
+            break;
+        }
+    }
+    let pub_secs = started.elapsed().as_secs_f64();
+
+    // Wait for every delivery, or until receivers stall.
+    let expected = sent * a.subs as u64;
+    let mut last = (shared.received.load(Ordering::Acquire), Instant::now());
+    while Instant::now() < hard {
+        let got = shared.received.load(Ordering::Acquire);
+        if got >= expected {
+            break;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > STALL {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    shared.stop.store(true, Ordering::Release);
+    // Did the server refuse anything from the publisher (e.g. a close for a limit)?
+    if pub_err.is_none() {
+        pub_err = publisher_refusal(&mut publisher);
+    }
+    let o = join_all(workers)?;
+    let server_cpu = cpu.elapsed();
+    let client_cpu = stats::self_cpu().saturating_sub(self0);
+    drop(publisher);
+
+    let elapsed = (o.last_rx_ns.max(t0 + 1) - t0) as f64 / 1e9;
+    let lost = expected.saturating_sub(o.received - o.out_of_order.min(o.received));
+    let rate = o.received as f64 / elapsed;
+    println!(
+        "fanout ({}): {} subscribers, {} B bodies, {} messages published in {:.2} s{}",
+        proto_name(c.proto),
+        a.subs,
+        size,
+        sent,
+        pub_secs,
+        if a.rate > 0 {
+            format!(" at {} msg/s", a.rate)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  deliveries: {} in {:.3} s = {:.0}/s",
+        o.received, elapsed, rate
+    );
+    let mut kv = format!(
+        "result: scenario=fanout proto={} subs={} size={} rate={} sent={} deliveries={} elapsed_s={:.3} deliveries_per_s={:.0}",
+        proto_name(c.proto), a.subs, size, a.rate, sent, o.received, elapsed, rate
+    );
+    if let Some(cpu) = server_cpu {
+        let s = cpu.as_secs_f64();
+        let per = if s > 0.0 {
+            o.received as f64 / s
+        } else {
+            f64::INFINITY
+        };
+        println!(
+            "  server CPU: {:.2} s = {:.3} s per million deliveries = {:.0} deliveries per server CPU-second",
+            s,
+            s * 1e6 / o.received.max(1) as f64,
+            per
+        );
+        kv += &format!(" server_cpu_s={s:.3} deliveries_per_server_cpu_s={per:.0}");
+    }
+    println!(
+        "  client CPU: {:.2} s ({:.0}% of one core)",
+        client_cpu.as_secs_f64(),
+        100.0 * client_cpu.as_secs_f64() / elapsed.max(1e-9)
+    );
+    kv += &format!(" client_cpu_s={:.3}", client_cpu.as_secs_f64());
+    println!("  latency: {}", latency_line(&o.hist));
+    println!("  lost: {lost}, out of order: {}", o.out_of_order);
+    kv += &format!(
+        " {} lost={lost} out_of_order={} errors={}",
+        latency_kv(&o.hist),
+        o.out_of_order,
+        o.errors
+    );
+    if let Some(e) = o.first_error.as_ref().or(pub_err.as_ref()) {
+        println!("  first error: {e}");
+    }
+    println!("{kv}");
+    Ok(lost == 0 && o.out_of_order == 0 && o.errors == 0 && pub_err.is_none() && sent > 0)
+}
+
+/// An error or close the server sent the publisher, if any (read without blocking).
+fn publisher_refusal(p: &mut WsConn) -> Option<String> {
+    if p.sock.set_nonblocking(true).is_err() {
+        return None;
+    }
+    let mut err = None;
+    for _ in 0..64 {
+        match p.read_nonblocking() {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                err.get_or_insert(format!("publisher: {e}"));
+                break;
+            }
+        }
+    }
+    let _ = p.drain(|ev, _| match ev {
+        Ev::Error(e) => {
+            err = Some(format!(
+                "publisher: server said {}",
+                String::from_utf8_lossy(e)
+            ));
+        }
+        Ev::Msg { subject, body, .. } if subject == b"ERROR" => {
+            err = Some(format!("publisher: {}", String::from_utf8_lossy(body)));
+        }
+        _ => {}
+    });
+    err
+}
+
+/// `bench reqres`.
+pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
+    let c = &a.common;
+    let url = Url::parse(&c.url)?;
+    if a.requesters == 0 || a.responders == 0 || a.window == 0 {
+        return Err("--requesters, --responders and --window must be at least 1".into());
+    }
+    let size = a.size.max(STAMP);
+    stats::raise_fd_limit();
+    now_ns();
+    let n = a.requesters + a.responders;
+    let setup_deadline = Instant::now() + c.setup_timeout + Duration::from_millis(n as u64);
+    let mut responders = Vec::new();
+    for i in 0..a.responders {
+        responders.push(connect(c, &url).map_err(|e| format!("responder {i}: {e}"))?);
+    }
+    subscribe_all(&mut responders, &c.subject, Some("bench"), setup_deadline)
+        .map_err(|e| format!("responders: {e}"))?;
+    let mut requesters = Vec::new();
+    for i in 0..a.requesters {
+        let mut r = connect(c, &url).map_err(|e| format!("requester {i}: {e}"))?;
+        if c.proto == Proto::Nats {
+            r.subscribe(&format!("_INBOX.bench.{i}.*"), None, 1);
+        }
+        requesters.push(r);
+    }
+    if c.proto == Proto::Nats {
+        for r in requesters.iter_mut() {
+            r.sync_start();
+            r.flush_blocking().map_err(|e| e.to_string())?;
+        }
+        for r in requesters.iter_mut() {
+            r.sync_wait(setup_deadline).map_err(|e| e.to_string())?;
+        }
+    }
+    let total = if a.msgs == 0 { u64::MAX } else { a.msgs };
+    let per = total / a.requesters as u64;
+    let extra = if a.msgs == 0 {
+        0
+    } else {
+        total % a.requesters as u64
+    };
+    let mut slots: Vec<Slot> = Vec::new();
+    for conn in responders {
+        slots.push(Slot {
+            conn,
+            role: Role::Responder { handled: 0 },
+        });
+    }
+    for (i, conn) in requesters.into_iter().enumerate() {
+        slots.push(Slot {
+            conn,
+            role: Role::Requester {
+                id: i,
+                quota: per + u64::from((i as u64) < extra),
+                sent: 0,
+                done: 0,
+                outstanding: 0,
+                window: a.window,
+                finished: false,
+            },
+        });
+    }
+    let plan = Plan {
+        proto: c.proto,
+        subject: c.subject.as_bytes().to_vec(),
+        size,
+    };
+    let shared = Arc::new(Shared::default());
+    let hard = Instant::now() + a.duration + STALL + Duration::from_secs(30);
+    let workers =
+        spawn_workers(slots, c.threads, &plan, &shared, hard).map_err(|e| e.to_string())?;
+    let cpu = ServerCpu::start(c.server_pid)?;
+    let self0 = stats::self_cpu();
+    let t0 = now_ns();
+    shared
+        .req_deadline_ns
+        .store(t0 + a.duration.as_nanos() as u64, Ordering::Release);
+    shared.start.store(true, Ordering::Release);
+    let mut last = (0u64, Instant::now());
+    while Instant::now() < hard {
+        if shared.finished.load(Ordering::Acquire) >= a.requesters as u64 {
+            break;
+        }
+        let got = shared.received.load(Ordering::Acquire);
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if now_ns() > t0 + a.duration.as_nanos() as u64 && last.1.elapsed() > STALL {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    shared.stop.store(true, Ordering::Release);
+    let o = join_all(workers)?;
+    let server_cpu = cpu.elapsed();
+    let client_cpu = stats::self_cpu().saturating_sub(self0);
+
+    let elapsed = (o.last_rx_ns.max(t0 + 1) - t0) as f64 / 1e9;
+    let rate = o.received as f64 / elapsed;
+    let lost = o.req_sent.saturating_sub(o.req_done);
+    println!(
+        "reqres ({}): {} requesters x window {}, {} responders, {} B bodies",
+        proto_name(c.proto),
+        a.requesters,
+        a.window,
+        a.responders,
+        size
+    );
+    println!(
+        "  requests: {} answered of {} sent in {:.3} s = {:.0}/s",
+        o.received, o.req_sent, elapsed, rate
+    );
+    let mut kv = format!(
+        "result: scenario=reqres proto={} requesters={} window={} responders={} size={} sent={} answered={} elapsed_s={:.3} requests_per_s={:.0}",
+        proto_name(c.proto), a.requesters, a.window, a.responders, size, o.req_sent, o.received, elapsed, rate
+    );
+    if let Some(cpu) = server_cpu {
+        let s = cpu.as_secs_f64();
+        let per = if s > 0.0 {
+            o.received as f64 / s
+        } else {
+            f64::INFINITY
+        };
+        println!("  server CPU: {s:.2} s = {per:.0} requests per server CPU-second");
+        kv += &format!(" server_cpu_s={s:.3} requests_per_server_cpu_s={per:.0}");
+    }
+    println!(
+        "  client CPU: {:.2} s ({:.0}% of one core)",
+        client_cpu.as_secs_f64(),
+        100.0 * client_cpu.as_secs_f64() / elapsed.max(1e-9)
+    );
+    kv += &format!(" client_cpu_s={:.3}", client_cpu.as_secs_f64());
+    println!("  latency: {}", latency_line(&o.hist));
+    let spread: Vec<String> = o.handled.iter().map(|h| h.to_string()).collect();
+    println!("  per responder: {}", spread.join(" "));
+    println!("  unanswered: {lost}, errors: {}", o.errors);
+    if let Some(e) = &o.first_error {
+        println!("  first error: {e}");
+    }
+    kv += &format!(
+        " {} per_responder={} lost={lost} errors={}",
+        latency_kv(&o.hist),
+        spread.join(","),
+        o.errors
+    );
+    println!("{kv}");
+    Ok(lost == 0 && o.errors == 0 && o.received > 0)
+}
+
+/// `bench conns`.
+pub fn conns(a: &ConnsArgs) -> Result<bool, String> {
+    let c = &a.common;
+    let url = Url::parse(&c.url)?;
+    let limit = stats::raise_fd_limit();
+    if (limit as usize) < a.conns + 16 {
+        return Err(format!(
+            "open-file limit {limit} is too low for {} connections (raise ulimit -n)",
+            a.conns
+        ));
+    }
+    let rss0 = c.server_pid.map(stats::proc_rss).transpose()?;
+    let mut hist = histogram();
+    let mut held = Vec::with_capacity(a.conns);
+    let t0 = Instant::now();
+    for i in 0..a.conns {
+        let t = Instant::now();
+        let conn = connect(c, &url).map_err(|e| format!("connection {i}: {e}"))?;
+        hist.saturating_record((t.elapsed().as_nanos() as u64).max(1));
+        held.push(conn);
+    }
+    let took = t0.elapsed().as_secs_f64();
+    std::thread::sleep(a.hold);
+    let rss1 = c.server_pid.map(stats::proc_rss).transpose()?;
+    // Still connected? Each must still be open (nothing read as EOF or close).
+    let mut alive = 0;
+    for conn in held.iter_mut() {
+        conn.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let ok = conn.read_nonblocking().is_ok() && !conn.closed;
+        let _ = conn.drain(|_, _| {});
+        if ok && !conn.closed {
+            alive += 1;
+        }
+    }
+    println!(
+        "conns ({}): {} connections opened in {:.2} s, {} still open after {:.1} s",
+        proto_name(c.proto),
+        a.conns,
+        took,
+        alive,
+        a.hold.as_secs_f64()
+    );
+    println!("  connect+auth latency: {}", latency_line(&hist));
+    let mut kv = format!(
+        "result: scenario=conns proto={} conns={} alive={alive} {}",
+        proto_name(c.proto),
+        a.conns,
+        latency_kv(&hist)
+    );
+    if let (Some(r0), Some(r1)) = (rss0, rss1) {
+        let per = r1.saturating_sub(r0) as f64 / a.conns.max(1) as f64;
+        println!(
+            "  server RSS: {:.1} MiB before, {:.1} MiB after = {:.0} B per connection",
+            r0 as f64 / 1048576.0,
+            r1 as f64 / 1048576.0,
+            per
+        );
+        kv += &format!(" rss_before={r0} rss_after={r1} rss_per_conn={per:.0}");
+    }
+    println!("{kv}");
+    drop(held);
+    Ok(alive == a.conns)
+}
