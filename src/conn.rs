@@ -41,6 +41,9 @@ impl Chunk {
     }
 }
 
+/// Queue slots kept when the queue empties (more are released).
+const KEEP_SLOTS: usize = 256;
+
 /// Most chunks handed to one `writev`.
 const MAX_IOV: usize = 64;
 
@@ -137,8 +140,10 @@ impl OutQueue {
             total += written;
             self.advance(written);
         }
-        if self.chunks.is_empty() && self.chunks.capacity() > 16 {
-            self.chunks.shrink_to_fit();
+        // A busy connection empties its queue every pass: keep a working size of slots
+        // and give back only what a burst left behind.
+        if self.chunks.is_empty() && self.chunks.capacity() > KEEP_SLOTS {
+            self.chunks.shrink_to(KEEP_SLOTS);
         }
         Ok(total)
     }
