@@ -38,8 +38,6 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 
 /// WebSocket messages read from one connection before others get their turn.
 pub const MAX_READS_PER_TURN: usize = 64;
-/// Decoder buffer capacity kept between messages; more is released when idle.
-const DECODER_KEEP: usize = 16 * 1024;
 /// How long a closing connection may take to flush and hang up.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How often timeouts are checked.
@@ -703,9 +701,9 @@ impl Server {
                     self.close_with(id, e.close_code(), e.reason(), now, why);
                 } else if let Some(c) = self.conns.get_mut(id) {
                     if c.phase == Phase::Open {
-                        // Keep small buffers for the next message; give back big ones
-                        // (a burst or one large message) once nothing is pending.
-                        if dec.capacity() > DECODER_KEEP && !dec.needs_more() {
+                        // Nothing pending: the decoder keeps small buffers for the next
+                        // message and gives back what a large one left behind.
+                        if !dec.needs_more() {
                             dec.shrink();
                         }
                         c.dec = Some(dec);
