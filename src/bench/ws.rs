@@ -550,22 +550,25 @@ pub fn push_msg(w: &mut Vec<u8>, raw: bool, payload: &[u8]) {
 /// line), or `None` when it is not complete yet. `scanned` is how far earlier calls got
 /// (a line start); it is advanced so bytes are not scanned twice.
 fn raw_message_end(b: &[u8], scanned: &mut usize) -> Option<usize> {
-    // Every message starts at a line start, and its first line is never ".".
+    // Every message starts at a line start, and its first line is never ".", so the
+    // terminator is the first "\n." followed by "\r\n" or "\n". '.' is rare in
+    // bodies, so a substring search skips them faster than walking line by line.
     let mut at = (*scanned).min(b.len());
-    while let Some(i) = memchr::memchr(b'\n', &b[at..]) {
-        let line_start = at + i + 1;
-        match &b[line_start..] {
-            [b'.', b'\n', ..] => return Some(line_start + 2),
-            [b'.', b'\r', b'\n', ..] => return Some(line_start + 3),
+    while let Some(i) = memchr::memmem::find(&b[at..], b"\n.") {
+        let dot = at + i + 1;
+        match &b[dot + 1..] {
+            [b'\n', ..] => return Some(dot + 2),
+            [b'\r', b'\n', ..] => return Some(dot + 3),
             // Possibly a terminator not fully received yet: look again later.
-            [b'.'] | [b'.', b'\r'] | [] => {
+            [b'\r'] | [] => {
                 *scanned = at + i;
                 return None;
             }
-            _ => at = line_start,
+            _ => at = dot,
         }
     }
-    *scanned = at;
+    // A trailing '\n' may be followed by the '.' still to come.
+    *scanned = b.len().saturating_sub(1).max(at);
     None
 }
 
@@ -752,4 +755,36 @@ pub fn parse_dec(b: &[u8]) -> Option<u64> {
         n = n * 10 + (c - b'0') as u64;
     }
     Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_message_end;
+
+    /// Split a stream into messages, feeding it `step` bytes at a time.
+    fn split(stream: &[u8], step: usize) -> Vec<Vec<u8>> {
+        let (mut out, mut start, mut scanned) = (Vec::new(), 0, 0);
+        let mut end = 0;
+        while end < stream.len() {
+            end = (end + step).min(stream.len());
+            while let Some(n) = raw_message_end(&stream[start..end], &mut scanned) {
+                out.push(stream[start..start + n].to_vec());
+                start += n;
+                scanned = 0;
+            }
+        }
+        assert_eq!(start, stream.len(), "left over");
+        out
+    }
+
+    #[test]
+    fn raw_stream_splits_at_the_terminator_line_only() {
+        let a = b"PUB t\r\ncid: x\r\n\r\nx\r\n..\r\n.x\r\n...\r\n.\r\n".to_vec();
+        let b = b"SUB t\n.\n".to_vec();
+        let c = b"PUB t\r\n\r\n.\r\n".to_vec();
+        let stream = [a.clone(), b.clone(), c.clone()].concat();
+        for step in 1..stream.len() + 1 {
+            assert_eq!(split(&stream, step), vec![a.clone(), b.clone(), c.clone()]);
+        }
+    }
 }
