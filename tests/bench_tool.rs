@@ -15,12 +15,16 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// Run `middleman bench ARGS...`; returns (exit code, stdout).
 fn bench(server: &TestServer, args: &[&str]) -> (i32, String) {
+    bench_at(&server.url(), args)
+}
+
+/// Run `middleman bench ARGS... --url URL`; returns (exit code, stdout).
+fn bench_at(url: &str, args: &[&str]) -> (i32, String) {
     let pid = std::process::id().to_string();
-    let url = server.url();
     let mut child = Command::new(env!("CARGO_BIN_EXE_middleman"))
         .arg("bench")
         .args(args)
-        .args(["--url", &url, "--key", SERVICE_KEY, "--server-pid", &pid])
+        .args(["--url", url, "--key", SERVICE_KEY, "--server-pid", &pid])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -159,6 +163,92 @@ fn reqres_answers_every_request_across_responders() {
     assert_eq!(spread.len(), 2);
     assert_eq!(spread.iter().sum::<u64>(), 4000);
     assert!(spread.iter().all(|&n| n > 0), "one responder idle: {out}");
+}
+
+/// The same scenarios over the raw stream protocol (`tcp://`), next to a ws listener.
+#[test]
+fn tcp_transport_fanout_and_reqres() {
+    let server = TestServer::with(|c| {
+        c.listeners = vec![
+            "ws://127.0.0.1:0".parse().unwrap(),
+            "tcp://127.0.0.1:0".parse().unwrap(),
+        ];
+    });
+    let tcp = server.listeners()[1].to_string();
+    assert!(tcp.starts_with("tcp://127.0.0.1:"), "{tcp}");
+
+    let (code, out) = bench_at(
+        &tcp,
+        &[
+            "fanout",
+            "--subs",
+            "10",
+            "--msgs",
+            "2000",
+            "--duration",
+            "20s",
+            "--threads",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "transport"), "tcp");
+    assert_eq!(field(&out, "sent"), "2000");
+    assert_eq!(field(&out, "deliveries"), "20000");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "out_of_order"), "0");
+    assert_eq!(field(&out, "errors"), "0");
+    assert!(num(&out, "server_cpu_s") >= 0.0);
+    let (p50, max) = (num(&out, "p50_us"), num(&out, "max_us"));
+    assert!(0.0 < p50 && p50 <= max, "{out}");
+
+    // Multi-line bodies: the terminator scan must not stop inside a body.
+    let (code, out) = bench_at(
+        &tcp,
+        &["fanout", "--subs", "2", "--msgs", "100", "--size", "16KiB"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "deliveries"), "200");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "out_of_order"), "0");
+
+    let (code, out) = bench_at(
+        &tcp,
+        &[
+            "reqres",
+            "--requesters",
+            "8",
+            "--window",
+            "4",
+            "--responders",
+            "2",
+            "--msgs",
+            "2000",
+            "--duration",
+            "20s",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "transport"), "tcp");
+    assert_eq!(field(&out, "answered"), "2000");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "errors"), "0");
+
+    let (code, out) = bench_at(&tcp, &["conns", "--conns", "20", "--hold", "100ms"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "alive"), "20");
+
+    // A wrong key on tcp:// fails cleanly too.
+    let pid = std::process::id().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_middleman"))
+        .args(["bench", "fanout", "--msgs", "10", "--url", &tcp])
+        .args(["--key", "wrong", "--server-pid", &pid])
+        .args(["--setup-timeout", "5s"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad key"), "{err}");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `middleman bench`: a load tool over real WebSocket connections (in the spirit of
 //! `nats bench`), for middleman and, with `--proto nats`, for nats-server's WebSocket
 //! listener, so both are measured with the same client.
+//! With a `tcp://` URL it speaks middleman's raw stream protocol instead, so the two
+//! transports are measured with the same client too.
 //!
 //! Scenarios: `fanout` (S subscribers, one publisher), `reqres` (C requesters with a
 //! window of W, K responders), `conns` (N idle authenticated connections). Throughput
@@ -43,7 +45,8 @@ pub enum Scenario {
 /// Options every scenario takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// Server URL.
+    /// Server URL: `ws://HOST:PORT/PATH`, or `tcp://HOST:PORT` for middleman's raw
+    /// stream protocol (no WebSocket framing; `--proto mm` only).
     #[arg(long, default_value = "ws://127.0.0.1:8765/")]
     pub url: String,
     /// middleman service key (ignored for NATS).

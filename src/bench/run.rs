@@ -12,7 +12,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::stats::{self, histogram, latency_kv, latency_line, now_ns, ServerCpu, STAMP};
-use super::ws::{encode_mm, encode_nats_pub, push_dec, push_frame, Ev, Proto, Url, WsConn};
+use super::ws::{encode_mm, encode_nats_pub, push_dec, push_msg, Ev, Proto, Url, WsConn};
 use super::{Common, ConnsArgs, FanoutArgs, ReqresArgs};
 
 /// After the last send, how long receivers may make no progress before the run ends.
@@ -78,6 +78,8 @@ struct Outcome {
 #[derive(Clone)]
 struct Plan {
     proto: Proto,
+    /// The raw stream protocol (`tcp://`) instead of WebSocket.
+    raw: bool,
     subject: Vec<u8>,
     size: usize,
 }
@@ -274,7 +276,7 @@ impl Worker {
                             Proto::Mm => encode_mm(scratch, b"RES", subject, &[(b"rid", reply)], b),
                             Proto::Nats => encode_nats_pub(scratch, reply, b"", b),
                         }
-                        push_frame(w, 0x1, scratch);
+                        push_msg(w, plan.raw, scratch);
                     }
                 }
                 Role::Requester {
@@ -351,7 +353,7 @@ impl Worker {
                     encode_nats_pub(scratch, &self.plan.subject, &tag, body);
                 }
             }
-            push_frame(&mut s.conn.wbuf, 0x1, scratch);
+            push_msg(&mut s.conn.wbuf, self.plan.raw, scratch);
             *sent += 1;
             *outstanding += 1;
         }
@@ -448,6 +450,14 @@ fn join_all(workers: Vec<WorkerHandle>) -> Result<Outcome, String> {
     total.ok_or_else(|| "no worker".to_string())
 }
 
+fn transport_name(u: &Url) -> &'static str {
+    if u.raw {
+        "tcp"
+    } else {
+        "ws"
+    }
+}
+
 fn proto_name(p: Proto) -> &'static str {
     match p {
         Proto::Mm => "mm",
@@ -485,6 +495,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         .collect();
     let plan = Plan {
         proto: c.proto,
+        raw: url.raw,
         subject: c.subject.as_bytes().to_vec(),
         size,
     };
@@ -550,13 +561,13 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
                 Proto::Nats => encode_nats_pub(&mut scratch, &plan.subject, b"", &body),
             }
             if !a.pack {
-                push_frame(&mut publisher.wbuf, 0x1, &scratch);
+                push_msg(&mut publisher.wbuf, url.raw, &scratch);
                 scratch.clear();
             }
             sent += 1;
         }
         if a.pack && !scratch.is_empty() {
-            push_frame(&mut publisher.wbuf, 0x1, &scratch);
+            push_msg(&mut publisher.wbuf, url.raw, &scratch);
         }
         if let Err(e) = publisher.flush_blocking() {
             pub_err = Some(format!("publisher: {e}"));
@@ -594,8 +605,9 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
     let lost = expected.saturating_sub(o.received - o.out_of_order.min(o.received));
     let rate = o.received as f64 / elapsed;
     println!(
-        "fanout ({}): {} subscribers, {} B bodies, {} messages published in {:.2} s{}",
+        "fanout ({} over {}): {} subscribers, {} B bodies, {} messages published in {:.2} s{}",
         proto_name(c.proto),
+        transport_name(&url),
         a.subs,
         size,
         sent,
@@ -611,8 +623,8 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         o.received, elapsed, rate
     );
     let mut kv = format!(
-        "result: scenario=fanout proto={} subs={} size={} rate={} sent={} deliveries={} elapsed_s={:.3} deliveries_per_s={:.0}",
-        proto_name(c.proto), a.subs, size, a.rate, sent, o.received, elapsed, rate
+        "result: scenario=fanout proto={} transport={} subs={} size={} rate={} sent={} deliveries={} elapsed_s={:.3} deliveries_per_s={:.0}",
+        proto_name(c.proto), transport_name(&url), a.subs, size, a.rate, sent, o.received, elapsed, rate
     );
     if let Some(cpu) = server_cpu {
         let s = cpu.as_secs_f64();
@@ -746,6 +758,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     }
     let plan = Plan {
         proto: c.proto,
+        raw: url.raw,
         subject: c.subject.as_bytes().to_vec(),
         size,
     };
@@ -782,8 +795,9 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     let rate = o.received as f64 / elapsed;
     let lost = o.req_sent.saturating_sub(o.req_done);
     println!(
-        "reqres ({}): {} requesters x window {}, {} responders, {} B bodies",
+        "reqres ({} over {}): {} requesters x window {}, {} responders, {} B bodies",
         proto_name(c.proto),
+        transport_name(&url),
         a.requesters,
         a.window,
         a.responders,
@@ -794,8 +808,8 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
         o.received, o.req_sent, elapsed, rate
     );
     let mut kv = format!(
-        "result: scenario=reqres proto={} requesters={} window={} responders={} size={} sent={} answered={} elapsed_s={:.3} requests_per_s={:.0}",
-        proto_name(c.proto), a.requesters, a.window, a.responders, size, o.req_sent, o.received, elapsed, rate
+        "result: scenario=reqres proto={} transport={} requesters={} window={} responders={} size={} sent={} answered={} elapsed_s={:.3} requests_per_s={:.0}",
+        proto_name(c.proto), transport_name(&url), a.requesters, a.window, a.responders, size, o.req_sent, o.received, elapsed, rate
     );
     if let Some(cpu) = server_cpu {
         let s = cpu.as_secs_f64();
@@ -865,8 +879,9 @@ pub fn conns(a: &ConnsArgs) -> Result<bool, String> {
         }
     }
     println!(
-        "conns ({}): {} connections opened in {:.2} s, {} still open after {:.1} s",
+        "conns ({} over {}): {} connections opened in {:.2} s, {} still open after {:.1} s",
         proto_name(c.proto),
+        transport_name(&url),
         a.conns,
         took,
         alive,
@@ -874,8 +889,9 @@ pub fn conns(a: &ConnsArgs) -> Result<bool, String> {
     );
     println!("  connect+auth latency: {}", latency_line(&hist));
     let mut kv = format!(
-        "result: scenario=conns proto={} conns={} alive={alive} {}",
+        "result: scenario=conns proto={} transport={} conns={} alive={alive} {}",
         proto_name(c.proto),
+        transport_name(&url),
         a.conns,
         latency_kv(&hist)
     );

@@ -2,6 +2,11 @@
 //! unmasked server frames parsed in place from a reused read buffer, client frames with
 //! an all-zero mask (valid RFC 6455 framing that costs no XOR), and the two protocols
 //! spoken over it (middleman and NATS) turned into one [`Ev`] type.
+//!
+//! With a `tcp://` URL the same connection speaks middleman's raw stream protocol
+//! (README.md): the key as one line, `MM OK` and the cid as lines, then protocol
+//! messages back to back, split at their terminator line `.` (bodies are dot-stuffed,
+//! so a line that is exactly `.` only ever ends a message).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -16,11 +21,13 @@ pub enum Proto {
     Nats,
 }
 
-/// A parsed `ws://host:port/path`.
+/// A parsed `ws://host:port/path` or `tcp://host:port`.
 #[derive(Debug, Clone)]
 pub struct Url {
     /// Resolved address.
     pub addr: SocketAddr,
+    /// `tcp://`: the raw stream protocol, no WebSocket.
+    pub raw: bool,
     /// `host:port` as written (for the Host header).
     pub host: String,
     /// Request path (`/` when none).
@@ -28,11 +35,15 @@ pub struct Url {
 }
 
 impl Url {
-    /// Parse and resolve a `ws://` URL.
+    /// Parse and resolve a `ws://` or `tcp://` URL.
     pub fn parse(s: &str) -> Result<Url, String> {
-        let rest = s
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("url {s:?}: only ws:// is supported"))?;
+        let (raw, rest) = if let Some(r) = s.strip_prefix("ws://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("tcp://") {
+            (true, r)
+        } else {
+            return Err(format!("url {s:?}: only ws:// and tcp:// are supported"));
+        };
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -44,6 +55,7 @@ impl Url {
             .ok_or_else(|| format!("url {s:?}: no address"))?;
         Ok(Url {
             addr,
+            raw,
             host: host.to_owned(),
             path: path.to_owned(),
         })
@@ -88,6 +100,10 @@ pub struct WsConn {
     pub sock: TcpStream,
     /// Which protocol it speaks.
     pub proto: Proto,
+    /// The raw stream protocol (`tcp://`): no WebSocket framing either way.
+    pub raw: bool,
+    /// Raw stream: bytes after `rstart` already scanned without finding a terminator.
+    scanned: usize,
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
@@ -111,12 +127,17 @@ impl WsConn {
     /// Connect, upgrade and authenticate (middleman: the key, `MM OK`, the cid; NATS:
     /// `INFO`, `CONNECT`, `PING`/`PONG`), blocking, within `timeout`.
     pub fn connect(url: &Url, proto: Proto, key: &str, timeout: Duration) -> io::Result<WsConn> {
+        if url.raw && proto != Proto::Mm {
+            return Err(io::Error::other("tcp:// is for --proto mm only"));
+        }
         let deadline = Instant::now() + timeout;
         let sock = TcpStream::connect_timeout(&url.addr, timeout)?;
         sock.set_nodelay(true)?;
         let mut c = WsConn {
             sock,
             proto,
+            raw: url.raw,
+            scanned: 0,
             rbuf: vec![0; RBUF],
             rstart: 0,
             rend: 0,
@@ -128,6 +149,10 @@ impl WsConn {
             cid: String::new(),
             closed: false,
         };
+        if url.raw {
+            c.raw_auth(key, deadline)?;
+            return Ok(c);
+        }
         c.handshake(url, deadline)?;
         match proto {
             Proto::Mm => {
@@ -176,6 +201,38 @@ impl WsConn {
             }
             self.read_some_blocking(deadline)?;
         }
+    }
+
+    /// Raw stream: send the key line, read `MM OK` and the cid (or `MM ERR ...`).
+    fn raw_auth(&mut self, key: &str, deadline: Instant) -> io::Result<()> {
+        self.wbuf.extend_from_slice(key.as_bytes());
+        self.wbuf.extend_from_slice(b"\r\n");
+        self.flush_blocking()?;
+        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(2);
+        while lines.len() < 2 {
+            if let Some(e) = memchr::memchr(b'\n', &self.rbuf[self.rstart..self.rend]) {
+                let line = trim_cr(&self.rbuf[self.rstart..self.rstart + e]).to_vec();
+                self.rstart += e + 1;
+                if lines.is_empty() && line != b"MM OK" {
+                    return Err(io::Error::other(format!(
+                        "key refused: {:?}",
+                        String::from_utf8_lossy(&line)
+                    )));
+                }
+                lines.push(line);
+                continue;
+            }
+            if self.rend - self.rstart > 4096 {
+                return Err(io::Error::other("handshake line too long"));
+            }
+            self.read_some_blocking(deadline)?;
+        }
+        self.cid = String::from_utf8_lossy(&lines[1]).into_owned();
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+        Ok(())
     }
 
     fn read_some_blocking(&mut self, deadline: Instant) -> io::Result<usize> {
@@ -292,6 +349,10 @@ impl WsConn {
     /// Parse every complete frame in the read buffer and hand each event to `f`, with
     /// this connection's write buffer for answers.
     pub fn drain(&mut self, mut f: impl FnMut(Ev<'_>, &mut Vec<u8>)) -> io::Result<()> {
+        if self.raw {
+            self.drain_raw(&mut f);
+            return Ok(());
+        }
         loop {
             let buf = &self.rbuf[self.rstart..self.rend];
             let Some((op, fin, hlen, plen)) = parse_frame_header(buf)? else {
@@ -353,6 +414,23 @@ impl WsConn {
         Ok(())
     }
 
+    /// Raw stream: hand every complete message in the read buffer to `f`.
+    fn drain_raw(&mut self, f: &mut impl FnMut(Ev<'_>, &mut Vec<u8>)) {
+        loop {
+            let buf = &self.rbuf[self.rstart..self.rend];
+            let Some(end) = raw_message_end(buf, &mut self.scanned) else {
+                break;
+            };
+            f(parse_mm(&buf[..end]), &mut self.wbuf);
+            self.rstart += end;
+            self.scanned = 0;
+        }
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+    }
+
     fn on_payload(&mut self, payload: &[u8], f: &mut impl FnMut(Ev<'_>, &mut Vec<u8>)) {
         match self.proto {
             Proto::Mm => f(parse_mm(payload), &mut self.wbuf),
@@ -363,17 +441,21 @@ impl WsConn {
         }
     }
 
-    /// Queue one text frame.
+    /// Queue one text frame (raw stream: the bytes as they are).
     pub fn send_text(&mut self, payload: &[u8]) {
-        push_frame(&mut self.wbuf, 0x1, payload);
+        push_msg(&mut self.wbuf, self.raw, payload);
     }
 
     fn send_frame(&mut self, op: u8, payload: &[u8]) {
         push_frame(&mut self.wbuf, op, payload);
     }
 
-    /// Queue one middleman message (one frame).
+    /// Queue one middleman message (one frame; raw stream: no framing).
     pub fn send_mm(&mut self, cmd: &[u8], target: &[u8], headers: &[(&[u8], &[u8])], body: &[u8]) {
+        if self.raw {
+            encode_mm(&mut self.wbuf, cmd, target, headers, body);
+            return;
+        }
         self.scratch.clear();
         encode_mm(&mut self.scratch, cmd, target, headers, body);
         push_frame(&mut self.wbuf, 0x1, &self.scratch);
@@ -452,6 +534,42 @@ fn parse_frame_header(b: &[u8]) -> io::Result<Option<(u8, bool, usize, usize)>> 
         n => (2, n as usize),
     };
     Ok(Some((op, fin, hlen, plen)))
+}
+
+/// Append one outgoing unit: a text frame, or on a raw stream the bytes as they are
+/// (protocol messages carry their own terminator).
+pub fn push_msg(w: &mut Vec<u8>, raw: bool, payload: &[u8]) {
+    if raw {
+        w.extend_from_slice(payload);
+    } else {
+        push_frame(w, 0x1, payload);
+    }
+}
+
+/// Raw stream: the length of the first complete message in `b` (through its terminator
+/// line), or `None` when it is not complete yet. `scanned` is how far earlier calls got
+/// (a line start); it is advanced so bytes are not scanned twice.
+fn raw_message_end(b: &[u8], scanned: &mut usize) -> Option<usize> {
+    // Every message starts at a line start, and its first line is never ".", so the
+    // terminator is the first "\n." followed by "\r\n" or "\n". '.' is rare in
+    // bodies, so a substring search skips them faster than walking line by line.
+    let mut at = (*scanned).min(b.len());
+    while let Some(i) = memchr::memmem::find(&b[at..], b"\n.") {
+        let dot = at + i + 1;
+        match &b[dot + 1..] {
+            [b'\n', ..] => return Some(dot + 2),
+            [b'\r', b'\n', ..] => return Some(dot + 3),
+            // Possibly a terminator not fully received yet: look again later.
+            [b'\r'] | [] => {
+                *scanned = at + i;
+                return None;
+            }
+            _ => at = dot,
+        }
+    }
+    // A trailing '\n' may be followed by the '.' still to come.
+    *scanned = b.len().saturating_sub(1).max(at);
+    None
 }
 
 /// Append one client frame (FIN, masked with an all-zero key, so the payload is as is).
@@ -637,4 +755,36 @@ pub fn parse_dec(b: &[u8]) -> Option<u64> {
         n = n * 10 + (c - b'0') as u64;
     }
     Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_message_end;
+
+    /// Split a stream into messages, feeding it `step` bytes at a time.
+    fn split(stream: &[u8], step: usize) -> Vec<Vec<u8>> {
+        let (mut out, mut start, mut scanned) = (Vec::new(), 0, 0);
+        let mut end = 0;
+        while end < stream.len() {
+            end = (end + step).min(stream.len());
+            while let Some(n) = raw_message_end(&stream[start..end], &mut scanned) {
+                out.push(stream[start..start + n].to_vec());
+                start += n;
+                scanned = 0;
+            }
+        }
+        assert_eq!(start, stream.len(), "left over");
+        out
+    }
+
+    #[test]
+    fn raw_stream_splits_at_the_terminator_line_only() {
+        let a = b"PUB t\r\ncid: x\r\n\r\nx\r\n..\r\n.x\r\n...\r\n.\r\n".to_vec();
+        let b = b"SUB t\n.\n".to_vec();
+        let c = b"PUB t\r\n\r\n.\r\n".to_vec();
+        let stream = [a.clone(), b.clone(), c.clone()].concat();
+        for step in 1..stream.len() + 1 {
+            assert_eq!(split(&stream, step), vec![a.clone(), b.clone(), c.clone()]);
+        }
+    }
 }

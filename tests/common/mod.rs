@@ -53,6 +53,11 @@ impl TestServer {
         }
     }
 
+    /// Every listener as bound (ports filled in).
+    pub fn listeners(&self) -> &[Listen] {
+        &self.running.as_ref().expect("running").listeners
+    }
+
     pub fn url(&self) -> String {
         format!("ws://{}/", self.addr)
     }
