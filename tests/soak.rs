@@ -60,6 +60,26 @@ fn soak() {
         enabler.send("EPUB", &format!("t{t}"), &[], "");
     }
     enabler.sync();
+    // The enabler must answer the server's pings (by reading), or it is closed as idle
+    // after 60 s and its enablements lapse.
+    enabler
+        .ws
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let enabler_stop = stop.clone();
+    let enabler_thread = std::thread::spawn(move || {
+        while !enabler_stop.load(Ordering::Relaxed) {
+            match next_data(&mut enabler.ws) {
+                Ok(_) => {}
+                Err(e)
+                    if e.contains("WouldBlock")
+                        || e.contains("timed out")
+                        || e.contains("Resource temporarily") => {}
+                Err(e) => panic!("enabler: {e}"),
+            }
+        }
+    });
     let mut responders = Vec::new();
     for _ in 0..2 {
         let stop = stop.clone();
@@ -173,6 +193,7 @@ fn soak() {
     for r in responders {
         r.join().expect("responder");
     }
+    enabler_thread.join().expect("enabler");
     let warm = samples[samples.len() / 4];
     let last = *samples.last().unwrap();
     println!(
