@@ -22,34 +22,26 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 // Harness
 // ---------------------------------------------------------------------------------------
 
-/// One message as a receiver sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct M {
-    cmd: String,
-    target: String,
-    headers: Vec<(String, String)>,
-    body: String,
+mod common;
+
+/// One message as a receiver sees it (the harness' owned message type).
+type M = common::Msg;
+
+/// What these tests ask of a message beyond the harness' accessors.
+trait MsgExt {
+    /// Every header named `name` (case-insensitive), as (spelling, value).
+    fn named(&self, name: &str) -> Vec<(&str, &str)>;
+    /// The headers other than those named in `skip` (case-insensitive), in order.
+    fn without(&self, skip: &[&str]) -> Vec<(&str, &str)>;
+    /// A §7 error message.
+    fn is_error(&self) -> bool;
 }
 
-impl M {
-    /// First header named `name` (case-insensitive).
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Every header named `name` (case-insensitive), as (spelling, value).
+impl MsgExt for M {
     fn named(&self, name: &str) -> Vec<(&str, &str)> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect()
+        self.headers_named(name)
     }
 
-    /// The headers other than those named in `skip` (case-insensitive), in order.
     fn without(&self, skip: &[&str]) -> Vec<(&str, &str)> {
         self.headers
             .iter()
@@ -63,14 +55,6 @@ impl M {
     }
 }
 
-fn big_limits() -> Limits {
-    Limits {
-        max_message: 64 << 20,
-        max_line: 64 << 20,
-        max_headers: 100_000,
-    }
-}
-
 /// Decode one outgoing packet; it must hold exactly one message, CRLF-terminated.
 fn parse(pkt: &Packet) -> M {
     let payload = pkt.payload();
@@ -79,50 +63,12 @@ fn parse(pkt: &Packet) -> M {
         "output must end with CRLF . CRLF: {:?}",
         String::from_utf8_lossy(payload)
     );
-    let mut d = Decoder::new(big_limits());
-    d.feed(payload);
-    let m = match d.next() {
-        Ok(Some(Decoded::Message(m))) => M {
-            cmd: String::from_utf8_lossy(m.cmd).into(),
-            target: String::from_utf8_lossy(m.target).into(),
-            headers: m
-                .headers()
-                .map(|(n, v)| {
-                    (
-                        String::from_utf8_lossy(n).into_owned(),
-                        String::from_utf8_lossy(v).into_owned(),
-                    )
-                })
-                .collect(),
-            body: String::from_utf8_lossy(&m.body).into(),
-        },
-        other => panic!(
-            "not one message: {other:?} in {:?}",
-            String::from_utf8_lossy(payload)
-        ),
-    };
-    assert!(!d.needs_more(), "trailing bytes after one message");
-    m
+    common::parse_one(payload)
 }
 
 /// Wire bytes of one message (CRLF, dot-stuffed body; LF inside the body kept as given).
 fn wire(cmd: &str, target: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
-    let mut s = format!("{cmd} {target}\r\n");
-    for (n, v) in headers {
-        s.push_str(&format!("{n}: {v}\r\n"));
-    }
-    s.push_str("\r\n");
-    for (i, line) in body.split('\n').enumerate() {
-        if i > 0 {
-            s.push('\n');
-        }
-        if line.starts_with('.') {
-            s.push('.');
-        }
-        s.push_str(line);
-    }
-    s.push_str("\r\n.\r\n");
-    s.into_bytes()
+    common::wire(cmd, target, headers, body).into_bytes()
 }
 
 type Out = Vec<(ConnId, M)>;

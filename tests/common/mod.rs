@@ -163,22 +163,7 @@ impl Peer {
 
     /// Send one message: `CMD target`, headers, body.
     pub fn send(&mut self, cmd: &str, target: &str, headers: &[(&str, &str)], body: &str) {
-        let mut s = format!("{cmd} {target}\r\n");
-        for (n, v) in headers {
-            s.push_str(&format!("{n}: {v}\r\n"));
-        }
-        s.push_str("\r\n");
-        for (i, line) in body.split('\n').enumerate() {
-            if i > 0 {
-                s.push('\n');
-            }
-            if line.starts_with('.') {
-                s.push('.');
-            }
-            s.push_str(line);
-        }
-        s.push_str("\r\n.\r\n");
-        self.send_raw(&s);
+        self.send_raw(&wire(cmd, target, headers, body));
     }
 
     /// Receive the next protocol message (exactly one per WebSocket message).
@@ -233,12 +218,32 @@ pub fn next_data(ws: &mut WebSocket<TcpStream>) -> Result<Vec<u8>, String> {
     }
 }
 
+/// Wire text of one message: CRLF, dot-stuffed body, LF inside the body kept as given.
+pub fn wire(cmd: &str, target: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut s = format!("{cmd} {target}\r\n");
+    for (n, v) in headers {
+        s.push_str(&format!("{n}: {v}\r\n"));
+    }
+    s.push_str("\r\n");
+    for (i, line) in body.split('\n').enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        if line.starts_with('.') {
+            s.push('.');
+        }
+        s.push_str(line);
+    }
+    s.push_str("\r\n.\r\n");
+    s
+}
+
 /// Parse exactly one protocol message from one WebSocket payload.
 pub fn parse_one(data: &[u8]) -> Msg {
     let mut d = Decoder::new(Limits {
         max_message: 64 << 20,
         max_line: 64 << 20,
-        max_headers: 1000,
+        max_headers: 100_000,
     });
     d.feed(data);
     let m = match d.next() {
