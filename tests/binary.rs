@@ -71,17 +71,7 @@ fn keys_from_environment_and_flags() {
 /// then close 1008; the server's memory stays near the 4 MiB cap.
 #[test]
 fn slow_consumer_is_cut_off_without_gaps_and_memory_stays_bounded() {
-    let p = Proc::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--service-key",
-            SERVICE_KEY,
-            "--client-key",
-            CLIENT_KEY,
-        ],
-        &[],
-    );
+    let p = Proc::server();
     let addr = p.addr();
     let mut publisher = Peer::service(addr);
     let mut stalled = Peer::service(addr);

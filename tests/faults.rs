@@ -134,17 +134,7 @@ fn peers_vanishing_at_every_stage_leak_nothing() {
 /// keeps serving its connections, and accepts again once descriptors are free.
 #[test]
 fn accept_errors_back_off_and_serving_continues() {
-    let p = common::proc::Proc::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--service-key",
-            SERVICE_KEY,
-            "--client-key",
-            CLIENT_KEY,
-        ],
-        &[],
-    );
+    let p = common::proc::Proc::server();
     let addr = p.addr();
     let pid = p.child.id() as i32;
     // Lower the server's soft limit to what it has open now plus 3.

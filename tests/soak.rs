@@ -37,17 +37,7 @@ fn soak() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    let p = Proc::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--service-key",
-            SERVICE_KEY,
-            "--client-key",
-            CLIENT_KEY,
-        ],
-        &[],
-    );
+    let p = Proc::server();
     let addr = p.addr();
     let pid = p.child.id();
     let stop = Arc::new(AtomicBool::new(false));

@@ -49,6 +49,21 @@ impl Proc {
         }
     }
 
+    /// The server on 127.0.0.1:0 with the harness' service and client keys.
+    pub fn server() -> Proc {
+        Proc::start(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--service-key",
+                super::SERVICE_KEY,
+                "--client-key",
+                super::CLIENT_KEY,
+            ],
+            &[],
+        )
+    }
+
     /// Wait for a line containing `needle` on either stream (the first such line printed
     /// since the start, whatever was waited for before); returns it. stdout and stderr
     /// are read on two threads, so lines of the two streams may arrive in either order.
