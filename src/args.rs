@@ -86,6 +86,30 @@ pub struct ServeArgs {
     /// Bytes queued for one peer before it is closed as a slow consumer (1008).
     #[arg(long, env = "MM_MAX_OUTBOUND_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
     pub max_outbound_bytes: usize,
+    /// Bytes read from one connection per loop pass before others get their turn (every transport).
+    #[arg(long, env = "MM_MAX_READ_PER_TURN", default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_read_per_turn: usize,
+    /// Protocol messages decoded from one connection per loop pass; the rest waits in its decoder.
+    #[arg(long, env = "MM_MAX_MESSAGES_PER_TURN", default_value_t = 1000)]
+    pub max_messages_per_turn: usize,
+    /// Most WebSocket frames in one message; more closes with 1008.
+    #[arg(long, env = "MM_MAX_FRAGMENTS", default_value_t = 1024)]
+    pub max_fragments: usize,
+    /// Largest message before the key is accepted (the key itself); larger closes with 1009.
+    #[arg(long, env = "MM_MAX_KEY_BYTES", default_value = "4KiB", value_parser = parse_bytes)]
+    pub max_key_bytes: usize,
+    /// Requests one connection may have in flight; beyond it a `too many requests in flight` error.
+    #[arg(long, env = "MM_MAX_PENDING_REQUESTS", default_value_t = 1000)]
+    pub max_pending_requests: usize,
+    /// Longest ReqID value; longer gets a `ReqID too long` error.
+    #[arg(long, env = "MM_MAX_REQID_BYTES", default_value = "256", value_parser = parse_bytes)]
+    pub max_reqid_bytes: usize,
+    /// Most connections not yet authenticated (HTTP, upgrade, key); beyond it the oldest is dropped.
+    #[arg(long, env = "MM_MAX_HANDSHAKES", default_value_t = 1000)]
+    pub max_handshakes: usize,
+    /// Most unauthenticated connections from one source address; beyond it new ones are refused.
+    #[arg(long, env = "MM_MAX_HANDSHAKES_PER_IP", default_value_t = 64)]
+    pub max_handshakes_per_ip: usize,
     /// Time allowed for the WebSocket upgrade and the key.
     #[arg(long, env = "MM_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
@@ -126,6 +150,14 @@ impl ServeArgs {
             max_connections: self.max_connections,
             max_subscriptions: self.max_subscriptions,
             max_outbound_bytes: self.max_outbound_bytes,
+            max_read_per_turn: self.max_read_per_turn,
+            max_messages_per_turn: self.max_messages_per_turn,
+            max_fragments: self.max_fragments,
+            max_key_bytes: self.max_key_bytes,
+            max_pending_requests: self.max_pending_requests,
+            max_reqid_bytes: self.max_reqid_bytes,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
             handshake_timeout: self.handshake_timeout,
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,

@@ -119,6 +119,10 @@ pub struct Settings {
     pub max_subscriptions: usize,
     /// How long a request may stay unanswered (§6.5).
     pub request_timeout: Duration,
+    /// Requests one connection may have in flight (as requester).
+    pub max_pending_requests: usize,
+    /// Longest `ReqID` value accepted.
+    pub max_reqid_bytes: usize,
 }
 
 impl Default for Settings {
@@ -126,6 +130,8 @@ impl Default for Settings {
         Settings {
             max_subscriptions: 10_000,
             request_timeout: Duration::from_secs(30),
+            max_pending_requests: 1000,
+            max_reqid_bytes: 256,
         }
     }
 }

@@ -27,6 +27,22 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Bytes queued for one peer before it is cut off as a slow consumer.
     pub max_outbound_bytes: usize,
+    /// Bytes read from one connection per loop pass before others get their turn (every transport).
+    pub max_read_per_turn: usize,
+    /// Protocol messages decoded from one connection per loop pass; the rest waits in its decoder.
+    pub max_messages_per_turn: usize,
+    /// Most WebSocket frames in one message; more closes with 1008.
+    pub max_fragments: usize,
+    /// Largest message before the key is accepted (the key itself); larger closes with 1009.
+    pub max_key_bytes: usize,
+    /// Requests one connection may have in flight; beyond it a `too many requests in flight` error.
+    pub max_pending_requests: usize,
+    /// Longest ReqID value; longer gets a `ReqID too long` error.
+    pub max_reqid_bytes: usize,
+    /// Most connections not yet authenticated (HTTP, upgrade, key); beyond it the oldest is dropped.
+    pub max_handshakes: usize,
+    /// Most unauthenticated connections from one source address; beyond it new ones are refused.
+    pub max_handshakes_per_ip: usize,
     /// Time allowed for the upgrade and the key.
     pub handshake_timeout: Duration,
     /// How often idle connections are pinged.
@@ -64,6 +80,14 @@ impl Default for Config {
             max_connections: 10_000,
             max_subscriptions: 10_000,
             max_outbound_bytes: 4 << 20,
+            max_read_per_turn: 64 << 10,
+            max_messages_per_turn: 1000,
+            max_fragments: 1024,
+            max_key_bytes: 4 << 10,
+            max_pending_requests: 1000,
+            max_reqid_bytes: 256,
+            max_handshakes: 1000,
+            max_handshakes_per_ip: 64,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),

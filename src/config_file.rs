@@ -86,6 +86,14 @@ struct RawLimits {
     max_connections: Option<Spanned<toml::Value>>,
     max_subscriptions: Option<Spanned<toml::Value>>,
     max_outbound_bytes: Option<Spanned<toml::Value>>,
+    max_read_per_turn: Option<Spanned<toml::Value>>,
+    max_messages_per_turn: Option<Spanned<toml::Value>>,
+    max_fragments: Option<Spanned<toml::Value>>,
+    max_key_bytes: Option<Spanned<toml::Value>>,
+    max_pending_requests: Option<Spanned<toml::Value>>,
+    max_reqid_bytes: Option<Spanned<toml::Value>>,
+    max_handshakes: Option<Spanned<toml::Value>>,
+    max_handshakes_per_ip: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -149,6 +157,22 @@ pub struct FileConfig {
     pub max_subscriptions: Option<At<usize>>,
     /// `[limits] max_outbound_bytes`.
     pub max_outbound_bytes: Option<At<usize>>,
+    /// `[limits] max_read_per_turn`.
+    pub max_read_per_turn: Option<At<usize>>,
+    /// `[limits] max_messages_per_turn`.
+    pub max_messages_per_turn: Option<At<usize>>,
+    /// `[limits] max_fragments`.
+    pub max_fragments: Option<At<usize>>,
+    /// `[limits] max_key_bytes`.
+    pub max_key_bytes: Option<At<usize>>,
+    /// `[limits] max_pending_requests`.
+    pub max_pending_requests: Option<At<usize>>,
+    /// `[limits] max_reqid_bytes`.
+    pub max_reqid_bytes: Option<At<usize>>,
+    /// `[limits] max_handshakes`.
+    pub max_handshakes: Option<At<usize>>,
+    /// `[limits] max_handshakes_per_ip`.
+    pub max_handshakes_per_ip: Option<At<usize>>,
     /// `[timeouts] handshake`.
     pub handshake_timeout: Option<At<Duration>>,
     /// `[timeouts] ping_interval`.
@@ -415,6 +439,14 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
     out.max_connections = count(&l.max_connections, "limits.max_connections")?;
     out.max_subscriptions = count(&l.max_subscriptions, "limits.max_subscriptions")?;
     out.max_outbound_bytes = size(&l.max_outbound_bytes, "limits.max_outbound_bytes")?;
+    out.max_read_per_turn = size(&l.max_read_per_turn, "limits.max_read_per_turn")?;
+    out.max_messages_per_turn = count(&l.max_messages_per_turn, "limits.max_messages_per_turn")?;
+    out.max_fragments = count(&l.max_fragments, "limits.max_fragments")?;
+    out.max_key_bytes = size(&l.max_key_bytes, "limits.max_key_bytes")?;
+    out.max_pending_requests = count(&l.max_pending_requests, "limits.max_pending_requests")?;
+    out.max_reqid_bytes = size(&l.max_reqid_bytes, "limits.max_reqid_bytes")?;
+    out.max_handshakes = count(&l.max_handshakes, "limits.max_handshakes")?;
+    out.max_handshakes_per_ip = count(&l.max_handshakes_per_ip, "limits.max_handshakes_per_ip")?;
     let t = &raw.timeouts;
     out.handshake_timeout = duration(&t.handshake, "timeouts.handshake")?;
     out.ping_interval = duration(&t.ping_interval, "timeouts.ping_interval")?;
@@ -517,6 +549,54 @@ pub fn merge(
         cfg.max_outbound_bytes
     );
     take!(
+        "limits.max_read_per_turn",
+        "max_read_per_turn",
+        f.max_read_per_turn,
+        cfg.max_read_per_turn
+    );
+    take!(
+        "limits.max_messages_per_turn",
+        "max_messages_per_turn",
+        f.max_messages_per_turn,
+        cfg.max_messages_per_turn
+    );
+    take!(
+        "limits.max_fragments",
+        "max_fragments",
+        f.max_fragments,
+        cfg.max_fragments
+    );
+    take!(
+        "limits.max_key_bytes",
+        "max_key_bytes",
+        f.max_key_bytes,
+        cfg.max_key_bytes
+    );
+    take!(
+        "limits.max_pending_requests",
+        "max_pending_requests",
+        f.max_pending_requests,
+        cfg.max_pending_requests
+    );
+    take!(
+        "limits.max_reqid_bytes",
+        "max_reqid_bytes",
+        f.max_reqid_bytes,
+        cfg.max_reqid_bytes
+    );
+    take!(
+        "limits.max_handshakes",
+        "max_handshakes",
+        f.max_handshakes,
+        cfg.max_handshakes
+    );
+    take!(
+        "limits.max_handshakes_per_ip",
+        "max_handshakes_per_ip",
+        f.max_handshakes_per_ip,
+        cfg.max_handshakes_per_ip
+    );
+    take!(
         "timeouts.handshake",
         "handshake_timeout",
         f.handshake_timeout,
@@ -587,13 +667,21 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
         },
         s => format!("{name} ({s})"),
     };
-    let positive: [(&str, usize, usize); 6] = [
+    let positive: [(&str, usize, usize); 14] = [
         ("limits.max_message_bytes", c.limits.max_message, 64),
         ("limits.max_line_bytes", c.limits.max_line, 64),
         ("limits.max_header_lines", c.limits.max_headers, 1),
         ("limits.max_connections", c.max_connections, 1),
         ("limits.max_subscriptions", c.max_subscriptions, 0),
         ("limits.max_outbound_bytes", c.max_outbound_bytes, 1024),
+        ("limits.max_read_per_turn", c.max_read_per_turn, 1024),
+        ("limits.max_messages_per_turn", c.max_messages_per_turn, 1),
+        ("limits.max_fragments", c.max_fragments, 1),
+        ("limits.max_key_bytes", c.max_key_bytes, 64),
+        ("limits.max_pending_requests", c.max_pending_requests, 1),
+        ("limits.max_reqid_bytes", c.max_reqid_bytes, 1),
+        ("limits.max_handshakes", c.max_handshakes, 1),
+        ("limits.max_handshakes_per_ip", c.max_handshakes_per_ip, 1),
     ];
     for (name, v, min) in positive {
         if v < min {
@@ -768,6 +856,46 @@ pub fn render(eff: &Effective) -> String {
             "limits.max_outbound_bytes",
             "max_outbound_bytes",
             show_bytes(c.max_outbound_bytes),
+        ),
+        (
+            "limits.max_read_per_turn",
+            "max_read_per_turn",
+            show_bytes(c.max_read_per_turn),
+        ),
+        (
+            "limits.max_messages_per_turn",
+            "max_messages_per_turn",
+            c.max_messages_per_turn.to_string(),
+        ),
+        (
+            "limits.max_fragments",
+            "max_fragments",
+            c.max_fragments.to_string(),
+        ),
+        (
+            "limits.max_key_bytes",
+            "max_key_bytes",
+            show_bytes(c.max_key_bytes),
+        ),
+        (
+            "limits.max_pending_requests",
+            "max_pending_requests",
+            c.max_pending_requests.to_string(),
+        ),
+        (
+            "limits.max_reqid_bytes",
+            "max_reqid_bytes",
+            show_bytes(c.max_reqid_bytes),
+        ),
+        (
+            "limits.max_handshakes",
+            "max_handshakes",
+            c.max_handshakes.to_string(),
+        ),
+        (
+            "limits.max_handshakes_per_ip",
+            "max_handshakes_per_ip",
+            c.max_handshakes_per_ip.to_string(),
         ),
     ] {
         line(&mut s, name, key, v);

@@ -31,11 +31,13 @@ pub enum CloseReason {
     PeerGone,
     /// The server shut down.
     Shutdown,
+    /// Dropped unauthenticated to make room for a new handshake (`--max-handshakes`).
+    Evicted,
 }
 
 impl CloseReason {
     /// Every reason, in the order of [`Metrics::closed`].
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Normal,
         CloseReason::Http,
         CloseReason::BadKey,
@@ -46,6 +48,7 @@ impl CloseReason {
         CloseReason::Limit,
         CloseReason::PeerGone,
         CloseReason::Shutdown,
+        CloseReason::Evicted,
     ];
 
     /// Label value.
@@ -61,6 +64,7 @@ impl CloseReason {
             CloseReason::Limit => "limit",
             CloseReason::PeerGone => "peer_gone",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Evicted => "evicted",
         }
     }
 }
@@ -95,7 +99,7 @@ pub struct Metrics {
     /// Connections refused at the connection limit.
     pub refused: u64,
     /// Connections closed, by [`CloseReason::ALL`] index.
-    pub closed: [u64; 10],
+    pub closed: [u64; 11],
     /// Bytes read from sockets.
     pub bytes_in: u64,
     /// Bytes written to sockets.
@@ -133,7 +137,7 @@ impl Default for Metrics {
         Metrics {
             accepted: 0,
             refused: 0,
-            closed: [0; 10],
+            closed: [0; 11],
             bytes_in: 0,
             bytes_out: 0,
             slow_consumers: 0,

@@ -232,6 +232,8 @@ impl Server {
             Settings {
                 max_subscriptions: cfg.max_subscriptions,
                 request_timeout: cfg.request_timeout,
+                max_pending_requests: cfg.max_pending_requests,
+                max_reqid_bytes: cfg.max_reqid_bytes,
             },
             &random_cid_prefix(),
         );

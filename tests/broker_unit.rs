@@ -1719,6 +1719,7 @@ fn max_subscriptions_refuses_beyond_the_limit_private_channel_not_counted() {
     let mut h = H::with(Settings {
         max_subscriptions: 2,
         request_timeout: TIMEOUT,
+        ..Settings::default()
     });
     let s = h.connect(Role::Service);
     let c = h.connect(Role::Client);

@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let settings = Settings {
         max_subscriptions: 4,
         request_timeout: Duration::from_secs(5),
+        ..Settings::default()
     };
     let mut broker = Broker::new(settings, "fz");
     let t0 = Instant::now();
