@@ -57,6 +57,10 @@ pub struct OutQueue {
     head_written: usize,
     /// Bytes queued and not yet written.
     len: usize,
+    /// Bytes ever written (a position in the stream).
+    written_total: u64,
+    /// Stream positions at which queued pongs end; those not yet reached are unsent.
+    pong_ends: VecDeque<u64>,
 }
 
 impl OutQueue {
@@ -107,6 +111,18 @@ impl OutQueue {
         self.chunks.push_back(Chunk::Bytes(b.to_vec()));
     }
 
+    /// Queue a pong frame, remembering where it ends so [`OutQueue::pongs_unsent`] can
+    /// tell how many the peer has not been sent yet (a peer that pings and never reads).
+    pub fn push_pong(&mut self, b: &[u8]) {
+        self.push_bytes(b);
+        self.pong_ends.push_back(self.written_total + self.len as u64);
+    }
+
+    /// Pongs queued and not yet fully written to the socket.
+    pub fn pongs_unsent(&self) -> usize {
+        self.pong_ends.len()
+    }
+
     /// Drop everything not yet started, keeping a partly written front chunk so the
     /// stream stays well framed (used when cutting off a slow consumer).
     pub fn drop_unsent(&mut self) {
@@ -117,6 +133,7 @@ impl OutQueue {
             }
         }
         self.chunks.shrink_to_fit();
+        self.pong_ends.clear();
     }
 
     /// Write as much as the socket takes. Returns the bytes written; `WouldBlock` is not
@@ -151,6 +168,10 @@ impl OutQueue {
 
     fn advance(&mut self, mut n: usize) {
         self.len -= n;
+        self.written_total += n as u64;
+        while self.pong_ends.front().is_some_and(|&e| e <= self.written_total) {
+            self.pong_ends.pop_front();
+        }
         while n > 0 {
             let Some(front) = self.chunks.front() else {
                 break;
@@ -168,27 +189,174 @@ impl OutQueue {
     }
 }
 
-/// The stream handed to tungstenite: reads from `sock`, writes into `out`.
+/// Work one connection may do in one pass of the loop: bytes read from its socket and
+/// protocol messages handled. Spent, the connection waits for the next pass (it goes on
+/// the `again` list), so no peer can hold the loop, whatever it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Bytes that may still be read from the socket (after TLS: plaintext bytes).
+    pub bytes: usize,
+    /// Messages (WebSocket messages, control frames, protocol messages) still allowed.
+    pub msgs: usize,
+}
+
+impl Budget {
+    /// A fresh budget for one turn.
+    pub fn new(bytes: usize, msgs: usize) -> Budget {
+        Budget { bytes, msgs }
+    }
+    /// Nothing left: stop and come back next pass.
+    pub fn spent(&self) -> bool {
+        self.bytes == 0 || self.msgs == 0
+    }
+}
+
+/// Walks the WebSocket frame headers in the byte stream tungstenite reads, without
+/// copying or decoding payloads, to count what tungstenite keeps to itself: how many
+/// frames the message being received has had so far. (tungstenite gathers the fragments
+/// of a message internally and returns only when the message is complete.)
+#[derive(Debug, Default, Clone)]
+pub struct FrameScan {
+    hdr: [u8; 14],
+    have: u8,
+    /// Payload bytes of the current frame still to skip.
+    skip: u64,
+    /// Non-final data frames since the last final one.
+    run: usize,
+    /// Frames seen (for tests and fuzzing).
+    pub frames: u64,
+}
+
+impl FrameScan {
+    /// Scan `data`; returns false once the current message has more than `max_frames`
+    /// frames. A stream tungstenite will reject anyway (bad lengths, ...) is scanned as
+    /// well as it can be; the scanner itself never fails or panics.
+    pub fn feed(&mut self, mut data: &[u8], max_frames: usize) -> bool {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = (data.len() as u64).min(self.skip) as usize;
+                self.skip -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            self.hdr[self.have as usize] = data[0];
+            self.have += 1;
+            data = &data[1..];
+            let need = self.header_len();
+            if (self.have as usize) < need {
+                continue;
+            }
+            let b1 = self.hdr[1];
+            let len = match b1 & 0x7f {
+                126 => u16::from_be_bytes([self.hdr[2], self.hdr[3]]) as u64,
+                127 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&self.hdr[2..10]);
+                    u64::from_be_bytes(b)
+                }
+                n => n as u64,
+            };
+            let b0 = self.hdr[0];
+            self.have = 0;
+            self.skip = len;
+            self.frames += 1;
+            if b0 & 0x08 == 0 {
+                // A data frame (text, binary or continuation).
+                if b0 & 0x80 != 0 {
+                    self.run = 0;
+                } else {
+                    self.run += 1;
+                    if self.run >= max_frames {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Bytes in the header being collected, as far as known.
+    fn header_len(&self) -> usize {
+        if self.have < 2 {
+            return 2;
+        }
+        let b1 = self.hdr[1];
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
+    }
+}
+
+/// The stream handed to tungstenite: reads from `sock` within the turn's byte budget
+/// (then `WouldBlock`, and `budget_hit` says it was the budget, not the socket), scans
+/// frame headers, and writes into `out`.
 pub struct Io<'a, S> {
     /// The socket.
     pub sock: &'a mut S,
     /// The connection's outbound queue.
     pub out: &'a mut OutQueue,
-    /// Bytes read so far (for metrics and idle detection).
+    /// Bytes read so far (for metrics).
     pub read_bytes: &'a mut u64,
+    /// Bytes this turn may still read.
+    pub budget: usize,
+    /// A read was refused because the budget was spent.
+    pub budget_hit: bool,
+    /// Frame-header scanner and the most frames one message may have (reading only).
+    pub scan: Option<(&'a mut FrameScan, usize)>,
+    /// The scanner found a message with too many frames.
+    pub too_many_frames: bool,
+}
+
+impl<'a, S> Io<'a, S> {
+    /// An adapter for writing only (closes, pings): no read budget.
+    pub fn writer(sock: &'a mut S, out: &'a mut OutQueue, read_bytes: &'a mut u64) -> Self {
+        Io {
+            sock,
+            out,
+            read_bytes,
+            budget: 0,
+            budget_hit: false,
+            scan: None,
+            too_many_frames: false,
+        }
+    }
 }
 
 impl<S: Read> Read for Io<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.sock.read(buf)?;
+        if self.too_many_frames {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "too many frames"));
+        }
+        if self.budget == 0 {
+            self.budget_hit = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let cap = buf.len().min(self.budget);
+        let n = self.sock.read(&mut buf[..cap])?;
+        self.budget -= n;
         *self.read_bytes += n as u64;
+        if let Some((scan, max)) = self.scan.as_mut() {
+            if !scan.feed(&buf[..n], *max) {
+                self.too_many_frames = true;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "too many frames"));
+            }
+        }
         Ok(n)
     }
 }
 
 impl<S> Write for Io<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.push_bytes(buf);
+        // tungstenite writes one whole frame per call (its write buffer is 0): a pong
+        // is recognised by its first byte and counted until it is on the wire.
+        if buf.first() == Some(&0x8A) {
+            self.out.push_pong(buf);
+        } else {
+            self.out.push_bytes(buf);
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -106,7 +106,7 @@ fn run(eff: Effective) -> Result<(), String> {
         println!("  service key: {}", keys.service[0]);
         println!("  client key:  {}", keys.client[0]);
     }
-    raise_fd_limit(cfg.max_connections);
+    raise_fd_limit(cfg.max_connections + cfg.max_handshakes);
     let wanted: Vec<String> = cfg.listeners.iter().map(ToString::to_string).collect();
     let server = Server::bind(cfg.clone())
         .map_err(|e| format!("cannot listen on {}: {e}", wanted.join(" ")))?;
@@ -174,7 +174,7 @@ fn raise_fd_limit(want: usize) {
     }
     if (lim.rlim_cur as usize) < want + 64 {
         log::warn!(
-            "open-file limit {} is below --max-connections {want}; accepts may fail with EMFILE",
+            "open-file limit {} is below --max-connections + --max-handshakes ({want}); accepts may fail with EMFILE",
             lim.rlim_cur
         );
     }

@@ -1,11 +1,14 @@
 //! The event loop: one thread, one `mio::Poll`, connections in a `Slab` keyed by their
-//! `Token`. Edge-triggered: accept until `WouldBlock`, read until `WouldBlock` (at most
-//! [`MAX_READS_PER_TURN`] WebSocket messages per connection per pass, then the
-//! connection waits for the next pass so a busy peer cannot starve the rest), queue what
-//! the broker sends and write every dirty connection once at the end of the pass.
+//! `Token`. Edge-triggered: accept until `WouldBlock`; read until `WouldBlock` or until
+//! the connection's [`Budget`] for the pass is spent (`--max-read-per-turn` bytes from the
+//! socket, `--max-messages-per-turn` messages), then the connection waits on the `again`
+//! list for the next pass so no peer can hold the loop; queue what the broker sends,
+//! write a queue early once it passes a high-water mark, and write every dirty
+//! connection once at the end of the pass.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use tungstenite::Message as WsMessage;
 
 use crate::broker::{random_cid_prefix, Broker, Outbox, Settings};
 use crate::config::Config;
-use crate::conn::{Framing, Io, OutQueue};
+use crate::conn::{Budget, FrameScan, Framing, Io, OutQueue};
 use crate::http::{self, Request};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{Decoded, Decoder, Packet};
@@ -36,8 +39,12 @@ const MAX_LISTENERS: usize = 1024;
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
-/// WebSocket messages read from one connection before others get their turn.
-pub const MAX_READS_PER_TURN: usize = 64;
+/// Queued bytes past which a connection is written at once, within the pass, so a burst
+/// read from others never trips the slow-consumer cap of a peer that reads as it comes.
+const HIGH_WATER: usize = 256 * 1024;
+/// Pongs the peer may leave unread; one more ping closes it 1008 (a peer that pings and
+/// never reads would otherwise fill its queue with pongs).
+pub const MAX_PONGS_UNSENT: usize = 16;
 /// How long a closing connection may take to flush and hang up.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How often timeouts are checked.
@@ -62,8 +69,20 @@ enum Phase {
 }
 
 struct Conn {
+    /// Generation: tells this connection from a later one reusing its slab key.
+    gen: u64,
     link: Link,
     peer: String,
+    /// Source address (TCP), for the per-address handshake budget.
+    ip: Option<IpAddr>,
+    /// Counted in the handshake budget (not yet authenticated).
+    in_hs: bool,
+    /// The loop pass it was accepted in.
+    accepted_pass: u64,
+    /// Frame-header scanner (frames per message).
+    scan: FrameScan,
+    /// The decoder holds messages not yet handled (the message budget ran out).
+    backlog: bool,
     /// Index of the listener it came through.
     listener: usize,
     /// WebSocket frames or the raw stream.
@@ -120,31 +139,103 @@ impl StopHandle {
 struct Sink<'a> {
     conns: &'a mut Slab<Conn>,
     dirty: &'a mut Vec<ConnId>,
-    closes: &'a mut Vec<(ConnId, u16, &'static str, CloseReason)>,
+    closes: &'a mut Vec<Close>,
     max_out: usize,
+    bytes_out: &'a mut u64,
+}
+
+/// A close decided during the pass, carried out after it. The generation makes sure it
+/// reaches the connection it was meant for, not a later one in the same slab slot.
+#[derive(Debug, Clone, Copy)]
+struct Close {
+    id: ConnId,
+    gen: u64,
+    code: u16,
+    reason: &'static str,
+    why: CloseReason,
+}
+
+impl Sink<'_> {
+    /// Write what the socket takes now. False if the connection failed (it is then
+    /// marked to be removed and takes nothing more).
+    fn write_now(&mut self, to: ConnId) -> bool {
+        let Some(c) = self.conns.get_mut(to) else {
+            return false;
+        };
+        match c.out.write_to(&mut c.link) {
+            Ok(n) => {
+                *self.bytes_out += n as u64;
+                true
+            }
+            Err(_) => {
+                c.slow = true;
+                self.closes.push(Close {
+                    id: to,
+                    gen: c.gen,
+                    code: 1006,
+                    reason: "",
+                    why: CloseReason::PeerGone,
+                });
+                false
+            }
+        }
+    }
 }
 
 impl Outbox for Sink<'_> {
     fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
-        let Some(c) = self.conns.get_mut(to) else {
+        let Some(c) = self.conns.get(to) else {
             return;
         };
         if !c.accepts_data() {
             return;
         }
         if c.out.len() + c.out.packet_len(pkt) > self.max_out {
-            // §7: never a gap in the middle; the stream stops here and the peer is closed.
-            c.slow = true;
-            self.closes
-                .push((to, 1008, "slow consumer", CloseReason::SlowConsumer));
-            return;
+            // Over the cap: first let the socket take what it can. A peer is a slow
+            // consumer only if its queue stays over the cap with the socket full.
+            if !self.write_now(to) {
+                return;
+            }
+            let Some(c) = self.conns.get_mut(to) else {
+                return;
+            };
+            if c.out.len() + c.out.packet_len(pkt) > self.max_out {
+                // §7: never a gap in the middle; the stream stops here and the peer is
+                // closed.
+                c.slow = true;
+                self.closes.push(Close {
+                    id: to,
+                    gen: c.gen,
+                    code: 1008,
+                    reason: "slow consumer",
+                    why: CloseReason::SlowConsumer,
+                });
+                return;
+            }
         }
+        let Some(c) = self.conns.get_mut(to) else {
+            return;
+        };
         c.out.push_packet(pkt);
         if !c.dirty {
             c.dirty = true;
             self.dirty.push(to);
         }
+        if c.out.len() >= HIGH_WATER {
+            self.write_now(to);
+        }
     }
+}
+
+/// Handshake budget: connections not yet authenticated, counted globally and per source
+/// address, oldest first for eviction.
+#[derive(Debug, Default)]
+struct Handshakes {
+    count: usize,
+    per_ip: foldhash::HashMap<IpAddr, u32>,
+    /// (id, generation) in accept order; entries of connections that have left the
+    /// budget are skipped when met.
+    order: VecDeque<(ConnId, u64)>,
 }
 
 /// The server: listener, connections, broker and timers on one thread.
@@ -156,9 +247,13 @@ pub struct Server {
     broker: Broker,
     cfg: Config,
     ws_config: WebSocketConfig,
+    /// tungstenite settings before the key is accepted (small messages only).
+    ws_config_key: WebSocketConfig,
     dirty: Vec<ConnId>,
-    again: Vec<ConnId>,
-    closes: Vec<(ConnId, u16, &'static str, CloseReason)>,
+    again: Vec<(ConnId, u64)>,
+    closes: Vec<Close>,
+    hs: Handshakes,
+    next_gen: u64,
     stop_flag: Arc<AtomicBool>,
     waker: Arc<Waker>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
@@ -228,6 +323,15 @@ impl Server {
             .write_buffer_size(0)
             .max_message_size(Some(ws_max))
             .max_frame_size(Some(ws_max));
+        // Before the key is accepted the only message is the key: small.
+        let key_max = if cfg.echo { ws_max } else { cfg.max_key_bytes };
+        let ws_config_key = ws_config
+            .max_message_size(Some(key_max))
+            .max_frame_size(Some(key_max));
+        if cfg.echo {
+            // Autobahn sends messages of up to 65,536 fragments.
+            cfg.max_fragments = cfg.max_fragments.max(1 << 20);
+        }
         let broker = Broker::new(
             Settings {
                 max_subscriptions: cfg.max_subscriptions,
@@ -244,9 +348,12 @@ impl Server {
             conns: Slab::with_capacity(1024),
             broker,
             ws_config,
+            ws_config_key,
             dirty: Vec::new(),
             again: Vec::new(),
             closes: Vec::new(),
+            hs: Handshakes::default(),
+            next_gen: 0,
             stop_flag: Arc::new(AtomicBool::new(false)),
             waker,
             signals,
@@ -325,8 +432,16 @@ impl Server {
                     }
                 }
             }
-            for id in std::mem::take(&mut self.again) {
-                self.on_readable(id, now);
+            let again = std::mem::take(&mut self.again);
+            for &(id, gen) in &again {
+                if self.conns.get(id).is_some_and(|c| c.gen == gen) {
+                    self.on_readable(id, now);
+                }
+            }
+            if self.again.is_empty() {
+                let mut again = again;
+                again.clear();
+                self.again = again; // keep the allocation
             }
             if let Some(t) = self.accept_paused_until {
                 if now >= t {
@@ -385,6 +500,7 @@ impl Server {
                 dirty: &mut self.dirty,
                 closes: &mut self.closes,
                 max_out: self.cfg.max_outbound_bytes,
+                bytes_out: &mut self.metrics.bytes_out,
             },
         )
     }
@@ -398,7 +514,7 @@ impl Server {
                 return;
             };
             let scheme = listener.bound.scheme;
-            let (mut sock, peer) = match listener.accept() {
+            let (mut sock, peer, ip) = match listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -410,18 +526,36 @@ impl Server {
                 }
             };
             self.metrics.accepted += 1;
-            if self.conns.len() >= self.cfg.max_connections {
+            // Unauthenticated connections have their own budget: a source address over
+            // its share is refused; a full budget makes room by dropping the oldest, so
+            // idle sockets cannot keep out the peers that finish their handshake.
+            let over_ip = ip.is_some_and(|ip| {
+                self.hs.per_ip.get(&ip).copied().unwrap_or(0) as usize
+                    >= self.cfg.max_handshakes_per_ip
+            });
+            if over_ip {
                 self.metrics.refused += 1;
                 let refusal = if scheme.is_websocket() {
-                    http::response(503, "text/plain", b"too many connections\n")
+                    http::response(503, "text/plain", b"too many handshakes from this address\n")
                 } else {
-                    b"MM ERR too many connections\r\n".to_vec()
+                    b"MM ERR too many handshakes from this address\r\n".to_vec()
                 };
                 let _ = sock.write(&refusal);
                 let _ = sock.shutdown(std::net::Shutdown::Both);
                 warn_limited(&mut self.metrics.warned_refused, || {
-                    format!("refused {peer}: connection limit reached")
+                    format!("refused {peer}: too many handshakes from this address")
                 });
+                continue;
+            }
+            if !self.make_room_for_handshake() {
+                self.metrics.refused += 1;
+                let refusal = if scheme.is_websocket() {
+                    http::response(503, "text/plain", b"server busy: too many handshakes\n")
+                } else {
+                    b"MM ERR server busy: too many handshakes\r\n".to_vec()
+                };
+                let _ = sock.write(&refusal);
+                let _ = sock.shutdown(std::net::Shutdown::Both);
                 continue;
             }
             let link = match (scheme, &self.tls) {
@@ -441,6 +575,8 @@ impl Server {
             };
             let entry = self.conns.vacant_entry();
             let id = entry.key();
+            self.next_gen += 1;
+            let gen = self.next_gen;
             let mut link = link;
             if let Err(e) = self.poll.registry().register(
                 &mut link,
@@ -451,8 +587,14 @@ impl Server {
                 continue;
             }
             entry.insert(Conn {
+                gen,
                 link,
                 peer: peer.clone(),
+                ip,
+                in_hs: true,
+                accepted_pass: self.metrics.loop_iterations,
+                scan: FrameScan::default(),
+                backlog: false,
                 listener: index,
                 framing,
                 phase: if scheme.is_websocket() {
@@ -476,7 +618,92 @@ impl Server {
                 close_reason: CloseReason::Normal,
                 who: None,
             });
+            self.hs.count += 1;
+            if let Some(ip) = ip {
+                *self.hs.per_ip.entry(ip).or_insert(0) += 1;
+            }
+            self.hs.order.push_back((id, gen));
             debug!("[{id}] accepted {peer} on {}", scheme.name());
+            // Most clients send at once: read what is there now, so a connection that
+            // has spoken is never taken for an idle one.
+            self.on_readable(id, now);
+        }
+    }
+
+    /// Make room in a full handshake budget by dropping one unauthenticated connection:
+    /// the oldest that has sent nothing, else the oldest. Connections accepted in this
+    /// pass are never dropped (they have not been read yet). False if there is no room
+    /// (the new connection is then refused).
+    fn make_room_for_handshake(&mut self) -> bool {
+        // Forget entries of connections that have left the budget.
+        while let Some(&(id, gen)) = self.hs.order.front() {
+            if self.conns.get(id).is_some_and(|c| c.gen == gen && c.in_hs) {
+                break;
+            }
+            self.hs.order.pop_front();
+        }
+        if self.hs.count < self.cfg.max_handshakes {
+            return true;
+        }
+        let pass = self.metrics.loop_iterations;
+        let mut idle = None;
+        let mut oldest = None;
+        for (i, &(id, gen)) in self.hs.order.iter().enumerate() {
+            let Some(c) = self.conns.get(id).filter(|c| c.gen == gen && c.in_hs) else {
+                continue;
+            };
+            if c.accepted_pass == pass {
+                break; // this one and all after it were accepted in this pass
+            }
+            oldest.get_or_insert(i);
+            let silent = matches!(c.phase, Phase::Http | Phase::RawKey) && c.http_buf.is_empty();
+            if silent {
+                idle = Some(i);
+                break;
+            }
+        }
+        let Some(i) = idle.or(oldest) else {
+            return false;
+        };
+        let Some((id, _)) = self.hs.order.remove(i) else {
+            return false;
+        };
+        warn_limited(&mut self.metrics.warned_refused, || {
+            format!("[{id}] handshake budget full: dropping an unauthenticated connection")
+        });
+        self.remove(id, CloseReason::Evicted);
+        true
+    }
+
+    /// The connection is authenticated or gone: it leaves the handshake budget.
+    fn leave_handshake(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if !c.in_hs {
+            return;
+        }
+        c.in_hs = false;
+        self.hs.count -= 1;
+        if let Some(ip) = c.ip {
+            if let Some(n) = self.hs.per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.hs.per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Connections past their handshake (authenticated, or echo sessions), including
+    /// those closing.
+    fn established(&self) -> usize {
+        self.conns.len() - self.hs.count
+    }
+
+    fn push_again(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get(id) {
+            self.again.push((id, c.gen));
         }
     }
 
@@ -494,6 +721,7 @@ impl Server {
     }
 
     fn read_http(&mut self, id: ConnId, now: Instant) {
+        let full = self.established() >= self.cfg.max_connections;
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
@@ -516,14 +744,26 @@ impl Server {
             }
         };
         match request {
+            Request::Upgrade { .. } if full => {
+                self.metrics.refused += 1;
+                warn_limited(&mut self.metrics.warned_refused, || {
+                    format!("refused {}: connection limit reached", c.peer)
+                });
+                let resp = http::response(503, "text/plain", b"too many connections\n");
+                self.http_close(id, &resp, now, CloseReason::Limit);
+            }
             Request::Upgrade { accept, consumed } => {
                 let rest = c.http_buf.split_off(consumed.min(c.http_buf.len()));
                 c.http_buf = Vec::new();
                 c.out.push_bytes(&http::upgrade_response(&accept));
+                // Frames that came with the request count like any others.
+                if !c.scan.feed(&rest, self.cfg.max_fragments) {
+                    return self.close_with(id, 1008, "too many fragments", now, CloseReason::Limit);
+                }
                 c.ws = Some(WebSocketContext::from_partially_read(
                     rest,
                     WsRole::Server,
-                    Some(self.ws_config),
+                    Some(self.ws_config_key),
                 ));
                 c.phase = if self.cfg.echo {
                     Phase::Echo
@@ -532,6 +772,9 @@ impl Server {
                 };
                 c.last_rx = now;
                 self.mark_dirty(id);
+                if self.cfg.echo {
+                    self.leave_handshake(id);
+                }
                 self.read_ws(id, now);
             }
             Request::Plain { method, path } => {
@@ -570,59 +813,106 @@ impl Server {
         }
     }
 
+    fn budget(&self) -> Budget {
+        Budget::new(self.cfg.max_read_per_turn, self.cfg.max_messages_per_turn)
+    }
+
+    /// One read turn of a WebSocket connection: messages left in its decoder first, then
+    /// frames from the socket, until `WouldBlock` or the turn's budget is spent.
     fn read_ws(&mut self, id: ConnId, now: Instant) {
-        for _ in 0..MAX_READS_PER_TURN {
+        let mut budget = self.budget();
+        if !self.drain_decoder(id, now, &mut budget) {
+            return;
+        }
+        let max_frames = self.cfg.max_fragments;
+        loop {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
             };
             if !matches!(c.phase, Phase::AwaitKey | Phase::Open | Phase::Echo) {
                 return;
             }
+            if budget.spent() {
+                return self.push_again(id);
+            }
             let Some(ws) = c.ws.as_mut() else {
                 return;
             };
             let before = c.rx_bytes;
-            let res = ws.read(&mut Io {
+            let mut io = Io {
                 sock: &mut c.link,
                 out: &mut c.out,
                 read_bytes: &mut c.rx_bytes,
-            });
-            if c.rx_bytes != before {
-                self.metrics.bytes_in += c.rx_bytes - before;
-                c.last_rx = now;
-            }
-            if !c.out.is_empty() {
-                self.mark_dirty(id);
+                budget: budget.bytes,
+                budget_hit: false,
+                scan: Some((&mut c.scan, max_frames)),
+                too_many_frames: false,
+            };
+            let res = ws.read(&mut io);
+            budget.bytes = io.budget;
+            let (budget_hit, too_many_frames) = (io.budget_hit, io.too_many_frames);
+            self.metrics.bytes_in += c.rx_bytes - before;
+            if !c.out.is_empty() && !c.dirty {
+                c.dirty = true;
+                self.dirty.push(id);
             }
             match res {
-                Ok(WsMessage::Text(t)) => self.on_data(id, t.as_bytes(), true, now),
-                Ok(WsMessage::Binary(b)) => self.on_data(id, &b, false, now),
-                Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_)) => {}
+                Ok(WsMessage::Text(t)) => {
+                    budget.msgs = budget.msgs.saturating_sub(1);
+                    c.last_rx = now;
+                    if !self.on_data(id, t.as_bytes(), true, now, &mut budget) {
+                        return;
+                    }
+                }
+                Ok(WsMessage::Binary(b)) => {
+                    budget.msgs = budget.msgs.saturating_sub(1);
+                    c.last_rx = now;
+                    if !self.on_data(id, &b, false, now, &mut budget) {
+                        return;
+                    }
+                }
+                Ok(WsMessage::Ping(_) | WsMessage::Frame(_)) => {
+                    // Not activity for the idle timeout: a peer that pings and never
+                    // reads is idle. Its pongs count against the outbound cap, and one
+                    // that leaves more than a few unread is closed.
+                    budget.msgs = budget.msgs.saturating_sub(1);
+                    if c.out.pongs_unsent() > MAX_PONGS_UNSENT {
+                        return self.close_with(id, 1008, "too many pings", now, CloseReason::Limit);
+                    }
+                }
+                Ok(WsMessage::Pong(_)) => {
+                    // The answer to our ping: the peer reads what we send.
+                    budget.msgs = budget.msgs.saturating_sub(1);
+                    c.last_rx = now;
+                }
                 Ok(WsMessage::Close(_)) => {
                     // tungstenite queued the close reply; flush it and hang up.
-                    if let Some(c) = self.conns.get_mut(id) {
-                        if let Some(ws) = c.ws.as_mut() {
-                            let _ = ws.flush(&mut Io {
-                                sock: &mut c.link,
-                                out: &mut c.out,
-                                read_bytes: &mut c.rx_bytes,
-                            });
-                        }
+                    if let Some(ws) = c.ws.as_mut() {
+                        let _ = ws.flush(&mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes));
                     }
                     self.enter_closing(id, now, CloseReason::Normal);
+                    return;
+                }
+                Err(_) if too_many_frames => {
+                    self.warn_protocol(id, "too many frames in one message");
+                    return self.close_with(id, 1008, "too many fragments", now, CloseReason::Limit);
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if budget_hit {
+                        self.push_again(id);
+                    }
                     return;
                 }
                 Err(e) => return self.ws_error(id, e, now),
             }
         }
-        self.again.push(id);
     }
 
     fn ws_error(&mut self, id: ConnId, e: tungstenite::Error, now: Instant) {
         use tungstenite::error::{CapacityError, Error as E, ProtocolError as P};
         match e {
             E::Io(ref io) if io.kind() == io::ErrorKind::WouldBlock => {}
-            E::Io(ref io) if io.kind() == io::ErrorKind::Interrupted => self.again.push(id),
+            E::Io(ref io) if io.kind() == io::ErrorKind::Interrupted => self.push_again(id),
             E::ConnectionClosed | E::AlreadyClosed | E::Io(_) => {
                 self.remove(id, CloseReason::PeerGone)
             }
@@ -660,64 +950,114 @@ impl Server {
         });
     }
 
-    fn on_data(&mut self, id: ConnId, data: &[u8], text: bool, now: Instant) {
+    /// Handle one received data message (WebSocket) or chunk (raw stream). Returns false
+    /// when the read turn must end here (connection closing or gone, or the message
+    /// budget spent with messages left in the decoder: then it is on the `again` list).
+    fn on_data(
+        &mut self,
+        id: ConnId,
+        data: &[u8],
+        text: bool,
+        now: Instant,
+        budget: &mut Budget,
+    ) -> bool {
         let Some(c) = self.conns.get_mut(id) else {
-            return;
+            return false;
         };
         match c.phase {
             Phase::Echo => {
                 let pkt = Rc::new(Packet::with_kind(data, text));
                 let (_, mut sink) = self.split();
                 sink.send(id, &pkt);
+                true
             }
-            Phase::AwaitKey => self.admit(id, data, now),
+            Phase::AwaitKey => {
+                self.admit(id, data, now);
+                self.conns.get(id).is_some_and(|c| c.phase == Phase::Open)
+            }
             Phase::Open => {
-                let Some(mut dec) = c.dec.take() else {
-                    return;
-                };
-                dec.feed(data);
-                let mut failed = None;
-                {
-                    let (broker, mut sink) = self.split();
-                    loop {
-                        match dec.next() {
-                            Ok(Some(Decoded::Message(m))) => broker.apply(id, &m, now, &mut sink),
-                            Ok(Some(Decoded::Malformed(m))) => broker.malformed(id, &m, &mut sink),
-                            Ok(None) => break,
-                            Err(e) => {
-                                failed = Some(e);
-                                break;
-                            }
-                        }
-                    }
+                if let Some(dec) = c.dec.as_mut() {
+                    dec.feed(data);
                 }
-                if let Some(e) = failed {
-                    warn_limited(&mut self.metrics.warned_protocol, || {
-                        format!("[{id}] framing violation: {e}")
-                    });
-                    let why = if e.close_code() == 1009 {
-                        CloseReason::Limit
-                    } else {
-                        CloseReason::ProtocolError
-                    };
-                    self.close_with(id, e.close_code(), e.reason(), now, why);
-                } else if let Some(c) = self.conns.get_mut(id) {
-                    if c.phase == Phase::Open {
-                        // Nothing pending: the decoder keeps small buffers for the next
-                        // message and gives back what a large one left behind.
-                        if !dec.needs_more() {
-                            dec.shrink();
-                        }
-                        c.dec = Some(dec);
-                    }
-                }
+                c.backlog = true;
+                self.drain_decoder(id, now, budget)
             }
-            Phase::Http | Phase::RawKey | Phase::Closing => {}
+            Phase::Http | Phase::RawKey | Phase::Closing => false,
+        }
+    }
+
+    /// Hand the messages waiting in the connection's decoder to the broker, one per unit
+    /// of the message budget. Returns false when the turn must end (closing, gone, or
+    /// budget spent with messages left: then it is on the `again` list).
+    fn drain_decoder(&mut self, id: ConnId, now: Instant, budget: &mut Budget) -> bool {
+        let Some(c) = self.conns.get_mut(id) else {
+            return false;
+        };
+        if !c.backlog {
+            return true;
+        }
+        let Some(mut dec) = c.dec.take() else {
+            c.backlog = false;
+            return true;
+        };
+        let mut failed = None;
+        let mut drained = false;
+        {
+            let (broker, mut sink) = self.split();
+            while budget.msgs > 0 {
+                match dec.next() {
+                    Ok(Some(Decoded::Message(m))) => broker.apply(id, &m, now, &mut sink),
+                    Ok(Some(Decoded::Malformed(m))) => broker.malformed(id, &m, &mut sink),
+                    Ok(None) => {
+                        drained = true;
+                        break;
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                budget.msgs -= 1;
+            }
+        }
+        if let Some(e) = failed {
+            warn_limited(&mut self.metrics.warned_protocol, || {
+                format!("[{id}] framing violation: {e}")
+            });
+            let why = if e.close_code() == 1009 {
+                CloseReason::Limit
+            } else {
+                CloseReason::ProtocolError
+            };
+            self.close_with(id, e.close_code(), e.reason(), now, why);
+            return false;
+        }
+        let Some(c) = self.conns.get_mut(id) else {
+            return false;
+        };
+        if c.phase != Phase::Open {
+            // Closed by what it sent (e.g. cut off as a slow consumer of its own echo).
+            return false;
+        }
+        if drained {
+            // Nothing pending: the decoder keeps small buffers for the next message and
+            // gives back what a large one left behind.
+            if !dec.needs_more() {
+                dec.shrink();
+            }
+            c.backlog = false;
+            c.dec = Some(dec);
+            true
+        } else {
+            c.dec = Some(dec);
+            self.push_again(id);
+            false
         }
     }
 
     /// Check a presented key (and the listener's roles); admit or refuse.
     fn admit(&mut self, id: ConnId, key: &[u8], now: Instant) {
+        let full = self.established() >= self.cfg.max_connections;
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
@@ -738,9 +1078,20 @@ impl Server {
             });
             return self.close_with(id, 1008, why, now, CloseReason::BadKey);
         };
+        if full {
+            self.metrics.refused += 1;
+            warn_limited(&mut self.metrics.warned_refused, || {
+                format!("refused {}: connection limit reached", c.peer)
+            });
+            return self.close_with(id, 1008, "too many connections", now, CloseReason::Limit);
+        }
         let cid = self.broker.connect(id, role);
         c.phase = Phase::Open;
         c.dec = Some(Decoder::new(self.cfg.limits));
+        if let Some(ws) = c.ws.as_mut() {
+            let full = self.ws_config;
+            ws.set_config(|w| *w = full);
+        }
         debug!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
         c.who = Some(format!("{} {cid}", role.name()).into());
         if c.framing == Framing::Raw {
@@ -753,9 +1104,11 @@ impl Server {
             sink.send(id, &Rc::new(Packet::raw(b"MM OK")));
             sink.send(id, &Rc::new(Packet::raw(cid.as_bytes())));
         }
+        self.leave_handshake(id);
     }
 
-    /// Raw transport: read the key line, then hand what follows to the decoder.
+    /// Raw transport: read the key line (at most a line's length), then hand what
+    /// follows to the decoder.
     fn read_raw_key(&mut self, id: ConnId, now: Instant) {
         let Some(c) = self.conns.get_mut(id) else {
             return;
@@ -763,7 +1116,8 @@ impl Server {
         let cap = self.cfg.limits.max_line + 2;
         let mut chunk = [0u8; 4096];
         loop {
-            match c.link.read(&mut chunk) {
+            let room = (cap + 1).saturating_sub(c.http_buf.len()).clamp(1, chunk.len());
+            match c.link.read(&mut chunk[..room]) {
                 Ok(0) => return self.remove(id, CloseReason::PeerGone),
                 Ok(n) => {
                     self.metrics.bytes_in += n as u64;
@@ -773,10 +1127,11 @@ impl Server {
                         let rest = c.http_buf.split_off(lf + 1);
                         let key = std::mem::take(&mut c.http_buf);
                         self.admit(id, &key, now);
-                        if !rest.is_empty() {
-                            self.on_data(id, &rest, false, now);
+                        let mut budget = self.budget();
+                        if !rest.is_empty() && !self.on_data(id, &rest, false, now, &mut budget) {
+                            return;
                         }
-                        return self.read_raw(id, now);
+                        return self.read_raw_with(id, now, budget);
                     }
                     if c.http_buf.len() > cap {
                         return self.close_with(
@@ -795,26 +1150,40 @@ impl Server {
         }
     }
 
-    /// Raw transport: read stream bytes into the decoder, bounded per turn.
+    /// Raw transport: one read turn (messages left in the decoder first, then stream
+    /// bytes), bounded by the turn's budget.
     fn read_raw(&mut self, id: ConnId, now: Instant) {
+        let budget = self.budget();
+        self.read_raw_with(id, now, budget);
+    }
+
+    fn read_raw_with(&mut self, id: ConnId, now: Instant, mut budget: Budget) {
+        if !self.drain_decoder(id, now, &mut budget) {
+            return;
+        }
         let mut chunk = [0u8; 16 * 1024];
-        for _ in 0..MAX_READS_PER_TURN {
+        loop {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
             };
             if !matches!(c.phase, Phase::Open | Phase::Echo) {
                 return;
             }
-            match c.link.read(&mut chunk) {
+            if budget.spent() {
+                return self.push_again(id);
+            }
+            let room = chunk.len().min(budget.bytes);
+            match c.link.read(&mut chunk[..room]) {
                 Ok(0) => return self.remove(id, CloseReason::PeerGone),
                 Ok(n) => {
+                    budget.bytes -= n;
                     self.metrics.bytes_in += n as u64;
                     c.last_rx = now;
                     if c.phase == Phase::Echo {
                         c.out.push_bytes(&chunk[..n]);
                         self.mark_dirty(id);
-                    } else {
-                        self.on_data(id, &chunk[..n], false, now);
+                    } else if !self.on_data(id, &chunk[..n], false, now, &mut budget) {
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -822,7 +1191,6 @@ impl Server {
                 Err(_) => return self.remove(id, CloseReason::PeerGone),
             }
         }
-        self.again.push(id);
     }
 
     /// Send a close frame (after what is queued, or instead of it for a slow
@@ -867,11 +1235,7 @@ impl Server {
                 reason: reason.into(),
             };
             let _ = ws.close(
-                &mut Io {
-                    sock: &mut c.link,
-                    out: &mut c.out,
-                    read_bytes: &mut c.rx_bytes,
-                },
+                &mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes),
                 Some(frame),
             );
         }
@@ -900,8 +1264,10 @@ impl Server {
             return;
         };
         let mut scratch = [0u8; 4096];
-        for _ in 0..64 {
-            match c.link.read(&mut scratch) {
+        let mut left = self.cfg.max_read_per_turn;
+        while left > 0 {
+            let room = scratch.len().min(left);
+            match c.link.read(&mut scratch[..room]) {
                 Ok(0) => {
                     c.peer_eof = true;
                     if c.out.is_empty() {
@@ -910,7 +1276,10 @@ impl Server {
                     }
                     return;
                 }
-                Ok(n) => self.metrics.bytes_in += n as u64,
+                Ok(n) => {
+                    left -= n;
+                    self.metrics.bytes_in += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -919,7 +1288,7 @@ impl Server {
                 }
             }
         }
-        self.again.push(id);
+        self.push_again(id);
     }
 
     fn mark_dirty(&mut self, id: ConnId) {
@@ -980,8 +1349,15 @@ impl Server {
     }
 
     fn process_closes(&mut self, now: Instant) {
-        while let Some((id, code, reason, why)) = self.closes.pop() {
-            self.close_with(id, code, reason, now, why);
+        while let Some(cl) = self.closes.pop() {
+            if !self.conns.get(cl.id).is_some_and(|c| c.gen == cl.gen) {
+                continue; // that connection is gone; its slot may hold another
+            }
+            if cl.why == CloseReason::PeerGone {
+                self.remove(cl.id, cl.why);
+            } else {
+                self.close_with(cl.id, cl.code, cl.reason, now, cl.why);
+            }
         }
     }
 
@@ -989,6 +1365,7 @@ impl Server {
         if !self.conns.contains(id) {
             return;
         }
+        self.leave_handshake(id);
         let mut c = self.conns.remove(id);
         let _ = self.poll.registry().deregister(&mut c.link);
         {
@@ -1053,11 +1430,7 @@ impl Server {
                 c.last_ping = now;
                 if let Some(ws) = c.ws.as_mut() {
                     let _ = ws.write(
-                        &mut Io {
-                            sock: &mut c.link,
-                            out: &mut c.out,
-                            read_bytes: &mut c.rx_bytes,
-                        },
+                        &mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes),
                         WsMessage::Ping(Default::default()),
                     );
                 }
@@ -1139,16 +1512,16 @@ impl Listener {
         })
     }
 
-    fn accept(&self) -> io::Result<(Sock, String)> {
+    fn accept(&self) -> io::Result<(Sock, String, Option<IpAddr>)> {
         match &self.sock {
             ListenSock::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
-                Ok((Sock::Tcp(s), peer.to_string()))
+                Ok((Sock::Tcp(s), peer.to_string(), Some(peer.ip())))
             }
             ListenSock::Unix(l, path) => {
                 let (s, _) = l.accept()?;
-                Ok((Sock::Unix(s), format!("unix:{}", path.display())))
+                Ok((Sock::Unix(s), format!("unix:{}", path.display()), None))
             }
         }
     }
