@@ -115,7 +115,8 @@ impl OutQueue {
     /// tell how many the peer has not been sent yet (a peer that pings and never reads).
     pub fn push_pong(&mut self, b: &[u8]) {
         self.push_bytes(b);
-        self.pong_ends.push_back(self.written_total + self.len as u64);
+        self.pong_ends
+            .push_back(self.written_total + self.len as u64);
     }
 
     /// Pongs queued and not yet fully written to the socket.
@@ -169,7 +170,11 @@ impl OutQueue {
     fn advance(&mut self, mut n: usize) {
         self.len -= n;
         self.written_total += n as u64;
-        while self.pong_ends.front().is_some_and(|&e| e <= self.written_total) {
+        while self
+            .pong_ends
+            .front()
+            .is_some_and(|&e| e <= self.written_total)
+        {
             self.pong_ends.pop_front();
         }
         while n > 0 {
@@ -308,6 +313,9 @@ pub struct Io<'a, S> {
     pub scan: Option<(&'a mut FrameScan, usize)>,
     /// The scanner found a message with too many frames.
     pub too_many_frames: bool,
+    /// Frames this turn may still take (each frame is one unit of the message budget):
+    /// once they are used up, reads stop as when the bytes are.
+    pub frames_left: usize,
 }
 
 impl<'a, S> Io<'a, S> {
@@ -321,6 +329,7 @@ impl<'a, S> Io<'a, S> {
             budget_hit: false,
             scan: None,
             too_many_frames: false,
+            frames_left: 0,
         }
     }
 }
@@ -328,9 +337,12 @@ impl<'a, S> Io<'a, S> {
 impl<S: Read> Read for Io<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.too_many_frames {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "too many frames"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "too many frames",
+            ));
         }
-        if self.budget == 0 {
+        if self.budget == 0 || (self.scan.is_some() && self.frames_left == 0) {
             self.budget_hit = true;
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -339,9 +351,16 @@ impl<S: Read> Read for Io<'_, S> {
         self.budget -= n;
         *self.read_bytes += n as u64;
         if let Some((scan, max)) = self.scan.as_mut() {
-            if !scan.feed(&buf[..n], *max) {
+            let before = scan.frames;
+            let ok = scan.feed(&buf[..n], *max);
+            let frames = (scan.frames - before) as usize;
+            self.frames_left = self.frames_left.saturating_sub(frames);
+            if !ok {
                 self.too_many_frames = true;
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "too many frames"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "too many frames",
+                ));
             }
         }
         Ok(n)
@@ -361,6 +380,63 @@ impl<S> Write for Io<'_, S> {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// What one step of a WebSocket read turn produced.
+#[derive(Debug)]
+pub enum Step {
+    /// A complete message or control frame (tungstenite already queued any pong or
+    /// close reply into the outbound queue).
+    Msg(tungstenite::Message),
+    /// The socket has nothing more now: wait for the next readiness event.
+    Blocked,
+    /// The turn's byte budget is spent: come back next pass (data may be waiting).
+    Spent,
+    /// A message had more frames than allowed.
+    TooManyFrames,
+    /// A WebSocket or I/O error.
+    Error(tungstenite::Error),
+}
+
+/// One step of a WebSocket read turn: read from `sock` within `budget.bytes` (which it
+/// lowers), scanning frame headers (each frame read costs one of `budget.msgs`), until
+/// tungstenite has one message or control frame. Frames tungstenite gathers into one
+/// message never show up as messages, so they are counted here, where they are read.
+/// Pure over any `Read`, so it is fuzzed without sockets (`fuzz_targets/read_turn.rs`).
+pub fn ws_step<S: Read>(
+    ws: &mut tungstenite::protocol::WebSocketContext,
+    sock: &mut S,
+    out: &mut OutQueue,
+    read_bytes: &mut u64,
+    scan: &mut FrameScan,
+    max_frames: usize,
+    budget: &mut Budget,
+) -> Step {
+    let mut io = Io {
+        sock,
+        out,
+        read_bytes,
+        budget: budget.bytes,
+        budget_hit: false,
+        scan: Some((scan, max_frames)),
+        too_many_frames: false,
+        frames_left: budget.msgs,
+    };
+    let res = ws.read(&mut io);
+    budget.bytes = io.budget;
+    budget.msgs = io.frames_left;
+    match res {
+        Ok(m) => Step::Msg(m),
+        Err(_) if io.too_many_frames => Step::TooManyFrames,
+        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            if io.budget_hit {
+                Step::Spent
+            } else {
+                Step::Blocked
+            }
+        }
+        Err(e) => Step::Error(e),
     }
 }
 

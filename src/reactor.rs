@@ -25,7 +25,7 @@ use tungstenite::Message as WsMessage;
 
 use crate::broker::{random_cid_prefix, Broker, Outbox, Settings};
 use crate::config::Config;
-use crate::conn::{Budget, FrameScan, Framing, Io, OutQueue};
+use crate::conn::{ws_step, Budget, FrameScan, Framing, Io, OutQueue, Step};
 use crate::http::{self, Request};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{Decoded, Decoder, Packet};
@@ -536,7 +536,11 @@ impl Server {
             if over_ip {
                 self.metrics.refused += 1;
                 let refusal = if scheme.is_websocket() {
-                    http::response(503, "text/plain", b"too many handshakes from this address\n")
+                    http::response(
+                        503,
+                        "text/plain",
+                        b"too many handshakes from this address\n",
+                    )
                 } else {
                     b"MM ERR too many handshakes from this address\r\n".to_vec()
                 };
@@ -758,7 +762,13 @@ impl Server {
                 c.out.push_bytes(&http::upgrade_response(&accept));
                 // Frames that came with the request count like any others.
                 if !c.scan.feed(&rest, self.cfg.max_fragments) {
-                    return self.close_with(id, 1008, "too many fragments", now, CloseReason::Limit);
+                    return self.close_with(
+                        id,
+                        1008,
+                        "too many fragments",
+                        now,
+                        CloseReason::Limit,
+                    );
                 }
                 c.ws = Some(WebSocketContext::from_partially_read(
                     rest,
@@ -839,53 +849,52 @@ impl Server {
                 return;
             };
             let before = c.rx_bytes;
-            let mut io = Io {
-                sock: &mut c.link,
-                out: &mut c.out,
-                read_bytes: &mut c.rx_bytes,
-                budget: budget.bytes,
-                budget_hit: false,
-                scan: Some((&mut c.scan, max_frames)),
-                too_many_frames: false,
-            };
-            let res = ws.read(&mut io);
-            budget.bytes = io.budget;
-            let (budget_hit, too_many_frames) = (io.budget_hit, io.too_many_frames);
+            let step = ws_step(
+                ws,
+                &mut c.link,
+                &mut c.out,
+                &mut c.rx_bytes,
+                &mut c.scan,
+                max_frames,
+                &mut budget,
+            );
             self.metrics.bytes_in += c.rx_bytes - before;
             if !c.out.is_empty() && !c.dirty {
                 c.dirty = true;
                 self.dirty.push(id);
             }
-            match res {
-                Ok(WsMessage::Text(t)) => {
-                    budget.msgs = budget.msgs.saturating_sub(1);
+            match step {
+                Step::Msg(WsMessage::Text(t)) => {
                     c.last_rx = now;
                     if !self.on_data(id, t.as_bytes(), true, now, &mut budget) {
                         return;
                     }
                 }
-                Ok(WsMessage::Binary(b)) => {
-                    budget.msgs = budget.msgs.saturating_sub(1);
+                Step::Msg(WsMessage::Binary(b)) => {
                     c.last_rx = now;
                     if !self.on_data(id, &b, false, now, &mut budget) {
                         return;
                     }
                 }
-                Ok(WsMessage::Ping(_) | WsMessage::Frame(_)) => {
+                Step::Msg(WsMessage::Ping(_) | WsMessage::Frame(_)) => {
                     // Not activity for the idle timeout: a peer that pings and never
                     // reads is idle. Its pongs count against the outbound cap, and one
                     // that leaves more than a few unread is closed.
-                    budget.msgs = budget.msgs.saturating_sub(1);
                     if c.out.pongs_unsent() > MAX_PONGS_UNSENT {
-                        return self.close_with(id, 1008, "too many pings", now, CloseReason::Limit);
+                        return self.close_with(
+                            id,
+                            1008,
+                            "too many pings",
+                            now,
+                            CloseReason::Limit,
+                        );
                     }
                 }
-                Ok(WsMessage::Pong(_)) => {
+                Step::Msg(WsMessage::Pong(_)) => {
                     // The answer to our ping: the peer reads what we send.
-                    budget.msgs = budget.msgs.saturating_sub(1);
                     c.last_rx = now;
                 }
-                Ok(WsMessage::Close(_)) => {
+                Step::Msg(WsMessage::Close(_)) => {
                     // tungstenite queued the close reply; flush it and hang up.
                     if let Some(ws) = c.ws.as_mut() {
                         let _ = ws.flush(&mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes));
@@ -893,17 +902,19 @@ impl Server {
                     self.enter_closing(id, now, CloseReason::Normal);
                     return;
                 }
-                Err(_) if too_many_frames => {
+                Step::TooManyFrames => {
                     self.warn_protocol(id, "too many frames in one message");
-                    return self.close_with(id, 1008, "too many fragments", now, CloseReason::Limit);
+                    return self.close_with(
+                        id,
+                        1008,
+                        "too many fragments",
+                        now,
+                        CloseReason::Limit,
+                    );
                 }
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if budget_hit {
-                        self.push_again(id);
-                    }
-                    return;
-                }
-                Err(e) => return self.ws_error(id, e, now),
+                Step::Spent => return self.push_again(id),
+                Step::Blocked => return,
+                Step::Error(e) => return self.ws_error(id, e, now),
             }
         }
     }
@@ -1116,7 +1127,9 @@ impl Server {
         let cap = self.cfg.limits.max_line + 2;
         let mut chunk = [0u8; 4096];
         loop {
-            let room = (cap + 1).saturating_sub(c.http_buf.len()).clamp(1, chunk.len());
+            let room = (cap + 1)
+                .saturating_sub(c.http_buf.len())
+                .clamp(1, chunk.len());
             match c.link.read(&mut chunk[..room]) {
                 Ok(0) => return self.remove(id, CloseReason::PeerGone),
                 Ok(n) => {
@@ -1641,5 +1654,94 @@ impl Drop for Running {
             self.stop.stop();
             let _ = self.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> Server {
+        let mut cfg = Config::on("127.0.0.1:0".parse().expect("address"));
+        cfg.keys.service = vec!["k".into()];
+        Server::bind(cfg).expect("bind")
+    }
+
+    /// A close decided for a connection that is then removed in the same pass must not
+    /// reach a new connection that reuses its slab key.
+    #[test]
+    fn a_close_never_reaches_the_next_owner_of_a_slab_key() {
+        let mut s = server();
+        let addr = s.local_addr();
+        let now = Instant::now();
+        let _a = std::net::TcpStream::connect(addr).expect("connect a");
+        s.accept(0, now);
+        let (id, gen) = s
+            .conns
+            .iter()
+            .map(|(id, c)| (id, c.gen))
+            .next()
+            .expect("a accepted");
+        s.closes.push(Close {
+            id,
+            gen,
+            code: 1008,
+            reason: "slow consumer",
+            why: CloseReason::SlowConsumer,
+        });
+        s.remove(id, CloseReason::PeerGone);
+        let _b = std::net::TcpStream::connect(addr).expect("connect b");
+        s.accept(0, now);
+        let b = s.conns.get(id).expect("b reuses the slot");
+        assert_ne!(b.gen, gen);
+        s.process_closes(now);
+        let b = s.conns.get(id).expect("b still there");
+        assert_eq!(
+            b.phase,
+            Phase::Http,
+            "the stale close reached the new connection"
+        );
+        assert_eq!(s.hs.count, 1);
+    }
+
+    /// The handshake budget counts exactly the unauthenticated connections.
+    #[test]
+    fn handshake_budget_counts_and_evicts_the_silent_first() {
+        let mut cfg = Config::on("127.0.0.1:0".parse().expect("address"));
+        cfg.max_handshakes = 2;
+        let mut s = Server::bind(cfg).expect("bind");
+        let addr = s.local_addr();
+        let now = Instant::now();
+        use std::io::Write as _;
+        let mut talker = std::net::TcpStream::connect(addr).expect("connect");
+        talker.write_all(b"GET /heal").expect("write");
+        let _silent = std::net::TcpStream::connect(addr).expect("connect");
+        // Accept both, with a read of the talker's first bytes in between.
+        for _ in 0..100 {
+            s.accept(0, now);
+            if s.conns.len() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5)); // the kernel's accept queue, bounded
+        }
+        assert_eq!((s.conns.len(), s.hs.count), (2, 2));
+        let ids: Vec<ConnId> = s.conns.iter().map(|(id, _)| id).collect();
+        for &id in &ids {
+            s.on_readable(id, now);
+        }
+        // A third, in a later pass: the silent one makes room, the talker stays.
+        s.metrics.loop_iterations += 1;
+        let _third = std::net::TcpStream::connect(addr).expect("connect");
+        for _ in 0..100 {
+            s.accept(0, now);
+            if s.metrics.accepted == 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5)); // the kernel's accept queue, bounded
+        }
+        assert_eq!(s.hs.count, 2);
+        let talker_kept = s.conns.iter().any(|(_, c)| c.http_buf == b"GET /heal");
+        assert!(talker_kept, "the connection that spoke was dropped");
+        assert_eq!(s.metrics.closed[10], 1, "one eviction");
     }
 }

@@ -42,6 +42,7 @@ fn every_fuzz_target_survives_a_smoke_run() {
         "roundtrip",
         "handshake",
         "broker_ops",
+        "read_turn",
     ] {
         assert!(
             stdout.contains(target),

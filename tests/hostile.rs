@@ -45,10 +45,18 @@ impl Raw {
         let mut head = Vec::new();
         let mut b = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(r.s.read(&mut b).expect("upgrade response"), 1, "closed in upgrade");
+            assert_eq!(
+                r.s.read(&mut b).expect("upgrade response"),
+                1,
+                "closed in upgrade"
+            );
             head.push(b[0]);
         }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
         if let Some(k) = key {
             r.s.write_all(&frame(true, 1, k.as_bytes())).unwrap();
             assert_eq!(r.read_frame(), (1, b"MM OK".to_vec()));
@@ -116,7 +124,8 @@ fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 /// Write `chunk` again and again until `until` or the server closes; bytes written.
 fn flood(s: &mut TcpStream, chunk: &[u8], until: Instant, max_bytes: u64) -> u64 {
-    s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let mut sent = 0u64;
     while Instant::now() < until && sent < max_bytes {
         match s.write(chunk) {
@@ -172,7 +181,11 @@ fn a_message_of_too_many_fragments_is_closed_1008() {
             burst.extend_from_slice(&frame(false, 0, b""));
         }
         let _ = a.s.write_all(&burst);
-        assert_eq!(a.expect_close(), (1008, "too many fragments".into()), "key {key:?}");
+        assert_eq!(
+            a.expect_close(),
+            (1008, "too many fragments".into()),
+            "key {key:?}"
+        );
     }
     // 100 frames (99 unfinished + the last) is allowed.
     let mut c = Raw::connect(srv.addr, Some(SERVICE_KEY));
@@ -231,10 +244,20 @@ fn continuation_frame_flood_does_not_hold_the_loop() {
     assert!(p < P99_LIMIT, "p99 {p:?} during the flood");
     // The unauthenticated attacker was closed by the handshake timeout mid-flood.
     let (_, sent, lasted) = results[0];
-    assert!(sent > 1 << 20, "the unauthenticated flood sent only {sent} bytes");
-    assert!(lasted < FLOOD - Duration::from_secs(3), "the handshake timeout never fired: {lasted:?}");
+    assert!(
+        sent > 1 << 20,
+        "the unauthenticated flood sent only {sent} bytes"
+    );
+    assert!(
+        lasted < FLOOD - Duration::from_secs(3),
+        "the handshake timeout never fired: {lasted:?}"
+    );
     // The authenticated one flooded for the whole time and was read from throughout.
-    assert!(results[1].1 > 10 << 20, "the client flood sent only {} bytes", results[1].1);
+    assert!(
+        results[1].1 > 10 << 20,
+        "the client flood sent only {} bytes",
+        results[1].1
+    );
 }
 
 // ------------------------------------------------------------------ 6. tiny messages
@@ -318,7 +341,12 @@ fn ping_flood_from_a_peer_that_never_reads_is_bounded_and_closed() {
         // The peer never reads: the server's pongs fill the socket buffers, then count
         // as unsent in its queue, until it closes the peer (1008 "too many pings"; it
         // then discards what still comes for the close linger, and hangs up).
-        let sent = flood(&mut a.s, &chunk, Instant::now() + Duration::from_secs(30), 400 << 20);
+        let sent = flood(
+            &mut a.s,
+            &chunk,
+            Instant::now() + Duration::from_secs(30),
+            400 << 20,
+        );
         let peak = rss_kib(pid, "VmHWM:");
         println!(
             "ping flood (key {:?}): {} MiB of pings sent; RSS {base} KiB -> peak {peak} KiB",
@@ -326,11 +354,17 @@ fn ping_flood_from_a_peer_that_never_reads_is_bounded_and_closed() {
             sent >> 20
         );
         assert!(sent > 16 << 20, "the flood sent only {sent} bytes");
-        assert!(peak < base + 64 * 1024, "RSS grew from {base} to {peak} KiB");
+        assert!(
+            peak < base + 64 * 1024,
+            "RSS grew from {base} to {peak} KiB"
+        );
         // It was closed for its pings (not merely still being read).
         let deadline = Instant::now() + WAIT;
         while limit_closes(&metrics(addr)) < (i + 1) as f64 {
-            assert!(Instant::now() < deadline, "the pinging peer was never closed");
+            assert!(
+                Instant::now() < deadline,
+                "the pinging peer was never closed"
+            );
             thread::sleep(Duration::from_millis(20)); // polling the server's counters, bounded
         }
     }
@@ -353,7 +387,8 @@ fn pings_alone_are_not_activity() {
         }
         let mut probe = [0u8; 1];
         a.s.set_nonblocking(true).unwrap();
-        let eof = matches!(a.s.peek(&mut probe), Ok(_)) && t.elapsed() > Duration::from_millis(1400);
+        let eof =
+            matches!(a.s.peek(&mut probe), Ok(_)) && t.elapsed() > Duration::from_millis(1400);
         a.s.set_nonblocking(false).unwrap();
         if eof {
             break t.elapsed();
@@ -361,7 +396,10 @@ fn pings_alone_are_not_activity() {
         assert!(t.elapsed() < WAIT, "still open after {:?}", t.elapsed());
         thread::sleep(Duration::from_millis(100)); // the attacker's pace
     };
-    assert!(closed >= Duration::from_millis(1400), "closed early: {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(1400),
+        "closed early: {closed:?}"
+    );
     let (code, reason) = a.expect_close();
     assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
 }
@@ -384,19 +422,32 @@ fn a_fast_reader_receives_every_byte_of_a_64_mib_burst() {
     let addr = srv.addr;
     let publisher = thread::spawn(move || {
         let mut c = Raw::connect(addr, Some(CLIENT_KEY));
-        c.s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.s.set_write_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         c.s.write_all(&burst).unwrap();
         c
     });
     for i in 0..64 {
         let m = sub.recv();
-        assert_eq!((m.cmd.as_str(), m.target.as_str()), ("PUB", "burst"), "message {i}");
-        assert!(m.body == body, "message {i}: {} bytes, not {}", m.body.len(), body.len());
+        assert_eq!(
+            (m.cmd.as_str(), m.target.as_str()),
+            ("PUB", "burst"),
+            "message {i}"
+        );
+        assert!(
+            m.body == body,
+            "message {i}: {} bytes, not {}",
+            m.body.len(),
+            body.len()
+        );
     }
     let _c = publisher.join().unwrap();
     sub.sync();
     let m = metrics(srv.addr);
-    assert_eq!(m["middleman_connections_closed_total{reason=\"slow_consumer\"}"], 0.0);
+    assert_eq!(
+        m["middleman_connections_closed_total{reason=\"slow_consumer\"}"],
+        0.0
+    );
 }
 
 #[test]
@@ -419,7 +470,8 @@ fn a_responder_reading_at_full_speed_gets_a_burst_of_large_requests() {
     let addr = srv.addr;
     let requester = thread::spawn(move || {
         let mut c = Raw::connect(addr, Some(CLIENT_KEY));
-        c.s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.s.set_write_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         c.s.write_all(&burst).unwrap();
         c
     });
@@ -456,12 +508,20 @@ fn unauthenticated_peers_cannot_send_large_keys() {
     for a in &mut peers {
         let (code, reason) = a.expect_close();
         assert_eq!(code, 1009, "{reason}");
-        assert!(["frame too large", "message too long"].contains(&reason.as_str()), "{reason}");
+        assert!(
+            ["frame too large", "message too long"].contains(&reason.as_str()),
+            "{reason}"
+        );
         closed += 1;
     }
     let peak = rss_kib(pid, "VmHWM:");
-    println!("300 unauthenticated 1 MiB keys: {closed} closed 1009; RSS {base} KiB -> peak {peak} KiB");
-    assert!(peak < base + 64 * 1024, "RSS grew from {base} to {peak} KiB");
+    println!(
+        "300 unauthenticated 1 MiB keys: {closed} closed 1009; RSS {base} KiB -> peak {peak} KiB"
+    );
+    assert!(
+        peak < base + 64 * 1024,
+        "RSS grew from {base} to {peak} KiB"
+    );
     // A key of the allowed size still works.
     let mut ok = Peer::client(addr);
     ok.sync();
@@ -521,7 +581,10 @@ fn idle_sockets_holding_the_handshake_budget_do_not_keep_clients_out() {
         .unwrap_or(0.0)
         < 100.0
     {
-        assert!(Instant::now() < deadline, "the idle sockets never filled the budget");
+        assert!(
+            Instant::now() < deadline,
+            "the idle sockets never filled the budget"
+        );
         thread::sleep(Duration::from_millis(20)); // polling the server's counters, bounded
     }
     let mut ok = 0;
@@ -543,7 +606,9 @@ fn idle_sockets_holding_the_handshake_budget_do_not_keep_clients_out() {
 #[test]
 fn one_address_gets_only_its_share_of_the_handshake_budget() {
     let srv = TestServer::with(|c| c.max_handshakes_per_ip = 8);
-    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(srv.addr).unwrap()).collect();
+    let idle: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(srv.addr).unwrap())
+        .collect();
     // The server has seen all eight once a ninth is refused.
     let h = http_get(srv.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(h.starts_with("HTTP/1.1 503"), "{h}");
