@@ -346,7 +346,13 @@ impl<S: Read> Read for Io<'_, S> {
             self.budget_hit = true;
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let cap = buf.len().min(self.budget);
+        let mut cap = buf.len().min(self.budget);
+        if self.scan.is_some() {
+            // A client frame is at least 6 bytes (header and mask): reading no more than
+            // this many bytes keeps the frames tungstenite then parses, without reading
+            // again, within what the turn still allows.
+            cap = cap.min(self.frames_left.saturating_mul(6)).max(1);
+        }
         let n = self.sock.read(&mut buf[..cap])?;
         self.budget -= n;
         *self.read_bytes += n as u64;

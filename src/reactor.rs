@@ -83,6 +83,8 @@ struct Conn {
     scan: FrameScan,
     /// The decoder holds messages not yet handled (the message budget ran out).
     backlog: bool,
+    /// On the `again` list (at most once).
+    again: bool,
     /// Index of the listener it came through.
     listener: usize,
     /// WebSocket frames or the raw stream.
@@ -434,7 +436,8 @@ impl Server {
             }
             let again = std::mem::take(&mut self.again);
             for &(id, gen) in &again {
-                if self.conns.get(id).is_some_and(|c| c.gen == gen) {
+                if let Some(c) = self.conns.get_mut(id).filter(|c| c.gen == gen) {
+                    c.again = false;
                     self.on_readable(id, now);
                 }
             }
@@ -599,6 +602,7 @@ impl Server {
                 accepted_pass: self.metrics.loop_iterations,
                 scan: FrameScan::default(),
                 backlog: false,
+                again: false,
                 listener: index,
                 framing,
                 phase: if scheme.is_websocket() {
@@ -705,9 +709,13 @@ impl Server {
         self.conns.len() - self.hs.count
     }
 
+    /// Read this connection again next pass (its budget ran out with data waiting).
     fn push_again(&mut self, id: ConnId) {
-        if let Some(c) = self.conns.get(id) {
-            self.again.push((id, c.gen));
+        if let Some(c) = self.conns.get_mut(id) {
+            if !c.again {
+                c.again = true;
+                self.again.push((id, c.gen));
+            }
         }
     }
 
@@ -1363,7 +1371,7 @@ impl Server {
 
     fn process_closes(&mut self, now: Instant) {
         while let Some(cl) = self.closes.pop() {
-            if !self.conns.get(cl.id).is_some_and(|c| c.gen == cl.gen) {
+            if self.conns.get(cl.id).is_none_or(|c| c.gen != cl.gen) {
                 continue; // that connection is gone; its slot may hold another
             }
             if cl.why == CloseReason::PeerGone {

@@ -28,6 +28,9 @@ fn connection_cap_refuses_new_connections_with_503_and_keeps_existing_ones() {
     a.send("PUB", "t", &[], "still here");
     assert_eq!(b.recv().body, "still here");
     c.sync();
+    // Health checks are answered all the same (they never become connections).
+    let h = http_get(srv.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     // Once one leaves, a new one gets in.
     drop(a);
     let deadline = Instant::now() + WAIT;
@@ -35,13 +38,21 @@ fn connection_cap_refuses_new_connections_with_503_and_keeps_existing_ones() {
         let mut s = TcpStream::connect(srv.addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         use std::io::Write;
-        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        if out.starts_with("HTTP/1.1 200") {
+        s.write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+            head.push(b[0]);
+        }
+        let resp = String::from_utf8_lossy(&head);
+        if resp.starts_with("HTTP/1.1 101") {
             break;
         }
-        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
         assert!(Instant::now() < deadline, "slot never freed");
         std::thread::sleep(Duration::from_millis(20)); // polling the server's view, bounded
     }
