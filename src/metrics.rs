@@ -259,6 +259,7 @@ impl Metrics {
                 ("timed_out", st.req_timed_out),
                 ("no_responder", st.req_no_responder),
                 ("responder_gone", st.req_responder_gone),
+                ("too_many_in_flight", st.req_too_many),
             ],
             slow_consumers: self.slow_consumers,
             errors: reason::ALL.iter().copied().zip(st.errors).collect(),
