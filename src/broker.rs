@@ -327,7 +327,9 @@ impl Broker {
             self.sessions.resize_with(conn + 1, || None);
         }
         if let Some(old) = self.sessions[conn].take() {
-            // Not expected (the reactor disconnects first), but keep the tables true.
+            // Not expected (the reactor always disconnects first); should it happen, the
+            // old session's routing state goes (its requests without errors) so the
+            // tables and counts stay true.
             self.cids.remove(&old.cid);
             self.monitors.retain(|&m| m != conn);
             self.roles[role_slot(old.role)] -= 1;
