@@ -164,6 +164,10 @@ pub mod reason {
     pub const UNKNOWN_CID: &str = "unknown cid";
     /// `INT` with a target other than `UID`.
     pub const UNKNOWN_TARGET: &str = "unknown target";
+    /// A REQ from a connection that already has `max_pending_requests` in flight.
+    pub const TOO_MANY_REQUESTS: &str = "too many requests in flight";
+    /// A REQ whose `ReqID` value is longer than `max_reqid_bytes` (not echoed back).
+    pub const REQID_TOO_LONG: &str = "ReqID too long";
     /// Every reason, for metrics.
     pub const ALL: &[&str] = &[
         UNKNOWN_COMMAND,
@@ -179,6 +183,8 @@ pub mod reason {
         MISSING_HEADER,
         UNKNOWN_CID,
         UNKNOWN_TARGET,
+        TOO_MANY_REQUESTS,
+        REQID_TOO_LONG,
     ];
 }
 
@@ -188,7 +194,7 @@ pub const COMMANDS: &[&str] = &[
 ];
 
 /// Counters kept by the broker (plain integers, one thread).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Stats {
     /// Messages received, by command (index into [`COMMANDS`]; last slot: unknown).
     pub msgs_in: [u64; 10],
@@ -199,7 +205,7 @@ pub struct Stats {
     /// RES deliveries to requesters.
     pub delivered_res: u64,
     /// Error messages sent, by reason (index into [`reason::ALL`]).
-    pub errors: [u64; 13],
+    pub errors: [u64; reason::ALL.len()],
     /// Requests answered.
     pub req_answered: u64,
     /// Requests that timed out.
@@ -208,6 +214,25 @@ pub struct Stats {
     pub req_no_responder: u64,
     /// Requests whose responder left.
     pub req_responder_gone: u64,
+    /// Requests refused because the requester had `max_pending_requests` in flight.
+    pub req_too_many: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            msgs_in: [0; 10],
+            delivered_pub: 0,
+            delivered_req: 0,
+            delivered_res: 0,
+            errors: [0; reason::ALL.len()],
+            req_answered: 0,
+            req_timed_out: 0,
+            req_no_responder: 0,
+            req_responder_gone: 0,
+            req_too_many: 0,
+        }
+    }
 }
 
 /// Per-connection facts the broker keeps.
@@ -228,8 +253,19 @@ pub struct Broker {
     settings: Settings,
     cid_prefix: String,
     cid_counter: u64,
+    /// Sessions by role (services, monitors, clients), kept as they come and go so
+    /// `/metrics` never walks the sessions.
+    roles: [usize; 3],
     /// Counters.
     pub stats: Stats,
+}
+
+fn role_slot(role: Role) -> usize {
+    match role {
+        Role::Service => 0,
+        Role::Monitor => 1,
+        Role::Client => 2,
+    }
 }
 
 impl Broker {
@@ -244,6 +280,7 @@ impl Broker {
             settings,
             cid_prefix: cid_prefix.to_owned(),
             cid_counter: 0,
+            roles: [0; 3],
             stats: Stats::default(),
         }
     }
@@ -263,17 +300,9 @@ impl Broker {
         self.cids.len()
     }
 
-    /// Authenticated connections by role: (services, monitors, clients).
+    /// Authenticated connections by role: (services, monitors, clients). O(1).
     pub fn role_counts(&self) -> (usize, usize, usize) {
-        let mut n = (0, 0, 0);
-        for s in self.sessions.iter().flatten() {
-            match s.role {
-                Role::Service => n.0 += 1,
-                Role::Monitor => n.1 += 1,
-                Role::Client => n.2 += 1,
-            }
-        }
-        n
+        (self.roles[0], self.roles[1], self.roles[2])
     }
 
     /// The role of an authenticated connection.
@@ -297,6 +326,16 @@ impl Broker {
         if self.sessions.len() <= conn {
             self.sessions.resize_with(conn + 1, || None);
         }
+        if let Some(old) = self.sessions[conn].take() {
+            // Not expected (the reactor always disconnects first); should it happen, the
+            // old session's routing state goes (its requests without errors) so the
+            // tables and counts stay true.
+            self.cids.remove(&old.cid);
+            self.monitors.retain(|&m| m != conn);
+            self.roles[role_slot(old.role)] -= 1;
+            self.router.remove_conn(conn);
+        }
+        self.roles[role_slot(role)] += 1;
         self.sessions[conn] = Some(Session {
             role,
             cid: cid.as_str().into(),
@@ -319,6 +358,7 @@ impl Broker {
             return;
         };
         self.cids.remove(&session.cid);
+        self.roles[role_slot(session.role)] -= 1;
         self.monitors.retain(|&m| m != conn);
         for (p, target) in self.router.remove_conn(conn) {
             self.stats.req_responder_gone += 1;
@@ -443,6 +483,17 @@ impl Broker {
         let Some((reqid_name, reqid_value)) = msg.header("ReqID") else {
             return self.error(out, from, msg, reason::MISSING_REQID);
         };
+        if reqid_value.len() > self.settings.max_reqid_bytes {
+            // The ReqID is not echoed: it is what is refused, and a truncated copy
+            // could match another request the sender has in flight. The error names the
+            // command and target; a client finds the request by elimination or timeout.
+            return self.error_to(out, from, msg.cmd, msg.target, reason::REQID_TOO_LONG, None);
+        }
+        // Every role is bounded (services too): the cap is on table memory, not trust.
+        if self.router.asked_count(from) >= self.settings.max_pending_requests {
+            self.stats.req_too_many += 1;
+            return self.error(out, from, msg, reason::TOO_MANY_REQUESTS);
+        }
         let deadline = now + self.settings.request_timeout;
         let Some((responder, rid)) =
             self.router

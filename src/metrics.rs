@@ -3,6 +3,7 @@
 //! console). Both are built from one [`Snapshot`], so they always agree. No key ever
 //! appears here: topic names that contain a configured key are redacted.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -75,6 +76,13 @@ pub const HISTORY_SECONDS: usize = 300;
 pub const RECENT_CLOSES: usize = 50;
 /// How many topics the console's "busiest topics" table shows.
 pub const BUSIEST_TOPICS: usize = 10;
+/// How long a computed busiest-topics list is served before it is computed again: that
+/// list is the only part of `/stats` that walks every topic, so a peer polling `/stats`
+/// in a loop costs one walk a second, not one per request.
+pub const BUSIEST_REFRESH: Duration = Duration::from_secs(1);
+
+/// Topic names (redacted where needed) and their subscriber counts, busiest first.
+type Busiest = Vec<(String, usize)>;
 
 /// One per-second sample of the traffic totals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +137,9 @@ pub struct Metrics {
     pub warned_protocol: (Instant, u32),
     /// Rate-limit state for warnings.
     pub warned_slow: (Instant, u32),
+    /// The last busiest-topics list and when it was computed (see [`BUSIEST_REFRESH`]).
+    /// A cell because answering HTTP only reads the server's state otherwise.
+    busiest: RefCell<Option<(Instant, Busiest)>>,
 }
 
 impl Default for Metrics {
@@ -152,6 +163,7 @@ impl Default for Metrics {
             warned_bad_key: (now, 0),
             warned_protocol: (now, 0),
             warned_slow: (now, 0),
+            busiest: RefCell::new(None),
         }
     }
 }
@@ -200,34 +212,37 @@ impl Metrics {
         }
     }
 
-    /// Everything `/metrics` and `/stats` show, read at one instant.
+    /// Everything `/metrics` and `/stats` show, read at one instant. O(1) apart from
+    /// the busiest-topics list, which is computed at most once per [`BUSIEST_REFRESH`]
+    /// (in between, the list computed last is shown).
     pub fn snapshot(&self, broker: &Broker, open: usize, keys: &Keys) -> Snapshot {
+        let mut snap = self.counters(broker, open);
+        snap.busiest_topics = self.busiest_topics(broker, keys, Instant::now());
+        snap
+    }
+
+    /// The busiest topics, from the cache while it is younger than [`BUSIEST_REFRESH`].
+    fn busiest_topics(&self, broker: &Broker, keys: &Keys, now: Instant) -> Vec<(String, usize)> {
+        let mut cache = self.busiest.borrow_mut();
+        if let Some((at, list)) = cache.as_ref() {
+            if now.saturating_duration_since(*at) < BUSIEST_REFRESH {
+                return list.clone();
+            }
+        }
+        let list = busiest_topics(broker, keys);
+        *cache = Some((now, list.clone()));
+        list
+    }
+
+    /// Every counter and gauge, each O(1) (running totals kept by the broker and the
+    /// router); the busiest-topics list is left empty.
+    fn counters(&self, broker: &Broker, open: usize) -> Snapshot {
         let (svc, mon, cli) = broker.role_counts();
         let st = &broker.stats;
         let mut msgs_in: Vec<(&'static str, u64)> =
             COMMANDS.iter().copied().zip(st.msgs_in).collect();
         msgs_in.push(("other", st.msgs_in[COMMANDS.len()]));
         let router = broker.router();
-        let mut busiest: Vec<(String, usize)> = router
-            .topics()
-            .filter(|t| !t.name.starts_with(b"MSG:") && !t.subs.is_empty())
-            .map(|t| (t.name.as_ref(), t.subs.len()))
-            .fold(Vec::new(), |mut top: Vec<(&[u8], usize)>, (name, n)| {
-                // Keep the BUSIEST_TOPICS largest, most subscribers first, then by name.
-                let pos = top
-                    .iter()
-                    .position(|&(tn, tc)| n > tc || (n == tc && name < tn))
-                    .unwrap_or(top.len());
-                if pos < BUSIEST_TOPICS {
-                    top.insert(pos, (name, n));
-                    top.truncate(BUSIEST_TOPICS);
-                }
-                top
-            })
-            .into_iter()
-            .map(|(name, n)| (redact_topic(name, keys), n))
-            .collect();
-        busiest.truncate(BUSIEST_TOPICS);
         Snapshot {
             version: env!("CARGO_PKG_VERSION"),
             uptime: self.started.elapsed(),
@@ -259,13 +274,14 @@ impl Metrics {
                 ("timed_out", st.req_timed_out),
                 ("no_responder", st.req_no_responder),
                 ("responder_gone", st.req_responder_gone),
+                ("too_many_in_flight", st.req_too_many),
             ],
             slow_consumers: self.slow_consumers,
             errors: reason::ALL.iter().copied().zip(st.errors).collect(),
             http_requests: self.http_requests,
             loop_iterations: self.loop_iterations,
             busy: Duration::from_nanos(self.busy_ns),
-            busiest_topics: busiest,
+            busiest_topics: Vec::new(),
             recent_closes: self
                 .recent_closes
                 .iter()
@@ -276,10 +292,36 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self, broker: &Broker, open: usize, keys: &Keys) -> String {
-        self.snapshot(broker, open, keys).prometheus()
+    /// Prometheus text exposition (which has no busiest-topics list: O(1) plus
+    /// rendering).
+    pub fn render(&self, broker: &Broker, open: usize, _keys: &Keys) -> String {
+        self.counters(broker, open).prometheus()
     }
+}
+
+/// The [`BUSIEST_TOPICS`] topics with the most subscribers, most first, then by name
+/// (private channels left out; names holding a key redacted). O(topics).
+fn busiest_topics(broker: &Broker, keys: &Keys) -> Vec<(String, usize)> {
+    broker
+        .router()
+        .topics()
+        .filter(|t| !t.name.starts_with(b"MSG:") && !t.subs.is_empty())
+        .map(|t| (t.name.as_ref(), t.subs.len()))
+        .fold(Vec::new(), |mut top: Vec<(&[u8], usize)>, (name, n)| {
+            // Keep the BUSIEST_TOPICS largest, most subscribers first, then by name.
+            let pos = top
+                .iter()
+                .position(|&(tn, tc)| n > tc || (n == tc && name < tn))
+                .unwrap_or(top.len());
+            if pos < BUSIEST_TOPICS {
+                top.insert(pos, (name, n));
+                top.truncate(BUSIEST_TOPICS);
+            }
+            top
+        })
+        .into_iter()
+        .map(|(name, n)| (redact_topic(name, keys), n))
+        .collect()
 }
 
 /// Messages sent, by command: relayed PUB, REQ and RES, and errors.

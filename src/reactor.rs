@@ -796,7 +796,7 @@ impl Server {
                 self.read_ws(id, now);
             }
             Request::Plain { method, path } => {
-                let resp = self.plain_http(&method, &path);
+                let resp = self.plain_http(id, &method, &path);
                 self.metrics.http_requests += 1;
                 self.http_close(id, &resp, now, CloseReason::Http);
             }
@@ -809,12 +809,20 @@ impl Server {
         }
     }
 
-    fn plain_http(&self, method: &str, path: &str) -> Vec<u8> {
+    /// The answer to a plain HTTP request on connection `id`, limited to the pages its
+    /// listener serves (`?pages=`).
+    fn plain_http(&self, id: ConnId, method: &str, path: &str) -> Vec<u8> {
+        let pages = self
+            .conns
+            .get(id)
+            .and_then(|c| self.listeners.get(c.listener))
+            .map_or(web::Pages::NONE, |l| l.bound.pages);
         let view = web::View {
             broker: &self.broker,
             metrics: &self.metrics,
             open: self.conns.len(),
             cfg: &self.cfg,
+            pages,
         };
         web::respond(method, path, &view)
     }

@@ -3,7 +3,10 @@
 //!
 //! The router never sees a socket: it stores and returns [`ConnId`]s. Every operation
 //! keeps the two subscription indexes (topic -> subscribers, connection -> topics) in
-//! agreement; [`Router::check_invariants`] verifies that (used by tests and fuzzing).
+//! agreement, and likewise the pending-request indexes (request id -> request, and per
+//! connection the requests it asked and the requests it answers), so removing a
+//! connection costs only what it holds; [`Router::check_invariants`] verifies that (used
+//! by tests and fuzzing).
 
 use std::collections::BTreeMap;
 
@@ -81,6 +84,10 @@ pub struct Pending {
     name_len: usize,
     /// When it times out.
     pub deadline: Instant,
+    /// Position of this request's id in the requester's `asked` list.
+    asked_at: u32,
+    /// Position of this request's id in the responder's `answering` list.
+    answering_at: u32,
 }
 
 impl Pending {
@@ -101,9 +108,25 @@ struct Entry {
     subs: HashMap<TopicId, u32>,
     /// Enablements this connection made.
     enabled: Vec<(TopicId, Enable)>,
-    /// Pending requests this connection asked / was asked.
-    asked: u32,
-    answering: u32,
+    /// Ids of the pending requests this connection asked, in no order; each request
+    /// knows its position here (`Pending::asked_at`), so removal is a swap-remove.
+    /// Empty (no heap) while the connection has nothing in flight.
+    asked: Vec<u64>,
+    /// Ids of the pending requests delivered to this connection (same scheme,
+    /// `Pending::answering_at`).
+    answering: Vec<u64>,
+}
+
+/// Largest capacity a request index keeps once it is empty again: a connection that
+/// once had many requests in flight gives the memory back when idle, while the
+/// common one-at-a-time request/response does not allocate per request.
+const KEEP_RIDS: usize = 16;
+
+/// Which per-connection request list.
+#[derive(Clone, Copy)]
+enum Side {
+    Asked,
+    Answering,
 }
 
 /// Why a subscription was refused.
@@ -121,6 +144,8 @@ pub struct Router {
     conns: Vec<Option<Entry>>,
     pending: BTreeMap<u64, Pending>,
     next_rid: u64,
+    /// Sum of `topics[*].subs.len()`, kept as subscriptions come and go.
+    total_subs: usize,
 }
 
 impl Router {
@@ -185,9 +210,9 @@ impl Router {
         }
     }
 
-    /// Total subscriptions over all topics.
+    /// Total subscriptions over all topics (a running total: O(1)).
     pub fn total_subscriptions(&self) -> usize {
-        self.topics.iter().map(|(_, t)| t.subs.len()).sum()
+        self.total_subs
     }
 
     /// Is `conn` subscribed to the topic named `name`?
@@ -241,6 +266,7 @@ impl Router {
         let topic = &mut self.topics[id];
         let idx = topic.subs.len() as u32;
         topic.subs.push(conn);
+        self.total_subs += 1;
         if let Some(e) = self.entry(conn) {
             e.subs.insert(id, idx);
         }
@@ -264,6 +290,7 @@ impl Router {
     fn remove_sub_at(&mut self, id: TopicId, idx: usize) {
         let topic = &mut self.topics[id];
         topic.subs.swap_remove(idx);
+        self.total_subs -= 1;
         if let Some(&moved) = topic.subs.get(idx) {
             if let Some(e) = self.entry(moved) {
                 e.subs.insert(id, idx as u32);
@@ -341,6 +368,8 @@ impl Router {
         let mut reqid = Vec::with_capacity(reqid_name.len() + reqid_value.len());
         reqid.extend_from_slice(reqid_name);
         reqid.extend_from_slice(reqid_value);
+        let asked_at = self.push_rid(requester, Side::Asked, rid);
+        let answering_at = self.push_rid(responder, Side::Answering, rid);
         self.pending.insert(
             rid,
             Pending {
@@ -350,15 +379,70 @@ impl Router {
                 reqid: reqid.into(),
                 name_len: reqid_name.len(),
                 deadline,
+                asked_at,
+                answering_at,
             },
         );
-        if let Some(e) = self.entry(requester) {
-            e.asked += 1;
-        }
-        if let Some(e) = self.entry(responder) {
-            e.answering += 1;
-        }
         Some((responder, rid))
+    }
+
+    /// Number of pending requests `conn` asked (what `max_pending_requests` bounds).
+    pub fn asked_count(&self, conn: ConnId) -> usize {
+        match self.conns.get(conn) {
+            Some(Some(e)) => e.asked.len(),
+            _ => 0,
+        }
+    }
+
+    /// Number of pending requests delivered to `conn` and not yet ended.
+    pub fn answering_count(&self, conn: ConnId) -> usize {
+        match self.conns.get(conn) {
+            Some(Some(e)) => e.answering.len(),
+            _ => 0,
+        }
+    }
+
+    /// Append `rid` to one of `conn`'s request lists; returns its position.
+    fn push_rid(&mut self, conn: ConnId, side: Side, rid: u64) -> u32 {
+        match self.entry(conn) {
+            Some(e) => {
+                let list = match side {
+                    Side::Asked => &mut e.asked,
+                    Side::Answering => &mut e.answering,
+                };
+                list.push(rid);
+                (list.len() - 1) as u32
+            }
+            None => u32::MAX,
+        }
+    }
+
+    /// Remove position `at` of one of `conn`'s request lists in O(1) (plus a look-up to
+    /// fix the position of the id moved into its place). A connection already removed
+    /// (its entry taken) has nothing to fix.
+    fn remove_rid(&mut self, conn: ConnId, side: Side, at: u32) {
+        let Some(e) = self.conns.get_mut(conn).and_then(Option::as_mut) else {
+            return;
+        };
+        let list = match side {
+            Side::Asked => &mut e.asked,
+            Side::Answering => &mut e.answering,
+        };
+        let at = at as usize;
+        if at >= list.len() {
+            return;
+        }
+        list.swap_remove(at);
+        let moved = list.get(at).copied();
+        if list.is_empty() && list.capacity() > KEEP_RIDS {
+            *list = Vec::new();
+        }
+        if let Some(p) = moved.and_then(|m| self.pending.get_mut(&m)) {
+            match side {
+                Side::Asked => p.asked_at = at as u32,
+                Side::Answering => p.answering_at = at as u32,
+            }
+        }
     }
 
     /// The pending request `rid`, if any.
@@ -379,12 +463,8 @@ impl Router {
                 r.in_flight = r.in_flight.saturating_sub(1);
             }
         }
-        if let Some(e) = self.entry(p.requester) {
-            e.asked = e.asked.saturating_sub(1);
-        }
-        if let Some(e) = self.entry(p.responder) {
-            e.answering = e.answering.saturating_sub(1);
-        }
+        self.remove_rid(p.requester, Side::Asked, p.asked_at);
+        self.remove_rid(p.responder, Side::Answering, p.answering_at);
         Some(p)
     }
 
@@ -405,28 +485,27 @@ impl Router {
     }
 
     /// Remove a connection and everything it holds. Requests it was answering are
-    /// returned with their target's name, taken before the target may be released (they
-    /// must be failed with `responder disconnected`); requests it asked are dropped (a
-    /// late answer is then ignored).
+    /// returned, oldest first, with their target's name, taken before the target may be
+    /// released (they must be failed with `responder disconnected`); requests it asked are
+    /// dropped (a late answer is then ignored). Costs O(k log n) for the k requests the
+    /// connection is party to, whatever the size of the pending table.
     pub fn remove_conn(&mut self, conn: ConnId) -> Vec<(Pending, Box<[u8]>)> {
-        let Some(entry) = self.conns.get_mut(conn).and_then(Option::take) else {
+        let Some(mut entry) = self.conns.get_mut(conn).and_then(Option::take) else {
             return Vec::new();
         };
         let mut orphaned = Vec::new();
-        if entry.asked > 0 || entry.answering > 0 {
-            let rids: Vec<u64> = self
-                .pending
-                .iter()
-                .filter(|(_, p)| p.requester == conn || p.responder == conn)
-                .map(|(&rid, _)| rid)
-                .collect();
-            for rid in rids {
-                if let Some(p) = self.end_request(rid) {
-                    if p.responder == conn && p.requester != conn {
-                        let name = self.topics.get(p.topic).map(|t| t.name.clone());
-                        orphaned.push((p, name.unwrap_or_default()));
-                    }
-                }
+        // The entry is taken, so ending these requests leaves its lists alone; the
+        // other party's lists are fixed as usual.
+        for rid in std::mem::take(&mut entry.asked) {
+            self.end_request(rid);
+        }
+        let mut answering = std::mem::take(&mut entry.answering);
+        answering.sort_unstable();
+        for rid in answering {
+            // Absent if it was also one this connection asked (a service asking itself).
+            if let Some(p) = self.end_request(rid) {
+                let name = self.topics.get(p.topic).map(|t| t.name.clone());
+                orphaned.push((p, name.unwrap_or_default()));
             }
         }
         for (&id, &idx) in &entry.subs {
@@ -478,16 +557,77 @@ impl Router {
                 }
             }
         }
-        for (rid, p) in &self.pending {
-            if !self.has_conn(p.requester) || !self.has_conn(p.responder) {
+        let subs: usize = self.topics.iter().map(|(_, t)| t.subs.len()).sum();
+        if subs != self.total_subs {
+            return Err(format!("total_subs {} but {subs} held", self.total_subs));
+        }
+        let at = |list: &[u64], i: u32| list.get(i as usize).copied();
+        for (&rid, p) in &self.pending {
+            let (Some(Some(req)), Some(Some(resp))) =
+                (self.conns.get(p.requester), self.conns.get(p.responder))
+            else {
                 return Err(format!("pending {rid} outlives a connection"));
-            }
+            };
             let ok = self
                 .topics
                 .get(p.topic)
                 .is_some_and(|t| t.responders.iter().any(|r| r.conn == p.responder));
             if !ok {
                 return Err(format!("pending {rid} responder not registered"));
+            }
+            if at(&req.asked, p.asked_at) != Some(rid) {
+                return Err(format!("pending {rid} not at its place in the asked index"));
+            }
+            if at(&resp.answering, p.answering_at) != Some(rid) {
+                return Err(format!(
+                    "pending {rid} not at its place in the answering index"
+                ));
+            }
+        }
+        // The other way: every indexed id is pending, with this connection in that role
+        // (so with the check above, each list holds each of its requests exactly once).
+        let (mut asked, mut answering) = (0, 0);
+        for (c, e) in self.conns.iter().enumerate() {
+            let Some(e) = e else { continue };
+            for &rid in &e.asked {
+                if self.pending.get(&rid).map(|p| p.requester) != Some(c) {
+                    return Err(format!("conn {c} asked {rid}, which it did not"));
+                }
+            }
+            for &rid in &e.answering {
+                if self.pending.get(&rid).map(|p| p.responder) != Some(c) {
+                    return Err(format!("conn {c} answers {rid}, which it was not given"));
+                }
+            }
+            // An idle connection holds no request-index memory beyond the small kept one.
+            if e.asked.is_empty() && e.asked.capacity() > KEEP_RIDS
+                || e.answering.is_empty() && e.answering.capacity() > KEEP_RIDS
+            {
+                return Err(format!("conn {c} keeps a large empty request index"));
+            }
+            asked += e.asked.len();
+            answering += e.answering.len();
+        }
+        if asked != self.pending.len() || answering != self.pending.len() {
+            return Err(format!(
+                "{} pending, {asked} indexed as asked, {answering} as answering",
+                self.pending.len()
+            ));
+        }
+        // Responders' in-flight counts agree with the pending table.
+        let mut in_flight: HashMap<(TopicId, ConnId), usize> = HashMap::default();
+        for p in self.pending.values() {
+            *in_flight.entry((p.topic, p.responder)).or_default() += 1;
+        }
+        for (id, t) in &self.topics {
+            for r in &t.responders {
+                let n = in_flight.get(&(id, r.conn)).copied().unwrap_or(0);
+                if n != r.in_flight as usize {
+                    return Err(format!(
+                        "topic {id} responder {} in_flight {} but {n} pending",
+                        r.conn, r.in_flight
+                    ));
+                }
             }
         }
         Ok(())
@@ -536,6 +676,92 @@ mod tests {
         assert_eq!(r.subscribe(0, b"b", 1), Err(SubError::TooMany));
         assert_eq!(r.subscribe(0, b"a", 1), Ok(false));
         assert_eq!(r.topic_count(), 1);
+    }
+
+    #[test]
+    fn pending_indexes_follow_every_end_and_free_their_memory() {
+        let mut r = Router::new();
+        let d = Instant::now() + Duration::from_secs(30);
+        for c in 0..4 {
+            r.add_conn(c);
+        }
+        r.enable(0, b"q", Enable::Req);
+        r.enable(1, b"q", Enable::Req);
+        // Nothing in flight: the indexes hold no heap memory.
+        for c in 0..4 {
+            let e = r.conns[c].as_ref().unwrap();
+            assert_eq!((e.asked.capacity(), e.answering.capacity()), (0, 0));
+        }
+        let mut rids = Vec::new();
+        for i in 0..100u32 {
+            let asker = 2 + (i as usize % 2);
+            // Deliveries alternate, so each responder answers both requesters.
+            let asker = if (i / 2) % 2 == 0 { asker } else { 5 - asker };
+            let (to, rid) = r
+                .start_request(asker, b"q", b"ReqID", i.to_string().as_bytes(), d)
+                .unwrap();
+            rids.push((rid, to, asker, i));
+        }
+        r.check_invariants().unwrap();
+        assert_eq!((r.asked_count(2), r.asked_count(3)), (50, 50));
+        assert_eq!((r.answering_count(0), r.answering_count(1)), (50, 50));
+        // End them in an order that moves ids around inside the lists.
+        for &(rid, ..) in rids.iter().filter(|x| x.3 % 3 == 1) {
+            assert!(r.end_request(rid).is_some());
+            r.check_invariants().unwrap();
+        }
+        assert!(r.end_request(rids[1].0).is_none(), "ends once");
+        assert_eq!(r.pending_count(), 67);
+        // The requester 2 leaves: only its requests go, none is orphaned.
+        assert!(r.remove_conn(2).is_empty());
+        r.check_invariants().unwrap();
+        assert_eq!(r.pending_count(), 33);
+        assert!(r.pending.values().all(|p| p.requester == 3));
+        // Responder 0 leaves: its requests come back oldest first.
+        let orphaned = r.remove_conn(0);
+        let values: Vec<u32> = orphaned
+            .iter()
+            .map(|(p, _)| {
+                std::str::from_utf8(p.reqid_value())
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let expect: Vec<u32> = rids
+            .iter()
+            .filter(|&&(_, to, asker, i)| to == 0 && asker == 3 && i % 3 != 1)
+            .map(|x| x.3)
+            .collect();
+        assert!(expect.len() >= 8, "{expect:?}");
+        assert_eq!(values, expect);
+        r.check_invariants().unwrap();
+        // Drain the rest: the large lists are given back.
+        while r.pop_expired(d).is_some() {}
+        r.check_invariants().unwrap();
+        for c in [1, 3] {
+            let e = r.conns[c].as_ref().unwrap();
+            assert!(e.asked.is_empty() && e.answering.is_empty());
+            assert_eq!((e.asked.capacity(), e.answering.capacity()), (0, 0), "{c}");
+        }
+    }
+
+    #[test]
+    fn total_subscriptions_is_kept_as_a_running_total() {
+        let mut r = Router::new();
+        for c in 0..3 {
+            r.add_conn(c);
+            for t in [&b"a"[..], b"b", b"c"] {
+                r.subscribe(c, t, 10).unwrap();
+            }
+        }
+        assert_eq!(r.total_subscriptions(), 9);
+        assert!(r.unsubscribe(1, b"b"));
+        assert!(!r.unsubscribe(1, b"b"));
+        assert_eq!(r.total_subscriptions(), 8);
+        r.remove_conn(0);
+        assert_eq!(r.total_subscriptions(), 5);
+        r.check_invariants().unwrap();
     }
 
     #[test]

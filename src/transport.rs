@@ -1,4 +1,5 @@
-//! Transports: listener URLs (`ws://`, `wss://`, `tcp://`, `unix://`, with `?roles=`),
+//! Transports: listener URLs (`ws://`, `wss://`, `tcp://`, `unix://`, with `?roles=` and
+//! `?pages=`),
 //! the socket kinds behind them, and TLS driven without blocking on the reactor thread.
 
 use std::fmt;
@@ -13,6 +14,7 @@ use mio::net::{TcpStream, UnixStream};
 use mio::{Interest, Registry, Token};
 
 use crate::broker::Role;
+use crate::web::Pages;
 
 /// How messages are framed on a listener's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +54,8 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
-/// One listener: scheme, endpoint and the roles whose keys it accepts.
+/// One listener: scheme, endpoint, the roles whose keys it accepts and the plain HTTP
+/// pages it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     /// Framing (and TLS).
@@ -61,6 +64,8 @@ pub struct Listen {
     pub endpoint: Endpoint,
     /// Roles accepted here; `None` accepts every role.
     pub roles: Option<Vec<Role>>,
+    /// Plain HTTP pages served here (`?pages=`); every page by default.
+    pub pages: Pages,
 }
 
 impl Listen {
@@ -70,6 +75,7 @@ impl Listen {
             scheme: Scheme::Ws,
             endpoint: Endpoint::Tcp(addr),
             roles: None,
+            pages: Pages::ALL,
         }
     }
 
@@ -93,9 +99,14 @@ impl fmt::Display for Listen {
             Endpoint::Tcp(a) => write!(f, "{}://{a}", self.scheme.name())?,
             Endpoint::Unix(p) => write!(f, "unix://{}", p.display())?,
         }
+        let mut sep = '?';
         if let Some(roles) = &self.roles {
             let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
-            write!(f, "?roles={}", names.join(","))?;
+            write!(f, "{sep}roles={}", names.join(","))?;
+            sep = '&';
+        }
+        if self.pages != Pages::ALL {
+            write!(f, "{sep}pages={}", self.pages)?;
         }
         Ok(())
     }
@@ -105,7 +116,8 @@ impl FromStr for Listen {
     type Err = String;
 
     /// `ws://HOST:PORT` (also plain `HOST:PORT`), `wss://HOST:PORT`, `tcp://HOST:PORT`,
-    /// `unix:///path`, each optionally followed by `?roles=service,monitor,client`.
+    /// `unix:///path`, each optionally followed by `?roles=service,monitor,client` and/or
+    /// `pages=healthz,metrics,stats,console,js,demo` (or `pages=none`), joined by `&`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         let (rest, query) = match s.split_once('?') {
@@ -149,12 +161,17 @@ impl FromStr for Listen {
             })?)
         };
         let mut roles = None;
+        let mut pages = Pages::ALL;
         if let Some(q) = query {
             for pair in q.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                if k == "pages" {
+                    pages = Pages::parse_list(v).map_err(|e| format!("listener {s:?}: {e}"))?;
+                    continue;
+                }
                 if k != "roles" {
                     return Err(format!(
-                        "listener {s:?}: unknown option {k:?} (only roles=)"
+                        "listener {s:?}: unknown option {k:?} (roles= or pages=)"
                     ));
                 }
                 let mut list = Vec::new();
@@ -180,6 +197,7 @@ impl FromStr for Listen {
             scheme,
             endpoint,
             roles,
+            pages,
         })
     }
 }
@@ -444,5 +462,41 @@ mod tests {
         assert!("tcp://127.0.0.1:1?roles=admin".parse::<Listen>().is_err());
         assert!("tcp://127.0.0.1:1?x=1".parse::<Listen>().is_err());
         assert!("unix://".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn listener_pages() {
+        let l: Listen = "ws://127.0.0.1:1".parse().unwrap();
+        assert_eq!(l.pages, Pages::ALL);
+        assert_eq!(l.to_string(), "ws://127.0.0.1:1");
+        let l: Listen = "wss://0.0.0.0:443?pages=healthz".parse().unwrap();
+        assert!(l.pages.serves("/healthz") && !l.pages.serves("/metrics"));
+        assert_eq!(l.to_string(), "wss://0.0.0.0:443?pages=healthz");
+        let l: Listen = "ws://127.0.0.1:2?roles=client&pages=healthz,metrics"
+            .parse()
+            .unwrap();
+        assert_eq!(l.roles, Some(vec![Role::Client]));
+        assert_eq!(
+            l.to_string(),
+            "ws://127.0.0.1:2?roles=client&pages=healthz,metrics"
+        );
+        assert_eq!(l.to_string().parse::<Listen>().unwrap(), l);
+        let l: Listen = "tcp://127.0.0.1:3?pages=none".parse().unwrap();
+        assert_eq!(l.pages, Pages::NONE);
+        assert_eq!(l.to_string(), "tcp://127.0.0.1:3?pages=none");
+        // Every page named is the same as no option.
+        let l: Listen = "ws://127.0.0.1:4?pages=demo,js,console,stats,metrics,healthz"
+            .parse()
+            .unwrap();
+        assert_eq!(l.to_string(), "ws://127.0.0.1:4");
+        for bad in [
+            "ws://127.0.0.1:1?pages=",
+            "ws://127.0.0.1:1?pages=admin",
+            "ws://127.0.0.1:1?pages=healthz,nope",
+            "ws://127.0.0.1:1?pages=none,stats",
+        ] {
+            let e = bad.parse::<Listen>().unwrap_err();
+            assert!(e.contains("page"), "{bad}: {e}");
+        }
     }
 }

@@ -1748,6 +1748,135 @@ fn max_subscriptions_refuses_beyond_the_limit_private_channel_not_counted() {
     assert_eq!(receivers(&h.send(s, "PUB", &t, &[], "")), vec![c]);
 }
 
+/// Errors counted under `why` so far.
+fn errors_counted(h: &H, why: &str) -> u64 {
+    let i = reason::ALL
+        .iter()
+        .position(|r| *r == why)
+        .expect("a reason");
+    h.b.stats.errors[i]
+}
+
+#[test]
+fn max_pending_requests_per_connection_for_every_role() {
+    let mut h = H::with(Settings {
+        request_timeout: TIMEOUT,
+        max_pending_requests: 3,
+        ..Settings::default()
+    });
+    let r = h.connect(Role::Service);
+    let c = h.connect(Role::Client);
+    let s = h.connect(Role::Service);
+    let mon = h.connect(Role::Monitor);
+    h.ok(r, "EREQ", "q");
+    let t0 = h.now;
+    // A client and a trusted service alike: three in flight, the fourth refused.
+    for who in [c, s] {
+        let mut reqs = Vec::new();
+        for i in 0..3 {
+            let (to, req) = h.request(who, "q", &format!("{who}-{i}"));
+            assert_eq!(to, r);
+            reqs.push(req);
+        }
+        assert_eq!(h.b.router().asked_count(who), 3);
+        let out = h.send(who, "REQ", "q", &[("ReqID", "over")], "x");
+        // Exactly one message: the error to the sender; nothing to the responder, no
+        // monitor copy.
+        assert_refused(&out, who, "REQ", "q", reason::TOO_MANY_REQUESTS);
+        assert_eq!(out[0].1.named("ReqID"), vec![("ReqID", "over")]);
+        assert_eq!(h.b.router().asked_count(who), 3);
+        // Answering one frees one slot.
+        assert_eq!(receivers(&h.answer(r, &reqs[0], "a")), vec![who, mon]);
+        let (_, _) = h.request(who, "q", "again");
+        let out = h.send(who, "REQ", "q", &[("reqid", "over-2")], "");
+        assert_refused(&out, who, "REQ", "q", reason::TOO_MANY_REQUESTS);
+        assert_eq!(out[0].1.named("reqid"), vec![("reqid", "over-2")]);
+    }
+    assert_eq!(h.b.router().pending_count(), 6);
+    assert_eq!(h.b.router().answering_count(r), 6);
+    assert_eq!(h.b.stats.req_too_many, 4);
+    assert_eq!(errors_counted(&h, reason::TOO_MANY_REQUESTS), 4);
+    assert_eq!(h.b.stats.delivered_req, 8);
+    // The cap is per connection: the responder's own requests are not limited by what
+    // it answers, and a timeout frees the slots.
+    h.ok(s, "EREQ", "own");
+    h.request(r, "own", "r-1");
+    assert_eq!(h.expire(t0 + TIMEOUT).len(), 7);
+    assert_eq!(h.b.router().pending_count(), 0);
+    for who in [c, s, r] {
+        assert_eq!(h.b.router().asked_count(who), 0);
+        h.request(who, "q", "after-timeout");
+    }
+}
+
+#[test]
+fn reqid_longer_than_the_limit_is_refused_and_not_echoed() {
+    let mut h = H::with(Settings {
+        request_timeout: TIMEOUT,
+        max_reqid_bytes: 8,
+        ..Settings::default()
+    });
+    let r = h.connect(Role::Service);
+    let c = h.connect(Role::Client);
+    let _mon = h.connect(Role::Monitor);
+    h.ok(r, "EREQ", "q");
+    let (_, req) = h.request(c, "q", "12345678");
+    assert_eq!(req.header("ReqID"), Some("12345678"));
+    let out = h.send(c, "REQ", "q", &[("ReqID", "123456789")], "x");
+    assert_refused(&out, c, "REQ", "q", reason::REQID_TOO_LONG);
+    assert!(out[0].1.named("ReqID").is_empty(), "{out:?}");
+    assert_eq!(h.b.router().pending_count(), 1);
+    assert_eq!(errors_counted(&h, reason::REQID_TOO_LONG), 1);
+    // Checked before anything else about the request: even with no responder.
+    let out = h.send(c, "REQ", "nobody", &[("ReqID", &"z".repeat(300))], "");
+    assert_refused(&out, c, "REQ", "nobody", reason::REQID_TOO_LONG);
+    // The limit is on the value only; surrounding spaces are not part of it.
+    let out = h.send(c, "REQ", "q", &[("ReqID", "  abcdefgh  ")], "");
+    assert_eq!(receivers(&out), vec![r, 2]);
+}
+
+#[test]
+fn disconnect_ends_exactly_the_requests_of_that_connection() {
+    let mut h = H::new();
+    let r1 = h.connect(Role::Service);
+    let r2 = h.connect(Role::Service);
+    let c1 = h.connect(Role::Client);
+    let c2 = h.connect(Role::Client);
+    h.ok(r1, "EREQ", "a");
+    h.ok(r2, "EREQ", "b");
+    for i in 0..5 {
+        h.request(c1, "a", &format!("c1a{i}"));
+        h.request(c1, "b", &format!("c1b{i}"));
+        h.request(c2, "a", &format!("c2a{i}"));
+        h.request(c2, "b", &format!("c2b{i}"));
+    }
+    assert_eq!(h.b.router().pending_count(), 20);
+    // The requester leaves: its 10 requests go silently, the others stay.
+    assert!(h.leave(c1).is_empty());
+    assert_eq!(h.b.router().pending_count(), 10);
+    assert_eq!(
+        (
+            h.b.router().answering_count(r1),
+            h.b.router().answering_count(r2)
+        ),
+        (5, 5)
+    );
+    // A responder leaves: exactly its 5 requests fail, oldest first, to their requester.
+    let out = h.leave(r1);
+    let ids: Vec<&str> = out
+        .iter()
+        .map(|(to, m)| {
+            assert_eq!(*to, c2);
+            assert_error(m, "REQ", "a", "responder disconnected");
+            m.header("ReqID").unwrap()
+        })
+        .collect();
+    assert_eq!(ids, vec!["c2a0", "c2a1", "c2a2", "c2a3", "c2a4"]);
+    assert_eq!(h.b.router().pending_count(), 5);
+    assert_eq!(h.b.router().asked_count(c2), 5);
+    assert_eq!(h.b.stats.req_responder_gone, 5);
+}
+
 // ---------------------------------------------------------------------------------------
 // Longer scenarios: invariants after every step (checked inside the harness)
 // ---------------------------------------------------------------------------------------

@@ -544,6 +544,57 @@ fn malformed_pub_is_not_delivered() {
     assert_eq!(m.header("cid"), Some(p.cid.as_str()));
 }
 
+/// §2: header names are tokens and values hold no control character but tab. A lone CR
+/// in a value, or a VT in a name, could forge a `cid` for a receiver that splits lines on
+/// CR or trims with Python's `strip()`: such a message is malformed, nothing is relayed
+/// (not to a subscriber, not to a monitor), and the connection stays usable.
+#[test]
+fn header_control_characters_are_malformed_and_never_relayed() {
+    let srv = TestServer::start();
+    let mut sub = Peer::service(srv.addr);
+    sub.send("SUB", "news", &[], "");
+    sub.sync();
+    let mut mon = Peer::monitor(srv.addr);
+    let mut p = Peer::service(srv.addr);
+    p.send_raw("PUB news\r\nReqID: q-1\r\nX: a\rcid: forged\r\n\r\nbody\r\n.\r\n");
+    assert_error(
+        &p.recv(),
+        "PUB",
+        "news",
+        reason::MALFORMED,
+        Some(("ReqID", "q-1")),
+    );
+    p.send_raw("PUB news\r\ncid\x0b: forged\r\n\r\nbody\r\n.\r\n");
+    assert_error(&p.recv(), "PUB", "news", reason::MALFORMED, None);
+    p.send_raw("PUB news\r\nX: 1\x7f\r\n\r\nbody\r\n.\r\n");
+    assert_error(&p.recv(), "PUB", "news", reason::MALFORMED, None);
+    // A client's REQ is refused the same way, before any permission check.
+    let mut c = Peer::client(srv.addr);
+    c.send_raw("REQ q\r\nReqID: r-9\r\nX: a\x00b\r\n\r\n.\r\n");
+    assert_error(
+        &c.recv(),
+        "REQ",
+        "q",
+        reason::MALFORMED,
+        Some(("ReqID", "r-9")),
+    );
+    c.sync();
+    // The connection stays usable: the next message is relayed, and it is the first
+    // thing the subscriber and the monitor see.
+    p.send("PUB", "news", &[("X-T", "a\tb")], "valid");
+    for peer in [&mut sub, &mut mon] {
+        let m = peer.recv();
+        assert_eq!((m.target.as_str(), m.body.as_str()), ("news", "valid"));
+        assert_eq!(own_headers(&m), vec![("X-T", "a\tb")]);
+        assert_eq!(m.headers_named("cid"), vec![("cid", p.cid.as_str())]);
+    }
+    let errors = metrics(srv.addr);
+    assert_eq!(
+        errors[&format!("middleman_errors_total{{reason=\"{}\"}}", reason::MALFORMED)],
+        4.0
+    );
+}
+
 #[test]
 fn malformed_message_keeps_reply_order_and_reqid() {
     let srv = TestServer::start();

@@ -91,9 +91,22 @@ pub fn check_message(m: &Message<'_>, limits: Limits) {
             assert!(!part.last().is_some_and(is_ws), "header trimmed");
             assert!(part.len() <= limits.max_line, "header longer than a line");
         }
+        // §2: names are RFC 9110 tokens, values hold no control character but tab.
+        let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+        assert!(
+            !name.is_empty() && name.iter().all(tchar),
+            "header name not a token"
+        );
+        assert!(
+            !value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f),
+            "control character in a header value"
+        );
         if let Ok(text) = std::str::from_utf8(name) {
             let first = m.header(text).map(|(n, _)| n);
-            assert!(first.is_some_and(|n| n.eq_ignore_ascii_case(name)), "header lookup");
+            assert!(
+                first.is_some_and(|n| n.eq_ignore_ascii_case(name)),
+                "header lookup"
+            );
         }
     }
     assert!(

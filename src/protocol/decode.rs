@@ -131,7 +131,8 @@ impl<'a> Message<'a> {
 pub enum Decoded<'a> {
     /// A well-formed message.
     Message(Message<'a>),
-    /// A message that had a header line without `:` (§2). It carries the first line and
+    /// A message that had a header line without `:`, a header name that is not a token or
+    /// a header value with a control character (§2). It carries the first line and
     /// the headers read before the bad line, with an empty body, so the error can name
     /// them; the connection stays open.
     Malformed(Message<'a>),
@@ -424,11 +425,19 @@ impl Decoder {
             self.state = State::Skip;
             return Ok(false);
         };
+        let name = trim(text, 0..colon);
+        let value = trim(text, colon + 1..text.len());
+        // §2: a name that is not a token, or a value holding a control character other
+        // than tab, makes the message malformed exactly like a line without `:` (a lone
+        // CR in a value would let a sender forge a header for a receiver that splits
+        // lines on CR). The check is one table look-up per header byte.
+        if !is_token(&text[name.clone()]) || !is_clean_value(&text[value.clone()]) {
+            self.state = State::Skip;
+            return Ok(false);
+        }
         if self.headers.len() >= self.limits.max_headers {
             return Err(self.fail(FrameError::TooManyHeaders));
         }
-        let name = trim(text, 0..colon);
-        let value = trim(text, colon + 1..text.len());
         let o = line.start;
         self.headers.push(HeaderSpan {
             name: o + name.start..o + name.end,
@@ -492,6 +501,42 @@ impl Decoder {
             Decoded::Message(msg)
         }
     }
+}
+
+/// Byte classes for header checks: [`TCHAR`] for bytes allowed in a header name (RFC 9110
+/// `tchar`), [`CTL`] for bytes refused in a header value (0x00-0x1F but tab, and 0x7F).
+const TCHAR: u8 = 1;
+const CTL: u8 = 2;
+static HEADER_BYTES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] |= TCHAR;
+        }
+        if (c < 0x20 && c != b'\t') || c == 0x7f {
+            t[b] |= CTL;
+        }
+        b += 1;
+    }
+    let specials = b"!#$%&'*+-.^_`|~";
+    let mut i = 0;
+    while i < specials.len() {
+        t[specials[i] as usize] |= TCHAR;
+        i += 1;
+    }
+    t
+};
+
+/// A non-empty RFC 9110 token.
+fn is_token(name: &[u8]) -> bool {
+    !name.is_empty() && name.iter().all(|&b| HEADER_BYTES[b as usize] & TCHAR != 0)
+}
+
+/// No control character but tab.
+fn is_clean_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| HEADER_BYTES[b as usize] & CTL == 0)
 }
 
 /// Trim spaces and tabs around `r` within `text`.
@@ -578,6 +623,37 @@ mod tests {
         }
         assert_eq!(got, Some(8000));
         assert!(!d.needs_more());
+    }
+
+    #[test]
+    fn header_names_are_tokens_and_values_hold_no_control_characters() {
+        let l = Limits::default();
+        for bad in [
+            &b"PUB a\r\nX: a\rcid: forged\r\n\r\n.\r\n"[..],
+            b"PUB a\r\ncid\x0b: forged\r\n\r\n.\r\n",
+            b"PUB a\r\nX: \x7f\r\n\r\n.\r\n",
+            b"PUB a\r\nX: a\x00\r\n\r\n.\r\n",
+            b"PUB a\r\nX(1): a\r\n\r\n.\r\n",
+            b"PUB a\r\nX\xc3\xa9: a\r\n\r\n.\r\n",
+            b"PUB a\r\n: a\r\n\r\n.\r\n",
+            b"PUB a\r\n\t: a\r\n\r\n.\r\n",
+        ] {
+            let (o, p) = all(bad, l);
+            assert_eq!(o, vec!["malformed"], "{:?}", String::from_utf8_lossy(bad));
+            assert!(!p);
+        }
+        let (o, _) = all(
+            b"PUB a\r\n!#$%&'*+-.^_`|~09Az: a\tb \xc3\xa9:\r\n\r\n.\r\n",
+            l,
+        );
+        assert_eq!(o, vec!["PUB a [\"!#$%&'*+-.^_`|~09Az=a\\tb é:\"] \"\""]);
+        // Bad lines do not count against the header-line limit (like a line without ':').
+        let one = Limits {
+            max_headers: 1,
+            ..l
+        };
+        let (o, _) = all(b"PUB a\r\nA: 1\r\nB\x01: 2\r\nC: 3\r\n.\r\n", one);
+        assert_eq!(o, vec!["malformed"]);
     }
 
     #[test]
