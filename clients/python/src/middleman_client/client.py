@@ -298,7 +298,7 @@ class Client:
         self._inbox.put_nowait(None)
 
     def _backoff(self, attempt: int) -> float:
-        full = min(self._max_delay, self._min_delay * 2 ** min(attempt, 30))
+        full: float = min(self._max_delay, self._min_delay * float(2 ** min(attempt, 30)))
         return full / 2 + random.random() * full / 2
 
     async def _reconnect_loop(self) -> None:
