@@ -24,7 +24,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "smoke: installing cargo-fuzz"
-    cargo install cargo-fuzz --locked
+    cargo install --locked --version 0.13.2 cargo-fuzz   # as .ci/install-tools.sh pins it
 fi
 
 targets=()
