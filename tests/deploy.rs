@@ -70,7 +70,7 @@ fn public_configuration_passes_check_config() {
     };
     assert!(
         line("listen = ").contains(
-            r#"["wss://0.0.0.0:443?roles=client", "tcp://127.0.0.1:8764?roles=service", "ws://127.0.0.1:8765?roles=service,monitor"]"#
+            r#"["wss://0.0.0.0:443?roles=client&pages=healthz", "tcp://127.0.0.1:8764?roles=service", "ws://127.0.0.1:8765?roles=service,monitor"]"#
         ),
         "{all}"
     );
