@@ -110,6 +110,9 @@ pub struct ServeArgs {
     /// Most unauthenticated connections from one source address; beyond it new ones are refused.
     #[arg(long, env = "MM_MAX_HANDSHAKES_PER_IP", default_value_t = 64)]
     pub max_handshakes_per_ip: usize,
+    /// Pongs a peer may leave unread; one more ping closes it with 1008.
+    #[arg(long, env = "MM_MAX_UNANSWERED_PINGS", default_value_t = 16)]
+    pub max_unanswered_pings: usize,
     /// Time allowed for the WebSocket upgrade and the key.
     #[arg(long, env = "MM_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
@@ -158,6 +161,7 @@ impl ServeArgs {
             max_reqid_bytes: self.max_reqid_bytes,
             max_handshakes: self.max_handshakes,
             max_handshakes_per_ip: self.max_handshakes_per_ip,
+            max_unanswered_pings: self.max_unanswered_pings,
             handshake_timeout: self.handshake_timeout,
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,

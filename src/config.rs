@@ -43,6 +43,8 @@ pub struct Config {
     pub max_handshakes: usize,
     /// Most unauthenticated connections from one source address; beyond it new ones are refused.
     pub max_handshakes_per_ip: usize,
+    /// Pongs a peer may leave unread; one more ping closes it with 1008.
+    pub max_unanswered_pings: usize,
     /// Time allowed for the upgrade and the key.
     pub handshake_timeout: Duration,
     /// How often idle connections are pinged.
@@ -88,6 +90,7 @@ impl Default for Config {
             max_reqid_bytes: 256,
             max_handshakes: 1000,
             max_handshakes_per_ip: 64,
+            max_unanswered_pings: 16,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),

@@ -94,6 +94,7 @@ struct RawLimits {
     max_reqid_bytes: Option<Spanned<toml::Value>>,
     max_handshakes: Option<Spanned<toml::Value>>,
     max_handshakes_per_ip: Option<Spanned<toml::Value>>,
+    max_unanswered_pings: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -173,6 +174,8 @@ pub struct FileConfig {
     pub max_handshakes: Option<At<usize>>,
     /// `[limits] max_handshakes_per_ip`.
     pub max_handshakes_per_ip: Option<At<usize>>,
+    /// `[limits] max_unanswered_pings`.
+    pub max_unanswered_pings: Option<At<usize>>,
     /// `[timeouts] handshake`.
     pub handshake_timeout: Option<At<Duration>>,
     /// `[timeouts] ping_interval`.
@@ -447,6 +450,7 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
     out.max_reqid_bytes = size(&l.max_reqid_bytes, "limits.max_reqid_bytes")?;
     out.max_handshakes = count(&l.max_handshakes, "limits.max_handshakes")?;
     out.max_handshakes_per_ip = count(&l.max_handshakes_per_ip, "limits.max_handshakes_per_ip")?;
+    out.max_unanswered_pings = count(&l.max_unanswered_pings, "limits.max_unanswered_pings")?;
     let t = &raw.timeouts;
     out.handshake_timeout = duration(&t.handshake, "timeouts.handshake")?;
     out.ping_interval = duration(&t.ping_interval, "timeouts.ping_interval")?;
@@ -597,6 +601,12 @@ pub fn merge(
         cfg.max_handshakes_per_ip
     );
     take!(
+        "limits.max_unanswered_pings",
+        "max_unanswered_pings",
+        f.max_unanswered_pings,
+        cfg.max_unanswered_pings
+    );
+    take!(
         "timeouts.handshake",
         "handshake_timeout",
         f.handshake_timeout,
@@ -667,13 +677,14 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
         },
         s => format!("{name} ({s})"),
     };
-    let positive: [(&str, usize, usize); 14] = [
+    let positive: [(&str, usize, usize); 15] = [
         ("limits.max_message_bytes", c.limits.max_message, 64),
         ("limits.max_line_bytes", c.limits.max_line, 64),
         ("limits.max_header_lines", c.limits.max_headers, 1),
         ("limits.max_connections", c.max_connections, 1),
         ("limits.max_subscriptions", c.max_subscriptions, 0),
         ("limits.max_outbound_bytes", c.max_outbound_bytes, 1024),
+        ("limits.max_unanswered_pings", c.max_unanswered_pings, 1),
         ("limits.max_read_per_turn", c.max_read_per_turn, 1024),
         ("limits.max_messages_per_turn", c.max_messages_per_turn, 1),
         ("limits.max_fragments", c.max_fragments, 1),
@@ -856,6 +867,11 @@ pub fn render(eff: &Effective) -> String {
             "limits.max_outbound_bytes",
             "max_outbound_bytes",
             show_bytes(c.max_outbound_bytes),
+        ),
+        (
+            "limits.max_unanswered_pings",
+            "max_unanswered_pings",
+            c.max_unanswered_pings.to_string(),
         ),
         (
             "limits.max_read_per_turn",

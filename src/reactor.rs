@@ -42,9 +42,9 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 /// Queued bytes past which a connection is written at once, within the pass, so a burst
 /// read from others never trips the slow-consumer cap of a peer that reads as it comes.
 const HIGH_WATER: usize = 256 * 1024;
-/// Pongs the peer may leave unread; one more ping closes it 1008 (a peer that pings and
-/// never reads would otherwise fill its queue with pongs).
-pub const MAX_PONGS_UNSENT: usize = 16;
+/// Silent connections read once more, at most, before one is dropped to make room for a
+/// new handshake.
+const MAX_EVICTION_CHECKS: usize = 16;
 /// How long a closing connection may take to flush and hang up.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How often timeouts are checked.
@@ -77,8 +77,6 @@ struct Conn {
     ip: Option<IpAddr>,
     /// Counted in the handshake budget (not yet authenticated).
     in_hs: bool,
-    /// The loop pass it was accepted in.
-    accepted_pass: u64,
     /// Frame-header scanner (frames per message).
     scan: FrameScan,
     /// The decoder holds messages not yet handled (the message budget ran out).
@@ -554,7 +552,7 @@ impl Server {
                 });
                 continue;
             }
-            if !self.make_room_for_handshake() {
+            if !self.make_room_for_handshake(now) {
                 self.metrics.refused += 1;
                 let refusal = if scheme.is_websocket() {
                     http::response(503, "text/plain", b"server busy: too many handshakes\n")
@@ -599,7 +597,6 @@ impl Server {
                 peer: peer.clone(),
                 ip,
                 in_hs: true,
-                accepted_pass: self.metrics.loop_iterations,
                 scan: FrameScan::default(),
                 backlog: false,
                 again: false,
@@ -639,10 +636,11 @@ impl Server {
     }
 
     /// Make room in a full handshake budget by dropping one unauthenticated connection:
-    /// the oldest that has sent nothing, else the oldest. Connections accepted in this
-    /// pass are never dropped (they have not been read yet). False if there is no room
-    /// (the new connection is then refused).
-    fn make_room_for_handshake(&mut self) -> bool {
+    /// the oldest that has sent nothing, else the oldest. A candidate that has sent
+    /// nothing is read once more first (its bytes may be waiting in the socket, not yet
+    /// seen): one that has spoken is kept. False if there is no room (never expected:
+    /// a full budget always holds a connection to drop).
+    fn make_room_for_handshake(&mut self, now: Instant) -> bool {
         // Forget entries of connections that have left the budget.
         while let Some(&(id, gen)) = self.hs.order.front() {
             if self.conns.get(id).is_some_and(|c| c.gen == gen && c.in_hs) {
@@ -653,29 +651,38 @@ impl Server {
         if self.hs.count < self.cfg.max_handshakes {
             return true;
         }
-        let pass = self.metrics.loop_iterations;
-        let mut idle = None;
+        let silent =
+            |c: &Conn| matches!(c.phase, Phase::Http | Phase::RawKey) && c.http_buf.is_empty();
         let mut oldest = None;
-        for (i, &(id, gen)) in self.hs.order.iter().enumerate() {
+        let mut candidates = Vec::new();
+        for &(id, gen) in &self.hs.order {
             let Some(c) = self.conns.get(id).filter(|c| c.gen == gen && c.in_hs) else {
                 continue;
             };
-            if c.accepted_pass == pass {
-                break; // this one and all after it were accepted in this pass
-            }
-            oldest.get_or_insert(i);
-            let silent = matches!(c.phase, Phase::Http | Phase::RawKey) && c.http_buf.is_empty();
-            if silent {
-                idle = Some(i);
-                break;
+            oldest.get_or_insert(id);
+            if silent(c) {
+                candidates.push(id);
+                if candidates.len() == MAX_EVICTION_CHECKS {
+                    break;
+                }
             }
         }
-        let Some(i) = idle.or(oldest) else {
-            return false;
-        };
-        let Some((id, _)) = self.hs.order.remove(i) else {
-            return false;
-        };
+        for id in candidates {
+            self.on_readable(id, now);
+            if self.hs.count < self.cfg.max_handshakes {
+                return true; // it left (hung up, or was answered and closed)
+            }
+            if self.conns.get(id).is_some_and(|c| c.in_hs && silent(c)) {
+                return self.evict(id);
+            }
+        }
+        match oldest {
+            Some(id) if self.conns.get(id).is_some_and(|c| c.in_hs) => self.evict(id),
+            _ => self.hs.count < self.cfg.max_handshakes,
+        }
+    }
+
+    fn evict(&mut self, id: ConnId) -> bool {
         warn_limited(&mut self.metrics.warned_refused, || {
             format!("[{id}] handshake budget full: dropping an unauthenticated connection")
         });
@@ -851,6 +858,8 @@ impl Server {
             return;
         }
         let max_frames = self.cfg.max_fragments;
+        // A peer that pings and never reads would fill its queue with pongs.
+        let max_pings = self.cfg.max_unanswered_pings;
         loop {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
@@ -896,7 +905,7 @@ impl Server {
                     // Not activity for the idle timeout: a peer that pings and never
                     // reads is idle. Its pongs count against the outbound cap, and one
                     // that leaves more than a few unread is closed.
-                    if c.out.pongs_unsent() > MAX_PONGS_UNSENT {
+                    if c.out.pongs_unsent() > max_pings {
                         return self.close_with(
                             id,
                             1008,
@@ -1745,8 +1754,7 @@ mod tests {
         for &id in &ids {
             s.on_readable(id, now);
         }
-        // A third, in a later pass: the silent one makes room, the talker stays.
-        s.metrics.loop_iterations += 1;
+        // A third: the silent one makes room, the talker stays.
         let _third = std::net::TcpStream::connect(addr).expect("connect");
         for _ in 0..100 {
             s.accept(0, now);

@@ -431,15 +431,19 @@ fn pings_alone_are_not_activity() {
 #[test]
 fn a_fast_reader_receives_every_byte_of_a_64_mib_burst() {
     let srv = TestServer::start();
-    let mut sub = Peer::service(srv.addr);
-    sub.send("EPUB", "burst", &[], "");
-    sub.send("SUB", "burst", &[], "");
-    sub.sync();
-    // Lines of 64 bytes (a line may not exceed 8 KiB).
+    // The subscriber reads frames as fast as they come (no parsing on the way).
+    let mut sub = Raw::connect(srv.addr, Some(SERVICE_KEY));
+    let mut setup = frame(true, 1, wire("EPUB", "burst", &[], "").as_bytes());
+    setup.extend_from_slice(&frame(true, 1, wire("SUB", "burst", &[], "").as_bytes()));
+    setup.extend_from_slice(&frame(true, 9, b"sync"));
+    sub.s.write_all(&setup).unwrap();
+    assert_eq!(sub.read_frame(), (10, b"sync".to_vec())); // both processed
+                                                          // Lines of 64 bytes (a line may not exceed 8 KiB).
     let body = format!("{}\n", "b".repeat(63)).repeat((1 << 20) / 64 - 16);
     let body = body.trim_end().to_owned();
     let one = wire("PUB", "burst", &[], &body);
-    // The whole burst in one write from a client.
+    let tail = &one[one.find("\r\n\r\n").unwrap() + 2..]; // blank line, body, end
+                                                          // The whole 64 MiB burst in one write from a client.
     let burst = frame(true, 1, one.as_bytes()).repeat(64);
     let addr = srv.addr;
     let publisher = thread::spawn(move || {
@@ -449,22 +453,16 @@ fn a_fast_reader_receives_every_byte_of_a_64_mib_burst() {
         c.s.write_all(&burst).unwrap();
         c
     });
+    let mut got = 0u64;
     for i in 0..64 {
-        let m = sub.recv();
-        assert_eq!(
-            (m.cmd.as_str(), m.target.as_str()),
-            ("PUB", "burst"),
-            "message {i}"
-        );
-        assert!(
-            m.body == body,
-            "message {i}: {} bytes, not {}",
-            m.body.len(),
-            body.len()
-        );
+        let (op, p) = sub.read_frame();
+        assert_eq!(op, 1, "message {i}");
+        assert!(p.starts_with(b"PUB burst\r\n"), "message {i}");
+        assert!(p.ends_with(tail.as_bytes()), "message {i} is not whole");
+        got += p.len() as u64;
     }
     let _c = publisher.join().unwrap();
-    sub.sync();
+    println!("64 messages, {} MiB received whole", got >> 20);
     let m = metrics(srv.addr);
     assert_eq!(
         m["middleman_connections_closed_total{reason=\"slow_consumer\"}"],
@@ -475,19 +473,20 @@ fn a_fast_reader_receives_every_byte_of_a_64_mib_burst() {
 #[test]
 fn a_responder_reading_at_full_speed_gets_a_burst_of_large_requests() {
     let srv = TestServer::start();
-    let mut svc = Peer::service(srv.addr);
-    svc.send("EREQ", "big", &[], "");
-    svc.sync();
+    let mut svc = Raw::connect(srv.addr, Some(SERVICE_KEY));
+    let mut setup = frame(true, 1, wire("EREQ", "big", &[], "").as_bytes());
+    setup.extend_from_slice(&frame(true, 9, b"sync"));
+    svc.s.write_all(&setup).unwrap();
+    assert_eq!(svc.read_frame(), (10, b"sync".to_vec()));
     let body = format!("{}\n", "r".repeat(63)).repeat((1 << 20) / 64 - 16);
     let body = body.trim_end().to_owned();
     let mut burst = Vec::new();
+    let mut tail = String::new();
     for i in 0..5 {
         let id = i.to_string();
-        burst.extend_from_slice(&frame(
-            true,
-            1,
-            wire("REQ", "big", &[("ReqID", &id)], &body).as_bytes(),
-        ));
+        let one = wire("REQ", "big", &[("ReqID", &id)], &body);
+        tail = one[one.find("\r\n\r\n").unwrap() + 2..].to_owned();
+        burst.extend_from_slice(&frame(true, 1, one.as_bytes()));
     }
     let addr = srv.addr;
     let requester = thread::spawn(move || {
@@ -498,13 +497,22 @@ fn a_responder_reading_at_full_speed_gets_a_burst_of_large_requests() {
         c
     });
     for i in 0..5 {
-        let m = svc.recv();
-        assert_eq!((m.cmd.as_str(), m.target.as_str()), ("REQ", "big"));
-        assert_eq!(m.header("ReqID"), Some(i.to_string().as_str()));
-        assert!(m.body == body, "{} bytes, not {}", m.body.len(), body.len());
+        let (op, p) = svc.read_frame();
+        assert_eq!(op, 1);
+        assert!(p.starts_with(b"REQ big\r\n"), "request {i}");
+        let text = String::from_utf8_lossy(&p[..200]).into_owned();
+        assert!(
+            text.contains(&format!("ReqID: {i}\r\n")),
+            "request {i}: {text}"
+        );
+        assert!(p.ends_with(tail.as_bytes()), "request {i} is not whole");
     }
     let _c = requester.join().unwrap();
-    svc.sync();
+    let m = metrics(srv.addr);
+    assert_eq!(
+        m["middleman_connections_closed_total{reason=\"slow_consumer\"}"],
+        0.0
+    );
 }
 
 // ------------------------------------------------------------------ 5. unauthenticated memory
