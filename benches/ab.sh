@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A/B: the same `middleman bench` rows against two middleman binaries (e.g. before and
+# after a change), alternating which goes first each round, RUNS rounds; medians and
+# the new/old ratio per row. The load client is the NEW binary's `bench` for both.
+#
+#   bash benches/ab.sh OLD_BINARY NEW_BINARY          # RUNS=3, DUR=3s
+#
+# Only 127.0.0.1. Each round starts each server fresh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OLD=${1:?usage: ab.sh OLD_BINARY NEW_BINARY}
+NEW=${2:?usage: ab.sh OLD_BINARY NEW_BINARY}
+RUNS=${RUNS:-3}
+DUR=${DUR:-3s}
+PORT=${PORT:-18775}
+KEY=bench-service-key-0123456789
+OUT=target/ab
+mkdir -p "$OUT"
+RESULTS="$OUT/results.txt"
+: > "$RESULTS"
+ulimit -n "$(ulimit -Hn)"
+
+PID=""
+stop() {
+    if [ -n "$PID" ]; then
+        kill "$PID" 2>/dev/null || true
+        wait "$PID" 2>/dev/null || true
+    fi
+    PID=""
+}
+trap stop EXIT
+
+# one WHICH BINARY ROW ARGS...
+one() {
+    local which=$1 bin=$2 row=$3
+    shift 3
+    "$bin" --listen "127.0.0.1:$PORT" --service-key "$KEY" --client-key "c-$KEY" \
+        --max-connections 20000 --log-level warn > "$OUT/$which.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+        sleep 0.1
+    done
+    local line
+    line=$(timeout 300 "$NEW" bench "$@" --url "ws://127.0.0.1:$PORT/" --key "$KEY" \
+        --server-pid "$PID" | grep '^result:' || echo "result: failed=1")
+    echo "row=$row run=$RUN which=$which $line" | tee -a "$RESULTS"
+    stop
+}
+
+both() {
+    local row=$1
+    shift
+    if [ $((RUN % 2)) -eq 1 ]; then
+        one old "$OLD" "$row" "$@"
+        one new "$NEW" "$row" "$@"
+    else
+        one new "$NEW" "$row" "$@"
+        one old "$OLD" "$row" "$@"
+    fi
+}
+
+echo "load before: $(cat /proc/loadavg)" | tee "$OUT/machine.txt"
+for RUN in $(seq 1 "$RUNS"); do
+    both fanout64_1 fanout --subs 1 --size 64 --duration "$DUR"
+    both fanout64_100 fanout --subs 100 --size 64 --duration "$DUR" --threads 2
+    both fanout1024_100 fanout --subs 100 --size 1024 --duration "$DUR" --threads 2
+    both reqres100x16x2 reqres --requesters 100 --window 16 --responders 2 --duration "$DUR"
+done
+echo "load after: $(cat /proc/loadavg)" | tee -a "$OUT/machine.txt"
+
+python3 - "$RESULTS" <<'PY' | tee "$OUT/table.md"
+import sys, statistics
+rows = {}
+for line in open(sys.argv[1]):
+    kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
+    rows.setdefault(kv["row"], {}).setdefault(kv["which"], []).append(kv)
+print("| row | old (median, per server CPU-s) | new | new/old | spread old | spread new |")
+print("|---|---|---|---|---|---|")
+for row, d in rows.items():
+    key = "requests_per_server_cpu_s" if row.startswith("reqres") else "deliveries_per_server_cpu_s"
+    o = [float(r[key]) for r in d.get("old", []) if key in r]
+    n = [float(r[key]) for r in d.get("new", []) if key in r]
+    if not o or not n:
+        print(f"| {row} | n/a | n/a | n/a | | |")
+        continue
+    mo, mn = statistics.median(o), statistics.median(n)
+    print(f"| {row} | {mo/1e6:.2f}M | {mn/1e6:.2f}M | {mn/mo:.3f} | {min(o)/1e6:.2f}-{max(o)/1e6:.2f}M | {min(n)/1e6:.2f}-{max(n)/1e6:.2f}M |")
+bad = [(row, w, r.get("lost"), r.get("out_of_order"), r.get("failed"))
+       for row, d in rows.items() for w, rs in d.items() for r in rs
+       if r.get("lost", "0") != "0" or r.get("out_of_order", "0") != "0" or "failed" in r]
+print()
+print(f"runs with loss, reordering or failure: {len(bad)} {bad if bad else ''}")
+PY
