@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::protocol::encode::{push_body, push_header};
-use crate::protocol::{Message, Packet};
+use crate::protocol::{Message, Packet, PacketPool};
 use crate::router::{ConnId, Enable, Router, SubError};
 
 /// Where the broker puts what must be sent. The reactor queues the packet on the
@@ -253,6 +253,8 @@ pub struct Broker {
     settings: Settings,
     cid_prefix: String,
     cid_counter: u64,
+    /// Relayed packets, reused once every queue has let them go.
+    pool: PacketPool,
     /// Sessions by role (services, monitors, clients), kept as they come and go so
     /// `/metrics` never walks the sessions.
     roles: [usize; 3],
@@ -280,6 +282,7 @@ impl Broker {
             settings,
             cid_prefix: cid_prefix.to_owned(),
             cid_counter: 0,
+            pool: PacketPool::new(),
             roles: [0; 3],
             stats: Stats::default(),
         }
@@ -462,12 +465,13 @@ impl Broker {
         if subs.is_empty() && self.monitors.is_empty() {
             return;
         }
-        let pkt = Rc::new(relay_packet(
+        let pkt = relay_packet(
+            &mut self.pool,
             self.sessions.get(from).and_then(Option::as_ref),
             msg,
             &[],
             None,
-        ));
+        );
         for &s in subs {
             out.send(s, &pkt);
         }
@@ -504,7 +508,7 @@ impl Broker {
         };
         let mut digits = itoa_buf();
         let rid_text = fmt_u64(rid, &mut digits);
-        let pkt = Rc::new(self.relay_packet(from, msg, &[b"rid"], Some((b"rid", rid_text))));
+        let pkt = self.relay_packet(from, msg, &[b"rid"], Some((b"rid", rid_text)));
         out.send(responder, &pkt);
         self.stats.delivered_req += 1;
         self.copy_to_monitors(&pkt, &[responder], out);
@@ -531,12 +535,12 @@ impl Broker {
             return;
         };
         self.stats.req_answered += 1;
-        let pkt = Rc::new(self.relay_packet(
+        let pkt = self.relay_packet(
             from,
             msg,
             &[b"rid", b"reqid"],
             Some((p.reqid_name(), p.reqid_value())),
-        ));
+        );
         out.send(p.requester, &pkt);
         self.stats.delivered_res += 1;
         self.copy_to_monitors(&pkt, &[p.requester], out);
@@ -580,8 +584,9 @@ impl Broker {
         msg: &Message<'_>,
         drop: &[&[u8]],
         extra: Option<(&[u8], &[u8])>,
-    ) -> Packet {
-        relay_packet(self.session(from), msg, drop, extra)
+    ) -> Rc<Packet> {
+        let session = self.sessions.get(from).and_then(Option::as_ref);
+        relay_packet(&mut self.pool, session, msg, drop, extra)
     }
 
     fn error(&mut self, out: &mut impl Outbox, to: ConnId, msg: &Message<'_>, why: &'static str) {
@@ -609,11 +614,12 @@ impl Broker {
 /// `uid` and any name in `drop` (lower case; compared case-insensitively), then `extra`,
 /// then the server's `cid` and `uid`.
 fn relay_packet(
+    pool: &mut PacketPool,
     session: Option<&Session>,
     msg: &Message<'_>,
     drop: &[&[u8]],
     extra: Option<(&[u8], &[u8])>,
-) -> Packet {
+) -> Rc<Packet> {
     let (cid, uid): (&[u8], &[u8]) = match session {
         Some(s) => (s.cid.as_bytes(), &s.uid),
         None => (b"", b""),
@@ -632,7 +638,7 @@ fn relay_packet(
         + msg.body.len()
         + msg.body.len() / 32
         + 32;
-    Packet::build_sized(hint, |b| {
+    pool.build(hint, |b| {
         b.extend_from_slice(msg.cmd);
         b.push(b' ');
         b.extend_from_slice(msg.target);

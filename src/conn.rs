@@ -124,6 +124,18 @@ impl OutQueue {
         self.pong_ends.len()
     }
 
+    /// Give back the slots a burst left behind, if the queue is empty. Called from time
+    /// to time (not after every write: a busy connection empties its queue every pass,
+    /// and shrinking it then only to grow it again next pass cost allocations).
+    pub fn trim(&mut self) {
+        if self.chunks.is_empty() && self.chunks.capacity() > KEEP_SLOTS {
+            self.chunks.shrink_to(KEEP_SLOTS);
+        }
+        if self.pong_ends.is_empty() && self.pong_ends.capacity() > 0 {
+            self.pong_ends = VecDeque::new();
+        }
+    }
+
     /// Drop everything not yet started, keeping a partly written front chunk so the
     /// stream stays well framed (used when cutting off a slow consumer).
     pub fn drop_unsent(&mut self) {
@@ -158,11 +170,6 @@ impl OutQueue {
             };
             total += written;
             self.advance(written);
-        }
-        // A busy connection empties its queue every pass: keep a working size of slots
-        // and give back only what a burst left behind.
-        if self.chunks.is_empty() && self.chunks.capacity() > KEEP_SLOTS {
-            self.chunks.shrink_to(KEEP_SLOTS);
         }
         Ok(total)
     }

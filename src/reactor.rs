@@ -1422,6 +1422,9 @@ impl Server {
     fn housekeeping(&mut self, now: Instant) {
         let mut expired = Vec::new();
         let mut ping = Vec::new();
+        for (_, c) in self.conns.iter_mut() {
+            c.out.trim();
+        }
         for (id, c) in &self.conns {
             match c.phase {
                 Phase::Http | Phase::AwaitKey | Phase::RawKey => {

@@ -101,6 +101,21 @@ impl Packet {
         Self::from_headroom_vec(buf)
     }
 
+    /// Build this packet again in place, reusing its buffer (see [`PacketPool`]).
+    pub fn rebuild(&mut self, payload_hint: usize, fill: impl FnOnce(&mut Vec<u8>)) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.reserve(HEADROOM + payload_hint);
+        buf.resize(HEADROOM, 0);
+        fill(&mut buf);
+        *self = Self::from_headroom_vec(buf);
+    }
+
+    /// Heap bytes the packet holds.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Build a packet from a vector whose first 10 bytes are reserved headroom.
     fn from_headroom_vec(mut buf: Vec<u8>) -> Packet {
         let len = buf.len() - HEADROOM;
@@ -149,6 +164,80 @@ impl Packet {
     /// Whether it goes out as a text frame (valid UTF-8) or a binary frame.
     pub fn is_text(&self) -> bool {
         self.text
+    }
+}
+
+/// Packets handed out recently, oldest first; at most this many are kept.
+const POOL_SLOTS: usize = 2048;
+/// Heap bytes the pool may keep alive in packets nobody else holds.
+const POOL_BYTES: usize = 1 << 20;
+/// A packet with more capacity than this is never kept for reuse.
+const POOL_PACKET_MAX: usize = 16 << 10;
+
+/// Recycles packets: a packet the pool handed out is built again in place, with no
+/// allocation, once every queue it went to has let it go (its `Rc` is unique again).
+/// Packets are reused in the order they were handed out, so in a loop whose queues are
+/// written every pass the oldest one is free again by the time it comes round.
+#[derive(Debug, Default)]
+pub struct PacketPool {
+    ring: std::collections::VecDeque<std::rc::Rc<Packet>>,
+    /// Capacity of the packets in `ring`.
+    bytes: usize,
+}
+
+impl PacketPool {
+    /// An empty pool.
+    pub fn new() -> PacketPool {
+        PacketPool::default()
+    }
+
+    /// A packet built by `fill` (as [`Packet::build_sized`]), reusing the oldest one
+    /// handed out if nobody holds it any more.
+    pub fn build(
+        &mut self,
+        payload_hint: usize,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> std::rc::Rc<Packet> {
+        let free = self
+            .ring
+            .front_mut()
+            .is_some_and(|p| std::rc::Rc::get_mut(p).is_some());
+        let pkt = if free {
+            let mut p = self.ring.pop_front().expect("front checked");
+            self.bytes -= p.capacity();
+            if let Some(m) = std::rc::Rc::get_mut(&mut p) {
+                m.rebuild(payload_hint, fill);
+            }
+            p
+        } else {
+            // The oldest is still queued somewhere: a new packet, and the ring grows to
+            // cover what is in flight (up to its bounds, below).
+            std::rc::Rc::new(Packet::build_sized(payload_hint, fill))
+        };
+        let cap = pkt.capacity();
+        if cap <= POOL_PACKET_MAX {
+            while self.ring.len() >= POOL_SLOTS || self.bytes + cap > POOL_BYTES {
+                match self.ring.pop_front() {
+                    Some(old) => self.bytes -= old.capacity(),
+                    None => break,
+                }
+            }
+            if self.bytes + cap <= POOL_BYTES {
+                self.bytes += cap;
+                self.ring.push_back(pkt.clone());
+            }
+        }
+        pkt
+    }
+
+    /// Packets kept (for tests).
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Nothing kept.
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
     }
 }
 
@@ -211,6 +300,28 @@ mod tests {
                 assert_eq!(v, stuff_reference(&body), "len {len}");
             }
         }
+    }
+
+    #[test]
+    fn pool_reuses_packets_nobody_holds() {
+        let mut pool = PacketPool::new();
+        let a = pool.build(8, |b| b.extend_from_slice(b"first"));
+        let a_ptr = std::rc::Rc::as_ptr(&a);
+        drop(a);
+        // The only packet in the pool is free again: rebuilt in place.
+        let b = pool.build(8, |b| b.extend_from_slice(b"second message"));
+        assert_eq!(std::rc::Rc::as_ptr(&b), a_ptr);
+        assert_eq!(b.payload(), b"second message");
+        assert_eq!(b.ws_frame()[..2], [0x81, 14]);
+        // Held by a queue: not reused, a new one is made.
+        let c = pool.build(8, |b| b.extend_from_slice(b"third"));
+        assert_ne!(std::rc::Rc::as_ptr(&c), a_ptr);
+        assert_eq!(b.payload(), b"second message");
+        assert_eq!(c.payload(), b"third");
+        let big = vec![b'x'; 20_000];
+        let d = pool.build(20_000, |b| b.extend_from_slice(&big));
+        assert_eq!(d.payload().len(), 20_000);
+        assert!(pool.len() <= 2, "a large packet is not kept");
     }
 
     #[test]
