@@ -686,6 +686,10 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
             break;
         }
         let due = started + Duration::from_nanos(round.saturating_mul(interval_ns));
+        if interval_ns > 0 && due >= end {
+            // The schedule's slots are [0, duration): R × duration messages.
+            break;
+        }
         if interval_ns > 0 && due > now {
             std::thread::sleep(due - now);
         }
