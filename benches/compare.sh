@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # Side-by-side load runs: middleman vs nats-server (WebSocket listener), same client
-# (`middleman bench`), same machine, alternating, RUNS rounds; medians in a table.
+# (`middleman bench`), same machine, alternating, RUNS rounds; medians and the spread
+# (min-max of the rounds) in tables, with the date, load average and machine.
 #
 #   bash benches/compare.sh            # RUNS=3 by default; results in target/compare/
 #   RUNS=5 DUR=5s bash benches/compare.sh
+#   RUNS=1 DUR=1s bash benches/compare.sh   # a quick check that every row runs
+#
+# Load shapes (`shape=` on every result line, see `middleman bench fanout --help`):
+#   window256    the publisher stays <= 256 messages ahead of the slowest subscriber,
+#                16 messages per write (the original rows)
+#   pipeline16k  16 KiB of messages per write, <= 100000 deliveries in flight
+#   pubs100x10-  100 publishers, one topic each, 10 subscribers per topic
+#   fixed10k     a fixed offered load (10k msg/s): server CPU as a fraction of one core
+#                and p50/p99/p99.9 latency, i.e. what to size a machine with
+# A full run (RUNS=3, DUR=3s) takes about 10 minutes on 2 cores (a round with DUR=1s: 50 s).
 #
 # Needs nats-server on PATH (Debian: apt-get install -y nats-server). Only 127.0.0.1.
 # Each round starts both servers fresh (so the RSS row starts from a clean process),
@@ -77,10 +88,15 @@ one() {
         url="ws://127.0.0.1:$NATS_WS_PORT/"
         pid=$NATS_PID
     fi
-    local line
-    line=$(timeout 300 "$BIN" bench "$@" --proto "$proto" --url "$url" --key "$KEY" \
-        --server-pid "$pid" | grep '^result:' || echo "result: failed=1")
-    echo "row=$row run=$RUN $line" | tee -a "$RESULTS"
+    local out rc=0 line
+    out=$(timeout 300 "$BIN" bench "$@" --proto "$proto" --url "$url" --key "$KEY" \
+        --server-pid "$pid" 2>&1) || rc=$?
+    line=$(printf '%s\n' "$out" | grep '^result:' | tail -1)
+    if [ -z "$line" ]; then
+        line="result: proto=$proto failed=1"
+        printf '%s\n' "$out" | tail -5 >&2
+    fi
+    echo "row=$row run=$RUN rc=$rc $line" | tee -a "$RESULTS"
 }
 
 # both ROW_NAME ARGS...: the row against both servers, order alternating by round.
@@ -96,36 +112,65 @@ both() {
     fi
 }
 
-echo "load before: $(cat /proc/loadavg)" | tee "$OUT/machine.txt"
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
+    echo "servers: middleman $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+dirty'), $(nats-server --version)"
+    echo "rounds: $RUNS, $DUR per row"
+    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+} | tee "$OUT/machine.txt"
+T0=$(date +%s)
 for RUN in $(seq 1 "$RUNS"); do
     start_servers
     both conns10k conns --conns 10000 --hold 2s
+    # window256: the original shape.
     for size in 64 1024; do
         both "fanout${size}_1" fanout --subs 1 --size "$size" --duration "$DUR"
         both "fanout${size}_100" fanout --subs 100 --size "$size" --duration "$DUR" --threads 2
         both "fanout${size}_1000" fanout --subs 1000 --size "$size" --duration "$DUR" --threads 2
     done
     both fanout64_1_pack fanout --subs 1 --size 64 --duration "$DUR" --pack
+    # pipeline16k: deep pipeline, as an independent client measured (issue 11).
+    both pipe64_1 fanout --subs 1 --size 64 --duration "$DUR" --write-kib 16 --inflight 100000
+    both pipe64_100 fanout --subs 100 --size 64 --duration "$DUR" --write-kib 16 --inflight 100000 --threads 2
+    both pipe1024_100 fanout --subs 100 --size 1024 --duration "$DUR" --write-kib 16 --inflight 100000 --threads 2
+    both pipe1024_1000 fanout --subs 1000 --size 1024 --duration "$DUR" --write-kib 16 --inflight 100000 --threads 2
+    # Many publishers: 100 topics, 10 subscribers each.
+    both pubs64_100x10 fanout --publishers 100 --subs 10 --size 64 --duration "$DUR" --threads 2
+    # Fixed load: cost (server CPU utilisation) and latency at an offered rate.
     both lat1_10k fanout --subs 1 --rate 10000 --duration "$DUR"
+    both fixed64_100_10k fanout --subs 100 --rate 10000 --duration "$DUR" --threads 2
     both lat1000_100 fanout --subs 1000 --rate 100 --duration "$DUR" --threads 2
     both reqres100x16x2 reqres --requesters 100 --window 16 --responders 2 --duration "$DUR"
     stop_servers
 done
-echo "load after: $(cat /proc/loadavg)" | tee -a "$OUT/machine.txt"
+{
+    echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "took: $(( $(date +%s) - T0 )) s"
+} | tee -a "$OUT/machine.txt"
 
-python3 - "$RESULTS" <<'EOF' | tee "$OUT/table.md"
+python3 - "$RESULTS" "$OUT/machine.txt" <<'EOF' | tee "$OUT/table.md"
 import sys, statistics
 rows = {}
 for line in open(sys.argv[1]):
     kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
     proto = kv.get("proto")
-    if proto is None:
+    if proto is None or "row" not in kv:
         continue
     rows.setdefault(kv["row"], {}).setdefault(proto, []).append(kv)
 
+def vals(runs, key):
+    out = []
+    for r in runs:
+        try:
+            out.append(float(r[key]))
+        except (KeyError, ValueError):
+            pass
+    return out
+
 def med(runs, key):
-    vals = [float(r[key]) for r in runs if key in r]
-    return statistics.median(vals) if vals else float("nan")
+    v = vals(runs, key)
+    return statistics.median(v) if v else float("nan")
 
 def fmt(v, unit):
     if v != v:
@@ -136,33 +181,99 @@ def fmt(v, unit):
         return f"{v:.0f} µs" if v < 1000 else f"{v/1000:.2f} ms"
     if unit == "B":
         return f"{v/1000:.1f} kB"
+    if unit == "%":
+        return f"{100*v:.1f}%"
+    if unit == "rate":
+        return f"{v/1000:.2f}k" if v >= 1000 else f"{v:.0f}"
     return f"{v:.0f}"
 
-spec = [
-    ("fanout64_1", "fan-out 64 B, 1 subscriber (deliveries / server CPU-s)", "deliveries_per_server_cpu_s", "M", True),
-    ("fanout64_1_pack", "(extra) fan-out 64 B, 1 subscriber, publisher packs 16 per WebSocket message", "deliveries_per_server_cpu_s", "M", True),
-    ("fanout64_100", "fan-out 64 B, 100 subscribers", "deliveries_per_server_cpu_s", "M", True),
-    ("fanout64_1000", "fan-out 64 B, 1000 subscribers", "deliveries_per_server_cpu_s", "M", True),
-    ("fanout1024_1", "fan-out 1 KiB, 1 subscriber", "deliveries_per_server_cpu_s", "M", True),
-    ("fanout1024_100", "fan-out 1 KiB, 100 subscribers", "deliveries_per_server_cpu_s", "M", True),
-    ("fanout1024_1000", "fan-out 1 KiB, 1000 subscribers", "deliveries_per_server_cpu_s", "M", True),
-    ("lat1_10k", "latency p99, 1 subscriber at 10k msg/s", "p99_us", "us", False),
-    ("lat1000_100", "latency p99, 1000 subscribers at 100 msg/s", "p99_us", "us", False),
-    ("reqres100x16x2", "requests 100 x window 16, 2 responders (per server CPU-s)", "requests_per_server_cpu_s", "M", True),
-    ("conns10k", "RSS per idle authenticated connection at 10,000", "rss_per_conn", "B", False),
+def cell(runs, key, unit):
+    """median (min-max) over the rounds"""
+    v = vals(runs, key)
+    if not v:
+        return "n/a"
+    m = fmt(statistics.median(v), unit)
+    return m if len(v) == 1 else f"{m} ({fmt(min(v), unit)}-{fmt(max(v), unit)})"
+
+def shape(r):
+    s = {x.get("shape", "?") for x in r.get("mm", []) + r.get("nats", [])}
+    return ",".join(sorted(s)) or "?"
+
+print(open(sys.argv[2]).read().rstrip())
+print()
+print("Medians of the rounds, (min-max) in brackets. Throughput is per server CPU-second.")
+print()
+thr = [
+    ("fanout64_1", "fan-out 64 B, 1 subscriber", "deliveries_per_server_cpu_s"),
+    ("fanout64_1_pack", "fan-out 64 B, 1 subscriber, 16 PUBs per WebSocket message", "deliveries_per_server_cpu_s"),
+    ("fanout64_100", "fan-out 64 B, 100 subscribers", "deliveries_per_server_cpu_s"),
+    ("fanout64_1000", "fan-out 64 B, 1000 subscribers", "deliveries_per_server_cpu_s"),
+    ("fanout1024_1", "fan-out 1 KiB, 1 subscriber", "deliveries_per_server_cpu_s"),
+    ("fanout1024_100", "fan-out 1 KiB, 100 subscribers", "deliveries_per_server_cpu_s"),
+    ("fanout1024_1000", "fan-out 1 KiB, 1000 subscribers", "deliveries_per_server_cpu_s"),
+    ("pipe64_1", "fan-out 64 B, 1 subscriber", "deliveries_per_server_cpu_s"),
+    ("pipe64_100", "fan-out 64 B, 100 subscribers", "deliveries_per_server_cpu_s"),
+    ("pipe1024_100", "fan-out 1 KiB, 100 subscribers", "deliveries_per_server_cpu_s"),
+    ("pipe1024_1000", "fan-out 1 KiB, 1000 subscribers", "deliveries_per_server_cpu_s"),
+    ("pubs64_100x10", "100 publishers x 10 subscribers each, 64 B", "deliveries_per_server_cpu_s"),
+    ("reqres100x16x2", "requests, 100 requesters x window 16, 2 responders", "requests_per_server_cpu_s"),
 ]
-print("| scenario | middleman | nats-server 2.9 ws | middleman advantage |")
-print("|---|---|---|---|")
-for row, label, key, unit, higher in spec:
+print("| row | shape | scenario | middleman | nats-server ws | mm / NATS |")
+print("|---|---|---|---|---|---|")
+for row, label, key in thr:
     r = rows.get(row, {})
     m, n = med(r.get("mm", []), key), med(r.get("nats", []), key)
-    ratio = m / n if n and n == n and m == m else float("nan")
-    if not higher and m and m == m:
-        ratio = n / m
-    print(f"| {label} | {fmt(m, unit)} | {fmt(n, unit)} | {ratio:.2f}x |")
-bad = [(row, p, r.get("lost"), r.get("out_of_order"), r.get("failed"))
-       for row, d in rows.items() for p, rs in d.items() for r in rs
-       if r.get("lost", "0") != "0" or r.get("out_of_order", "0") != "0" or "failed" in r]
+    ratio = f"{m / n:.2f}x" if n and n == n and m == m else "n/a"
+    print(f"| {row} | {shape(r)} | {label} | {cell(r.get('mm', []), key, 'M')} | {cell(r.get('nats', []), key, 'M')} | {ratio} |")
+
 print()
-print(f"runs with loss, reordering or failure: {len(bad)} {bad if bad else ''}")
+print("Fixed load: the server's CPU use (fraction of one core; nats-server may use both) and")
+print("end-to-end latency at an offered rate; 'held' says whether every round achieved it (>= 98%).")
+print("'pub late' is how far behind its schedule the publisher wrote (p99): when it is large the")
+print("client (or the machine) could not pace the load, and it came in bursts.")
+print()
+fixed = [
+    ("lat1_10k", "64 B, 1 subscriber, 10k msg/s"),
+    ("fixed64_100_10k", "64 B, 100 subscribers, 10k msg/s (1M deliveries/s)"),
+    ("lat1000_100", "64 B, 1000 subscribers, 100 msg/s"),
+]
+print("| row | shape | scenario | server | CPU | p50 | p99 | p99.9 | achieved msg/s | held | pub late p99 |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for row, label in fixed:
+    r = rows.get(row, {})
+    for proto, name in (("mm", "middleman"), ("nats", "nats-server")):
+        rs = r.get(proto, [])
+        held = [x.get("rate_held", "?") for x in rs]
+        held = "yes" if held and all(h == "yes" for h in held) else (f"NO ({held.count('no')} of {len(held)})" if held else "n/a")
+        print(f"| {row} | {shape(r)} | {label} | {name} | {cell(rs, 'server_cpu_util', '%')} | {cell(rs, 'p50_us', 'us')} | {cell(rs, 'p99_us', 'us')} | {cell(rs, 'p999_us', 'us')} | {cell(rs, 'achieved_rate', 'rate')} | {held} | {cell(rs, 'late_p99_us', 'us')} |")
+    m, n = med(r.get("mm", []), "server_cpu_util"), med(r.get("nats", []), "server_cpu_util")
+    if m == m and n == n and m > 0:
+        print(f"| {row} | | CPU nats / mm | | {n / m:.2f}x | | | | | | |")
+
+print()
+r = rows.get("conns10k", {})
+m, n = med(r.get("mm", []), "rss_per_conn"), med(r.get("nats", []), "rss_per_conn")
+ratio = f"{n / m:.2f}x smaller" if m and m == m and n == n else "n/a"
+print(f"RSS per idle authenticated connection at 10,000: middleman {cell(r.get('mm', []), 'rss_per_conn', 'B')}, nats-server {cell(r.get('nats', []), 'rss_per_conn', 'B')}, {ratio}")
+
+print()
+print("Every round, in order (throughput rows: per server CPU-second; fixed: CPU and p99):")
+for row in rows:
+    for proto in ("mm", "nats"):
+        rs = sorted(rows[row].get(proto, []), key=lambda x: int(x.get("run", 0)))
+        if "rate_held" in (rs[0] if rs else {}):
+            v = [f"{fmt(float(x.get('server_cpu_util', 'nan')), '%')} cpu, p99 {fmt(float(x.get('p99_us', 'nan')), 'us')}" for x in rs]
+        else:
+            key = next((k for k in ("deliveries_per_server_cpu_s", "requests_per_server_cpu_s", "rss_per_conn") if rs and k in rs[0]), None)
+            unit = "B" if key == "rss_per_conn" else "M"
+            v = [fmt(float(x.get(key, "nan")), unit) if key else "failed" for x in rs]
+        print(f"  {row} {proto}: {' | '.join(v)}")
+
+bad = [(row, p, r.get("run"), r.get("lost"), r.get("out_of_order"), r.get("rc"), r.get("failed"))
+       for row, d in rows.items() for p, rs in d.items() for r in rs
+       if r.get("lost", "0") != "0" or r.get("out_of_order", "0") != "0"
+       or r.get("rc", "0") != "0" or "failed" in r]
+total = sum(len(rs) for d in rows.values() for rs in d.values())
+print()
+print(f"runs: {total}; with loss, reordering, failure or non-zero exit: {len(bad)} {bad if bad else ''}")
 EOF

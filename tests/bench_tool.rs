@@ -1,6 +1,7 @@
-//! The load tool end to end: the real binary's `bench fanout`, `bench reqres` and
-//! `bench conns` run briefly against an in-process server and must report zero lost,
-//! zero out of order and sane numbers.
+//! The load tool end to end: the real binary's `bench fanout` (in each load shape:
+//! window, deep pipeline, many publishers, fixed load), `bench reqres` and `bench conns`
+//! run briefly against an in-process server and must report zero lost, zero out of
+//! order, the shape they ran and sane numbers.
 
 mod common;
 
@@ -88,6 +89,8 @@ fn fanout_delivers_everything_in_order() {
         ],
     );
     assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "window256");
+    assert_eq!(field(&out, "msgs_per_write"), "16");
     assert_eq!(field(&out, "sent"), "3000");
     assert_eq!(field(&out, "deliveries"), "60000");
     assert_eq!(field(&out, "lost"), "0");
@@ -110,6 +113,7 @@ fn fanout_delivers_everything_in_order() {
         ],
     );
     assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "fixed1k");
     assert_eq!(field(&out, "deliveries"), "400");
     assert_eq!(field(&out, "size"), "1024");
     assert!(num(&out, "elapsed_s") >= 0.15, "rate not applied: {out}");
@@ -121,6 +125,194 @@ fn fanout_delivers_everything_in_order() {
     );
     assert_eq!(code, 0, "{out}");
     assert_eq!(field(&out, "deliveries"), "100");
+}
+
+/// Deep pipeline: whole messages packed into 16 KiB writes, bounded by deliveries in
+/// flight rather than a window of messages.
+#[test]
+fn deep_pipeline_delivers_everything_in_order() {
+    let server = TestServer::start();
+    let (code, out) = bench(
+        &server,
+        &[
+            "fanout",
+            "--subs",
+            "5",
+            "--write-kib",
+            "16",
+            "--inflight",
+            "20000",
+            "--msgs",
+            "20000",
+            "--duration",
+            "20s",
+            "--threads",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "pipeline16k-inflight20k");
+    assert_eq!(field(&out, "inflight"), "20000");
+    // A 64 B body is ~90 bytes framed: far more than 16 messages per 16 KiB write.
+    let per_write = num(&out, "msgs_per_write");
+    assert!((100.0..=16384.0 / 64.0).contains(&per_write), "{out}");
+    assert_eq!(field(&out, "sent"), "20000");
+    assert_eq!(field(&out, "deliveries"), "100000");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "out_of_order"), "0");
+    assert_eq!(field(&out, "errors"), "0");
+    assert!(num(&out, "server_cpu_util") >= 0.0);
+
+    // --write-kib alone: 100000 deliveries in flight; 1 KiB bodies (1050 B framed), 15
+    // per write.
+    let (code, out) = bench(
+        &server,
+        &[
+            "fanout",
+            "--subs",
+            "2",
+            "--size",
+            "1KiB",
+            "--write-kib",
+            "16",
+            "--msgs",
+            "3000",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "pipeline16k");
+    assert_eq!(field(&out, "inflight"), "100000");
+    assert_eq!(field(&out, "msgs_per_write"), "15");
+    assert_eq!(field(&out, "deliveries"), "6000");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "out_of_order"), "0");
+}
+
+/// Many publishers, one topic each, their own subscribers: sequence numbers, losses
+/// and reordering are checked per publisher.
+#[test]
+fn many_publishers_each_deliver_everything_in_order() {
+    let server = TestServer::start();
+    let (code, out) = bench(
+        &server,
+        &[
+            "fanout",
+            "--publishers",
+            "20",
+            "--subs",
+            "3",
+            "--msgs",
+            "500",
+            "--duration",
+            "20s",
+            "--threads",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "pubs20x3-window256");
+    assert_eq!(field(&out, "publishers"), "20");
+    assert_eq!(field(&out, "sent"), "10000");
+    assert_eq!(field(&out, "deliveries"), "30000");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "out_of_order"), "0");
+    assert_eq!(field(&out, "bad_publishers"), "0");
+    assert_eq!(field(&out, "errors"), "0");
+
+    // The same in the deep-pipeline shape.
+    let (code, out) = bench(
+        &server,
+        &[
+            "fanout",
+            "--publishers",
+            "5",
+            "--subs",
+            "2",
+            "--write-kib",
+            "8",
+            "--msgs",
+            "2000",
+            "--duration",
+            "20s",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "pubs5x2-pipeline8k");
+    assert_eq!(field(&out, "deliveries"), "20000");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "out_of_order"), "0");
+    assert_eq!(field(&out, "bad_publishers"), "0");
+}
+
+/// Fixed load: the offered rate is held (achieved within 5% of it), and the result
+/// line carries the server's CPU utilisation and the latency percentiles.
+#[test]
+fn fixed_load_holds_its_rate_and_reports_cost() {
+    let server = TestServer::start();
+    let (code, out) = bench(
+        &server,
+        &[
+            "fanout",
+            "--subs",
+            "10",
+            "--rate",
+            "2000",
+            "--duration",
+            "1s",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "fixed2k");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "out_of_order"), "0");
+    let achieved = num(&out, "achieved_rate");
+    assert!(
+        (1900.0..=2100.0).contains(&achieved),
+        "offered 2000 msg/s, achieved {achieved}: {out}"
+    );
+    assert_eq!(
+        field(&out, "rate_held"),
+        if achieved >= 0.98 * 2000.0 {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    let sent = num(&out, "sent");
+    assert!((1900.0..=2100.0).contains(&sent), "{out}");
+    assert_eq!(num(&out, "deliveries"), sent * 10.0);
+    // The test process is the server: some CPU, less than all of the machine.
+    let util = num(&out, "server_cpu_util");
+    assert!(util > 0.0 && util < 64.0, "{out}");
+    let (p50, p99, p999) = (
+        num(&out, "p50_us"),
+        num(&out, "p99_us"),
+        num(&out, "p999_us"),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{out}");
+    assert!(num(&out, "late_p99_us") >= 0.0);
+
+    // A rate the flow control cannot allow (one message in flight, 100k/s) is flagged
+    // as not held; nothing is lost, so the run itself succeeds.
+    let (code, out) = bench(
+        &server,
+        &[
+            "fanout",
+            "--subs",
+            "1",
+            "--rate",
+            "100000",
+            "--window",
+            "1",
+            "--duration",
+            "500ms",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "fixed100k");
+    assert_eq!(field(&out, "rate_held"), "no", "{out}");
+    assert!(num(&out, "achieved_rate") < 98000.0, "{out}");
+    assert!(out.contains("RATE NOT HELD"), "{out}");
 }
 
 #[test]
@@ -152,6 +344,7 @@ fn reqres_answers_every_request_across_responders() {
         ],
     );
     assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "shape"), "req8x4x2");
     assert_eq!(field(&out, "sent"), "4000");
     assert_eq!(field(&out, "answered"), "4000");
     assert_eq!(field(&out, "lost"), "0");

@@ -4,8 +4,14 @@
 //! With a `tcp://` URL it speaks middleman's raw stream protocol instead, so the two
 //! transports are measured with the same client too.
 //!
-//! Scenarios: `fanout` (S subscribers, one publisher), `reqres` (C requesters with a
-//! window of W, K responders), `conns` (N idle authenticated connections). Throughput
+//! Scenarios: `fanout` (S subscribers, one publisher, or P publishers with S subscribers
+//! each), `reqres` (C requesters with a window of W, K responders), `conns` (N idle
+//! authenticated connections). Fan-out has load shapes, named on the result line as
+//! `shape=`: `window256` (the default: at most 256 messages ahead of the slowest
+//! subscriber, 16 per write), `pipeline16k` (`--write-kib 16`: 16 KiB of messages per
+//! write, up to `--inflight` deliveries not yet received), `fixed10k` (`--rate 10000`:
+//! a fixed offered load, reporting the server's CPU utilisation and latency), and
+//! with `--publishers P`, `pubsPxS-...` (P publishers, one topic each). Throughput
 //! is reported per wall second and, given `--server-pid`, per server CPU-second (read
 //! from `/proc/PID/stat`), next to the tool's own CPU time so a saturated client shows.
 //!
@@ -74,10 +80,15 @@ pub struct Common {
 pub struct FanoutArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Subscribers.
+    /// Subscribers (per publisher's topic when --publishers is more than 1).
     #[arg(long, short = 's', default_value_t = 1)]
     pub subs: usize,
-    /// Messages to publish (0: until --duration).
+    /// Publishers, each on its own connection and topic (`SUBJECT.0`, `SUBJECT.1`, ...
+    /// when more than one), each with --subs subscribers of its own; sequence numbers,
+    /// losses and reordering are per publisher.
+    #[arg(long, short = 'p', default_value_t = 1)]
+    pub publishers: usize,
+    /// Messages to publish, per publisher (0: until --duration).
     #[arg(long, short = 'n', default_value_t = 0)]
     pub msgs: u64,
     /// Publish for this long (when --msgs is 0, or whichever comes first).
@@ -86,15 +97,27 @@ pub struct FanoutArgs {
     /// Body size in bytes (at least 34: sequence number and timestamp).
     #[arg(long, default_value = "64", value_parser = parse_bytes)]
     pub size: usize,
-    /// Messages per second (0: as fast as the slowest subscriber keeps up).
+    /// Fixed load: messages per second per publisher, one per write (0: as fast as the
+    /// flow control allows). The result line reports the rate achieved, whether it was
+    /// held, and the server's CPU use as a fraction of one core.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    /// Most messages the publisher may be ahead of the slowest subscriber.
+    /// Most messages a publisher may be ahead of the slowest subscriber of its topic
+    /// (unless --inflight is given).
     #[arg(long, default_value_t = 256)]
     pub window: u64,
-    /// Messages per write when not rate-limited.
+    /// Messages per write when not rate-limited (unless --write-kib is given).
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Deep pipeline: each write carries as many whole messages as fit in this many KiB
+    /// (at least one), instead of --batch messages. The in-flight bound becomes
+    /// --inflight deliveries (100000 unless given).
+    #[arg(long, default_value_t = 0)]
+    pub write_kib: usize,
+    /// Bound the deliveries published but not yet received by subscribers (all
+    /// publishers together) instead of the per-publisher --window of messages.
+    #[arg(long, default_value_t = 0)]
+    pub inflight: u64,
     /// Put each batch in one WebSocket message (both protocols allow several protocol
     /// messages per WebSocket message; NATS WebSocket clients send that way) instead of
     /// one WebSocket message per published message.

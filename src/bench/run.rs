@@ -23,8 +23,11 @@ const READS_PER_TURN: usize = 16;
 /// What a connection does in a worker.
 enum Role {
     Subscriber {
+        /// Index of its publisher's topic in [`Plan::subjects`].
+        topic: usize,
         next: u64,
         received: u64,
+        out_of_order: u64,
     },
     Responder {
         handled: u64,
@@ -70,8 +73,8 @@ struct Outcome {
     handled: Vec<u64>,
     req_sent: u64,
     req_done: u64,
-    /// Per subscriber: messages received.
-    per_sub: Vec<u64>,
+    /// Per subscriber: its topic, messages received, of which out of order.
+    per_sub: Vec<(usize, u64, u64)>,
 }
 
 /// Per-worker scenario constants.
@@ -81,14 +84,17 @@ struct Plan {
     /// The raw stream protocol (`tcp://`) instead of WebSocket.
     raw: bool,
     subject: Vec<u8>,
+    /// Fan-out: the topic of each publisher (subscribers check theirs).
+    subjects: Vec<Vec<u8>>,
     size: usize,
 }
 
 struct Worker {
     plan: Plan,
     shared: Arc<Shared>,
-    /// This worker's progress: the fewest messages any of its subscribers received.
-    min_seq: Arc<AtomicU64>,
+    /// This worker's progress per topic: the fewest messages any of its subscribers of
+    /// that topic received (`u64::MAX` when it has none).
+    progress: Arc<Vec<AtomicU64>>,
     hard_deadline: Instant,
 }
 
@@ -134,6 +140,7 @@ impl Worker {
         let mut dirty: Vec<usize> = (0..slots.len()).collect();
         let mut again: Vec<usize> = Vec::new();
         let mut reported = 0u64;
+        let mut mins = vec![u64::MAX; self.progress.len()];
         loop {
             for &i in &dirty {
                 if let Some(s) = slots.get_mut(i) {
@@ -185,14 +192,21 @@ impl Worker {
                 }
                 dirty.push(i);
             }
-            // Progress for the publisher's window and the main thread.
-            let mut min = u64::MAX;
+            // Progress for the publishers' windows and the main thread.
+            mins.iter_mut().for_each(|m| *m = u64::MAX);
             for s in &slots {
-                if let Role::Subscriber { received, .. } = s.role {
-                    min = min.min(received);
+                if let Role::Subscriber {
+                    topic, received, ..
+                } = s.role
+                {
+                    if let Some(m) = mins.get_mut(topic) {
+                        *m = (*m).min(received);
+                    }
                 }
             }
-            self.min_seq.store(min, Ordering::Release);
+            for (p, &m) in self.progress.iter().zip(&mins) {
+                p.store(m, Ordering::Release);
+            }
             if o.received != reported {
                 self.shared
                     .received
@@ -219,7 +233,12 @@ impl Worker {
         }
         for s in &slots {
             match s.role {
-                Role::Subscriber { received, .. } => o.per_sub.push(received),
+                Role::Subscriber {
+                    topic,
+                    received,
+                    out_of_order,
+                    ..
+                } => o.per_sub.push((topic, received, out_of_order)),
                 Role::Responder { handled } => o.handled.push(handled),
                 Role::Requester { sent, done, .. } => {
                     o.req_sent += sent;
@@ -249,8 +268,13 @@ impl Worker {
                 body: b,
                 ..
             } => match role {
-                Role::Subscriber { next, received } => {
-                    if subject != plan.subject.as_slice() {
+                Role::Subscriber {
+                    topic,
+                    next,
+                    received,
+                    out_of_order,
+                } => {
+                    if plan.subjects.get(*topic).map(Vec::as_slice) != Some(subject) {
                         return;
                     }
                     let now = now_ns();
@@ -263,6 +287,7 @@ impl Worker {
                         *next = seq + 1;
                     } else {
                         o.out_of_order += 1;
+                        *out_of_order += 1;
                     }
                     *received += 1;
                     o.received += 1;
@@ -371,15 +396,16 @@ fn connect(c: &Common, url: &Url) -> io::Result<WsConn> {
     WsConn::connect(url, c.proto, &c.key, c.setup_timeout)
 }
 
-/// Subscribe every connection (pipelined), then wait until the server confirms each.
+/// Subscribe every connection (pipelined; connection `i` to `subject(i)`), then wait
+/// until the server confirms each.
 fn subscribe_all(
     conns: &mut [WsConn],
-    subject: &str,
+    subject: impl Fn(usize) -> String,
     queue: Option<&str>,
     deadline: Instant,
 ) -> io::Result<()> {
     for (i, c) in conns.iter_mut().enumerate() {
-        c.subscribe(subject, queue, i as u64 + 1);
+        c.subscribe(&subject(i), queue, i as u64 + 1);
         c.sync_start();
         c.flush_blocking()?;
     }
@@ -389,8 +415,11 @@ fn subscribe_all(
     Ok(())
 }
 
-/// A worker's progress counter and its thread.
-type WorkerHandle = (Arc<AtomicU64>, std::thread::JoinHandle<io::Result<Outcome>>);
+/// A worker's per-topic progress counters and its thread.
+type WorkerHandle = (
+    Arc<Vec<AtomicU64>>,
+    std::thread::JoinHandle<io::Result<Outcome>>,
+);
 
 /// Spread slots over `threads` workers and start them.
 fn spawn_workers(
@@ -407,17 +436,21 @@ fn spawn_workers(
     }
     let mut out = Vec::new();
     for (n, g) in groups.into_iter().enumerate() {
-        let min_seq = Arc::new(AtomicU64::new(0));
+        let progress: Arc<Vec<AtomicU64>> = Arc::new(
+            (0..plan.subjects.len().max(1))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        );
         let w = Worker {
             plan: plan.clone(),
             shared: shared.clone(),
-            min_seq: min_seq.clone(),
+            progress: progress.clone(),
             hard_deadline,
         };
         let h = std::thread::Builder::new()
             .name(format!("bench-{n}"))
             .spawn(move || w.run(g))?;
-        out.push((min_seq, h));
+        out.push((progress, h));
     }
     Ok(out)
 }
@@ -465,31 +498,121 @@ fn proto_name(p: Proto) -> &'static str {
     }
 }
 
+/// In-flight bound (deliveries) of the deep-pipeline shape when `--inflight` is not given.
+const DEFAULT_INFLIGHT: u64 = 100_000;
+/// A fixed-load run held its rate (`rate_held=yes`) when it achieved at least this
+/// fraction of the offered rate.
+const RATE_HELD: f64 = 0.98;
+
+/// `10000` → `10k`, `2000000` → `2M`, `1500` → `1500`.
+fn short_count(n: u64) -> String {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// The name of a fan-out load shape (`shape=` on the result line): the flow control,
+/// with what differs from its defaults, prefixed by `pubsPxS-` for P > 1 publishers.
+fn fanout_shape(a: &FanoutArgs, inflight: u64) -> String {
+    let mut flow = if a.rate > 0 {
+        format!("fixed{}", short_count(a.rate))
+    } else if a.write_kib > 0 {
+        let mut f = format!("pipeline{}k", a.write_kib);
+        if inflight != DEFAULT_INFLIGHT {
+            f += &format!("-inflight{}", short_count(inflight));
+        }
+        f
+    } else {
+        let mut f = if inflight > 0 {
+            format!("inflight{}", short_count(inflight))
+        } else {
+            format!("window{}", a.window)
+        };
+        if a.batch != 16 {
+            f += &format!("-batch{}", a.batch);
+        }
+        f
+    };
+    if a.pack {
+        flow += "-pack";
+    }
+    if a.publishers > 1 {
+        format!("pubs{}x{}-{flow}", a.publishers, a.subs)
+    } else {
+        flow
+    }
+}
+
+/// Encode one publication of `body` on `subject`.
+fn encode_pub(proto: Proto, out: &mut Vec<u8>, subject: &[u8], body: &[u8]) {
+    match proto {
+        Proto::Mm => encode_mm(out, b"PUB", subject, &[], body),
+        Proto::Nats => encode_nats_pub(out, subject, b"", body),
+    }
+}
+
 /// `bench fanout`.
 pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
     let c = &a.common;
     let url = Url::parse(&c.url)?;
-    if a.subs == 0 {
-        return Err("--subs must be at least 1".into());
+    if a.subs == 0 || a.publishers == 0 {
+        return Err("--subs and --publishers must be at least 1".into());
+    }
+    if a.rate > 0 && a.write_kib > 0 {
+        return Err(
+            "--rate (one message per write) and --write-kib are different load shapes: give one"
+                .into(),
+        );
     }
     let size = a.size.max(STAMP);
+    let npubs = a.publishers;
+    let per_topic = a.subs as u64;
+    let inflight = match (a.inflight, a.write_kib) {
+        (0, 0) => 0,
+        (0, _) => DEFAULT_INFLIGHT,
+        (n, _) => n,
+    };
+    let shape = fanout_shape(a, inflight);
+    let subjects: Vec<String> = if npubs == 1 {
+        vec![c.subject.clone()]
+    } else {
+        (0..npubs).map(|p| format!("{}.{p}", c.subject)).collect()
+    };
     stats::raise_fd_limit();
     now_ns();
-    let setup_deadline = Instant::now() + c.setup_timeout + Duration::from_millis(a.subs as u64);
-    let mut publisher = connect(c, &url).map_err(|e| format!("publisher: {e}"))?;
-    let mut subs = Vec::with_capacity(a.subs);
-    for i in 0..a.subs {
+    let nsubs = a.subs * npubs;
+    let setup_deadline =
+        Instant::now() + c.setup_timeout + Duration::from_millis((nsubs + npubs) as u64);
+    let mut publishers = Vec::with_capacity(npubs);
+    for p in 0..npubs {
+        publishers.push(connect(c, &url).map_err(|e| format!("publisher {p}: {e}"))?);
+    }
+    let mut subs = Vec::with_capacity(nsubs);
+    for i in 0..nsubs {
         subs.push(connect(c, &url).map_err(|e| format!("subscriber {i}: {e}"))?);
     }
-    subscribe_all(&mut subs, &c.subject, None, setup_deadline)
-        .map_err(|e| format!("subscribe: {e}"))?;
+    // Subscriber i listens to publisher i / S.
+    subscribe_all(
+        &mut subs,
+        |i| subjects[i / a.subs].clone(),
+        None,
+        setup_deadline,
+    )
+    .map_err(|e| format!("subscribe: {e}"))?;
     let slots = subs
         .into_iter()
-        .map(|conn| Slot {
+        .enumerate()
+        .map(|(i, conn)| Slot {
             conn,
             role: Role::Subscriber {
+                topic: i / a.subs,
                 next: 0,
                 received: 0,
+                out_of_order: 0,
             },
         })
         .collect();
@@ -497,6 +620,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         proto: c.proto,
         raw: url.raw,
         subject: c.subject.as_bytes().to_vec(),
+        subjects: subjects.iter().map(|s| s.as_bytes().to_vec()).collect(),
         size,
     };
     let shared = Arc::new(Shared::default());
@@ -504,80 +628,151 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
     let workers =
         spawn_workers(slots, c.threads, &plan, &shared, hard).map_err(|e| e.to_string())?;
 
+    let mut body = Vec::with_capacity(size);
+    stats::stamp_body(&mut body, 0, 0, size);
+    let mut scratch = Vec::with_capacity(size + 64);
+    // Messages per write: one at a fixed rate, --batch, or as many as fit in --write-kib.
+    let per_write: u64 = if a.rate > 0 {
+        1
+    } else if a.write_kib > 0 {
+        let longest = plan
+            .subjects
+            .iter()
+            .max_by_key(|s| s.len())
+            .map_or(&[][..], |s| s);
+        encode_pub(c.proto, &mut scratch, longest, &body);
+        let mut framed = Vec::new();
+        push_msg(&mut framed, url.raw, &scratch);
+        let (room, one) = if a.pack {
+            // One frame header (at most 14 bytes) for the whole write.
+            ((a.write_kib * 1024).saturating_sub(14), scratch.len())
+        } else {
+            (a.write_kib * 1024, framed.len())
+        };
+        scratch.clear();
+        (room / one.max(1)).max(1) as u64
+    } else {
+        a.batch.max(1) as u64
+    };
+
     let cpu = ServerCpu::start(c.server_pid)?;
+    let cpu_t0 = Instant::now();
     let self0 = stats::self_cpu();
     shared.start.store(true, Ordering::Release);
     let t0 = now_ns();
     let started = Instant::now();
     let end = started + a.duration;
     let limit = if a.msgs == 0 { u64::MAX } else { a.msgs };
-    let batch = if a.rate > 0 { 1 } else { a.batch.max(1) };
-    let mut body = Vec::with_capacity(size);
-    stats::stamp_body(&mut body, 0, 0, size);
-    let mut scratch = Vec::with_capacity(size + 64);
-    let mut sent = 0u64;
-    let mut pub_err = None;
     let interval_ns = 1_000_000_000u64.checked_div(a.rate).unwrap_or(0);
-    'publish: while sent < limit {
+    let mut sent = vec![0u64; npubs];
+    let mut total_sent = 0u64;
+    let mut writes = 0u64;
+    // Rounds done: in each, every publisher that may write writes once.
+    let mut round = 0u64;
+    // Fixed rate: how late each write was against its schedule.
+    let mut late = histogram();
+    let mut last_write = started;
+    let mut idle_since: Option<Instant> = None;
+    let mut spins = 0u32;
+    let mut pub_err = None;
+    let mut all_sent = false;
+    'publish: loop {
         let now = Instant::now();
         if now >= end {
             break;
         }
-        if interval_ns > 0 {
-            let due = started + Duration::from_nanos(sent * interval_ns);
-            if due > now {
-                std::thread::sleep(due - now);
-            }
+        if sent.iter().all(|&n| n >= limit) {
+            all_sent = true;
+            break;
         }
-        // Window: never more than `window` ahead of the slowest subscriber.
-        let mut waited = 0u32;
-        loop {
-            let min = workers
-                .iter()
-                .map(|(m, _)| m.load(Ordering::Acquire))
-                .min()
-                .unwrap_or(0);
-            if sent < min + a.window {
-                break;
+        let due = started + Duration::from_nanos(round.saturating_mul(interval_ns));
+        if interval_ns > 0 && due >= end {
+            // The schedule's slots are [0, duration): R × duration messages.
+            break;
+        }
+        if interval_ns > 0 && due > now {
+            std::thread::sleep(due - now);
+        }
+        let mut progressed = false;
+        for (p, publisher) in publishers.iter_mut().enumerate() {
+            let m = per_write.min(limit - sent[p]);
+            if m == 0 {
+                continue;
             }
-            if Instant::now() >= end || waited > 2_000_000 {
+            // Flow control: deliveries in flight (all publishers), or this publisher's
+            // window over the slowest subscriber of its topic.
+            if inflight > 0 {
+                let got = shared.received.load(Ordering::Acquire);
+                let out = (total_sent * per_topic).saturating_sub(got);
+                if out > 0 && out + m * per_topic > inflight {
+                    continue;
+                }
+            } else {
+                let min = workers
+                    .iter()
+                    .map(|(g, _)| g.get(p).map_or(u64::MAX, |x| x.load(Ordering::Acquire)))
+                    .min()
+                    .unwrap_or(0);
+                if sent[p] >= min.saturating_add(a.window) {
+                    continue;
+                }
+            }
+            if interval_ns > 0 {
+                let behind = Instant::now().saturating_duration_since(due);
+                late.saturating_record((behind.as_nanos() as u64).max(1));
+            }
+            let subject = &plan.subjects[p];
+            scratch.clear();
+            for _ in 0..m {
+                stats::restamp(&mut body, sent[p], now_ns());
+                encode_pub(c.proto, &mut scratch, subject, &body);
+                if !a.pack {
+                    push_msg(&mut publisher.wbuf, url.raw, &scratch);
+                    scratch.clear();
+                }
+                sent[p] += 1;
+            }
+            if a.pack && !scratch.is_empty() {
+                push_msg(&mut publisher.wbuf, url.raw, &scratch);
+            }
+            if let Err(e) = publisher.flush_blocking() {
+                pub_err = Some(format!("publisher {p}: {e}"));
                 break 'publish;
             }
-            waited += 1;
-            if waited < 64 {
+            total_sent += m;
+            writes += 1;
+            progressed = true;
+            last_write = Instant::now();
+        }
+        if progressed {
+            round += 1;
+            idle_since = None;
+            spins = 0;
+        } else {
+            // Every publisher is held back by flow control: wait for the subscribers,
+            // but not forever (they report losses if they stopped).
+            if idle_since.get_or_insert_with(Instant::now).elapsed() > STALL {
+                break;
+            }
+            spins += 1;
+            if spins < 64 {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
-        scratch.clear();
-        for _ in 0..batch {
-            if sent >= limit {
-                break;
-            }
-            stats::restamp(&mut body, sent, now_ns());
-            match c.proto {
-                Proto::Mm => encode_mm(&mut scratch, b"PUB", &plan.subject, &[], &body),
-                Proto::Nats => encode_nats_pub(&mut scratch, &plan.subject, b"", &body),
-            }
-            if !a.pack {
-                push_msg(&mut publisher.wbuf, url.raw, &scratch);
-                scratch.clear();
-            }
-            sent += 1;
-        }
-        if a.pack && !scratch.is_empty() {
-            push_msg(&mut publisher.wbuf, url.raw, &scratch);
-        }
-        if let Err(e) = publisher.flush_blocking() {
-            pub_err = Some(format!("publisher: {e}"));
-            break;
-        }
     }
     let pub_secs = started.elapsed().as_secs_f64();
+    // The span the offered rate applied to: the run's duration, or up to the last
+    // message's slot when every publisher reached --msgs first.
+    let rate_span = if all_sent {
+        (last_write - started).as_secs_f64() + interval_ns as f64 / 1e9
+    } else {
+        pub_secs
+    };
 
     // Wait for every delivery, or until receivers stall.
-    let expected = sent * a.subs as u64;
+    let expected = total_sent * per_topic;
     let mut last = (shared.received.load(Ordering::Acquire), Instant::now());
     while Instant::now() < hard {
         let got = shared.received.load(Ordering::Acquire);
@@ -592,28 +787,45 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         std::thread::sleep(Duration::from_millis(1));
     }
     shared.stop.store(true, Ordering::Release);
-    // Did the server refuse anything from the publisher (e.g. a close for a limit)?
+    // Did the server refuse anything from a publisher (e.g. a close for a limit)?
     if pub_err.is_none() {
-        pub_err = publisher_refusal(&mut publisher);
+        pub_err = publishers.iter_mut().find_map(publisher_refusal);
     }
     let o = join_all(workers)?;
     let server_cpu = cpu.elapsed();
+    let cpu_wall = cpu_t0.elapsed().as_secs_f64();
     let client_cpu = stats::self_cpu().saturating_sub(self0);
-    drop(publisher);
+    drop(publishers);
 
+    // Losses per subscriber against what its own publisher sent.
+    let mut lost = 0u64;
+    let mut bad = vec![false; npubs];
+    for &(topic, got, ooo) in &o.per_sub {
+        let l = sent[topic].saturating_sub(got - ooo.min(got));
+        lost += l;
+        if l > 0 || ooo > 0 {
+            bad[topic] = true;
+        }
+    }
+    if o.per_sub.len() != nsubs {
+        lost += expected.saturating_sub(o.received);
+    }
+    let bad_pubs = bad.iter().filter(|&&b| b).count();
     let elapsed = (o.last_rx_ns.max(t0 + 1) - t0) as f64 / 1e9;
-    let lost = expected.saturating_sub(o.received - o.out_of_order.min(o.received));
     let rate = o.received as f64 / elapsed;
     println!(
-        "fanout ({} over {}): {} subscribers, {} B bodies, {} messages published in {:.2} s{}",
+        "fanout ({} over {}), shape {shape}: {} publisher(s) x {} subscribers, {} B bodies, {} messages published in {:.2} s, {} writes ({} messages per write){}",
         proto_name(c.proto),
         transport_name(&url),
+        npubs,
         a.subs,
         size,
-        sent,
+        total_sent,
         pub_secs,
+        writes,
+        per_write,
         if a.rate > 0 {
-            format!(" at {} msg/s", a.rate)
+            format!(" at {} msg/s per publisher", a.rate)
         } else {
             String::new()
         }
@@ -623,9 +835,28 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         o.received, elapsed, rate
     );
     let mut kv = format!(
-        "result: scenario=fanout proto={} transport={} subs={} size={} rate={} sent={} deliveries={} elapsed_s={:.3} deliveries_per_s={:.0}",
-        proto_name(c.proto), transport_name(&url), a.subs, size, a.rate, sent, o.received, elapsed, rate
+        "result: scenario=fanout shape={shape} proto={} transport={} publishers={npubs} subs={} size={} rate={} window={} batch={} write_kib={} inflight={inflight} msgs_per_write={per_write} pack={} sent={} deliveries={} elapsed_s={:.3} deliveries_per_s={:.0}",
+        proto_name(c.proto), transport_name(&url), a.subs, size, a.rate, a.window, a.batch, a.write_kib, u8::from(a.pack), total_sent, o.received, elapsed, rate
     );
+    if a.rate > 0 {
+        let achieved = total_sent as f64 / npubs as f64 / rate_span.max(1e-9);
+        let held = achieved >= RATE_HELD * a.rate as f64;
+        println!(
+            "  offered {} msg/s per publisher, achieved {:.0} msg/s ({:.1}%){}; publisher lateness p99 {:.1} µs, max {:.1} µs",
+            a.rate,
+            achieved,
+            100.0 * achieved / a.rate as f64,
+            if held { "" } else { ": RATE NOT HELD" },
+            late.value_at_quantile(0.99) as f64 / 1e3,
+            late.max() as f64 / 1e3,
+        );
+        kv += &format!(
+            " achieved_rate={achieved:.0} rate_held={} late_p99_us={:.1} late_max_us={:.1}",
+            if held { "yes" } else { "no" },
+            late.value_at_quantile(0.99) as f64 / 1e3,
+            late.max() as f64 / 1e3,
+        );
+    }
     if let Some(cpu) = server_cpu {
         let s = cpu.as_secs_f64();
         let per = if s > 0.0 {
@@ -633,13 +864,18 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         } else {
             f64::INFINITY
         };
+        let util = s / cpu_wall.max(1e-9);
         println!(
-            "  server CPU: {:.2} s = {:.3} s per million deliveries = {:.0} deliveries per server CPU-second",
+            "  server CPU: {:.2} s in {:.2} s = {:.1}% of one core; {:.3} s per million deliveries = {:.0} deliveries per server CPU-second",
             s,
+            cpu_wall,
+            100.0 * util,
             s * 1e6 / o.received.max(1) as f64,
             per
         );
-        kv += &format!(" server_cpu_s={s:.3} deliveries_per_server_cpu_s={per:.0}");
+        kv += &format!(
+            " server_cpu_s={s:.3} deliveries_per_server_cpu_s={per:.0} server_cpu_util={util:.3}"
+        );
     }
     println!(
         "  client CPU: {:.2} s ({:.0}% of one core)",
@@ -648,9 +884,12 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
     );
     kv += &format!(" client_cpu_s={:.3}", client_cpu.as_secs_f64());
     println!("  latency: {}", latency_line(&o.hist));
-    println!("  lost: {lost}, out of order: {}", o.out_of_order);
+    println!(
+        "  lost: {lost}, out of order: {}, publishers with either: {bad_pubs}",
+        o.out_of_order
+    );
     kv += &format!(
-        " {} lost={lost} out_of_order={} errors={}",
+        " {} lost={lost} out_of_order={} bad_publishers={bad_pubs} errors={}",
         latency_kv(&o.hist),
         o.out_of_order,
         o.errors
@@ -659,7 +898,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         println!("  first error: {e}");
     }
     println!("{kv}");
-    Ok(lost == 0 && o.out_of_order == 0 && o.errors == 0 && pub_err.is_none() && sent > 0)
+    Ok(lost == 0 && o.out_of_order == 0 && o.errors == 0 && pub_err.is_none() && total_sent > 0)
 }
 
 /// An error or close the server sent the publisher, if any (read without blocking).
@@ -709,8 +948,13 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     for i in 0..a.responders {
         responders.push(connect(c, &url).map_err(|e| format!("responder {i}: {e}"))?);
     }
-    subscribe_all(&mut responders, &c.subject, Some("bench"), setup_deadline)
-        .map_err(|e| format!("responders: {e}"))?;
+    subscribe_all(
+        &mut responders,
+        |_| c.subject.clone(),
+        Some("bench"),
+        setup_deadline,
+    )
+    .map_err(|e| format!("responders: {e}"))?;
     let mut requesters = Vec::new();
     for i in 0..a.requesters {
         let mut r = connect(c, &url).map_err(|e| format!("requester {i}: {e}"))?;
@@ -760,6 +1004,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
         proto: c.proto,
         raw: url.raw,
         subject: c.subject.as_bytes().to_vec(),
+        subjects: Vec::new(),
         size,
     };
     let shared = Arc::new(Shared::default());
@@ -767,6 +1012,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     let workers =
         spawn_workers(slots, c.threads, &plan, &shared, hard).map_err(|e| e.to_string())?;
     let cpu = ServerCpu::start(c.server_pid)?;
+    let cpu_t0 = Instant::now();
     let self0 = stats::self_cpu();
     let t0 = now_ns();
     shared
@@ -789,11 +1035,13 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     shared.stop.store(true, Ordering::Release);
     let o = join_all(workers)?;
     let server_cpu = cpu.elapsed();
+    let cpu_wall = cpu_t0.elapsed().as_secs_f64();
     let client_cpu = stats::self_cpu().saturating_sub(self0);
 
     let elapsed = (o.last_rx_ns.max(t0 + 1) - t0) as f64 / 1e9;
     let rate = o.received as f64 / elapsed;
     let lost = o.req_sent.saturating_sub(o.req_done);
+    let shape = format!("req{}x{}x{}", a.requesters, a.window, a.responders);
     println!(
         "reqres ({} over {}): {} requesters x window {}, {} responders, {} B bodies",
         proto_name(c.proto),
@@ -808,7 +1056,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
         o.received, o.req_sent, elapsed, rate
     );
     let mut kv = format!(
-        "result: scenario=reqres proto={} transport={} requesters={} window={} responders={} size={} sent={} answered={} elapsed_s={:.3} requests_per_s={:.0}",
+        "result: scenario=reqres shape={shape} proto={} transport={} requesters={} window={} responders={} size={} sent={} answered={} elapsed_s={:.3} requests_per_s={:.0}",
         proto_name(c.proto), transport_name(&url), a.requesters, a.window, a.responders, size, o.req_sent, o.received, elapsed, rate
     );
     if let Some(cpu) = server_cpu {
@@ -818,8 +1066,14 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
         } else {
             f64::INFINITY
         };
-        println!("  server CPU: {s:.2} s = {per:.0} requests per server CPU-second");
-        kv += &format!(" server_cpu_s={s:.3} requests_per_server_cpu_s={per:.0}");
+        let util = s / cpu_wall.max(1e-9);
+        println!(
+            "  server CPU: {s:.2} s in {cpu_wall:.2} s = {:.1}% of one core; {per:.0} requests per server CPU-second",
+            100.0 * util
+        );
+        kv += &format!(
+            " server_cpu_s={s:.3} requests_per_server_cpu_s={per:.0} server_cpu_util={util:.3}"
+        );
     }
     println!(
         "  client CPU: {:.2} s ({:.0}% of one core)",
@@ -889,7 +1143,7 @@ pub fn conns(a: &ConnsArgs) -> Result<bool, String> {
     );
     println!("  connect+auth latency: {}", latency_line(&hist));
     let mut kv = format!(
-        "result: scenario=conns proto={} transport={} conns={} alive={alive} {}",
+        "result: scenario=conns shape=idle proto={} transport={} conns={} alive={alive} {}",
         proto_name(c.proto),
         transport_name(&url),
         a.conns,
