@@ -638,7 +638,12 @@ fn relay_packet(
         + msg.body.len()
         + msg.body.len() / 32
         + 32;
-    pool.build(hint, |b| {
+    // A message that came as UTF-8 stays UTF-8 when its parts are relayed (they are cut
+    // at ASCII bytes), with server headers that are UTF-8 too: no second check.
+    let utf8 = msg.utf8
+        && std::str::from_utf8(uid).is_ok()
+        && extra.is_none_or(|(n, v)| n.is_ascii() && std::str::from_utf8(v).is_ok());
+    pool.build(hint, utf8, |b| {
         b.extend_from_slice(msg.cmd);
         b.push(b' ');
         b.extend_from_slice(msg.target);

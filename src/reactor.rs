@@ -1013,7 +1013,11 @@ impl Server {
             }
             Phase::Open => {
                 if let Some(dec) = c.dec.as_mut() {
-                    dec.feed(data);
+                    if text {
+                        dec.feed_utf8(data); // tungstenite checked it
+                    } else {
+                        dec.feed(data);
+                    }
                 }
                 c.backlog = true;
                 self.drain_decoder(id, now, budget)

@@ -98,6 +98,9 @@ pub struct Message<'a> {
     headers: &'a [HeaderSpan],
     /// The body, unstuffed, without the line break before the terminator.
     pub body: Cow<'a, [u8]>,
+    /// Every byte of the message came through [`Decoder::feed_utf8`] (already checked to
+    /// be UTF-8, e.g. a WebSocket text message), so the message is valid UTF-8.
+    pub utf8: bool,
 }
 
 impl<'a> Message<'a> {
@@ -182,6 +185,8 @@ pub struct Decoder {
     stuffed: bool,
     body_tmp: Vec<u8>,
     failed: Option<FrameError>,
+    /// Bytes before this offset may not be valid UTF-8 (they came through `feed`).
+    unchecked_end: usize,
 }
 
 impl Decoder {
@@ -203,6 +208,7 @@ impl Decoder {
             stuffed: false,
             body_tmp: Vec::new(),
             failed: None,
+            unchecked_end: 0,
         }
     }
 
@@ -214,6 +220,18 @@ impl Decoder {
     /// Append stream bytes. Bytes of messages already returned are dropped first, so the
     /// buffer only ever holds the unfinished tail of the stream.
     pub fn feed(&mut self, data: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.compact();
+        self.buf.extend_from_slice(data);
+        self.unchecked_end = self.buf.len();
+    }
+
+    /// Like [`Decoder::feed`], for bytes known to be valid UTF-8 (a WebSocket text
+    /// message, which tungstenite has checked): messages made only of such bytes say so
+    /// ([`Message::utf8`]), and are not checked again when relayed.
+    pub fn feed_utf8(&mut self, data: &[u8]) {
         if self.failed.is_some() {
             return;
         }
@@ -246,6 +264,7 @@ impl Decoder {
         if self.buffered() == 0 && self.state == State::First {
             self.compact();
             self.buf.clear();
+            self.unchecked_end = 0;
             self.scan = 0;
             self.searched = 0;
             self.msg_start = 0;
@@ -277,6 +296,7 @@ impl Decoder {
         }
         self.buf.drain(..n);
         self.consumed = 0;
+        self.unchecked_end = self.unchecked_end.saturating_sub(n);
         self.scan -= n;
         self.searched = self.searched.saturating_sub(n);
         self.msg_start -= n;
@@ -494,6 +514,7 @@ impl Decoder {
             buf,
             headers: &self.headers,
             body,
+            utf8: self.cmd.start >= self.unchecked_end,
         };
         if malformed {
             Decoded::Malformed(msg)
@@ -552,6 +573,37 @@ fn trim(text: &[u8], r: Range<usize>) -> Range<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn utf8_is_known_only_for_bytes_fed_as_utf8() {
+        let mut d = Decoder::new(Limits::default());
+        d.feed_utf8(b"PUB a\r\n\r\nx\r\n.\r\n");
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!()
+        };
+        assert!(m.utf8);
+        // A message that starts in unchecked bytes is not known, even if it ends in
+        // checked ones.
+        d.feed(b"PUB b\r\n");
+        d.feed_utf8(b"\r\ny\r\n.\r\n");
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!()
+        };
+        assert!(!m.utf8);
+        // After it, checked bytes count again.
+        d.feed_utf8(b"PUB c\r\n\r\nz\r\n.\r\n");
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!()
+        };
+        assert!(m.utf8);
+        // Unchecked bytes after the start of a message make it unknown too.
+        d.feed_utf8(b"PUB d\r\n");
+        d.feed(b"\r\nw\r\n.\r\n");
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!()
+        };
+        assert!(!m.utf8, "bytes fed after the message began were unchecked");
+    }
+
     use super::*;
 
     fn all(input: &[u8], limits: Limits) -> (Vec<String>, bool) {

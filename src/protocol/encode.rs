@@ -102,13 +102,14 @@ impl Packet {
     }
 
     /// Build this packet again in place, reusing its buffer (see [`PacketPool`]).
-    pub fn rebuild(&mut self, payload_hint: usize, fill: impl FnOnce(&mut Vec<u8>)) {
+    /// `utf8`: the payload is known to be valid UTF-8 (not checked again) or not known.
+    pub fn rebuild(&mut self, payload_hint: usize, utf8: bool, fill: impl FnOnce(&mut Vec<u8>)) {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.reserve(HEADROOM + payload_hint);
         buf.resize(HEADROOM, 0);
         fill(&mut buf);
-        *self = Self::from_headroom_vec(buf);
+        *self = Self::from_headroom_vec_known(buf, utf8);
     }
 
     /// Heap bytes the packet holds.
@@ -117,9 +118,15 @@ impl Packet {
     }
 
     /// Build a packet from a vector whose first 10 bytes are reserved headroom.
-    fn from_headroom_vec(mut buf: Vec<u8>) -> Packet {
+    fn from_headroom_vec(buf: Vec<u8>) -> Packet {
+        Self::from_headroom_vec_known(buf, false)
+    }
+
+    /// Likewise; `utf8` says the payload is known to be valid UTF-8 (else it is checked).
+    fn from_headroom_vec_known(mut buf: Vec<u8>, utf8: bool) -> Packet {
         let len = buf.len() - HEADROOM;
-        let text = std::str::from_utf8(&buf[HEADROOM..]).is_ok();
+        let text = utf8 || std::str::from_utf8(&buf[HEADROOM..]).is_ok();
+        debug_assert!(!utf8 || std::str::from_utf8(&buf[HEADROOM..]).is_ok());
         let opcode = if text { 0x81 } else { 0x82 }; // FIN + text/binary
         let start = if len < 126 {
             buf[HEADROOM - 1] = len as u8;
@@ -196,6 +203,7 @@ impl PacketPool {
     pub fn build(
         &mut self,
         payload_hint: usize,
+        utf8: bool,
         fill: impl FnOnce(&mut Vec<u8>),
     ) -> std::rc::Rc<Packet> {
         let free = self
@@ -206,13 +214,19 @@ impl PacketPool {
             let mut p = self.ring.pop_front().expect("front checked");
             self.bytes -= p.capacity();
             if let Some(m) = std::rc::Rc::get_mut(&mut p) {
-                m.rebuild(payload_hint, fill);
+                m.rebuild(payload_hint, utf8, fill);
             }
             p
         } else {
             // The oldest is still queued somewhere: a new packet, and the ring grows to
             // cover what is in flight (up to its bounds, below).
-            std::rc::Rc::new(Packet::build_sized(payload_hint, fill))
+            let mut p = Packet {
+                buf: Vec::new(),
+                start: 0,
+                text: false,
+            };
+            p.rebuild(payload_hint, utf8, fill);
+            std::rc::Rc::new(p)
         };
         let cap = pkt.capacity();
         if cap <= POOL_PACKET_MAX {
@@ -305,21 +319,21 @@ mod tests {
     #[test]
     fn pool_reuses_packets_nobody_holds() {
         let mut pool = PacketPool::new();
-        let a = pool.build(8, |b| b.extend_from_slice(b"first"));
+        let a = pool.build(8, true, |b| b.extend_from_slice(b"first"));
         let a_ptr = std::rc::Rc::as_ptr(&a);
         drop(a);
         // The only packet in the pool is free again: rebuilt in place.
-        let b = pool.build(8, |b| b.extend_from_slice(b"second message"));
+        let b = pool.build(8, false, |b| b.extend_from_slice(b"second message"));
         assert_eq!(std::rc::Rc::as_ptr(&b), a_ptr);
         assert_eq!(b.payload(), b"second message");
         assert_eq!(b.ws_frame()[..2], [0x81, 14]);
         // Held by a queue: not reused, a new one is made.
-        let c = pool.build(8, |b| b.extend_from_slice(b"third"));
+        let c = pool.build(8, false, |b| b.extend_from_slice(b"third"));
         assert_ne!(std::rc::Rc::as_ptr(&c), a_ptr);
         assert_eq!(b.payload(), b"second message");
         assert_eq!(c.payload(), b"third");
         let big = vec![b'x'; 20_000];
-        let d = pool.build(20_000, |b| b.extend_from_slice(&big));
+        let d = pool.build(20_000, false, |b| b.extend_from_slice(&big));
         assert_eq!(d.payload().len(), 20_000);
         assert!(pool.len() <= 2, "a large packet is not kept");
     }
