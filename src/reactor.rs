@@ -155,6 +155,25 @@ struct Close {
     why: CloseReason,
 }
 
+/// Nothing more may be queued for `c`; it is closed after the pass (see `Close`).
+fn stop_queueing(
+    closes: &mut Vec<Close>,
+    id: ConnId,
+    c: &mut Conn,
+    code: u16,
+    reason: &'static str,
+    why: CloseReason,
+) {
+    c.slow = true;
+    closes.push(Close {
+        id,
+        gen: c.gen,
+        code,
+        reason,
+        why,
+    });
+}
+
 impl Sink<'_> {
     /// Write what the socket takes now. False if the connection failed (it is then
     /// marked to be removed and takes nothing more).
@@ -168,14 +187,7 @@ impl Sink<'_> {
                 true
             }
             Err(_) => {
-                c.slow = true;
-                self.closes.push(Close {
-                    id: to,
-                    gen: c.gen,
-                    code: 1006,
-                    reason: "",
-                    why: CloseReason::PeerGone,
-                });
+                stop_queueing(self.closes, to, c, 1006, "", CloseReason::PeerGone);
                 false
             }
         }
@@ -202,14 +214,8 @@ impl Outbox for Sink<'_> {
             if c.out.len() + c.out.packet_len(pkt) > self.max_out {
                 // §7: never a gap in the middle; the stream stops here and the peer is
                 // closed.
-                c.slow = true;
-                self.closes.push(Close {
-                    id: to,
-                    gen: c.gen,
-                    code: 1008,
-                    reason: "slow consumer",
-                    why: CloseReason::SlowConsumer,
-                });
+                let why = CloseReason::SlowConsumer;
+                stop_queueing(self.closes, to, c, 1008, "slow consumer", why);
                 return;
             }
         }
@@ -1426,10 +1432,8 @@ impl Server {
     fn housekeeping(&mut self, now: Instant) {
         let mut expired = Vec::new();
         let mut ping = Vec::new();
-        for (_, c) in self.conns.iter_mut() {
+        for (id, c) in self.conns.iter_mut() {
             c.out.trim();
-        }
-        for (id, c) in &self.conns {
             match c.phase {
                 Phase::Http | Phase::AwaitKey | Phase::RawKey => {
                     if now.duration_since(c.created) >= self.cfg.handshake_timeout {

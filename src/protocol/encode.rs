@@ -95,10 +95,16 @@ impl Packet {
     /// Like [`Packet::build`], with room for `payload_hint` payload bytes up front so a
     /// well-estimated packet is one allocation.
     pub fn build_sized(payload_hint: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Packet {
+        Self::build_utf8(payload_hint, false, fill)
+    }
+
+    /// Like [`Packet::build_sized`]; `utf8` says the payload is known to be valid UTF-8
+    /// (it is then not checked again).
+    fn build_utf8(payload_hint: usize, utf8: bool, fill: impl FnOnce(&mut Vec<u8>)) -> Packet {
         let mut buf = Vec::with_capacity(HEADROOM + payload_hint);
         buf.resize(HEADROOM, 0);
         fill(&mut buf);
-        Self::from_headroom_vec(buf)
+        Self::from_headroom_vec(buf, utf8)
     }
 
     /// Build this packet again in place, reusing its buffer (see [`PacketPool`]).
@@ -109,7 +115,7 @@ impl Packet {
         buf.reserve(HEADROOM + payload_hint);
         buf.resize(HEADROOM, 0);
         fill(&mut buf);
-        *self = Self::from_headroom_vec_known(buf, utf8);
+        *self = Self::from_headroom_vec(buf, utf8);
     }
 
     /// Heap bytes the packet holds.
@@ -117,13 +123,9 @@ impl Packet {
         self.buf.capacity()
     }
 
-    /// Build a packet from a vector whose first 10 bytes are reserved headroom.
-    fn from_headroom_vec(buf: Vec<u8>) -> Packet {
-        Self::from_headroom_vec_known(buf, false)
-    }
-
-    /// Likewise; `utf8` says the payload is known to be valid UTF-8 (else it is checked).
-    fn from_headroom_vec_known(mut buf: Vec<u8>, utf8: bool) -> Packet {
+    /// Build a packet from a vector whose first 10 bytes are reserved headroom; `utf8`
+    /// says the payload is known to be valid UTF-8 (else it is checked).
+    fn from_headroom_vec(mut buf: Vec<u8>, utf8: bool) -> Packet {
         let len = buf.len() - HEADROOM;
         let text = utf8 || std::str::from_utf8(&buf[HEADROOM..]).is_ok();
         debug_assert!(!utf8 || std::str::from_utf8(&buf[HEADROOM..]).is_ok());
@@ -206,27 +208,25 @@ impl PacketPool {
         utf8: bool,
         fill: impl FnOnce(&mut Vec<u8>),
     ) -> std::rc::Rc<Packet> {
-        let free = self
-            .ring
-            .front_mut()
-            .is_some_and(|p| std::rc::Rc::get_mut(p).is_some());
-        let pkt = if free {
-            let mut p = self.ring.pop_front().expect("front checked");
-            self.bytes -= p.capacity();
-            if let Some(m) = std::rc::Rc::get_mut(&mut p) {
-                m.rebuild(payload_hint, utf8, fill);
+        let pkt = match self.ring.pop_front() {
+            Some(mut oldest) => {
+                let held = oldest.capacity();
+                match std::rc::Rc::get_mut(&mut oldest) {
+                    Some(free) => {
+                        self.bytes -= held;
+                        free.rebuild(payload_hint, utf8, fill);
+                        oldest
+                    }
+                    None => {
+                        // Still queued somewhere: it keeps its place, a new packet is
+                        // made, and the ring grows to cover what is in flight (up to its
+                        // bounds, below).
+                        self.ring.push_front(oldest);
+                        std::rc::Rc::new(Packet::build_utf8(payload_hint, utf8, fill))
+                    }
+                }
             }
-            p
-        } else {
-            // The oldest is still queued somewhere: a new packet, and the ring grows to
-            // cover what is in flight (up to its bounds, below).
-            let mut p = Packet {
-                buf: Vec::new(),
-                start: 0,
-                text: false,
-            };
-            p.rebuild(payload_hint, utf8, fill);
-            std::rc::Rc::new(p)
+            None => std::rc::Rc::new(Packet::build_utf8(payload_hint, utf8, fill)),
         };
         let cap = pkt.capacity();
         if cap <= POOL_PACKET_MAX {
