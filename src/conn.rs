@@ -251,54 +251,77 @@ impl FrameScan {
                 data = &data[n..];
                 continue;
             }
+            if self.have == 0 && data.len() >= self.hdr.len() {
+                // The whole header is here (the usual case): parse it in place rather
+                // than a byte at a time (small frames made this 3.7% of the server).
+                let need = header_len(data[1]);
+                let (b0, len) = (data[0], frame_len(&data[..need]));
+                data = &data[need..];
+                if !self.frame(b0, len, max_frames) {
+                    return false;
+                }
+                continue;
+            }
             self.hdr[self.have as usize] = data[0];
             self.have += 1;
             data = &data[1..];
-            let need = self.header_len();
+            let need = if self.have < 2 {
+                2
+            } else {
+                header_len(self.hdr[1])
+            };
             if (self.have as usize) < need {
                 continue;
             }
-            let b1 = self.hdr[1];
-            let len = match b1 & 0x7f {
-                126 => u16::from_be_bytes([self.hdr[2], self.hdr[3]]) as u64,
-                127 => {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(&self.hdr[2..10]);
-                    u64::from_be_bytes(b)
-                }
-                n => n as u64,
-            };
-            let b0 = self.hdr[0];
+            let (b0, len) = (self.hdr[0], frame_len(&self.hdr[..need]));
             self.have = 0;
-            self.skip = len;
-            self.frames += 1;
-            if b0 & 0x08 == 0 {
-                // A data frame (text, binary or continuation).
-                if b0 & 0x80 != 0 {
-                    self.run = 0;
-                } else {
-                    self.run += 1;
-                    if self.run >= max_frames {
-                        return false;
-                    }
-                }
+            if !self.frame(b0, len, max_frames) {
+                return false;
             }
         }
         true
     }
 
-    /// Bytes in the header being collected, as far as known.
-    fn header_len(&self) -> usize {
-        if self.have < 2 {
-            return 2;
+    /// A frame header was read: `b0` its first byte, `len` its payload length. Returns
+    /// false when the message now has more than `max_frames` frames.
+    fn frame(&mut self, b0: u8, len: u64, max_frames: usize) -> bool {
+        self.skip = len;
+        self.frames += 1;
+        if b0 & 0x08 == 0 {
+            // A data frame (text, binary or continuation).
+            if b0 & 0x80 != 0 {
+                self.run = 0;
+            } else {
+                self.run += 1;
+                if self.run >= max_frames {
+                    return false;
+                }
+            }
         }
-        let b1 = self.hdr[1];
-        let ext = match b1 & 0x7f {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
+        true
+    }
+}
+
+/// Bytes in a frame header whose second byte is `b1`: 2, the extended length, the mask.
+fn header_len(b1: u8) -> usize {
+    let ext = match b1 & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
+}
+
+/// The payload length of a complete frame header `h`.
+fn frame_len(h: &[u8]) -> u64 {
+    match h[1] & 0x7f {
+        126 => u16::from_be_bytes([h[2], h[3]]) as u64,
+        127 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[2..10]);
+            u64::from_be_bytes(b)
+        }
+        n => n as u64,
     }
 }
 
