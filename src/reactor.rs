@@ -89,7 +89,9 @@ struct Conn {
     framing: Framing,
     phase: Phase,
     ws: Option<WebSocketContext>,
-    dec: Option<Decoder>,
+    /// Boxed: the drain takes it out of the slab and puts it back for every message, and
+    /// moving the whole decoder both ways was ~4.6% of the server's time at 64 B.
+    dec: Option<Box<Decoder>>,
     out: OutQueue,
     http_buf: Vec<u8>,
     created: Instant,
@@ -1133,7 +1135,7 @@ impl Server {
         }
         let cid = self.broker.connect(id, role);
         c.phase = Phase::Open;
-        c.dec = Some(Decoder::new(self.cfg.limits));
+        c.dec = Some(Box::new(Decoder::new(self.cfg.limits)));
         if let Some(ws) = c.ws.as_mut() {
             let full = self.ws_config;
             ws.set_config(|w| *w = full);
