@@ -240,7 +240,25 @@ impl Default for Stats {
 struct Session {
     role: Role,
     cid: Box<str>,
-    uid: Box<[u8]>,
+    /// The server's headers on everything this session sends, `cid: ..` and `uid: ..`
+    /// encoded once (at the key and at `INT UID`) rather than on every relayed message.
+    relay_tail: Box<[u8]>,
+    /// `relay_tail` is valid UTF-8 (the uid came from a service; it may not be).
+    tail_utf8: bool,
+}
+
+impl Session {
+    fn new(role: Role, cid: &str, uid: &[u8]) -> Session {
+        let mut tail = Vec::with_capacity(cid.len() + uid.len() + 14);
+        push_header(&mut tail, b"cid", cid.as_bytes());
+        push_header(&mut tail, b"uid", uid);
+        Session {
+            role,
+            cid: cid.into(),
+            tail_utf8: std::str::from_utf8(uid).is_ok(),
+            relay_tail: tail.into(),
+        }
+    }
 }
 
 /// The broker: routing tables plus sessions.
@@ -339,11 +357,7 @@ impl Broker {
             self.router.remove_conn(conn);
         }
         self.roles[role_slot(role)] += 1;
-        self.sessions[conn] = Some(Session {
-            role,
-            cid: cid.as_str().into(),
-            uid: Box::default(),
-        });
+        self.sessions[conn] = Some(Session::new(role, &cid, b""));
         self.cids.insert(cid.as_str().into(), conn);
         self.router.add_conn(conn);
         let private = format!("MSG:{cid}");
@@ -564,7 +578,7 @@ impl Broker {
         else {
             return self.error(out, from, msg, reason::UNKNOWN_CID);
         };
-        session.uid = setuid.into();
+        *session = Session::new(session.role, &session.cid, setuid);
     }
 
     fn copy_to_monitors(&self, pkt: &Rc<Packet>, skip: &[ConnId], out: &mut impl Outbox) {
@@ -620,9 +634,9 @@ fn relay_packet(
     drop: &[&[u8]],
     extra: Option<(&[u8], &[u8])>,
 ) -> Rc<Packet> {
-    let (cid, uid): (&[u8], &[u8]) = match session {
-        Some(s) => (s.cid.as_bytes(), &s.uid),
-        None => (b"", b""),
+    let (tail, tail_utf8): (&[u8], bool) = match session {
+        Some(s) => (&s.relay_tail, s.tail_utf8),
+        None => (b"cid: \r\nuid: \r\n", true),
     };
     // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
     // body with a little room for stuffing dots, terminator.
@@ -633,15 +647,14 @@ fn relay_packet(
             .map(|(n, v)| n.len() + v.len() + 4)
             .sum::<usize>()
         + extra.map_or(0, |(n, v)| n.len() + v.len() + 4)
-        + cid.len()
-        + uid.len()
+        + tail.len()
         + msg.body.len()
         + msg.body.len() / 32
         + 32;
     // A message that came as UTF-8 stays UTF-8 when its parts are relayed (they are cut
     // at ASCII bytes), with server headers that are UTF-8 too: no second check.
     let utf8 = msg.utf8
-        && std::str::from_utf8(uid).is_ok()
+        && tail_utf8
         && extra.is_none_or(|(n, v)| n.is_ascii() && std::str::from_utf8(v).is_ok());
     pool.build(hint, utf8, |b| {
         b.extend_from_slice(msg.cmd);
@@ -659,8 +672,7 @@ fn relay_packet(
         if let Some((n, v)) = extra {
             push_header(b, n, v);
         }
-        push_header(b, b"cid", cid);
-        push_header(b, b"uid", uid);
+        b.extend_from_slice(tail);
         b.extend_from_slice(b"\r\n");
         push_body(b, &msg.body);
         b.extend_from_slice(b"\r\n.\r\n");
