@@ -4,6 +4,10 @@
 # the new/old ratio per row. The load client is the NEW binary's `bench` for both.
 #
 #   bash benches/ab.sh OLD_BINARY NEW_BINARY          # RUNS=3, DUR=3s
+#   ROWS="pipe64_1 pubs64_100x10" bash benches/ab.sh OLD NEW   # chosen rows only
+#
+# Rows (same shapes and names as benches/compare.sh): fanout64_1 fanout64_100
+# fanout1024_100 pipe64_1 pipe64_100 pubs64_100x10 reqres100x16x2.
 #
 # Only 127.0.0.1. Each round starts each server fresh.
 set -euo pipefail
@@ -12,6 +16,7 @@ OLD=${1:?usage: ab.sh OLD_BINARY NEW_BINARY}
 NEW=${2:?usage: ab.sh OLD_BINARY NEW_BINARY}
 RUNS=${RUNS:-3}
 DUR=${DUR:-3s}
+ROWS=${ROWS:-fanout64_1 fanout64_100 fanout1024_100 pipe64_1 pipe64_100 pubs64_100x10 reqres100x16x2}
 PORT=${PORT:-18775}
 KEY=bench-service-key-0123456789
 OUT=target/ab
@@ -61,11 +66,23 @@ both() {
 }
 
 echo "load before: $(cat /proc/loadavg)" | tee "$OUT/machine.txt"
+PIPE=(--write-kib 16 --inflight 100000)
 for RUN in $(seq 1 "$RUNS"); do
-    both fanout64_1 fanout --subs 1 --size 64 --duration "$DUR"
-    both fanout64_100 fanout --subs 100 --size 64 --duration "$DUR" --threads 2
-    both fanout1024_100 fanout --subs 100 --size 1024 --duration "$DUR" --threads 2
-    both reqres100x16x2 reqres --requesters 100 --window 16 --responders 2 --duration "$DUR"
+    for row in $ROWS; do
+        case $row in
+        fanout64_1) both "$row" fanout --subs 1 --size 64 --duration "$DUR" ;;
+        fanout64_100) both "$row" fanout --subs 100 --size 64 --duration "$DUR" --threads 2 ;;
+        fanout1024_100) both "$row" fanout --subs 100 --size 1024 --duration "$DUR" --threads 2 ;;
+        pipe64_1) both "$row" fanout --subs 1 --size 64 --duration "$DUR" "${PIPE[@]}" ;;
+        pipe64_100) both "$row" fanout --subs 100 --size 64 --duration "$DUR" --threads 2 "${PIPE[@]}" ;;
+        pubs64_100x10) both "$row" fanout --publishers 100 --subs 10 --size 64 --duration "$DUR" --threads 2 ;;
+        reqres100x16x2) both "$row" reqres --requesters 100 --window 16 --responders 2 --duration "$DUR" ;;
+        *)
+            echo "unknown row $row" >&2
+            exit 2
+            ;;
+        esac
+    done
 done
 echo "load after: $(cat /proc/loadavg)" | tee -a "$OUT/machine.txt"
 
