@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::encode::{push_body, push_header};
 use crate::protocol::{Message, Packet, PacketPool};
+use crate::cluster::node::{Cluster, OutReq, REMOTE};
 use crate::router::{ConnId, Enable, Router, SubError};
 
 /// Where the broker puts what must be sent. The reactor queues the packet on the
@@ -237,7 +238,7 @@ impl Default for Stats {
 
 /// Per-connection facts the broker keeps.
 #[derive(Debug, Clone)]
-struct Session {
+pub(crate) struct Session {
     role: Role,
     cid: Box<str>,
     /// The server's headers on everything this session sends, `cid: ..` and `uid: ..`
@@ -248,6 +249,11 @@ struct Session {
 }
 
 impl Session {
+    /// Set the uid (`INT UID`), re-encoding the relayed headers.
+    pub(crate) fn set_uid(&mut self, uid: &[u8]) {
+        *self = Session::new(self.role, &self.cid, uid);
+    }
+
     fn new(role: Role, cid: &str, uid: &[u8]) -> Session {
         let mut tail = Vec::with_capacity(cid.len() + uid.len() + 14);
         push_header(&mut tail, b"cid", cid.as_bytes());
@@ -264,15 +270,22 @@ impl Session {
 /// The broker: routing tables plus sessions.
 #[derive(Debug)]
 pub struct Broker {
-    router: Router,
-    sessions: Vec<Option<Session>>,
-    cids: foldhash::HashMap<Box<str>, ConnId>,
-    monitors: Vec<ConnId>,
-    settings: Settings,
+    pub(crate) router: Router,
+    pub(crate) sessions: Vec<Option<Session>>,
+    pub(crate) cids: foldhash::HashMap<Box<str>, ConnId>,
+    pub(crate) monitors: Vec<ConnId>,
+    pub(crate) settings: Settings,
     cid_prefix: String,
     cid_counter: u64,
     /// Relayed packets, reused once every queue has let them go.
-    pool: PacketPool,
+    pub(crate) pool: PacketPool,
+    /// The node's view of the cluster, when it is one (`--cluster`).
+    pub cluster: Option<Box<Cluster>>,
+    /// Decoder for messages that come from other nodes (taken while in use).
+    pub(crate) remote_dec: Option<Box<crate::protocol::Decoder>>,
+    /// The time of the last call that told it (for delays that start in a call that is
+    /// not given the time).
+    pub(crate) clock: Option<Instant>,
     /// Sessions by role (services, monitors, clients), kept as they come and go so
     /// `/metrics` never walks the sessions.
     roles: [usize; 3],
@@ -301,6 +314,9 @@ impl Broker {
             cid_prefix: cid_prefix.to_owned(),
             cid_counter: 0,
             pool: PacketPool::new(),
+            cluster: None,
+            remote_dec: None,
+            clock: None,
             roles: [0; 3],
             stats: Stats::default(),
         }
@@ -364,6 +380,9 @@ impl Broker {
         let _ = self.router.subscribe(conn, private.as_bytes(), usize::MAX);
         if role == Role::Monitor {
             self.monitors.push(conn);
+            if let Some(c) = self.cluster.as_mut() {
+                c.monitors(true);
+            }
         }
         cid
     }
@@ -377,8 +396,17 @@ impl Broker {
         self.cids.remove(&session.cid);
         self.roles[role_slot(session.role)] -= 1;
         self.monitors.retain(|&m| m != conn);
-        for (p, target) in self.router.remove_conn(conn) {
+        let held = self.cluster.is_some().then(|| self.router.held_by(conn));
+        let orphaned = self.router.remove_conn(conn);
+        if let Some(held) = held {
+            self.cluster_after_leave(held, self.monitors.is_empty());
+        }
+        for (p, target) in orphaned {
             self.stats.req_responder_gone += 1;
+            if p.requester == REMOTE {
+                self.answer_remote(p.rid, b"X ", reason::RESPONDER_GONE.as_bytes());
+                continue;
+            }
             self.error_to(
                 out,
                 p.requester,
@@ -392,7 +420,15 @@ impl Broker {
 
     /// End every request whose deadline has passed, telling each requester.
     pub fn expire(&mut self, now: Instant, out: &mut impl Outbox) {
-        while let Some((_, p)) = self.router.pop_expired(now) {
+        self.clock = Some(now);
+        while let Some((rid, p)) = self.router.pop_expired(now) {
+            if p.requester == REMOTE {
+                // The requester's node times it out itself.
+                if let Some(c) = self.cluster.as_mut() {
+                    c.end_in_request(rid);
+                }
+                continue;
+            }
             self.stats.req_timed_out += 1;
             let target = self.router.topic(p.topic).map(|t| t.name.clone());
             let target = target.as_deref().unwrap_or(b"");
@@ -423,6 +459,7 @@ impl Broker {
         let Some(role) = self.role(from) else {
             return;
         };
+        self.clock = Some(now);
         let cmd_idx = COMMANDS
             .iter()
             .position(|c| c.as_bytes() == msg.cmd)
@@ -433,20 +470,34 @@ impl Broker {
         let t = msg.target;
         match msg.cmd {
             b"SUB" => {
-                if !service && (private || !self.router.is_enabled(t, Enable::Sub)) {
+                if !service && (private || !self.is_enabled(t, Enable::Sub)) {
                     return self.error(out, from, msg, reason::NOT_PERMITTED);
                 }
                 // The private channel is not counted against the limit.
                 let max = self.settings.max_subscriptions.saturating_add(1);
-                if let Err(SubError::TooMany) = self.router.subscribe(from, t, max) {
-                    self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS);
+                match self.router.subscribe(from, t, max) {
+                    Err(SubError::TooMany) => {
+                        self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS)
+                    }
+                    Ok(true) if !private => {
+                        if let Some(c) = self.cluster.as_mut() {
+                            if self.router.subscribers(t).len() == 1 {
+                                c.interest(t, true, now);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
                 }
             }
             b"UNS" => {
-                self.router.unsubscribe(from, t);
+                if self.router.unsubscribe(from, t) && self.router.subscribers(t).is_empty() {
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.interest(t, false, now);
+                    }
+                }
             }
             b"PUB" => {
-                if !service && (private || !self.router.is_enabled(t, Enable::Pub)) {
+                if !service && (private || !self.is_enabled(t, Enable::Pub)) {
                     return self.error(out, from, msg, reason::NOT_PERMITTED);
                 }
                 self.publish(from, msg, out);
@@ -462,7 +513,13 @@ impl Broker {
                     b"ESUB" => Enable::Sub,
                     _ => Enable::Req,
                 };
+                let before = self.router.is_enabled(t, kind);
                 self.router.enable(from, t, kind);
+                if !before && self.router.is_enabled(t, kind) {
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.announce(t, kind, true);
+                    }
+                }
             }
             b"INT" => self.internal(from, msg, out),
             _ => self.error(out, from, msg, reason::UNKNOWN_COMMAND),
@@ -476,12 +533,12 @@ impl Broker {
         let subs: &[ConnId] = topic
             .and_then(|id| self.router.topic(id))
             .map_or(&[], |t| &t.subs);
-        if subs.is_empty() && self.monitors.is_empty() {
+        if subs.is_empty() && self.monitors.is_empty() && self.cluster.is_none() {
             return;
         }
         let pkt = relay_packet(
             &mut self.pool,
-            self.sessions.get(from).and_then(Option::as_ref),
+            Origin::Local(self.sessions.get(from).and_then(Option::as_ref)),
             msg,
             &[],
             None,
@@ -493,6 +550,14 @@ impl Broker {
         for &m in &self.monitors {
             if !topic.is_some_and(|t| self.router.is_subscribed_id(m, t)) {
                 out.send(m, &pkt);
+            }
+        }
+        if let Some(c) = self.cluster.as_mut() {
+            c.publish_pub(msg.target, pkt.payload());
+            if let Some(cid) = msg.target.strip_prefix(b"MSG:") {
+                if let Some(node) = c.node_of_cid(cid) {
+                    c.publish_private(node, cid, pkt.payload());
+                }
             }
         }
     }
@@ -508,7 +573,9 @@ impl Broker {
             return self.error_to(out, from, msg.cmd, msg.target, reason::REQID_TOO_LONG, None);
         }
         // Every role is bounded (services too): the cap is on table memory, not trust.
-        if self.router.asked_count(from) >= self.settings.max_pending_requests {
+        let in_flight = self.router.asked_count(from)
+            + self.cluster.as_ref().map_or(0, |c| c.out_requests_of(from));
+        if in_flight >= self.settings.max_pending_requests {
             self.stats.req_too_many += 1;
             return self.error(out, from, msg, reason::TOO_MANY_REQUESTS);
         }
@@ -517,6 +584,9 @@ impl Broker {
             self.router
                 .start_request(from, msg.target, reqid_name, reqid_value, deadline)
         else {
+            if self.forward_request(from, msg, reqid_name, reqid_value, deadline) {
+                return;
+            }
             self.stats.req_no_responder += 1;
             return self.error(out, from, msg, reason::NO_RESPONDER);
         };
@@ -526,6 +596,54 @@ impl Broker {
         out.send(responder, &pkt);
         self.stats.delivered_req += 1;
         self.copy_to_monitors(&pkt, &[responder], out);
+        if let Some(c) = self.cluster.as_mut() {
+            c.publish_monitor_copy(pkt.payload());
+        }
+    }
+
+    /// No local responder: hand the request to another node that has one, if any.
+    /// Returns false when no other node answers `msg.target` (or it cannot be sent).
+    fn forward_request(
+        &mut self,
+        from: ConnId,
+        msg: &Message<'_>,
+        reqid_name: &[u8],
+        reqid_value: &[u8],
+        deadline: Instant,
+    ) -> bool {
+        let Some(cid) = self.cid(from).map(Box::<str>::from) else {
+            return false;
+        };
+        let Some(c) = self.cluster.as_mut() else {
+            return false;
+        };
+        if !c.connected || !c.remote_enabled(msg.target, Enable::Req) {
+            return false;
+        }
+        let r = OutReq {
+            requester: from,
+            cid,
+            reqid_name: reqid_name.into(),
+            reqid_value: reqid_value.into(),
+            target: msg.target.into(),
+            deadline,
+            taken_by: None,
+        };
+        let max = self.settings.max_pending_requests;
+        let Some((id, reply)) = c.start_out_request(r, max) else {
+            return false;
+        };
+        let pkt = relay_packet(
+            &mut self.pool,
+            Origin::Local(self.sessions.get(from).and_then(Option::as_ref)),
+            msg,
+            &[b"rid"],
+            None,
+        );
+        let Some(c) = self.cluster.as_mut() else {
+            return false;
+        };
+        c.send_request(id, msg.target, &reply, pkt.payload())
     }
 
     fn respond(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
@@ -549,6 +667,17 @@ impl Broker {
             return;
         };
         self.stats.req_answered += 1;
+        if p.requester == REMOTE {
+            // Taken from another node: the answer goes back to it, which sets the
+            // requester's ReqID.
+            let pkt = self.relay_packet(from, msg, &[b"rid", b"reqid"], None);
+            self.answer_remote(rid, b"R\n", pkt.payload());
+            self.copy_to_monitors(&pkt, &[], out);
+            if let Some(c) = self.cluster.as_mut() {
+                c.publish_monitor_copy(pkt.payload());
+            }
+            return;
+        }
         let pkt = self.relay_packet(
             from,
             msg,
@@ -558,6 +687,9 @@ impl Broker {
         out.send(p.requester, &pkt);
         self.stats.delivered_res += 1;
         self.copy_to_monitors(&pkt, &[p.requester], out);
+        if let Some(c) = self.cluster.as_mut() {
+            c.publish_monitor_copy(pkt.payload());
+        }
     }
 
     fn internal(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
@@ -576,9 +708,17 @@ impl Broker {
             .and_then(|c| self.cids.get(c).copied());
         let Some(session) = conn.and_then(|c| self.sessions.get_mut(c).and_then(Option::as_mut))
         else {
+            if let Some(c) = self.cluster.as_mut() {
+                if let Some(node) = c.node_of_cid(forcid) {
+                    if c.knows_node(node) {
+                        c.publish_uid(node, forcid, setuid);
+                        return;
+                    }
+                }
+            }
             return self.error(out, from, msg, reason::UNKNOWN_CID);
         };
-        *session = Session::new(session.role, &session.cid, setuid);
+        session.set_uid(setuid);
     }
 
     fn copy_to_monitors(&self, pkt: &Rc<Packet>, skip: &[ConnId], out: &mut impl Outbox) {
@@ -600,7 +740,7 @@ impl Broker {
         extra: Option<(&[u8], &[u8])>,
     ) -> Rc<Packet> {
         let session = self.sessions.get(from).and_then(Option::as_ref);
-        relay_packet(&mut self.pool, session, msg, drop, extra)
+        relay_packet(&mut self.pool, Origin::Local(session), msg, drop, extra)
     }
 
     fn error(&mut self, out: &mut impl Outbox, to: ConnId, msg: &Message<'_>, why: &'static str) {
@@ -624,19 +764,30 @@ impl Broker {
     }
 }
 
-/// Encode `msg` as relayed from `session`: the sender's headers in order, minus `cid`,
-/// `uid` and any name in `drop` (lower case; compared case-insensitively), then `extra`,
-/// then the server's `cid` and `uid`.
-fn relay_packet(
+/// How a relayed message gets its `cid` and `uid`.
+#[derive(Clone, Copy)]
+pub(crate) enum Origin<'a> {
+    /// From a local connection (`None`: not authenticated): the sender's own `cid`/`uid`
+    /// headers are dropped and the server's appended.
+    Local(Option<&'a Session>),
+    /// From another node, which set them already: kept as they are.
+    Remote,
+}
+
+/// Encode `msg` as relayed: the sender's headers in order, minus any name in `drop`
+/// (lower case; compared case-insensitively) and, from a local sender, minus `cid` and
+/// `uid`; then `extra`; then, from a local sender, the server's `cid` and `uid`.
+pub(crate) fn relay_packet(
     pool: &mut PacketPool,
-    session: Option<&Session>,
+    origin: Origin<'_>,
     msg: &Message<'_>,
     drop: &[&[u8]],
     extra: Option<(&[u8], &[u8])>,
 ) -> Rc<Packet> {
-    let (tail, tail_utf8): (&[u8], bool) = match session {
-        Some(s) => (&s.relay_tail, s.tail_utf8),
-        None => (b"cid: \r\nuid: \r\n", true),
+    let (tail, tail_utf8, local): (&[u8], bool, bool) = match origin {
+        Origin::Local(Some(s)) => (&s.relay_tail, s.tail_utf8, true),
+        Origin::Local(None) => (b"cid: \r\nuid: \r\n", true, true),
+        Origin::Remote => (b"", true, false),
     };
     // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
     // body with a little room for stuffing dots, terminator.
@@ -662,8 +813,8 @@ fn relay_packet(
         b.extend_from_slice(msg.target);
         b.extend_from_slice(b"\r\n");
         for (name, value) in msg.headers() {
-            let skip = name.eq_ignore_ascii_case(b"cid")
-                || name.eq_ignore_ascii_case(b"uid")
+            let skip = (local
+                && (name.eq_ignore_ascii_case(b"cid") || name.eq_ignore_ascii_case(b"uid")))
                 || drop.iter().any(|d| name.eq_ignore_ascii_case(d));
             if !skip {
                 push_header(b, name, value);

@@ -73,7 +73,9 @@ impl Topic {
 /// A request delivered to a responder and not yet ended (§6).
 #[derive(Debug, Clone)]
 pub struct Pending {
-    /// Who asked.
+    /// Its request id.
+    pub rid: u64,
+    /// Who asked (`cluster::node::REMOTE`: another node).
     pub requester: ConnId,
     /// Who was asked.
     pub responder: ConnId,
@@ -127,6 +129,15 @@ const KEEP_RIDS: usize = 16;
 enum Side {
     Asked,
     Answering,
+}
+
+/// What a connection holds, by name (see [`Router::held_by`]).
+#[derive(Debug, Default)]
+pub struct Held {
+    /// Topics it subscribes.
+    pub subs: Vec<Box<[u8]>>,
+    /// Enablements it made.
+    pub enabled: Vec<(Box<[u8]>, Enable)>,
 }
 
 /// Why a subscription was refused.
@@ -373,6 +384,7 @@ impl Router {
         self.pending.insert(
             rid,
             Pending {
+                rid,
                 requester,
                 responder,
                 topic: id,
@@ -484,6 +496,22 @@ impl Router {
         self.pending.first_key_value().map(|(_, p)| p.deadline)
     }
 
+    /// The names of the topics `conn` subscribes and the enablements it made (the
+    /// cluster compares them before and after the connection leaves).
+    pub fn held_by(&self, conn: ConnId) -> Held {
+        let mut held = Held::default();
+        if let Some(Some(e)) = self.conns.get(conn) {
+            let name = |id: &TopicId| self.topics.get(*id).map(|t| t.name.clone());
+            held.subs = e.subs.keys().filter_map(name).collect();
+            held.enabled = e
+                .enabled
+                .iter()
+                .filter_map(|(id, k)| name(id).map(|n| (n, *k)))
+                .collect();
+        }
+        held
+    }
+
     /// Remove a connection and everything it holds. Requests it was answering are
     /// returned, oldest first, with their target's name, taken before the target may be
     /// released (they must be failed with `responder disconnected`); requests it asked are
@@ -563,11 +591,20 @@ impl Router {
         }
         let at = |list: &[u64], i: u32| list.get(i as usize).copied();
         for (&rid, p) in &self.pending {
-            let (Some(Some(req)), Some(Some(resp))) =
-                (self.conns.get(p.requester), self.conns.get(p.responder))
-            else {
+            let remote = p.requester == usize::MAX; // asked by another node
+            let (Some(req), Some(Some(resp))) = (
+                if remote {
+                    Some(None)
+                } else {
+                    self.conns.get(p.requester).map(Option::as_ref)
+                },
+                self.conns.get(p.responder),
+            ) else {
                 return Err(format!("pending {rid} outlives a connection"));
             };
+            if !remote && req.is_none() {
+                return Err(format!("pending {rid} outlives its requester"));
+            }
             let ok = self
                 .topics
                 .get(p.topic)
@@ -575,7 +612,7 @@ impl Router {
             if !ok {
                 return Err(format!("pending {rid} responder not registered"));
             }
-            if at(&req.asked, p.asked_at) != Some(rid) {
+            if req.is_some_and(|req| at(&req.asked, p.asked_at) != Some(rid)) {
                 return Err(format!("pending {rid} not at its place in the asked index"));
             }
             if at(&resp.answering, p.answering_at) != Some(rid) {
@@ -608,7 +645,8 @@ impl Router {
             asked += e.asked.len();
             answering += e.answering.len();
         }
-        if asked != self.pending.len() || answering != self.pending.len() {
+        let remote = self.pending.values().filter(|p| p.requester == usize::MAX).count();
+        if asked + remote != self.pending.len() || answering != self.pending.len() {
             return Err(format!(
                 "{} pending, {asked} indexed as asked, {answering} as answering",
                 self.pending.len()

@@ -5,3 +5,5 @@
 
 pub mod proto;
 pub mod subject;
+pub mod bridge;
+pub mod node;
