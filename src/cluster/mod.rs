@@ -7,3 +7,4 @@ pub mod proto;
 pub mod subject;
 pub mod bridge;
 pub mod node;
+pub mod link;
