@@ -8,9 +8,9 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::cluster::node::{Cluster, OutReq, REMOTE};
 use crate::protocol::encode::{push_body, push_header};
 use crate::protocol::{Message, Packet, PacketPool};
-use crate::cluster::node::{Cluster, OutReq, REMOTE};
 use crate::router::{ConnId, Enable, Router, SubError};
 
 /// Where the broker puts what must be sent. The reactor queues the packet on the

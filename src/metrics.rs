@@ -9,6 +9,7 @@ use std::fmt::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::broker::{reason, Broker, Keys, COMMANDS};
+use crate::cluster::node::DROP_REASONS;
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -289,6 +290,17 @@ impl Metrics {
                 .map(|&(at, r)| (at, r.name()))
                 .collect(),
             history: self.history.iter().copied().collect(),
+            cluster: broker.cluster.as_ref().map(|c| ClusterSnap {
+                connected: c.connected,
+                nodes: c.nodes(Instant::now()),
+                messages_out: c.stats.messages_out,
+                messages_in: c.stats.messages_in,
+                dropped: DROP_REASONS.iter().copied().zip(c.stats.dropped).collect(),
+                reconnects: c.stats.reconnects,
+                pending_bytes: c.pending_bytes() as u64,
+                max_pending: c.settings().max_pending as u64,
+                forwarded_requests: c.out_request_count() as u64,
+            }),
         }
     }
 
@@ -394,6 +406,30 @@ pub struct Snapshot {
     pub recent_closes: Vec<(u64, &'static str)>,
     /// Per-second samples of the traffic totals, oldest first.
     pub history: Vec<Sample>,
+    /// The cluster, when the server is a node of one.
+    pub cluster: Option<ClusterSnap>,
+}
+
+/// The cluster's gauges and counters.
+#[derive(Debug, Clone)]
+pub struct ClusterSnap {
+    /// The backplane connection is up.
+    pub connected: bool,
+    /// The other nodes heard: id, has monitors, seconds since last heard.
+    pub nodes: Vec<(String, bool, f64)>,
+    /// Messages published to the backplane.
+    pub messages_out: u64,
+    /// Messages received from it.
+    pub messages_in: u64,
+    /// Messages for other nodes not sent, by reason.
+    pub dropped: Vec<(&'static str, u64)>,
+    /// Reconnections to nats-server.
+    pub reconnects: u64,
+    /// Bytes waiting for nats-server, and their bound.
+    pub pending_bytes: u64,
+    pub max_pending: u64,
+    /// Requests forwarded to other nodes and not yet ended.
+    pub forwarded_requests: u64,
 }
 
 /// Label value escaping of the text exposition format.
@@ -541,6 +577,56 @@ impl Snapshot {
             "Time the event loop spent handling events (not waiting in poll).",
             &[(String::new(), format!("{:.6}", self.busy.as_secs_f64()))],
         );
+        if let Some(c) = &self.cluster {
+            metric(
+                "middleman_cluster_connected",
+                "gauge",
+                "1 while the connection to the nats-server backplane is up.",
+                &one(u64::from(c.connected)),
+            );
+            metric(
+                "middleman_cluster_nodes",
+                "gauge",
+                "Other nodes of the cluster heard within the node timeout.",
+                &one(c.nodes.len() as u64),
+            );
+            metric(
+                "middleman_cluster_messages_out_total",
+                "counter",
+                "Messages published to the backplane.",
+                &one(c.messages_out),
+            );
+            metric(
+                "middleman_cluster_messages_in_total",
+                "counter",
+                "Messages received from the backplane.",
+                &one(c.messages_in),
+            );
+            metric(
+                "middleman_cluster_dropped_total",
+                "counter",
+                "Messages for other nodes not sent (at-most-once), by reason.",
+                &by("reason", &c.dropped),
+            );
+            metric(
+                "middleman_cluster_reconnects_total",
+                "counter",
+                "Reconnections to nats-server after the first connection.",
+                &one(c.reconnects),
+            );
+            metric(
+                "middleman_cluster_pending_bytes",
+                "gauge",
+                "Bytes waiting to be written to nats-server (bounded by --cluster-max-pending).",
+                &one(c.pending_bytes),
+            );
+            metric(
+                "middleman_cluster_forwarded_requests",
+                "gauge",
+                "Requests forwarded to other nodes and not yet ended.",
+                &one(c.forwarded_requests),
+            );
+        }
         s
     }
 
@@ -597,6 +683,19 @@ impl Snapshot {
                 .map(|(at, r)| json!({"at_ms": at, "reason": r}))
                 .collect::<Vec<_>>(),
             "rates": rates,
+            "cluster": self.cluster.as_ref().map(|c| json!({
+                "connected": c.connected,
+                "nodes": c.nodes.iter()
+                    .map(|(id, mon, ago)| json!({"id": id, "monitors": mon, "heard_seconds_ago": (ago * 10.0).round() / 10.0}))
+                    .collect::<Vec<_>>(),
+                "messages_out_total": c.messages_out,
+                "messages_in_total": c.messages_in,
+                "dropped_total": obj(&c.dropped),
+                "reconnects_total": c.reconnects,
+                "pending_bytes": c.pending_bytes,
+                "max_pending_bytes": c.max_pending,
+                "forwarded_requests": c.forwarded_requests,
+            })),
         })
     }
 }

@@ -645,7 +645,11 @@ impl Router {
             asked += e.asked.len();
             answering += e.answering.len();
         }
-        let remote = self.pending.values().filter(|p| p.requester == usize::MAX).count();
+        let remote = self
+            .pending
+            .values()
+            .filter(|p| p.requester == usize::MAX)
+            .count();
         if asked + remote != self.pending.len() || answering != self.pending.len() {
             return Err(format!(
                 "{} pending, {asked} indexed as asked, {answering} as answering",

@@ -265,9 +265,9 @@ impl Broker {
         let deadline = now + self.settings.request_timeout;
         let taken = self.with_remote_message(payload, |b, msg| {
             let (name, value) = msg.header("ReqID")?;
-            let (responder, rid) =
-                b.router
-                    .start_request(REMOTE, topic, name, value, deadline)?;
+            let (responder, rid) = b
+                .router
+                .start_request(REMOTE, topic, name, value, deadline)?;
             let mut digits = [0u8; 20];
             let rid_text = fmt_rid(rid, &mut digits);
             let pkt = relay_packet(

@@ -114,7 +114,10 @@ impl Link {
     fn resolve(url: &str) -> Option<SocketAddr> {
         let rest = url.strip_prefix("nats://").unwrap_or(url);
         let rest = rest.trim_end_matches('/');
-        let hostport = if rest.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        let hostport = if rest
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             rest.to_owned()
         } else {
             format!("{rest}:4222")
@@ -137,11 +140,9 @@ impl Link {
         match TcpStream::connect(addr) {
             Ok(mut s) => {
                 let _ = s.set_nodelay(true);
-                if let Err(e) = registry.register(
-                    &mut s,
-                    self.token,
-                    Interest::READABLE | Interest::WRITABLE,
-                ) {
+                if let Err(e) =
+                    registry.register(&mut s, self.token, Interest::READABLE | Interest::WRITABLE)
+                {
                     log::warn!("cluster: cannot register the connection to {url}: {e}");
                     return self.backoff(now);
                 }

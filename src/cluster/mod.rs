@@ -3,8 +3,8 @@
 //! ([`proto`]) and the mapping of middleman targets to NATS subject tokens ([`subject`]).
 //! The reactor drives them over its own sockets.
 
+pub mod bridge;
+pub mod link;
+pub mod node;
 pub mod proto;
 pub mod subject;
-pub mod bridge;
-pub mod node;
-pub mod link;

@@ -343,7 +343,13 @@ impl Cluster {
 
     /// Publish `payload` (after `head`, if any) on `subject` with an optional reply
     /// subject. Dropped and counted when disconnected, too large or over the bound.
-    fn publish(&mut self, subject: &[u8], reply: Option<&[u8]>, head: &[u8], payload: &[u8]) -> bool {
+    fn publish(
+        &mut self,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        head: &[u8],
+        payload: &[u8],
+    ) -> bool {
         if !self.connected {
             self.stats.dropped[DISCONNECTED] += 1;
             return false;
