@@ -1,7 +1,7 @@
 //! middleman: a low-latency publish/subscribe and request/response server over WebSocket.
 //!
 //! Layers, bottom up: [`protocol`] (the wire format, pure), [`router`] (routing tables,
-//! pure), [`broker`] (the meaning of each command, pure), [`conn`] and [`reactor`] (sockets,
+//! pure), [`broker`] (the meaning of each command, pure), [`conn`] and [`server`] (sockets,
 //! WebSocket framing and the event loop).
 
 pub mod args;
@@ -16,10 +16,10 @@ pub mod conn;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
-pub mod reactor;
 pub mod router;
+pub mod server;
 
 pub use config::Config;
-pub use reactor::{Running, Server, StopHandle};
+pub use server::{Running, Server, StopHandle};
 pub mod transport;
 pub mod web;

@@ -1,0 +1,102 @@
+//! Timers (handshake and idle timeouts, pings, closing deadlines) and the start of a
+//! graceful shutdown.
+
+use std::time::Instant;
+
+use log::info;
+use tungstenite::Message as WsMessage;
+
+use crate::conn::{Framing, Io};
+use crate::metrics::CloseReason;
+use crate::router::ConnId;
+
+use super::{Phase, Server};
+
+impl Server {
+    pub(super) fn housekeeping(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        let mut ping = Vec::new();
+        for (id, c) in self.conns.iter_mut() {
+            c.out.trim();
+            match c.phase {
+                Phase::Http | Phase::AwaitKey | Phase::RawKey => {
+                    if now.duration_since(c.created) >= self.cfg.handshake_timeout {
+                        expired.push((id, c.phase));
+                    }
+                }
+                // Raw streams have no ping; TCP keepalive and the peer's own
+                // timeouts look after them.
+                Phase::Open | Phase::Echo if c.framing == Framing::Raw => {}
+                Phase::Open | Phase::Echo => {
+                    if now.duration_since(c.last_rx) >= self.cfg.idle_timeout {
+                        expired.push((id, c.phase));
+                    } else if now.duration_since(c.last_rx) >= self.cfg.ping_interval
+                        && now.duration_since(c.last_ping) >= self.cfg.ping_interval
+                    {
+                        ping.push(id);
+                    }
+                }
+                Phase::Closing => {
+                    if c.close_deadline.is_some_and(|d| now >= d) {
+                        expired.push((id, c.phase));
+                    }
+                }
+            }
+        }
+        for (id, phase) in expired {
+            match phase {
+                Phase::Http => self.remove(id, CloseReason::Timeout),
+                Phase::AwaitKey | Phase::RawKey => {
+                    self.close_with(id, 1008, "handshake timeout", now, CloseReason::Timeout)
+                }
+                Phase::Open | Phase::Echo => {
+                    self.close_with(id, 1001, "idle timeout", now, CloseReason::Idle)
+                }
+                Phase::Closing => {
+                    let why = self.conns.get(id).map(|c| c.close_reason);
+                    self.remove(id, why.unwrap_or(CloseReason::Normal));
+                }
+            }
+        }
+        for id in ping {
+            if let Some(c) = self.conns.get_mut(id) {
+                c.last_ping = now;
+                if let Some(ws) = c.ws.as_mut() {
+                    let _ = ws.write(
+                        &mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes),
+                        WsMessage::Ping(Default::default()),
+                    );
+                }
+                self.mark_dirty(id);
+            }
+        }
+    }
+
+    pub(super) fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let deadline = now + self.cfg.shutdown_grace;
+        self.shutdown_deadline = Some(deadline);
+        for mut l in std::mem::take(&mut self.listeners) {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        info!(
+            "shutting down: closing {} connections (grace {:?})",
+            self.conns.len(),
+            self.cfg.shutdown_grace
+        );
+        let ids: Vec<(ConnId, Phase)> = self.conns.iter().map(|(id, c)| (id, c.phase)).collect();
+        for (id, phase) in ids {
+            match phase {
+                Phase::Http => self.remove(id, CloseReason::Shutdown),
+                Phase::Closing => {
+                    if let Some(c) = self.conns.get_mut(id) {
+                        c.close_deadline = c.close_deadline.map(|d| d.min(deadline));
+                    }
+                }
+                _ => self.close_with(id, 1001, "server shutting down", now, CloseReason::Shutdown),
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Outbound: the broker's outbox (queues on connections, the slow-consumer cap), and
+//! the writes of dirty connections.
+
+use std::rc::Rc;
+
+use slab::Slab;
+
+use crate::broker::Outbox;
+use crate::metrics::CloseReason;
+use crate::protocol::Packet;
+use crate::router::ConnId;
+
+use super::closing::{stop_queueing, Close};
+use super::{Conn, Phase, Server, HIGH_WATER};
+
+/// The outbox the broker writes into: queues packets on connections and notes the ones
+/// to write at the end of the pass.
+pub(super) struct Sink<'a> {
+    pub(super) conns: &'a mut Slab<Conn>,
+    pub(super) dirty: &'a mut Vec<ConnId>,
+    pub(super) closes: &'a mut Vec<Close>,
+    pub(super) max_out: usize,
+    pub(super) bytes_out: &'a mut u64,
+}
+
+impl Sink<'_> {
+    /// Write what the socket takes now. False if the connection failed (it is then
+    /// marked to be removed and takes nothing more).
+    fn write_now(&mut self, to: ConnId) -> bool {
+        let Some(c) = self.conns.get_mut(to) else {
+            return false;
+        };
+        match c.out.write_to(&mut c.link) {
+            Ok(n) => {
+                *self.bytes_out += n as u64;
+                true
+            }
+            Err(_) => {
+                stop_queueing(self.closes, to, c, 1006, "", CloseReason::PeerGone);
+                false
+            }
+        }
+    }
+}
+
+impl Outbox for Sink<'_> {
+    fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
+        let Some(c) = self.conns.get(to) else {
+            return;
+        };
+        if !c.accepts_data() {
+            return;
+        }
+        if c.out.len() + c.out.packet_len(pkt) > self.max_out {
+            // Over the cap: first let the socket take what it can. A peer is a slow
+            // consumer only if its queue stays over the cap with the socket full.
+            if !self.write_now(to) {
+                return;
+            }
+            let Some(c) = self.conns.get_mut(to) else {
+                return;
+            };
+            if c.out.len() + c.out.packet_len(pkt) > self.max_out {
+                // §7: never a gap in the middle; the stream stops here and the peer is
+                // closed.
+                let why = CloseReason::SlowConsumer;
+                stop_queueing(self.closes, to, c, 1008, "slow consumer", why);
+                return;
+            }
+        }
+        let Some(c) = self.conns.get_mut(to) else {
+            return;
+        };
+        c.out.push_packet(pkt);
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(to);
+        }
+        if c.out.len() >= HIGH_WATER {
+            self.write_now(to);
+        }
+    }
+}
+
+impl Server {
+    pub(super) fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(id) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    pub(super) fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &id in &dirty {
+            if let Some(c) = self.conns.get_mut(id) {
+                c.dirty = false;
+            }
+            self.flush_one(id);
+        }
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty; // keep the allocation
+        }
+    }
+
+    pub(super) fn flush_one(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if !c.out.is_empty() {
+            match c.out.write_to(&mut c.link) {
+                Ok(n) => self.metrics.bytes_out += n as u64,
+                Err(_) => {
+                    let why = match c.phase {
+                        Phase::Closing => c.close_reason,
+                        _ => CloseReason::PeerGone,
+                    };
+                    return self.remove(id, why);
+                }
+            }
+        }
+        if c.link.tls_pending() && c.link.flush_tls().is_err() {
+            let why = c.close_reason;
+            return self.remove(id, why);
+        }
+        if c.phase == Phase::Closing && c.out.is_empty() && !c.link.tls_pending() {
+            if c.peer_eof {
+                let why = c.close_reason;
+                return self.remove(id, why);
+            }
+            if !c.write_shut {
+                c.write_shut = true;
+                c.link.send_close_notify();
+                let _ = c.link.flush_tls();
+                let _ = c.link.shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+}
