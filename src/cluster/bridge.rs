@@ -416,10 +416,13 @@ mod tests {
 
     type Out = Vec<(ConnId, Rc<Packet>)>;
 
+    /// A subscription: subject and queue group.
+    type Subscription = (Vec<u8>, Option<Vec<u8>>);
+
     struct Bus {
         nodes: Vec<Broker>,
-        /// (node, sid) -> (subject, queue)
-        subs: HashMap<(usize, u64), (Vec<u8>, Option<Vec<u8>>)>,
+        /// (node, sid) -> subscription
+        subs: HashMap<(usize, u64), Subscription>,
         rr: usize,
     }
 
@@ -609,8 +612,8 @@ mod tests {
         let sub_c = 0;
         bus.nodes[2].connect(sub_c, Role::Service);
         // Heartbeats so nodes know each other.
-        for n in 0..3 {
-            bus.nodes[n].cluster_tick(Instant::now(), &mut outs[n]);
+        for (node, out) in bus.nodes.iter_mut().zip(outs.iter_mut()) {
+            node.cluster_tick(Instant::now(), out);
         }
         bus.run(&mut outs);
         // A client on B may not subscribe before A's service enables it.
