@@ -1,0 +1,5 @@
+//! Pieces for running several middleman nodes as one cluster over a NATS server used as
+//! the backplane. This part is pure and does no I/O: the mapping of middleman targets to
+//! NATS subject tokens ([`subject`]). The reactor drives it over its own sockets.
+
+pub mod subject;
