@@ -541,3 +541,59 @@ fn a_stalled_backplane_neither_slows_local_traffic_nor_grows_past_its_bound() {
     );
     drop(b);
 }
+
+#[test]
+#[ignore = "needs nats-server (Debian package nats-server): run .ci/install-tools.sh"]
+fn two_nodes_sharing_one_port_with_reuse_port_serve_as_one() {
+    use middleman::transport::Listen;
+    let nats = NatsServer::start();
+    let cc = cluster_config(&nats, "t9");
+    let first = {
+        let cc = cc.clone();
+        TestServer::with(move |c| {
+            c.reuse_port = true;
+            c.cluster = Some(cc);
+        })
+    };
+    let port = first.addr.port();
+    let second = TestServer::with(move |c| {
+        c.reuse_port = true;
+        c.listeners = vec![Listen::ws(SocketAddr::from(([127, 0, 0, 1], port)))];
+        c.cluster = Some(cc);
+    });
+    assert_eq!(second.addr, first.addr);
+    settled(&[first.addr, second.addr]);
+    // Without SO_REUSEPORT on the second, the port is refused.
+    let taken = std::panic::catch_unwind(|| {
+        TestServer::with(move |c| {
+            c.listeners = vec![Listen::ws(SocketAddr::from(([127, 0, 0, 1], port)))];
+        })
+    });
+    assert!(taken.is_err(), "a third listener without --reuse-port must fail to bind");
+    // 40 subscribers on the shared port land on both processes (Linux hashes each
+    // connection to one); one publisher reaches them all through the backplane.
+    let before: Vec<f64> = [first.addr, second.addr]
+        .iter()
+        .map(|&a| metric(a, "middleman_connections{role=\"service\"}"))
+        .collect();
+    let mut subs: Vec<Peer> = (0..40).map(|_| Peer::service(first.addr)).collect();
+    let after: Vec<f64> = [first.addr, second.addr]
+        .iter()
+        .map(|&a| metric(a, "middleman_connections{role=\"service\"}"))
+        .collect();
+    assert!(
+        after[0] > before[0] && after[1] > before[1],
+        "connections on both processes: {before:?} -> {after:?}"
+    );
+    for s in &mut subs {
+        s.send("SUB", "shared", &[], "");
+        s.sync();
+    }
+    let mut publisher = Peer::service(first.addr);
+    let mut refs: Vec<&mut Peer> = subs.iter_mut().collect();
+    await_routes(&mut publisher, &mut refs, "shared");
+    publisher.send("PUB", "shared", &[], "to all");
+    for s in &mut subs {
+        assert_eq!(s.recv().body, "to all");
+    }
+}
