@@ -12,8 +12,6 @@ use common::proc::Proc;
 use common::*;
 use middleman::config::ClusterConfig;
 
-const NEEDS: &str = "needs nats-server (Debian package nats-server): run .ci/install-tools.sh";
-
 fn cluster_config(nats: &NatsServer, name: &str) -> ClusterConfig {
     ClusterConfig {
         urls: vec![nats.url()],
@@ -174,7 +172,21 @@ fn published_messages_cross_nodes_in_order_without_duplicates() {
         ),
         0.0
     );
-    let _ = NEEDS;
+    // /stats (behind /console) lists the two other nodes, by the cids' prefix.
+    let stats = http_get(a.addr, "GET /stats HTTP/1.1\r\nHost: x\r\n\r\n");
+    let json: serde_json::Value =
+        serde_json::from_str(stats.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let mut ids: Vec<String> = json["cluster"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    let mut expect = vec![sub_b.cid[..6].to_owned(), sub_c.cid[..6].to_owned()];
+    expect.sort();
+    assert_eq!(ids, expect);
+    assert_eq!(json["cluster"]["connected"], true);
 }
 
 #[test]
@@ -569,7 +581,10 @@ fn two_nodes_sharing_one_port_with_reuse_port_serve_as_one() {
             c.listeners = vec![Listen::ws(SocketAddr::from(([127, 0, 0, 1], port)))];
         })
     });
-    assert!(taken.is_err(), "a third listener without --reuse-port must fail to bind");
+    assert!(
+        taken.is_err(),
+        "a third listener without --reuse-port must fail to bind"
+    );
     // 40 subscribers on the shared port land on both processes (Linux hashes each
     // connection to one); one publisher reaches them all through the backplane.
     let before: Vec<f64> = [first.addr, second.addr]
