@@ -690,3 +690,38 @@ fn a_request_forwarded_to_another_node_times_out_like_a_local_one() {
     responder.send("RES", "mute", &[("rid", &rid)], "too late");
     requester.sync();
 }
+
+#[test]
+#[ignore = "needs nats-server (Debian package nats-server): run .ci/install-tools.sh"]
+fn nodes_authenticate_to_nats_server_with_a_token_or_user_and_password() {
+    let nats = NatsServer::start_with_config(
+        "authorization {\n  users = [\n    { user: node, password: \"pw-1\" }\n  ]\n}\n",
+    );
+    let a = node_with(&nats, "t12", |c| {
+        c.user = Some("node".into());
+        c.password = Some("pw-1".into());
+    });
+    let b = node_with(&nats, "t12", |c| {
+        c.user = Some("node".into());
+        c.password = Some("pw-1".into());
+    });
+    settled(&[a.addr, b.addr]);
+    // Wrong credentials: the node keeps serving locally and never connects.
+    let c = node_with(&nats, "t12", |c| {
+        c.user = Some("node".into());
+        c.password = Some("wrong".into());
+    });
+    let mut s = Peer::service(c.addr);
+    s.sync();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        assert_eq!(metric(c.addr, "middleman_cluster_connected"), 0.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(metric(a.addr, "middleman_cluster_nodes"), 1.0);
+
+    let tok = NatsServer::start_with_config("authorization {\n  token: \"tk-2\"\n}\n");
+    let d = node_with(&tok, "t13", |c| c.token = Some("tk-2".into()));
+    let e = node_with(&tok, "t13", |c| c.token = Some("tk-2".into()));
+    settled(&[d.addr, e.addr]);
+}
