@@ -269,7 +269,7 @@ impl Broker {
                 .router
                 .start_request(REMOTE, topic, name, value, deadline)?;
             let mut digits = [0u8; 20];
-            let rid_text = fmt_rid(rid, &mut digits);
+            let rid_text = crate::broker::fmt_u64(rid, &mut digits);
             let pkt = relay_packet(
                 &mut b.pool,
                 Origin::Remote,
@@ -382,19 +382,6 @@ impl Broker {
             }
         }
     }
-}
-
-fn fmt_rid(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }
 
 #[cfg(test)]
