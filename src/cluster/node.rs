@@ -22,6 +22,7 @@
 //!   `P.pub.>`, by nodes that have monitors).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{proto, subject};
@@ -82,10 +83,11 @@ pub struct ClusterStats {
 /// What a subscription id stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sid {
-    /// `P.pub.<token(t)>`: deliver to the local subscribers of `t`.
-    Pub(Box<[u8]>),
+    /// `P.pub.<token(t)>`: deliver to the local subscribers of `t` (shared, so looking
+    /// a message's subscription up costs no allocation).
+    Pub(Rc<[u8]>),
     /// `P.req.<token(t)>`: take a request for `t`.
-    Req(Box<[u8]>),
+    Req(Rc<[u8]>),
     /// `P.inbox.<N>.>`.
     Inbox,
     /// `P.node.<N>`.
