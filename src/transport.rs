@@ -435,6 +435,23 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, St
     Ok(Arc::new(config))
 }
 
+/// Bind a TCP listener. With `reuse_port`, SO_REUSEPORT is set before the bind so that
+/// several processes can listen on the same address and port (Linux spreads new
+/// connections over them); every one of them must set it.
+pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<mio::net::TcpListener> {
+    if !reuse_port {
+        return mio::net::TcpListener::bind(addr);
+    }
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(mio::net::TcpListener::from_std(s.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,21 +516,4 @@ mod tests {
             assert!(e.contains("page"), "{bad}: {e}");
         }
     }
-}
-
-/// Bind a TCP listener. With `reuse_port`, SO_REUSEPORT is set before the bind so that
-/// several processes can listen on the same address and port (Linux spreads new
-/// connections over them); every one of them must set it.
-pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<mio::net::TcpListener> {
-    if !reuse_port {
-        return mio::net::TcpListener::bind(addr);
-    }
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(mio::net::TcpListener::from_std(s.into()))
 }

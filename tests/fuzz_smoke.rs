@@ -41,6 +41,8 @@ fn every_fuzz_target_survives_a_smoke_run() {
         "handshake",
         "broker_ops",
         "read_turn",
+        "nats_proto",
+        "subject_roundtrip",
     ] {
         assert!(
             stdout.contains(target),

@@ -400,3 +400,291 @@ fn fmt_rid(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
     &buf[i..]
 }
+
+#[cfg(test)]
+mod tests {
+    //! Brokers joined through an in-process stand-in for nats-server: SUB/UNSUB/PUB parsed
+    //! from each node's output, MSG delivered to the nodes whose subscriptions match
+    //! (`>` wildcards, one member per queue group, never back to the publisher), and the
+    //! no-responders status for a request nobody subscribes.
+
+    use super::*;
+    use crate::broker::{Role, Settings};
+    use crate::protocol::{Decoded, Decoder, Limits};
+    use crate::router::ConnId;
+    use std::collections::HashMap;
+
+    type Out = Vec<(ConnId, Rc<Packet>)>;
+
+    /// A subscription: subject and queue group.
+    type Subscription = (Vec<u8>, Option<Vec<u8>>);
+
+    struct Bus {
+        nodes: Vec<Broker>,
+        /// (node, sid) -> subscription
+        subs: HashMap<(usize, u64), Subscription>,
+        rr: usize,
+    }
+
+    fn matches(pattern: &[u8], subject: &[u8]) -> bool {
+        let p: Vec<&[u8]> = pattern.split(|&b| b == b'.').collect();
+        let s: Vec<&[u8]> = subject.split(|&b| b == b'.').collect();
+        for (i, tok) in p.iter().enumerate() {
+            if *tok == b">" {
+                return s.len() > i;
+            }
+            if i >= s.len() || (*tok != b"*" && *tok != s[i]) {
+                return false;
+            }
+        }
+        p.len() == s.len()
+    }
+
+    impl Bus {
+        fn new(n: usize) -> Bus {
+            let now = Instant::now();
+            let mut nodes = Vec::new();
+            for i in 0..n {
+                let id = format!("node0{i}");
+                let mut b = Broker::new(Settings::default(), &id);
+                b.join_cluster(&id, ClusterSettings::default());
+                b.cluster_connected(now, 1 << 20);
+                nodes.push(b);
+            }
+            let mut bus = Bus {
+                nodes,
+                subs: HashMap::new(),
+                rr: 0,
+            };
+            bus.run(&mut vec![Out::new(); n]);
+            bus
+        }
+
+        /// Move every node's output through the bus until nothing moves.
+        fn run(&mut self, outs: &mut [Out]) {
+            let now = Instant::now();
+            for _ in 0..100 {
+                let mut moved = false;
+                for from in 0..self.nodes.len() {
+                    let c = self.nodes[from].cluster.as_mut().unwrap();
+                    let bytes = std::mem::take(&mut c.out);
+                    c.out_sent = 0;
+                    moved |= !bytes.is_empty();
+                    self.ops(from, &bytes, now, outs);
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("the bus did not settle");
+        }
+
+        fn ops(&mut self, from: usize, mut b: &[u8], now: Instant, outs: &mut [Out]) {
+            while !b.is_empty() {
+                let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
+                let line = std::str::from_utf8(&b[..eol]).unwrap().to_owned();
+                b = &b[eol + 2..];
+                let w: Vec<&str> = line.split(' ').collect();
+                match w[0] {
+                    "SUB" => {
+                        let (subject, queue, sid) = match w.len() {
+                            3 => (w[1], None, w[2]),
+                            _ => (w[1], Some(w[2].as_bytes().to_vec()), w[3]),
+                        };
+                        self.subs.insert(
+                            (from, sid.parse().unwrap()),
+                            (subject.as_bytes().to_vec(), queue),
+                        );
+                    }
+                    "UNSUB" => {
+                        self.subs.remove(&(from, w[1].parse().unwrap()));
+                    }
+                    "PUB" => {
+                        let (subject, reply, len) = match w.len() {
+                            3 => (w[1], None, w[2]),
+                            _ => (w[1], Some(w[2]), w[3]),
+                        };
+                        let len: usize = len.parse().unwrap();
+                        let payload = b[..len].to_vec();
+                        b = &b[len + 2..];
+                        self.deliver(from, subject.as_bytes(), reply, &payload, now, outs);
+                    }
+                    "CONNECT" | "PING" | "PONG" => {}
+                    other => panic!("unexpected op {other}"),
+                }
+            }
+        }
+
+        fn deliver(
+            &mut self,
+            from: usize,
+            subject: &[u8],
+            reply: Option<&str>,
+            payload: &[u8],
+            now: Instant,
+            outs: &mut [Out],
+        ) {
+            let mut targets: Vec<(usize, u64)> = Vec::new();
+            let mut groups: HashMap<Vec<u8>, Vec<(usize, u64)>> = HashMap::new();
+            let mut keys: Vec<_> = self.subs.keys().copied().collect();
+            keys.sort_unstable();
+            for k in keys {
+                let (pat, q) = &self.subs[&k];
+                if k.0 == from || !matches(pat, subject) {
+                    continue; // echo off
+                }
+                match q {
+                    Some(q) => groups.entry(q.clone()).or_default().push(k),
+                    None => targets.push(k),
+                }
+            }
+            for (_, members) in groups {
+                self.rr += 1;
+                targets.push(members[self.rr % members.len()]);
+            }
+            if targets.is_empty() {
+                if let Some(reply) = reply {
+                    // no responders: status 503 to the reply subject's owner
+                    let owner = self
+                        .subs
+                        .iter()
+                        .find(|(_, (p, _))| matches(p, reply.as_bytes()))
+                        .map(|(k, _)| *k);
+                    if let Some((node, sid)) = owner {
+                        let hdr = b"NATS/1.0 503\r\n\r\n";
+                        let sid = sid.to_string();
+                        let m = proto::Msg {
+                            subject: reply.as_bytes(),
+                            sid: sid.as_bytes(),
+                            reply: None,
+                            headers: Some(proto::Headers::parse(hdr)),
+                            payload: b"",
+                        };
+                        self.nodes[node].on_backplane(&m, now, &mut outs[node]);
+                    }
+                }
+                return;
+            }
+            for (node, sid) in targets {
+                let sid = sid.to_string();
+                let m = proto::Msg {
+                    subject,
+                    sid: sid.as_bytes(),
+                    reply: reply.map(str::as_bytes),
+                    headers: None,
+                    payload,
+                };
+                self.nodes[node].on_backplane(&m, now, &mut outs[node]);
+            }
+        }
+
+        fn apply(&mut self, node: usize, conn: ConnId, wire: &str, outs: &mut [Out]) {
+            let mut d = Decoder::new(Limits::default());
+            d.feed(wire.as_bytes());
+            let Ok(Some(Decoded::Message(m))) = d.next() else {
+                panic!("bad test message {wire:?}");
+            };
+            self.nodes[node].apply(conn, &m, Instant::now(), &mut outs[node]);
+            self.run(outs);
+        }
+    }
+
+    fn text(p: &Packet) -> String {
+        String::from_utf8_lossy(p.payload()).into_owned()
+    }
+
+    fn take(out: &mut Out, conn: ConnId) -> Vec<String> {
+        let (mine, rest): (Out, Out) = std::mem::take(out)
+            .into_iter()
+            .partition(|(c, _)| *c == conn);
+        *out = rest;
+        mine.iter().map(|(_, p)| text(p)).collect()
+    }
+
+    #[test]
+    fn pub_sub_enablements_requests_and_private_messages_cross_nodes() {
+        let mut bus = Bus::new(3);
+        let mut outs = vec![Out::new(); 3];
+        let svc_a = 0;
+        let cid_a = bus.nodes[0].connect(svc_a, Role::Service);
+        let cli_b = 0;
+        let cid_b = bus.nodes[1].connect(cli_b, Role::Client);
+        let sub_c = 0;
+        bus.nodes[2].connect(sub_c, Role::Service);
+        // Heartbeats so nodes know each other.
+        for (node, out) in bus.nodes.iter_mut().zip(outs.iter_mut()) {
+            node.cluster_tick(Instant::now(), out);
+        }
+        bus.run(&mut outs);
+        // A client on B may not subscribe before A's service enables it.
+        bus.apply(1, cli_b, "SUB news\r\n\r\n.\r\n", &mut outs);
+        assert!(take(&mut outs[1], cli_b)[0].contains("not permitted"));
+        bus.apply(0, svc_a, "ESUB news\r\n\r\n.\r\n", &mut outs);
+        bus.apply(0, svc_a, "EREQ ask\r\n\r\n.\r\n", &mut outs);
+        bus.apply(1, cli_b, "SUB news\r\n\r\n.\r\n", &mut outs);
+        assert!(take(&mut outs[1], cli_b).is_empty(), "accepted");
+        bus.apply(2, sub_c, "SUB news\r\n\r\n.\r\n", &mut outs);
+        // PUB on A reaches B and C once each, with A's cid.
+        bus.apply(0, svc_a, "PUB news\r\n\r\nhello\r\n.\r\n", &mut outs);
+        for (n, c) in [(1, cli_b), (2, sub_c)] {
+            let got = take(&mut outs[n], c);
+            assert_eq!(got.len(), 1, "node {n}: {got:?}");
+            assert!(got[0].contains(&format!("cid: {cid_a}")) && got[0].contains("hello"));
+        }
+        // REQ from the client on B is forwarded to A's responder; the RES comes back.
+        bus.apply(
+            1,
+            cli_b,
+            "REQ ask\r\nReqID: q1\r\n\r\nwhat\r\n.\r\n",
+            &mut outs,
+        );
+        let req = take(&mut outs[0], svc_a);
+        assert_eq!(req.len(), 1, "{req:?}");
+        let rid = req[0]
+            .lines()
+            .find_map(|l| l.strip_prefix("rid: "))
+            .unwrap()
+            .to_owned();
+        assert!(req[0].contains(&format!("cid: {cid_b}")));
+        bus.apply(
+            0,
+            svc_a,
+            &format!("RES ask\r\nrid: {rid}\r\n\r\nthat\r\n.\r\n"),
+            &mut outs,
+        );
+        let res = take(&mut outs[1], cli_b);
+        assert_eq!(res.len(), 1, "{res:?}");
+        assert!(res[0].starts_with("RES ask\r\n") && res[0].contains("ReqID: q1\r\n"));
+        assert!(!res[0].contains("rid:") && res[0].contains(&format!("cid: {cid_a}")));
+        // No responder anywhere: at once.
+        bus.apply(1, cli_b, "REQ none\r\nReqID: q2\r\n\r\n.\r\n", &mut outs);
+        assert!(take(&mut outs[1], cli_b)[0].contains("no responder"));
+        // MSG:<cid> of a client on B, from A.
+        bus.apply(
+            0,
+            svc_a,
+            &format!("PUB MSG:{cid_b}\r\n\r\npsst\r\n.\r\n"),
+            &mut outs,
+        );
+        let got = take(&mut outs[1], cli_b);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("psst"));
+        // The responder leaves mid-request: the requester on B hears it.
+        bus.apply(1, cli_b, "REQ ask\r\nReqID: q3\r\n\r\n.\r\n", &mut outs);
+        assert_eq!(take(&mut outs[0], svc_a).len(), 1);
+        bus.nodes[0].disconnect(svc_a, &mut outs[0]);
+        bus.run(&mut outs);
+        let e = take(&mut outs[1], cli_b);
+        assert!(
+            e[0].contains("responder disconnected") && e[0].contains("ReqID: q3"),
+            "{e:?}"
+        );
+        // And its enablements lapsed on B.
+        bus.apply(1, cli_b, "UNS news\r\n\r\n.\r\n", &mut outs);
+        bus.apply(1, cli_b, "SUB news\r\n\r\n.\r\n", &mut outs);
+        assert!(take(&mut outs[1], cli_b)[0].contains("not permitted"));
+        for b in &bus.nodes {
+            b.router().check_invariants().unwrap();
+        }
+    }
+}

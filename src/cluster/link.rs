@@ -53,7 +53,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// The connection to nats-server. See the module documentation.
-pub struct Link {
+pub struct NatsLink {
     settings: LinkSettings,
     token: Token,
     next_url: usize,
@@ -77,10 +77,10 @@ pub struct Link {
     last_too_large_log: Option<Instant>,
 }
 
-impl Link {
+impl NatsLink {
     /// A link that will connect at the first tick.
-    pub fn new(settings: LinkSettings, token: Token, now: Instant) -> Link {
-        Link {
+    pub fn new(settings: LinkSettings, token: Token, now: Instant) -> NatsLink {
+        NatsLink {
             settings,
             token,
             next_url: 0,

@@ -1,7 +1,9 @@
-//! Pieces for running several middleman nodes as one cluster over a NATS server used as
-//! the backplane. This part is pure and does no I/O: the NATS client protocol codec
-//! ([`proto`]) and the mapping of middleman targets to NATS subject tokens ([`subject`]).
-//! The reactor drives them over its own sockets.
+//! Several middleman nodes as one cluster over a nats-server used as the backplane.
+//!
+//! Pure, no I/O: the NATS client protocol codec ([`proto`]), the mapping of middleman
+//! targets to NATS subject tokens ([`subject`]), the node's view of the cluster
+//! ([`node`]) and the broker's side of it ([`bridge`]). [`link`] is the one connection
+//! to nats-server, driven by the server's event loop.
 
 pub mod bridge;
 pub mod link;

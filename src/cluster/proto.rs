@@ -252,11 +252,13 @@ impl<'a> Headers<'a> {
         let version_line = &body[..first_end];
         let fields = &body[first_end + 2..];
         let rest = version_line.strip_prefix(NATS_10)?;
+        if !rest.is_empty() && !rest.starts_with(b" ") {
+            return None; // NATS/1.0x
+        }
+        let rest = trim(rest);
         let (status, description) = if rest.is_empty() {
             (None, rest)
         } else {
-            let rest = rest.strip_prefix(b" ")?;
-            let rest = trim(rest);
             let code = rest.get(..3)?;
             if !code.iter().all(u8::is_ascii_digit) {
                 return None;
@@ -1323,6 +1325,8 @@ mod tests {
         );
         let h = Headers::parse(b"NATS/1.0  503  \r\n\r\n");
         assert_eq!((h.is_valid(), h.status()), (true, Some(503)));
+        let h = Headers::parse(b"NATS/1.0 \r\nA: 1\r\n\r\n");
+        assert_eq!((h.is_valid(), h.status(), h.len()), (true, None, 1));
         for bad in [
             &b""[..],
             b"\r\n\r\n",

@@ -344,4 +344,5 @@ pub fn set_linger_reset(s: &TcpStream) {
     assert_eq!(rc, 0, "setsockopt SO_LINGER");
 }
 
+pub mod nats;
 pub mod proc;
