@@ -169,6 +169,8 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             echo: self.echo,
             handle_signals: true,
+            cluster: None,
+            reuse_port: false,
         }
     }
 }

@@ -584,7 +584,7 @@ impl Broker {
             self.router
                 .start_request(from, msg.target, reqid_name, reqid_value, deadline)
         else {
-            if self.forward_request(from, msg, reqid_name, reqid_value, deadline) {
+            if self.forward_request(from, msg, reqid_name, reqid_value, deadline, out) {
                 return;
             }
             self.stats.req_no_responder += 1;
@@ -610,6 +610,7 @@ impl Broker {
         reqid_name: &[u8],
         reqid_value: &[u8],
         deadline: Instant,
+        out: &mut impl Outbox,
     ) -> bool {
         let Some(cid) = self.cid(from).map(Box::<str>::from) else {
             return false;
@@ -643,7 +644,14 @@ impl Broker {
         let Some(c) = self.cluster.as_mut() else {
             return false;
         };
-        c.send_request(id, msg.target, &reply, pkt.payload())
+        if !c.send_request(id, msg.target, &reply, pkt.payload()) {
+            return false;
+        }
+        // Monitors here and on other nodes see it once, from this node (the node that
+        // takes it does not copy it again).
+        c.publish_monitor_copy(pkt.payload());
+        self.copy_to_monitors(&pkt, &[], out);
+        true
     }
 
     fn respond(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {

@@ -59,6 +59,153 @@ pub struct Config {
     pub echo: bool,
     /// Handle SIGINT/SIGTERM (the binary does; in-process test servers do not).
     pub handle_signals: bool,
+    /// Joining a cluster through nats-server: None unless at least one URL is given.
+    pub cluster: Option<ClusterConfig>,
+    /// Listen with SO_REUSEPORT, so several middleman processes can share a port
+    /// (Linux spreads new connections over them).
+    pub reuse_port: bool,
+}
+
+/// Joining a cluster through nats-server (`--cluster`).
+///
+/// Its `Debug` shows whether a password or token is set, never their values.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// nats-server addresses as `nats://HOST:PORT` (port defaults to 4222), tried in turn.
+    pub urls: Vec<String>,
+    /// Subject prefix shared by the nodes of one cluster (one NATS token: [A-Za-z0-9_-]+), default "mm".
+    pub name: String,
+    /// Credentials for nats-server, if it requires them.
+    pub user: Option<String>,
+    /// Password for `user`.
+    pub password: Option<String>,
+    /// Token for nats-server (read from token_file when loading the configuration).
+    pub token: Option<String>,
+    /// Bytes waiting for nats-server beyond which messages for other nodes are dropped (default 64 MiB).
+    pub max_pending: usize,
+    /// A node unheard for this long is gone (default 3 s).
+    pub node_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    /// The defaults, with no nats-server URL.
+    fn default() -> Self {
+        ClusterConfig {
+            urls: Vec::new(),
+            name: "mm".into(),
+            user: None,
+            password: None,
+            token: None,
+            max_pending: 64 << 20,
+            node_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |s: &Option<String>| s.as_ref().map(|_| "(redacted)");
+        f.debug_struct("ClusterConfig")
+            .field("urls", &self.urls)
+            .field("name", &self.name)
+            .field("user", &self.user)
+            .field("password", &redacted(&self.password))
+            .field("token", &redacted(&self.token))
+            .field("max_pending", &self.max_pending)
+            .field("node_timeout", &self.node_timeout)
+            .finish()
+    }
+}
+
+/// A secret (a password, a token) on its way into the configuration: its `Debug` never
+/// shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
+/// Default port of nats-server.
+pub const NATS_DEFAULT_PORT: u16 = 4222;
+
+/// Check a nats-server URL, `nats://HOST:PORT` or `nats://HOST` (port 4222), and give
+/// its host (an IPv6 address without its brackets) and port. No other scheme, no
+/// credentials (they go in `user`/`password`), no path.
+pub fn parse_nats_url(url: &str) -> Result<(String, u16), String> {
+    let expected = "expected nats://HOST:PORT or nats://HOST";
+    if url.contains('@') {
+        // Not echoed: it would print the password.
+        return Err(
+            "a nats URL holding credentials (user:password@): give them as the cluster user \
+             and password (or token file) instead"
+                .to_owned(),
+        );
+    }
+    let Some(rest) = url.strip_prefix("nats://") else {
+        return Err(match url.split_once("://") {
+            Some((scheme, _)) => format!(
+                "unsupported scheme {scheme:?} in {url:?} ({expected}; nats:// is the only one)"
+            ),
+            None => format!("{url:?} has no scheme ({expected})"),
+        });
+    };
+    if rest.contains(['/', '?', '#']) {
+        return Err(format!("{url:?} has a path or query ({expected})"));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (addr, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("unclosed [ in {url:?}"))?;
+        addr.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("{addr:?} is not an IPv6 address in {url:?}"))?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| format!("{url:?}: expected :PORT after ]"))?,
+            ),
+        };
+        (addr, port)
+    } else {
+        let (host, port) = match rest.split_once(':') {
+            Some((_, p)) if p.contains(':') => {
+                return Err(format!(
+                    "{url:?}: put an IPv6 address in brackets, e.g. nats://[::1]:4222"
+                ));
+            }
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?} names no host ({expected})"));
+        }
+        if !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
+            return Err(format!("{host:?} is not a host name in {url:?}"));
+        }
+        (host, port)
+    };
+    let port = match port {
+        None => NATS_DEFAULT_PORT,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("port {p:?} in {url:?} is not within 1-65535")),
+        },
+    };
+    Ok((host.to_owned(), port))
+}
+
+/// Whether `name` can be a cluster name: 1 to 32 of `A-Z a-z 0-9 _ -` (one NATS token).
+pub fn is_cluster_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Config {
@@ -98,6 +245,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             echo: false,
             handle_signals: false,
+            cluster: None,
+            reuse_port: false,
         }
     }
 }
@@ -160,6 +309,74 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("2 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn nats_urls() {
+        let ok = |u: &str| parse_nats_url(u).unwrap();
+        assert_eq!(ok("nats://127.0.0.1:4222"), ("127.0.0.1".into(), 4222));
+        assert_eq!(ok("nats://nats.internal"), ("nats.internal".into(), 4222));
+        assert_eq!(ok("nats://[::1]:5000"), ("::1".into(), 5000));
+        assert_eq!(ok("nats://[::1]"), ("::1".into(), 4222));
+        for bad in [
+            "tls://127.0.0.1:4222",
+            "127.0.0.1:4222",
+            "nats://",
+            "nats://:4222",
+            "nats://h:0",
+            "nats://h:65536",
+            "nats://h:",
+            "nats://h:x",
+            "nats://h:4222/",
+            "nats://h/path",
+            "nats://u:p@h:4222",
+            "nats://::1:4222",
+            "nats://[nothost]:1",
+            "nats://[::1]x",
+            "nats://bad host",
+        ] {
+            assert!(parse_nats_url(bad).is_err(), "{bad}");
+        }
+        let e = parse_nats_url("nats://u:secret@h").unwrap_err();
+        assert!(
+            e.contains("user and password") && !e.contains("secret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cluster_names() {
+        assert!(is_cluster_name("mm"));
+        assert!(is_cluster_name("prod_eu-1"));
+        assert!(is_cluster_name(&"a".repeat(32)));
+        assert!(!is_cluster_name(&"a".repeat(33)));
+        assert!(!is_cluster_name(""));
+        assert!(!is_cluster_name("a.b"));
+        assert!(!is_cluster_name("a b"));
+        assert!(!is_cluster_name("a*"));
+    }
+
+    #[test]
+    fn cluster_debug_redacts_secrets() {
+        let c = ClusterConfig {
+            urls: vec!["nats://127.0.0.1".into()],
+            user: Some("u".into()),
+            password: Some("pw-3f9e".into()),
+            token: Some("tok-8a1c".into()),
+            ..ClusterConfig::default()
+        };
+        let d = format!(
+            "{c:?} {:?}",
+            Config {
+                cluster: Some(c.clone()),
+                ..Config::default()
+            }
+        );
+        assert!(!d.contains("pw-3f9e") && !d.contains("tok-8a1c"), "{d}");
+        assert!(
+            d.contains("(redacted)") && d.contains("nats://127.0.0.1"),
+            "{d}"
+        );
     }
 
     #[test]

@@ -279,11 +279,7 @@ impl Broker {
             );
             out.send(responder, &pkt);
             b.stats.delivered_req += 1;
-            for &m in &b.monitors {
-                if m != responder {
-                    out.send(m, &pkt);
-                }
-            }
+            // Monitors got their copy from the requester's node.
             Some(rid)
         });
         let Some(c) = self.cluster.as_mut() else {
@@ -611,6 +607,8 @@ mod tests {
         let cid_b = bus.nodes[1].connect(cli_b, Role::Client);
         let sub_c = 0;
         bus.nodes[2].connect(sub_c, Role::Service);
+        let mon_c = 1;
+        bus.nodes[2].connect(mon_c, Role::Monitor);
         // Heartbeats so nodes know each other.
         for (node, out) in bus.nodes.iter_mut().zip(outs.iter_mut()) {
             node.cluster_tick(Instant::now(), out);
@@ -656,6 +654,14 @@ mod tests {
         assert_eq!(res.len(), 1, "{res:?}");
         assert!(res[0].starts_with("RES ask\r\n") && res[0].contains("ReqID: q1\r\n"));
         assert!(!res[0].contains("rid:") && res[0].contains(&format!("cid: {cid_a}")));
+        // The monitor on C saw the PUB, the REQ and the RES, once each.
+        let seen = take(&mut outs[2], mon_c);
+        let count = |p: &str| seen.iter().filter(|m| m.starts_with(p)).count();
+        assert_eq!(
+            (count("PUB news"), count("REQ ask"), count("RES ask")),
+            (1, 1, 1),
+            "{seen:?}"
+        );
         // No responder anywhere: at once.
         bus.apply(1, cli_b, "REQ none\r\nReqID: q2\r\n\r\n.\r\n", &mut outs);
         assert!(take(&mut outs[1], cli_b)[0].contains("no responder"));

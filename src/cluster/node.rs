@@ -491,7 +491,8 @@ impl Cluster {
         }
     }
 
-    /// The node has local monitors (`on`) or no more.
+    /// The node has local monitors (`on`) or no more. The others are told at once (a
+    /// heartbeat out of turn), so the copies they send start without waiting a period.
     pub fn monitors(&mut self, on: bool) {
         match (on, self.mon_sids) {
             (true, None) => {
@@ -500,6 +501,7 @@ impl Cluster {
                 self.mon_sids = Some((a, b));
                 self.write_sub(a);
                 self.write_sub(b);
+                self.send_heartbeat(true);
             }
             (false, Some((a, b))) => {
                 self.mon_sids = None;
@@ -507,6 +509,7 @@ impl Cluster {
                     self.sids.remove(&s);
                     self.write_unsub(s);
                 }
+                self.send_heartbeat(false);
             }
             _ => {}
         }
@@ -587,8 +590,8 @@ impl Cluster {
         let hello = format!("J {}", self.node).into_bytes();
         self.publish(&s, None, &hello, b"");
         self.done_subject(s);
-        self.last_heartbeat = None;
-        self.heartbeat(now, false);
+        self.last_heartbeat = Some(now);
+        self.send_heartbeat(self.mon_sids.is_some());
     }
 
     /// The backplane connection is gone: what waits for it is dropped (counted).
@@ -607,6 +610,10 @@ impl Cluster {
             return;
         }
         self.last_heartbeat = Some(now);
+        self.send_heartbeat(local_monitors);
+    }
+
+    fn send_heartbeat(&mut self, local_monitors: bool) {
         let s = self.subject(&[b"ctl"], None);
         let hb = format!(
             "H {} {} {}",

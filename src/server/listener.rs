@@ -21,10 +21,10 @@ enum ListenSock {
 }
 
 impl Listener {
-    pub(super) fn bind(spec: &Listen) -> io::Result<Listener> {
+    pub(super) fn bind(spec: &Listen, reuse_port: bool) -> io::Result<Listener> {
         let (sock, endpoint) = match &spec.endpoint {
             Endpoint::Tcp(addr) => {
-                let l = TcpListener::bind(*addr)?;
+                let l = crate::transport::bind_tcp(*addr, reuse_port)?;
                 let local = l.local_addr()?;
                 (ListenSock::Tcp(l), Endpoint::Tcp(local))
             }

@@ -15,6 +15,7 @@
 //! constants, the connection state, and the loop with its token dispatch.
 
 mod accept;
+mod backplane;
 mod closing;
 mod housekeeping;
 mod http;
@@ -38,6 +39,8 @@ use slab::Slab;
 use tungstenite::protocol::{WebSocketConfig, WebSocketContext};
 
 use crate::broker::{random_cid_prefix, Broker, Settings};
+use crate::cluster::link::{LinkSettings, NatsLink};
+use crate::cluster::node::ClusterSettings;
 use crate::config::Config;
 use crate::conn::{Budget, FrameScan, Framing, OutQueue};
 use crate::metrics::{CloseReason, Metrics};
@@ -55,6 +58,7 @@ const LISTENER_BASE: usize = usize::MAX - 16;
 const MAX_LISTENERS: usize = 1024;
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+const BACKPLANE: Token = Token(usize::MAX - 4);
 
 /// Queued bytes past which a connection is written at once, within the pass, so a burst
 /// read from others never trips the slow-consumer cap of a peer that reads as it comes.
@@ -161,6 +165,8 @@ pub struct Server {
     accept_paused_until: Option<Instant>,
     next_tick: Instant,
     metrics: Metrics,
+    /// The connection to nats-server, when the server is a cluster node.
+    link: Option<NatsLink>,
 }
 
 impl Server {
@@ -190,7 +196,7 @@ impl Server {
         };
         let mut listeners = Vec::new();
         for (i, spec) in cfg.listeners.iter().enumerate() {
-            let mut l = Listener::bind(spec)?;
+            let mut l = Listener::bind(spec, cfg.reuse_port)?;
             poll.registry()
                 .register(&mut l, Token(LISTENER_BASE - i), Interest::READABLE)?;
             listeners.push(l);
@@ -232,15 +238,44 @@ impl Server {
             // Autobahn sends messages of up to 65,536 fragments.
             cfg.max_fragments = cfg.max_fragments.max(1 << 20);
         }
-        let broker = Broker::new(
+        let node_id = random_cid_prefix();
+        let mut broker = Broker::new(
             Settings {
                 max_subscriptions: cfg.max_subscriptions,
                 request_timeout: cfg.request_timeout,
                 max_pending_requests: cfg.max_pending_requests,
                 max_reqid_bytes: cfg.max_reqid_bytes,
             },
-            &random_cid_prefix(),
+            &node_id,
         );
+        let link = cfg.cluster.as_ref().map(|cc| {
+            broker.join_cluster(
+                &node_id,
+                ClusterSettings {
+                    name: cc.name.clone(),
+                    max_pending: cc.max_pending,
+                    node_timeout: cc.node_timeout,
+                    ..ClusterSettings::default()
+                },
+            );
+            info!(
+                "cluster {:?}: this is node {node_id}, joining through {}",
+                cc.name,
+                cc.urls.join(", ")
+            );
+            NatsLink::new(
+                LinkSettings {
+                    urls: cc.urls.clone(),
+                    user: cc.user.clone(),
+                    password: cc.password.clone(),
+                    token: cc.token.clone(),
+                    read_per_turn: cfg.max_read_per_turn.saturating_mul(4),
+                    messages_per_turn: cfg.max_messages_per_turn.saturating_mul(4),
+                },
+                BACKPLANE,
+                Instant::now(),
+            )
+        });
         Ok(Server {
             poll,
             listeners,
@@ -261,6 +296,7 @@ impl Server {
             accept_paused_until: None,
             next_tick: Instant::now() + TICK,
             metrics: Metrics::default(),
+            link,
             cfg,
         })
     }
@@ -311,6 +347,7 @@ impl Server {
                             self.begin_shutdown(now);
                         }
                     }
+                    BACKPLANE => self.backplane_event(now),
                     SIGNALS => {
                         let got = self
                             .signals
@@ -344,6 +381,7 @@ impl Server {
                 again.clear();
                 self.again = again; // keep the allocation
             }
+            self.backplane_again(now);
             if let Some(t) = self.accept_paused_until {
                 if now >= t {
                     self.accept_paused_until = None;
@@ -359,8 +397,10 @@ impl Server {
             if now >= self.next_tick {
                 self.next_tick = now + TICK;
                 self.housekeeping(now);
+                self.backplane_tick(now);
             }
             self.process_closes(now);
+            self.backplane_flush(now);
             self.flush_dirty();
             self.metrics.end_pass(now, &self.broker);
             if let Some(deadline) = self.shutdown_deadline {
@@ -380,7 +420,7 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Instant) -> Duration {
-        if !self.again.is_empty() || !self.closes.is_empty() {
+        if !self.again.is_empty() || !self.closes.is_empty() || self.backplane_pending() {
             return Duration::ZERO;
         }
         let mut next = self.next_tick;
