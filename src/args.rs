@@ -9,7 +9,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
 use crate::broker::Keys;
-use crate::config::{parse_bytes, parse_duration, Config};
+use crate::config::{parse_bytes, parse_duration, ClusterConfig, Config, Secret};
 use crate::config_file::{self, Effective, Source};
 use crate::protocol::Limits;
 use crate::transport::Listen;
@@ -22,7 +22,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MM_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Check the configuration (file, environment, command line), print the effective
-    /// configuration with keys redacted, and exit: 0 if valid, 1 if not.
+    /// configuration with keys, passwords and tokens redacted, and exit: 0 if valid, 1
+    /// if not.
     #[arg(long)]
     pub check_config: bool,
     /// Listener URL; repeat for several: `ws://HOST:PORT` (default scheme), `wss://HOST:PORT`
@@ -131,10 +132,62 @@ pub struct ServeArgs {
     /// Echo mode for WebSocket compliance testing: no keys, every message is echoed.
     #[arg(long)]
     pub echo: bool,
+    /// Let several middleman processes listen on the same port (SO_REUSEPORT; Linux
+    /// spreads connections over them).
+    #[arg(
+        long,
+        env = "MM_REUSE_PORT",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub reuse_port: bool,
+    /// Join a cluster through this nats-server, `nats://HOST:PORT` (port defaults to
+    /// 4222); repeat for several, tried in turn. From the environment: comma-separated.
+    #[arg(long, env = "MM_CLUSTER", value_delimiter = ',', value_name = "URL")]
+    pub cluster: Vec<String>,
+    /// Cluster name: the subject prefix shared by the nodes of one cluster (1 to 32 of
+    /// A-Z a-z 0-9 _ -).
+    #[arg(long, env = "MM_CLUSTER_NAME", default_value = "mm")]
+    pub cluster_name: String,
+    /// User name for nats-server (with --cluster-password).
+    #[arg(long, env = "MM_CLUSTER_USER")]
+    pub cluster_user: Option<String>,
+    /// Password for nats-server (with --cluster-user).
+    #[arg(
+        long,
+        env = "MM_CLUSTER_PASSWORD",
+        hide_env_values = true,
+        value_parser = |s: &str| Ok::<_, String>(Secret(s.to_owned()))
+    )]
+    pub cluster_password: Option<Secret>,
+    /// File holding the token for nats-server (its content, trimmed).
+    #[arg(long, env = "MM_CLUSTER_TOKEN_FILE", value_name = "FILE")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// Bytes waiting for nats-server beyond which messages for other nodes are dropped.
+    #[arg(long, env = "MM_CLUSTER_MAX_PENDING", default_value = "64MiB", value_parser = parse_bytes)]
+    pub cluster_max_pending: usize,
+    /// A cluster node unheard for this long is taken as gone.
+    #[arg(long, env = "MM_CLUSTER_NODE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub cluster_node_timeout: Duration,
 }
 
 impl ServeArgs {
-    /// The configuration these arguments describe (keys as given, none generated).
+    /// The cluster settings these arguments describe, with or without a URL; the token
+    /// file is not read (`token` is None).
+    pub fn cluster_settings(&self) -> ClusterConfig {
+        let given = |s: &Option<String>| s.clone().filter(|s| !s.trim().is_empty());
+        ClusterConfig {
+            urls: nonempty(&self.cluster),
+            name: self.cluster_name.trim().to_owned(),
+            user: given(&self.cluster_user).map(|u| u.trim().to_owned()),
+            password: given(&self.cluster_password.as_ref().map(|p| p.0.clone())),
+            token: None,
+            max_pending: self.cluster_max_pending,
+            node_timeout: self.cluster_node_timeout,
+        }
+    }
+
+    /// The configuration these arguments describe (keys as given, none generated; a
+    /// cluster only with a URL, without the token of `--cluster-token-file`).
     pub fn to_config(&self) -> Config {
         Config {
             listeners: self.listen.clone(),
@@ -169,8 +222,8 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             echo: self.echo,
             handle_signals: true,
-            cluster: None,
-            reuse_port: false,
+            cluster: Some(self.cluster_settings()).filter(|c| !c.urls.is_empty()),
+            reuse_port: self.reuse_port,
         }
     }
 }
@@ -184,17 +237,25 @@ impl ServeArgs {
             Some(path) => Some(config_file::load(path)?),
             None => None,
         };
-        let eff =
-            config_file::merge(
-                self.to_config(),
-                self.log_level,
-                file.as_ref(),
-                |id| match matches.value_source(id) {
-                    Some(ValueSource::CommandLine) => Source::CommandLine,
-                    Some(ValueSource::EnvVariable) => Source::Env,
-                    _ => Source::Default,
-                },
-            );
+        let source = |id: &str| match matches.value_source(id) {
+            Some(ValueSource::CommandLine) => Source::CommandLine,
+            Some(ValueSource::EnvVariable) => Source::Env,
+            _ => Source::Default,
+        };
+        // merge() takes the cluster settings of the command line, environment and
+        // defaults whole, URL or not: the file may give the URL and these the rest.
+        let mut cluster = self.cluster_settings();
+        if let Some(p) = &self.cluster_token_file {
+            let token = config_file::read_token(p).map_err(|e| {
+                format!("cluster.token_file ({}): {e}", source("cluster_token_file"))
+            })?;
+            cluster.token = Some(token);
+        }
+        let cfg = Config {
+            cluster: Some(cluster),
+            ..self.to_config()
+        };
+        let eff = config_file::merge(cfg, self.log_level, file.as_ref(), source);
         config_file::validate(&eff)?;
         Ok(eff)
     }
@@ -205,4 +266,107 @@ fn nonempty(keys: &[String]) -> Vec<String> {
         .map(|k| k.trim().to_owned())
         .filter(|k| !k.is_empty())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    /// Parse a command line as the binary does (the environment is read too: tests
+    /// set no MM_CLUSTER* variable).
+    fn effective(args: &[&str]) -> Result<Effective, String> {
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("middleman").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let cli = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        cli.serve.effective(&matches)
+    }
+
+    #[test]
+    fn cluster_options_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("mm-args-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("m.toml");
+        std::fs::write(
+            &conf,
+            "reuse_port = true\n[cluster]\nnats = \"nats://h:4000\"\nname = \"from-file\"\n\
+             user = \"file-user\"\npassword = \"file-pw\"\nmax_pending = \"1MiB\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("cli.token"), "cli-token-91ab\n").unwrap();
+        let conf_s = conf.to_str().unwrap();
+
+        // The file alone.
+        let eff = effective(&["--config", conf_s]).unwrap();
+        let cl = eff.cfg.cluster.as_ref().unwrap();
+        assert_eq!(cl.name, "from-file");
+        assert_eq!(eff.source("cluster.name"), Source::File(4));
+        assert!(eff.cfg.reuse_port);
+
+        // The command line over the file, setting by setting.
+        let token = dir.join("cli.token");
+        let eff = effective(&[
+            "--config",
+            conf_s,
+            "--cluster-name",
+            "from-cli",
+            "--cluster",
+            "nats://a:1,nats://b",
+            "--cluster-token-file",
+            token.to_str().unwrap(),
+            "--cluster-node-timeout",
+            "10s",
+        ])
+        .unwrap();
+        let cl = eff.cfg.cluster.as_ref().unwrap();
+        assert_eq!(cl.name, "from-cli");
+        assert_eq!(eff.source("cluster.name"), Source::CommandLine);
+        assert_eq!(cl.urls, ["nats://a:1", "nats://b"]);
+        assert_eq!(cl.token.as_deref(), Some("cli-token-91ab"));
+        assert_eq!(cl.node_timeout, Duration::from_secs(10));
+        assert_eq!(cl.max_pending, 1 << 20);
+        assert_eq!(cl.user.as_deref(), Some("file-user"));
+        assert_eq!(cl.password.as_deref(), Some("file-pw"));
+
+        // No URL anywhere: no cluster; the defaults otherwise.
+        let eff = effective(&["--cluster-name", "x"]).unwrap();
+        assert!(eff.cfg.cluster.is_none() && !eff.cfg.reuse_port);
+        let eff = effective(&["--cluster", "nats://127.0.0.1", "--reuse-port"]).unwrap();
+        let cl = eff.cfg.cluster.as_ref().unwrap();
+        assert_eq!((cl.name.as_str(), cl.max_pending), ("mm", 64 << 20));
+        assert_eq!(cl.node_timeout, Duration::from_secs(3));
+        assert!(eff.cfg.reuse_port);
+
+        // Errors name the setting and where it came from.
+        let e = effective(&["--cluster", "http://h"]).unwrap_err();
+        assert!(e.starts_with("cluster.nats (command line): "), "{e}");
+        let e = effective(&["--cluster", "nats://h", "--cluster-name", "a.b"]).unwrap_err();
+        assert!(e.starts_with("cluster.name (command line): "), "{e}");
+        let e = effective(&["--cluster-token-file", "/nonexistent/t"]).unwrap_err();
+        assert!(
+            e.starts_with("cluster.token_file (command line): cannot read /nonexistent/t"),
+            "{e}"
+        );
+        let e = effective(&["--cluster", "nats://h", "--cluster-user", "u"]).unwrap_err();
+        assert!(e.starts_with("cluster.user (command line): "), "{e}");
+
+        // A password given on the command line is in none of the Debug print-outs.
+        let args = ["middleman", "--cluster", "nats://h", "--cluster-user", "u"];
+        let args = [&args[..], &["--cluster-password", "cli-pw-77e0"]].concat();
+        let matches = Cli::command().try_get_matches_from(args).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        let eff = cli.serve.effective(&matches).unwrap();
+        let cl = eff.cfg.cluster.as_ref().unwrap();
+        assert_eq!(cl.password.as_deref(), Some("cli-pw-77e0"));
+        let printed = format!("{cli:?} {eff:?} {}", config_file::render(&eff));
+        assert!(!printed.contains("cli-pw-77e0"), "{printed}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -5,6 +5,7 @@
 //! ```toml
 //! listen = ["ws://127.0.0.1:8765", "tcp://127.0.0.1:8764?roles=service"]  # or one string
 //! log_level = "info"
+//! reuse_port = false               # SO_REUSEPORT on the listeners
 //!
 //! [[keys]]
 //! role = "service"                 # service, client or monitor
@@ -15,6 +16,10 @@
 //!
 //! [timeouts]
 //! idle = "60s"
+//!
+//! [cluster]
+//! nats = ["nats://127.0.0.1:4222"] # or one string; no URL: no cluster
+//! token_file = "secrets/nats.token"
 //! ```
 
 use std::fmt::Write as _;
@@ -25,7 +30,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{parse_bytes, parse_duration, Config};
+use crate::config::{is_cluster_name, parse_bytes, parse_duration, parse_nats_url, Config, Secret};
 use crate::transport::Listen;
 
 /// Where an effective value came from.
@@ -61,12 +66,15 @@ struct RawFile {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    reuse_port: Option<Spanned<bool>>,
     #[serde(default)]
     keys: Vec<Spanned<RawKey>>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    cluster: RawCluster,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +115,18 @@ struct RawTimeouts {
     shutdown_grace: Option<Spanned<toml::Value>>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    nats: Option<Spanned<toml::Value>>,
+    name: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    max_pending: Option<Spanned<toml::Value>>,
+    node_timeout: Option<Spanned<toml::Value>>,
+}
+
 // ------------------------------------------------------------------ parsed file
 
 /// A value from the file and the line it is on.
@@ -140,6 +160,8 @@ pub struct FileConfig {
     pub tls_key: Option<At<Option<PathBuf>>>,
     /// `log_level`.
     pub log_level: Option<At<log::LevelFilter>>,
+    /// `reuse_port` (top level, beside `listen`: it applies to every listener).
+    pub reuse_port: Option<At<bool>>,
     /// `[[keys]]` with `role = "service"`.
     pub service_keys: FileKeys,
     /// `[[keys]]` with `role = "client"`.
@@ -186,6 +208,31 @@ pub struct FileConfig {
     pub request_timeout: Option<At<Duration>>,
     /// `[timeouts] shutdown_grace`.
     pub shutdown_grace: Option<At<Duration>>,
+    /// `[cluster] nats`: one nats-server URL or a list of them (trimmed, checked).
+    pub cluster_nats: Option<At<Vec<String>>>,
+    /// `[cluster] name`.
+    pub cluster_name: Option<At<String>>,
+    /// `[cluster] user`.
+    pub cluster_user: Option<At<Option<String>>>,
+    /// `[cluster] password`.
+    pub cluster_password: Option<At<Secret>>,
+    /// `[cluster] token_file` (relative to the file's folder), read: the token.
+    pub cluster_token: Option<At<Secret>>,
+    /// `[cluster] max_pending`.
+    pub cluster_max_pending: Option<At<usize>>,
+    /// `[cluster] node_timeout`.
+    pub cluster_node_timeout: Option<At<Duration>>,
+}
+
+/// The token in a token file: its content, trimmed; an empty one is an error.
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("{} holds no token", path.display()));
+    }
+    Ok(token.to_owned())
 }
 
 /// 1-based (line, column) of a byte offset.
@@ -309,6 +356,12 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
         out.log_level = Some(At {
             value,
             line: line_of(l.span()),
+        });
+    }
+    if let Some(r) = raw.reuse_port {
+        out.reuse_port = Some(At {
+            value: *r.get_ref(),
+            line: line_of(r.span()),
         });
     }
 
@@ -457,6 +510,78 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
     out.idle_timeout = duration(&t.idle, "timeouts.idle")?;
     out.request_timeout = duration(&t.request, "timeouts.request")?;
     out.shutdown_grace = duration(&t.shutdown_grace, "timeouts.shutdown_grace")?;
+
+    let c = &raw.cluster;
+    if let Some(n) = &c.nats {
+        let bad = |msg: &str| err_at(n.span(), Some("cluster.nats"), msg);
+        let urls: Vec<&str> = match n.get_ref() {
+            toml::Value::String(one) => vec![one.as_str()],
+            toml::Value::Array(many) => many
+                .iter()
+                .map(|v| v.as_str().ok_or_else(|| bad("expected a list of strings")))
+                .collect::<Result<_, _>>()?,
+            _ => return Err(bad("expected a nats-server URL or a list of them")),
+        };
+        if urls.is_empty() {
+            return Err(bad(
+                "names no nats-server (leave nats out for a node on its own)",
+            ));
+        }
+        let mut value = Vec::with_capacity(urls.len());
+        for u in urls {
+            let u = u.trim();
+            parse_nats_url(u)
+                .map_err(|e| bad(&format!("{e} (expected e.g. \"nats://127.0.0.1:4222\")")))?;
+            value.push(u.to_owned());
+        }
+        out.cluster_nats = Some(At {
+            value,
+            line: line_of(n.span()),
+        });
+    }
+    if let Some(n) = &c.name {
+        out.cluster_name = Some(At {
+            value: n.get_ref().trim().to_owned(),
+            line: line_of(n.span()),
+        });
+    }
+    if let Some(u) = &c.user {
+        let v = u.get_ref().trim();
+        if v.is_empty() {
+            return Err(err_at(u.span(), Some("cluster.user"), "empty user"));
+        }
+        out.cluster_user = Some(At {
+            value: Some(v.to_owned()),
+            line: line_of(u.span()),
+        });
+    }
+    if let Some(p) = &c.password {
+        if p.get_ref().is_empty() {
+            return Err(err_at(p.span(), Some("cluster.password"), "empty password"));
+        }
+        out.cluster_password = Some(At {
+            value: Secret(p.get_ref().clone()),
+            line: line_of(p.span()),
+        });
+    }
+    if let Some(file) = &c.token_file {
+        if file.get_ref().trim().is_empty() {
+            return Err(err_at(
+                file.span(),
+                Some("cluster.token_file"),
+                "empty path",
+            ));
+        }
+        let p = dir.join(file.get_ref().trim());
+        let token =
+            read_token(&p).map_err(|e| err_at(file.span(), Some("cluster.token_file"), &e))?;
+        out.cluster_token = Some(At {
+            value: Secret(token),
+            line: line_of(file.span()),
+        });
+    }
+    out.cluster_max_pending = size(&c.max_pending, "cluster.max_pending")?;
+    out.cluster_node_timeout = duration(&c.node_timeout, "cluster.node_timeout")?;
     Ok(out)
 }
 
@@ -491,6 +616,10 @@ impl Effective {
 /// Merge: `cfg` and `log_level` hold what the command line, the environment and the
 /// defaults say; `arg_source(arg id)` tells which of the three each came from. A file
 /// value replaces a default and nothing else.
+///
+/// `cfg.cluster` is taken whole, URL or not (the file may give the URL and the command
+/// line the name); None stands for the defaults. In the result it is None unless a URL
+/// is given somewhere.
 pub fn merge(
     mut cfg: Config,
     mut log_level: log::LevelFilter,
@@ -501,11 +630,14 @@ pub fn merge(
     let empty = FileConfig::default();
     let f = file.unwrap_or(&empty);
     macro_rules! take {
-        ($name:literal, $arg:literal, $file:expr, $dst:expr) => {{
+        ($name:literal, $arg:literal, $file:expr, $dst:expr) => {
+            take!($name, $arg, $file, $dst, Clone::clone)
+        };
+        ($name:literal, $arg:literal, $file:expr, $dst:expr, $conv:expr) => {{
             let src = arg_source($arg);
             match (&src, &$file) {
                 (Source::Default, Some(at)) => {
-                    $dst = at.value.clone();
+                    $dst = $conv(&at.value);
                     sources.push(($name, Source::File(at.line)));
                 }
                 _ => sources.push(($name, src)),
@@ -516,6 +648,7 @@ pub fn merge(
     take!("tls_cert", "tls_cert", f.tls_cert, cfg.tls_cert);
     take!("tls_key", "tls_key", f.tls_key, cfg.tls_key);
     take!("log_level", "log_level", f.log_level, log_level);
+    take!("reuse_port", "reuse_port", f.reuse_port, cfg.reuse_port);
     take!(
         "limits.max_message_bytes",
         "max_message_bytes",
@@ -636,6 +769,38 @@ pub fn merge(
         f.shutdown_grace,
         cfg.shutdown_grace
     );
+    let mut cl = cfg.cluster.take().unwrap_or_default();
+    let secret = |s: &Secret| Some(s.0.clone());
+    take!("cluster.nats", "cluster", f.cluster_nats, cl.urls);
+    take!("cluster.name", "cluster_name", f.cluster_name, cl.name);
+    take!("cluster.user", "cluster_user", f.cluster_user, cl.user);
+    take!(
+        "cluster.password",
+        "cluster_password",
+        f.cluster_password,
+        cl.password,
+        secret
+    );
+    take!(
+        "cluster.token_file",
+        "cluster_token_file",
+        f.cluster_token,
+        cl.token,
+        secret
+    );
+    take!(
+        "cluster.max_pending",
+        "cluster_max_pending",
+        f.cluster_max_pending,
+        cl.max_pending
+    );
+    take!(
+        "cluster.node_timeout",
+        "cluster_node_timeout",
+        f.cluster_node_timeout,
+        cl.node_timeout
+    );
+    cfg.cluster = Some(cl).filter(|c| !c.urls.is_empty());
     // Keys, per role: the command line or environment replaces the file's keys of that role.
     let mut origins: [(&'static str, Vec<String>); 3] =
         [("service", vec![]), ("client", vec![]), ("monitor", vec![])];
@@ -741,6 +906,49 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
             at("listen")
         ));
     }
+    if let Some(cl) = &c.cluster {
+        for u in &cl.urls {
+            parse_nats_url(u).map_err(|e| format!("{}: {e}", at("cluster.nats")))?;
+        }
+        if !is_cluster_name(&cl.name) {
+            return Err(format!(
+                "{}: {:?} is not a cluster name (1 to 32 of A-Z a-z 0-9 _ -: one NATS token)",
+                at("cluster.name"),
+                cl.name
+            ));
+        }
+        const MIN_PENDING: usize = 64 << 10;
+        if cl.max_pending < MIN_PENDING {
+            return Err(format!(
+                "{}: {} is below the minimum {MIN_PENDING} (64KiB)",
+                at("cluster.max_pending"),
+                cl.max_pending
+            ));
+        }
+        let (lo, hi) = (Duration::from_secs(1), Duration::from_secs(3600));
+        if !(lo..=hi).contains(&cl.node_timeout) {
+            return Err(format!(
+                "{}: {} is not between \"1s\" and \"1h\"",
+                at("cluster.node_timeout"),
+                show_duration(cl.node_timeout)
+            ));
+        }
+        match (&cl.user, &cl.password) {
+            (Some(_), None) => {
+                return Err(format!(
+                    "{}: a user needs a password (cluster.password, --cluster-password)",
+                    at("cluster.user")
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "{}: a password needs a user (cluster.user, --cluster-user)",
+                    at("cluster.password")
+                ))
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 
@@ -763,8 +971,34 @@ pub fn warnings(eff: &Effective) -> Vec<String> {
             show_duration(c.idle_timeout)
         ));
     }
+    if c.cluster.is_none() {
+        let given: Vec<String> = CLUSTER_SETTINGS
+            .iter()
+            .filter_map(|name| match eff.source(name) {
+                Source::Default => None,
+                s => Some(format!("{name} ({s})")),
+            })
+            .collect();
+        if !given.is_empty() {
+            w.push(format!(
+                "{} given without a nats-server URL (cluster.nats, --cluster): this node \
+                 is not in a cluster",
+                given.join(", ")
+            ));
+        }
+    }
     w
 }
+
+/// The settings of `[cluster]` but `nats`, by their file names.
+const CLUSTER_SETTINGS: [&str; 6] = [
+    "cluster.name",
+    "cluster.user",
+    "cluster.password",
+    "cluster.token_file",
+    "cluster.max_pending",
+    "cluster.node_timeout",
+];
 
 // ------------------------------------------------------------------ print-out
 
@@ -799,7 +1033,7 @@ pub fn render(eff: &Effective) -> String {
     );
     let _ = writeln!(
         s,
-        "# precedence: command line > environment > {} > defaults; keys redacted\n",
+        "# precedence: command line > environment > {} > defaults; keys, passwords and tokens redacted\n",
         eff.file
             .as_ref()
             .map_or("file (none given)".to_owned(), |p| p.display().to_string())
@@ -821,6 +1055,7 @@ pub fn render(eff: &Effective) -> String {
         "log_level",
         format!("\"{}\"", eff.log_level.as_str().to_ascii_lowercase()),
     );
+    line(&mut s, "reuse_port", "reuse_port", c.reuse_port.to_string());
     if c.echo {
         let _ = writeln!(s, "# echo mode (--echo): no keys");
     } else if c.keys.is_empty() {
@@ -930,12 +1165,63 @@ pub fn render(eff: &Effective) -> String {
     ] {
         line(&mut s, name, key, show_duration(v));
     }
+    match &c.cluster {
+        None => {
+            let _ = writeln!(
+                s,
+                "\n# [cluster]: none (no nats-server URL): this node is on its own"
+            );
+        }
+        Some(cl) => {
+            let _ = writeln!(s, "\n[cluster]");
+            let urls: Vec<String> = cl.urls.iter().map(|u| format!("{u:?}")).collect();
+            line(
+                &mut s,
+                "cluster.nats",
+                "nats",
+                format!("[{}]", urls.join(", ")),
+            );
+            line(&mut s, "cluster.name", "name", format!("{:?}", cl.name));
+            if let Some(u) = &cl.user {
+                line(&mut s, "cluster.user", "user", format!("{u:?}"));
+            }
+            if cl.password.is_some() {
+                line(
+                    &mut s,
+                    "cluster.password",
+                    "password",
+                    "\"(redacted)\"".into(),
+                );
+            }
+            if cl.token.is_some() {
+                line(
+                    &mut s,
+                    "cluster.token_file",
+                    "token",
+                    "\"(redacted)\"".into(),
+                );
+            }
+            line(
+                &mut s,
+                "cluster.max_pending",
+                "max_pending",
+                show_bytes(cl.max_pending),
+            );
+            line(
+                &mut s,
+                "cluster.node_timeout",
+                "node_timeout",
+                show_duration(cl.node_timeout),
+            );
+        }
+    }
     s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ClusterConfig;
 
     fn parse_str(src: &str) -> Result<FileConfig, String> {
         parse(src, Path::new("test.toml"))
@@ -1132,5 +1418,377 @@ mod tests {
         );
         let e = parse_str("listen = 5\n").unwrap_err();
         assert!(e.contains("listen: expected a listener URL"), "{e}");
+    }
+
+    /// A scratch folder for files a test's configuration names.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mm-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const PASSWORD: &str = "pw-5c1e9a7b";
+    const TOKEN: &str = "tok-0d4f2b86";
+
+    #[test]
+    fn cluster_section() {
+        let dir = scratch("cluster");
+        std::fs::write(dir.join("nats.token"), format!("\n  {TOKEN}  \n")).unwrap();
+        let src = format!(
+            "reuse_port = true\n\n[cluster]\nnats = [\"nats://10.0.0.1:4222\", \"nats://nats.b\"]\n\
+             name = \"prod_eu-1\"\nuser = \"mm\"\npassword = \"{PASSWORD}\"\n\
+             token_file = \"nats.token\"\nmax_pending = \"16MiB\"\nnode_timeout = \"1500ms\"\n"
+        );
+        let f = parse(&src, &dir.join("m.toml")).unwrap();
+        assert_eq!(
+            f.reuse_port,
+            Some(At {
+                value: true,
+                line: 1
+            })
+        );
+        assert_eq!(
+            f.cluster_nats,
+            Some(At {
+                value: vec!["nats://10.0.0.1:4222".into(), "nats://nats.b".into()],
+                line: 4
+            })
+        );
+        assert_eq!(
+            f.cluster_name,
+            Some(At {
+                value: "prod_eu-1".into(),
+                line: 5
+            })
+        );
+        assert_eq!(
+            f.cluster_user.as_ref().unwrap().value.as_deref(),
+            Some("mm")
+        );
+        assert_eq!(f.cluster_password.as_ref().unwrap().value.0, PASSWORD);
+        // token_file is relative to the configuration file; its content is trimmed.
+        assert_eq!(
+            f.cluster_token,
+            Some(At {
+                value: Secret(TOKEN.into()),
+                line: 8
+            })
+        );
+        assert_eq!(f.cluster_max_pending.as_ref().unwrap().value, 16 << 20);
+        assert_eq!(
+            f.cluster_node_timeout.as_ref().unwrap().value,
+            Duration::from_millis(1500)
+        );
+
+        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
+            Source::Default
+        });
+        assert!(eff.cfg.reuse_port);
+        assert_eq!(eff.source("reuse_port"), Source::File(1));
+        let cl = eff.cfg.cluster.as_ref().expect("a cluster");
+        assert_eq!(cl.urls, ["nats://10.0.0.1:4222", "nats://nats.b"]);
+        assert_eq!(cl.name, "prod_eu-1");
+        assert_eq!(cl.user.as_deref(), Some("mm"));
+        assert_eq!(cl.password.as_deref(), Some(PASSWORD));
+        assert_eq!(cl.token.as_deref(), Some(TOKEN));
+        assert_eq!(cl.max_pending, 16 << 20);
+        assert_eq!(cl.node_timeout, Duration::from_millis(1500));
+        assert_eq!(eff.source("cluster.token_file"), Source::File(8));
+        assert!(validate(&eff).is_ok(), "{:?}", validate(&eff));
+
+        // Secrets never in --check-config's print-out nor in Debug.
+        let printed = render(&eff);
+        let debug = format!("{eff:?} {f:?}");
+        for out in [&printed, &debug] {
+            assert!(!out.contains(PASSWORD) && !out.contains(TOKEN), "{out}");
+        }
+        for want in [
+            "reuse_port = true",
+            "[cluster]",
+            "nats = [\"nats://10.0.0.1:4222\", \"nats://nats.b\"]",
+            "name = \"prod_eu-1\"",
+            "user = \"mm\"",
+            "password = \"(redacted)\"",
+            "token = \"(redacted)\"",
+            "max_pending = \"16MiB\"",
+            "node_timeout = \"1500ms\"",
+        ] {
+            assert!(printed.contains(want), "no {want:?} in\n{printed}");
+        }
+        assert!(
+            printed
+                .lines()
+                .any(|l| l.starts_with("token = ") && l.ends_with("# file, line 8")),
+            "{printed}"
+        );
+        // The print-out is a configuration file again (but for the token's name).
+        let reparsed: toml::Value = toml::from_str(&printed).unwrap();
+        assert_eq!(reparsed["cluster"]["name"].as_str(), Some("prod_eu-1"));
+        assert!(warnings(&eff).is_empty(), "{:?}", warnings(&eff));
+
+        // No URL: no cluster, and the print-out says so.
+        let eff = merge(Config::default(), log::LevelFilter::Info, None, |_| {
+            Source::Default
+        });
+        assert!(eff.cfg.cluster.is_none() && !eff.cfg.reuse_port);
+        let printed = render(&eff);
+        assert!(printed.contains("reuse_port = false"), "{printed}");
+        assert!(!printed.contains("\n[cluster]"), "{printed}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cluster_errors_name_key_and_line() {
+        let e =
+            parse_str("listen = \"127.0.0.1:1\"\n[cluster]\nnatz = \"nats://h\"\n").unwrap_err();
+        assert!(e.starts_with("test.toml:3:1: cluster.natz: "), "{e}");
+        assert!(e.contains("unknown field `natz`"), "{e}");
+
+        let e = parse_str("[cluster]\nnats = [\"http://h:4222\"]\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:2:8: cluster.nats: unsupported scheme \"http\""),
+            "{e}"
+        );
+        assert!(e.contains("   2 | nats = [\"http://h:4222\"]"), "{e}");
+        let e = parse_str("[cluster]\nnats = []\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:2:8: cluster.nats: names no"),
+            "{e}"
+        );
+        let e = parse_str("[cluster]\nnats = 4222\n").unwrap_err();
+        assert!(
+            e.contains("cluster.nats: expected a nats-server URL"),
+            "{e}"
+        );
+
+        let e = parse_str("[cluster]\nnats = \"nats://h\"\nmax_pending = \"lots\"\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:3:15: cluster.max_pending: invalid size"),
+            "{e}"
+        );
+        let e = parse_str("[cluster]\nnode_timeout = \"3 fortnights\"\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:2:16: cluster.node_timeout: invalid duration"),
+            "{e}"
+        );
+        let e = parse_str("[cluster]\nname = 7\n").unwrap_err();
+        assert!(e.starts_with("test.toml:2:8: cluster.name: "), "{e}");
+        let e = parse_str("[cluster]\nuser = \" \"\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:2:8: cluster.user: empty user"),
+            "{e}"
+        );
+
+        let e = parse_str("[cluster]\ntoken_file = \"/nonexistent/nats.token\"\n").unwrap_err();
+        assert!(
+            e.starts_with(
+                "test.toml:2:14: cluster.token_file: cannot read /nonexistent/nats.token"
+            ),
+            "{e}"
+        );
+        let dir = scratch("empty-token");
+        std::fs::write(dir.join("t"), " \n").unwrap();
+        let e = parse("[cluster]\ntoken_file = \"t\"\n", &dir.join("m.toml")).unwrap_err();
+        assert!(
+            e.contains("cluster.token_file: ") && e.contains("holds no token"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let e = parse_str("listen = \"127.0.0.1:1\"\nreuse_port = \"yes\"\n").unwrap_err();
+        assert!(e.starts_with("test.toml:2:14: reuse_port: "), "{e}");
+    }
+
+    #[test]
+    fn cluster_precedence_command_line_env_file_default() {
+        let f = parse_str(
+            "reuse_port = true\n[cluster]\nnats = \"nats://h:4000\"\nname = \"from-file\"\n\
+             node_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        // `merge` gets the cluster settings whole, with or without a URL.
+        let given = |name: &str| Config {
+            cluster: Some(ClusterConfig {
+                name: name.into(),
+                max_pending: 1 << 20,
+                ..ClusterConfig::default()
+            }),
+            ..Config::default()
+        };
+        for (src, want) in [
+            (Source::CommandLine, "from-cli"),
+            (Source::Env, "from-cli"),
+            (Source::Default, "from-file"),
+        ] {
+            let eff = merge(
+                given("from-cli"),
+                log::LevelFilter::Info,
+                Some(&f),
+                |id| match id {
+                    "cluster_name" => src.clone(),
+                    "cluster_max_pending" => Source::Env,
+                    _ => Source::Default,
+                },
+            );
+            let cl = eff.cfg.cluster.as_ref().unwrap();
+            assert_eq!(cl.name, want);
+            let expect_src = match src {
+                Source::Default => Source::File(4),
+                s => s,
+            };
+            assert_eq!(eff.source("cluster.name"), expect_src);
+            // The URL from the file, the rest from wherever it was given.
+            assert_eq!(cl.urls, ["nats://h:4000"]);
+            assert_eq!(eff.source("cluster.nats"), Source::File(3));
+            assert_eq!(cl.max_pending, 1 << 20);
+            assert_eq!(eff.source("cluster.max_pending"), Source::Env);
+            assert_eq!(cl.node_timeout, Duration::from_secs(5));
+        }
+        // Without a file: the defaults.
+        let eff = merge(
+            Config {
+                cluster: Some(ClusterConfig {
+                    urls: vec!["nats://h".into()],
+                    ..ClusterConfig::default()
+                }),
+                ..Config::default()
+            },
+            log::LevelFilter::Info,
+            None,
+            |id| match id {
+                "cluster" => Source::CommandLine,
+                _ => Source::Default,
+            },
+        );
+        let cl = eff.cfg.cluster.as_ref().unwrap();
+        assert_eq!((cl.name.as_str(), cl.max_pending), ("mm", 64 << 20));
+        assert_eq!(cl.node_timeout, Duration::from_secs(3));
+        assert_eq!(eff.source("cluster.name"), Source::Default);
+        // reuse_port: an explicit false from the environment beats the file's true.
+        let eff = merge(
+            Config::default(),
+            log::LevelFilter::Info,
+            Some(&f),
+            |id| match id {
+                "reuse_port" => Source::Env,
+                _ => Source::Default,
+            },
+        );
+        assert!(!eff.cfg.reuse_port);
+        assert_eq!(eff.source("reuse_port"), Source::Env);
+        // Cluster settings with no URL anywhere: no cluster, and a warning.
+        let f = parse_str("[cluster]\nname = \"lonely\"\n").unwrap();
+        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
+            Source::Default
+        });
+        assert!(eff.cfg.cluster.is_none());
+        assert!(validate(&eff).is_ok());
+        let w = warnings(&eff);
+        assert!(
+            w.len() == 1 && w[0].starts_with("cluster.name (file, line 2) given without"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn cluster_validation_names_the_source() {
+        let with = |cl: ClusterConfig, src: Source| {
+            let cfg = Config {
+                cluster: Some(cl),
+                ..Config::default()
+            };
+            let eff = merge(cfg, log::LevelFilter::Info, None, |_| src.clone());
+            validate(&eff)
+        };
+        let ok = ClusterConfig {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            ..ClusterConfig::default()
+        };
+        assert_eq!(with(ok.clone(), Source::CommandLine), Ok(()));
+        let e = with(
+            ClusterConfig {
+                urls: vec!["nats://127.0.0.1".into(), "tls://127.0.0.1:4222".into()],
+                ..ok.clone()
+            },
+            Source::CommandLine,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("cluster.nats (command line): unsupported scheme \"tls\""),
+            "{e}"
+        );
+        for bad in ["nats://h:99999", "nats://h:4222/x", "h:4222", "nats://"] {
+            let cl = ClusterConfig {
+                urls: vec![bad.into()],
+                ..ok.clone()
+            };
+            let e = with(cl, Source::Env).unwrap_err();
+            assert!(e.starts_with("cluster.nats (environment): "), "{bad}: {e}");
+        }
+        let e = with(
+            ClusterConfig {
+                name: "a.b".into(),
+                ..ok.clone()
+            },
+            Source::Env,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("cluster.name (environment): \"a.b\" is not a cluster name"),
+            "{e}"
+        );
+        let e = with(
+            ClusterConfig {
+                max_pending: 1000,
+                ..ok.clone()
+            },
+            Source::CommandLine,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("cluster.max_pending (command line): 1000 is below the minimum 65536"),
+            "{e}"
+        );
+        for t in [Duration::from_millis(999), Duration::from_secs(3601)] {
+            let e = with(
+                ClusterConfig {
+                    node_timeout: t,
+                    ..ok.clone()
+                },
+                Source::CommandLine,
+            )
+            .unwrap_err();
+            assert!(
+                e.starts_with("cluster.node_timeout (command line): "),
+                "{e}"
+            );
+        }
+        for (user, password, name) in [
+            (Some("u"), None, "cluster.user"),
+            (None, Some(PASSWORD), "cluster.password"),
+        ] {
+            let e = with(
+                ClusterConfig {
+                    user: user.map(Into::into),
+                    password: password.map(Into::into),
+                    ..ok.clone()
+                },
+                Source::CommandLine,
+            )
+            .unwrap_err();
+            assert!(e.starts_with(&format!("{name} (command line): ")), "{e}");
+            assert!(!e.contains(PASSWORD), "{e}");
+        }
+
+        // From the file: the file and line are named.
+        let f = parse_str("[cluster]\nnats = \"nats://h\"\nname = \"no spaces\"\n").unwrap();
+        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
+            Source::Default
+        });
+        let e = validate(&eff).unwrap_err();
+        assert!(
+            e.starts_with("cluster.name (test.toml:3): \"no spaces\" is not a cluster name"),
+            "{e}"
+        );
     }
 }

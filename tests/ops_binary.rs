@@ -318,3 +318,87 @@ fn the_example_configuration_checks_and_starts() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn check_config_shows_cluster_settings_by_precedence_with_secrets_redacted() {
+    const PASSWORD: &str = "natspw-8e31c0d5-environ-distinctive";
+    const TOKEN: &str = "natstok-2b7f94a6-file-distinctive";
+    let dir = scratch("cluster");
+    std::fs::write(dir.join("nats.token"), format!("{TOKEN}\n")).unwrap();
+    let conf = dir.join("mm.toml");
+    std::fs::write(
+        &conf,
+        "reuse_port = true\n[cluster]\nnats = [\"nats://127.0.0.1:4222\", \"nats://10.1.2.3\"]\n\
+         name = \"from-file\"\ntoken_file = \"nats.token\"\nnode_timeout = \"5s\"\n",
+    )
+    .unwrap();
+    let conf_s = conf.to_str().unwrap();
+    let check = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["--config", conf_s, "--check-config"];
+        all.extend_from_slice(args);
+        let (code, lines) = run_to_exit(&all, env);
+        let out = lines.join("\n");
+        assert_eq!(code, 0, "{out}");
+        assert!(!out.contains(PASSWORD) && !out.contains(TOKEN), "{out}");
+        let line = |prefix: &str| {
+            lines
+                .iter()
+                .find(|l| l.starts_with(&format!("out: {prefix}")))
+                .unwrap_or_else(|| panic!("no {prefix:?} in {out}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        (line("name ="), line("reuse_port ="), out)
+    };
+    let env = [("MM_CLUSTER_NAME", "from-env")];
+    let (name, _, _) = check(&["--cluster-name", "from-cli"], &env);
+    assert_eq!(name, "out: name = \"from-cli\" # command line");
+    let (name, _, _) = check(&[], &env);
+    assert_eq!(name, "out: name = \"from-env\" # environment");
+    let (name, reuse, out) = check(&[], &[]);
+    assert_eq!(name, "out: name = \"from-file\" # file, line 4");
+    assert_eq!(reuse, "out: reuse_port = true # file, line 1");
+    for want in [
+        "out: nats = [\"nats://127.0.0.1:4222\", \"nats://10.1.2.3\"] # file, line 3",
+        "out: token = \"(redacted)\" # file, line 5",
+        "out: node_timeout = \"5s\" # file, line 6",
+        "out: max_pending = \"64MiB\" # default",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == want),
+            "no {want:?} in {out}"
+        );
+    }
+    // A password from the environment (with a user) is redacted too; reuse_port off
+    // from the environment beats the file.
+    let (_, reuse, out) = check(
+        &["--cluster-user", "mm"],
+        &[
+            ("MM_CLUSTER_PASSWORD", PASSWORD),
+            ("MM_REUSE_PORT", "false"),
+        ],
+    );
+    assert_eq!(reuse, "out: reuse_port = false # environment");
+    assert!(
+        out.lines().any(
+            |l| l.starts_with("out: password = \"(redacted)\"") && l.ends_with("# environment")
+        ),
+        "{out}"
+    );
+
+    // A bad URL from the environment: the setting and its source are named.
+    let (code, lines) = run_to_exit(
+        &["--config", conf_s, "--check-config"],
+        &[("MM_CLUSTER", "nats://a:4222,redis://b:6379")],
+    );
+    assert_eq!(code, 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(
+            "err: middleman: invalid configuration: cluster.nats (environment): unsupported scheme \"redis\""
+        ),
+        "{lines:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -146,7 +146,8 @@ pub struct Cluster {
     unsub_later: VecDeque<(Box<[u8]>, Instant)>,
     nodes: HashMap<Box<str>, Node>,
     /// Other nodes holding each enablement: (target, kind) -> count of nodes.
-    remote_enabled: HashMap<(Box<[u8]>, u8), u32>,
+    /// By target, one count per kind (`kind_slot`): looked up by `&[u8]`, no key built.
+    remote_enabled: HashMap<Box<[u8]>, [u32; 3]>,
     /// Version of this node's enablement state (one up per change).
     pub version: u64,
     out_reqs: HashMap<u64, OutReq>,
@@ -169,6 +170,14 @@ fn kind_code(kind: Enable) -> u8 {
         Enable::Pub => b'p',
         Enable::Sub => b's',
         Enable::Req => b'r',
+    }
+}
+
+fn kind_slot(code: u8) -> usize {
+    match code {
+        b'p' => 0,
+        b's' => 1,
+        _ => 2,
     }
 }
 
@@ -259,13 +268,13 @@ impl Cluster {
 
     /// Does another node hold `kind` on `target`?
     pub fn remote_enabled(&self, target: &[u8], kind: Enable) -> bool {
-        if self.remote_enabled.is_empty() {
-            return false;
-        }
-        // One allocation-free look-up would need a borrowed key type; enablement checks
-        // are per client command, not per delivery.
         self.remote_enabled
-            .contains_key(&(Box::<[u8]>::from(target), kind_code(kind)))
+            .get(target)
+            .is_some_and(|c| c[kind_slot(kind_code(kind))] > 0)
+    }
+
+    fn count_remote(&mut self, key: &(Box<[u8]>, u8)) {
+        self.remote_enabled.entry(key.0.clone()).or_insert([0; 3])[kind_slot(key.1)] += 1;
     }
 
     /// Does any other node have monitors?
@@ -651,10 +660,11 @@ impl Cluster {
     }
 
     fn lapse_remote(&mut self, key: &(Box<[u8]>, u8)) {
-        if let Some(c) = self.remote_enabled.get_mut(key) {
-            *c -= 1;
-            if *c == 0 {
-                self.remote_enabled.remove(key);
+        if let Some(c) = self.remote_enabled.get_mut(&key.0) {
+            let slot = &mut c[kind_slot(key.1)];
+            *slot = slot.saturating_sub(1);
+            if *c == [0; 3] {
+                self.remote_enabled.remove(&key.0);
             }
         }
     }
@@ -723,7 +733,7 @@ impl Cluster {
                 let key = (target.into_boxed_slice(), kind);
                 if on {
                     if n.enabled.insert(key.clone()) {
-                        *self.remote_enabled.entry(key).or_insert(0) += 1;
+                        self.count_remote(&key);
                     }
                 } else if n.enabled.remove(&key) {
                     self.lapse_remote(&key);
@@ -752,7 +762,7 @@ impl Cluster {
             self.lapse_remote(key);
         }
         for key in set.difference(&old) {
-            *self.remote_enabled.entry(key.clone()).or_insert(0) += 1;
+            self.count_remote(key);
         }
     }
 
