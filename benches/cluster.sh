@@ -104,10 +104,14 @@ wait_port() {
     die "nothing listens on 127.0.0.1:$1 after 10 s"
 }
 
-# metric PORT NAME: the sum of NAME's samples (all labels) on that port's /metrics.
+# snapshot PORT: that port's /metrics (empty if it does not answer).
+snapshot() {
+    curl -s --max-time 2 "http://127.0.0.1:$1/metrics" || true
+}
+
+# metric NAME: the sum of NAME's samples (all labels) in the snapshot on stdin.
 metric() {
-    curl -s --max-time 2 "http://127.0.0.1:$1/metrics" |
-        awk -v m="$2" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d\n", s }'
+    awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d\n", s }'
 }
 
 # wait_joined PORT OTHERS: until the node on PORT is connected to nats-server and
@@ -142,32 +146,32 @@ start_mm() {
 }
 CLUSTER=(--cluster "nats://127.0.0.1:$NATS_PORT" --cluster-name bench)
 
-# Cluster counters summed over the nodes on the given ports: messages in from the
-# backplane and messages dropped (at-most-once), as `cl_in=N cl_dropped=N`.
-cluster_counts() {
-    local p in=0 dropped=0
+# counts PORT...: per port, `cl_in dropped accepted http` from one /metrics snapshot:
+# messages in from the backplane, messages dropped (at-most-once), connections accepted
+# and plain HTTP requests (the snapshots' own, to leave out of the accepted ones).
+counts() {
+    local p m
     for p in "$@"; do
-        in=$((in + $(metric "$p" middleman_cluster_messages_in_total)))
-        dropped=$((dropped + $(metric "$p" middleman_cluster_dropped_total)))
+        m=$(snapshot "$p")
+        echo "$(metric middleman_cluster_messages_in_total <<< "$m")" \
+            "$(metric middleman_cluster_dropped_total <<< "$m")" \
+            "$(metric middleman_connections_accepted_total <<< "$m")" \
+            "$(metric middleman_http_requests_total <<< "$m")"
     done
-    echo "$in $dropped"
 }
 
 # one ROW ARGS...: run `middleman bench ARGS` (the caller puts --url, --server-pid ...
-# in ARGS; CL_PORTS names the cluster nodes' metrics ports, if any, for their counters;
-# ACC_PORTS the ports whose accepted connections to report).
+# in ARGS). CL_PORTS: the cluster nodes' metrics ports, for the backplane counters
+# (`cl_in=`, `cl_dropped=`, summed) and the bench's connections each node accepted
+# (`node_conns=A/B`).
 one() {
     local row=$1
     shift
-    local out rc=0 line extra="" before="" after i=0 p
-    local -a acc0=()
+    local out rc=0 line extra="" before="" after
     if [ -n "${CL_PORTS:-}" ]; then
         # shellcheck disable=SC2086
-        before=$(cluster_counts $CL_PORTS)
+        before=$(counts $CL_PORTS)
     fi
-    for p in ${ACC_PORTS:-}; do
-        acc0+=("$(metric "$p" middleman_connections_accepted_total)")
-    done
     out=$(timeout 300 "$BIN" bench "$@" --key "$KEY" --duration "$DUR" 2>&1) || rc=$?
     line=$(grep '^result:' <<< "$out" | tail -1 || true)
     if [ -z "$line" ]; then
@@ -176,18 +180,11 @@ one() {
     fi
     if [ -n "$before" ]; then
         # shellcheck disable=SC2086
-        after=$(cluster_counts $CL_PORTS)
-        read -r in0 d0 <<< "$before"
-        read -r in1 d1 <<< "$after"
-        extra+=" cl_in=$((in1 - in0)) cl_dropped=$((d1 - d0))"
-    fi
-    if [ -n "${ACC_PORTS:-}" ]; then
-        local spread=""
-        for p in $ACC_PORTS; do
-            spread+="${spread:+/}$(($(metric "$p" middleman_connections_accepted_total) - acc0[i]))"
-            i=$((i + 1))
-        done
-        extra+=" node_conns=$spread"
+        after=$(counts $CL_PORTS)
+        extra=$(paste -d' ' <(echo "$before") <(echo "$after") | awk '
+            { cin += $5 - $1; drop += $6 - $2
+              conns = conns (NR > 1 ? "/" : "") (($7 - $3) - ($8 - $4)) }
+            END { printf " cl_in=%d cl_dropped=%d node_conns=%s", cin, drop, conns }')
     fi
     echo "row=$row run=$RUN rc=$rc $line$extra" | tee -a "$RESULTS"
 }
@@ -198,15 +195,14 @@ WS_B="ws://127.0.0.1:$PORT_B/"
 WS_R="ws://127.0.0.1:$PORT_R/"
 
 single() {
-    CL_PORTS="" ACC_PORTS="" one "$1" "${@:2}" --url "$WS_S" --server-pid "$S_PID"
+    CL_PORTS="" one "$1" "${@:2}" --url "$WS_S" --server-pid "$S_PID"
 }
 cross() {
-    CL_PORTS="$PORT_A $PORT_B" ACC_PORTS="" one "$1" "${@:2}" --url "$WS_A" --sub-url "$WS_B" \
+    CL_PORTS="$PORT_A $PORT_B" one "$1" "${@:2}" --url "$WS_A" --sub-url "$WS_B" \
         --server-pid "$A_PID" --server-pid "$B_PID" --server-pid "$NATS_PID"
 }
 reuse2() {
-    CL_PORTS="$PORT_R1M $PORT_R2M" ACC_PORTS="$PORT_R1M $PORT_R2M" one "$1" "${@:2}" \
-        --url "$WS_R" --ready-probe \
+    CL_PORTS="$PORT_R1M $PORT_R2M" one "$1" "${@:2}" --url "$WS_R" \
         --server-pid "$R1_PID" --server-pid "$R2_PID" --server-pid "$NATS_PID"
 }
 
@@ -370,13 +366,14 @@ for suffix, rs in (("single", b), ("cross", v)):
     print(f"| lat64_100_10k_{suffix} | {cell(rs, 'server_cpu_util', 'cores')} | {r} | {cell(rs, 'p50_us', 'us')} | {cell(rs, 'p99_us', 'us')} | {cell(rs, 'p999_us', 'us')} | {cell(rs, 'achieved_rate', 'rate')} | {held} | {cell(rs, 'late_p99_us', 'us')} |")
 pv, pb = med(v, "p99_us"), med(b, "p99_us")
 if pv == pv and pb == pb:
-    print(f"\np99 cross / single: {ratio(pv, pb)} ({fmt(pv, 'us')} vs {fmt(pb, 'us')}, +{fmt(pv - pb, 'us')})")
+    d = pv - pb
+    print(f"\np99 cross / single: {ratio(pv, pb)} ({fmt(pv, 'us')} vs {fmt(pb, 'us')}, {'+' if d >= 0 else '-'}{fmt(abs(d), 'us')})")
 
 cl = [(row, r) for row, rs in rows.items() for r in rs if "cl_in" in r]
 if cl:
     print()
     print("Backplane per cluster run (messages in from nats-server summed over the nodes /")
-    print("dropped; reuse-port: connections accepted per node):")
+    print("dropped; connections of the bench accepted per node):")
     for row, rs in rows.items():
         rs = [r for r in rs if "cl_in" in r]
         if rs:
