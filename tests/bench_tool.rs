@@ -473,3 +473,122 @@ fn a_refused_key_fails_cleanly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad key"), "{err}");
 }
+
+/// Subscribers and responders somewhere else than the publisher and requesters
+/// (`--sub-url`; here the same server's raw stream listener, in a cluster another
+/// node): the run starts with a ready probe that is not counted, and the CPU of every
+/// `--server-pid` is summed (here the test process twice).
+#[test]
+fn sub_url_probes_first_and_server_pids_sum() {
+    let server = TestServer::with(|c| {
+        c.listeners = vec![
+            "ws://127.0.0.1:0".parse().unwrap(),
+            "tcp://127.0.0.1:0".parse().unwrap(),
+        ];
+    });
+    let ws = server.url();
+    let tcp = server.listeners()[1].to_string();
+    let pid = std::process::id().to_string();
+
+    let (code, out) = bench_at(
+        &ws,
+        &[
+            "fanout",
+            "--subs",
+            "10",
+            "--msgs",
+            "2000",
+            "--duration",
+            "20s",
+            "--threads",
+            "2",
+            "--sub-url",
+            &tcp,
+            "--server-pid",
+            &pid,
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "transport"), "ws");
+    assert_eq!(field(&out, "sub_url"), tcp);
+    assert_eq!(field(&out, "server_pids"), "2");
+    assert!(
+        num(&out, "ready_probes") >= 2.0,
+        "a probe and the fence: {out}"
+    );
+    assert_eq!(field(&out, "sent"), "2000");
+    assert_eq!(field(&out, "deliveries"), "20000");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "out_of_order"), "0");
+    assert_eq!(field(&out, "errors"), "0");
+    assert!(num(&out, "server_cpu_s") >= 0.0);
+
+    // Several publishers, each probing its own topic.
+    let (code, out) = bench_at(
+        &ws,
+        &[
+            "fanout",
+            "--publishers",
+            "3",
+            "--subs",
+            "2",
+            "--msgs",
+            "500",
+            "--sub-url",
+            &tcp,
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "deliveries"), "3000");
+    assert_eq!(field(&out, "bad_publishers"), "0");
+
+    let (code, out) = bench_at(
+        &ws,
+        &[
+            "reqres",
+            "--requesters",
+            "8",
+            "--window",
+            "4",
+            "--responders",
+            "2",
+            "--msgs",
+            "2000",
+            "--duration",
+            "20s",
+            "--sub-url",
+            &tcp,
+            "--server-pid",
+            &pid,
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "sub_url"), tcp);
+    assert_eq!(field(&out, "server_pids"), "2");
+    assert!(num(&out, "ready_probes") >= 1.0, "{out}");
+    assert_eq!(field(&out, "sent"), "2000");
+    assert_eq!(field(&out, "answered"), "2000");
+    let spread: u64 = field(&out, "per_responder")
+        .split(',')
+        .map(|v| v.parse::<u64>().expect("count"))
+        .sum();
+    assert_eq!(spread, 2000, "probes are not counted: {out}");
+    assert_eq!(field(&out, "lost"), "0");
+    assert_eq!(field(&out, "errors"), "0");
+
+    // One URL: no sub_url key, no probe unless asked for.
+    let (code, out) = bench_at(&ws, &["fanout", "--subs", "2", "--msgs", "100"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "server_pids"), "1");
+    assert!(
+        !out.contains("sub_url=") && !out.contains("ready_probes="),
+        "{out}"
+    );
+    let (code, out) = bench_at(
+        &ws,
+        &["fanout", "--subs", "2", "--msgs", "100", "--ready-probe"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(num(&out, "ready_probes") >= 2.0, "{out}");
+    assert_eq!(field(&out, "deliveries"), "200");
+}

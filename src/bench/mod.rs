@@ -61,9 +61,23 @@ pub struct Common {
     /// Protocol spoken by the server.
     #[arg(long, value_enum, default_value = "mm")]
     pub proto: Proto,
-    /// The server's process id: report its CPU time (and RSS for `conns`).
+    /// Where subscribers (`fanout`) and responders (`reqres`) connect, when not to
+    /// --url: e.g. another node of a cluster, so every delivery crosses the backplane.
+    /// When it differs from --url the run starts with a ready probe (see --ready-probe).
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub sub_url: Option<String>,
+    /// Before measuring, publish probes until one reaches every subscriber (`fanout`)
+    /// or a probe request is answered (`reqres`), within --setup-timeout; probes are
+    /// not counted. Always on when --sub-url differs from --url; give it when
+    /// subscriptions need time to reach the publisher's node another way (e.g. nodes
+    /// sharing a port with --reuse-port).
+    #[arg(long)]
+    pub ready_probe: bool,
+    /// The server's process id: report its CPU time (and RSS for `conns`). Repeat it
+    /// (or give a comma-separated list) to charge several processes, e.g. every node
+    /// of a cluster and its nats-server: their CPU times (and RSS) are summed.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Client threads receiving (each polls its share of the connections).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -163,6 +177,23 @@ pub struct ConnsArgs {
     pub hold: Duration,
 }
 
+impl Common {
+    /// The subscribers' / responders' URL: --sub-url, or --url.
+    pub fn sub_url(&self) -> &str {
+        self.sub_url.as_deref().unwrap_or(&self.url)
+    }
+
+    /// Subscribers / responders connect somewhere else than the publishers / requesters.
+    pub fn split(&self) -> bool {
+        self.sub_url() != self.url
+    }
+
+    /// Whether the run starts with a ready probe.
+    pub fn probe(&self) -> bool {
+        self.ready_probe || self.split()
+    }
+}
+
 /// Run a scenario; prints a report and a final `result:` line of `key=value` pairs.
 /// Exit status 1 when anything was lost or reordered or the run failed.
 pub fn run(args: Args) -> ExitCode {
@@ -178,5 +209,54 @@ pub fn run(args: Args) -> ExitCode {
             eprintln!("middleman bench: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        scenario: Scenario,
+    }
+
+    fn common(args: &[&str]) -> Common {
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.scenario {
+            Scenario::Fanout(a) => a.common,
+            Scenario::Reqres(a) => a.common,
+            Scenario::Conns(a) => a.common,
+        }
+    }
+
+    #[test]
+    fn server_pid_repeats_and_sub_url_defaults_to_url() {
+        let c = common(&["t", "fanout", "--server-pid", "7", "--server-pid", "9"]);
+        assert_eq!(c.server_pid, vec![7, 9]);
+        assert_eq!(c.sub_url(), c.url);
+        assert!(!c.split() && !c.probe());
+
+        let c = common(&["t", "reqres", "--server-pid", "1,2,3"]);
+        assert_eq!(c.server_pid, vec![1, 2, 3]);
+        assert!(common(&["t", "conns"]).server_pid.is_empty());
+
+        let c = common(&[
+            "t",
+            "fanout",
+            "--url",
+            "ws://127.0.0.1:1/",
+            "--sub-url",
+            "ws://127.0.0.1:2/",
+        ]);
+        assert_eq!(c.sub_url(), "ws://127.0.0.1:2/");
+        assert!(c.split() && c.probe());
+
+        // The same URL given twice is not a split; --ready-probe alone asks for a probe.
+        let c = common(&["t", "fanout", "--sub-url", "ws://127.0.0.1:8765/"]);
+        assert!(!c.split() && !c.probe());
+        assert!(common(&["t", "fanout", "--ready-probe"]).probe());
     }
 }

@@ -12,13 +12,25 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::stats::{self, histogram, latency_kv, latency_line, now_ns, ServerCpu, STAMP};
-use super::ws::{encode_mm, encode_nats_pub, push_dec, push_msg, Ev, Proto, Url, WsConn};
+use super::ws::{
+    encode_mm, encode_nats_pub, parse_dec, push_dec, push_msg, Ev, Proto, Url, WsConn,
+};
 use super::{Common, ConnsArgs, FanoutArgs, ReqresArgs};
 
 /// After the last send, how long receivers may make no progress before the run ends.
 const STALL: Duration = Duration::from_secs(3);
 /// Reads per connection per event before the others get a turn.
 const READS_PER_TURN: usize = 16;
+/// Bodies of ready probes start with this (a stamp starts with hex digits, so never
+/// with this); receivers skip them, so probes are never counted.
+const PROBE: &[u8] = b"probe ";
+/// The `ReqID` of a middleman probe request.
+const PROBE_REQID: &[u8] = b"probe-";
+/// How often a fan-out probe is published while some subscriber has none yet, and how
+/// long to wait before asking again after a probe request failed.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+/// NATS drops a request nobody listens to: send another probe after this long.
+const PROBE_RETRY: Duration = Duration::from_millis(100);
 
 /// What a connection does in a worker.
 enum Role {
@@ -81,8 +93,6 @@ struct Outcome {
 #[derive(Clone)]
 struct Plan {
     proto: Proto,
-    /// The raw stream protocol (`tcp://`) instead of WebSocket.
-    raw: bool,
     subject: Vec<u8>,
     /// Fan-out: the topic of each publisher (subscribers check theirs).
     subjects: Vec<Vec<u8>>,
@@ -260,13 +270,15 @@ impl Worker {
         let plan = &self.plan;
         let mut top_up = false;
         let Slot { conn, role } = s;
+        // Each connection frames for its own URL (--sub-url may be another transport).
+        let raw = conn.raw;
         conn.drain(|ev, w| match ev {
             Ev::Msg {
                 cmd,
                 subject,
                 reply,
+                reqid,
                 body: b,
-                ..
             } => match role {
                 Role::Subscriber {
                     topic,
@@ -279,7 +291,9 @@ impl Worker {
                     }
                     let now = now_ns();
                     let Some((seq, ts)) = stats::read_stamp(b) else {
-                        note_error(o, "subscriber: body without stamp".into());
+                        if !b.starts_with(PROBE) {
+                            note_error(o, "subscriber: body without stamp".into());
+                        }
                         return;
                     };
                     o.hist.saturating_record(now.saturating_sub(ts).max(1));
@@ -295,13 +309,16 @@ impl Worker {
                 }
                 Role::Responder { handled } => {
                     if (cmd == b"REQ" || cmd == b"MSG") && !reply.is_empty() {
-                        *handled += 1;
+                        // A late ready probe is answered but not counted.
+                        if !b.starts_with(PROBE) {
+                            *handled += 1;
+                        }
                         scratch.clear();
                         match plan.proto {
                             Proto::Mm => encode_mm(scratch, b"RES", subject, &[(b"rid", reply)], b),
                             Proto::Nats => encode_nats_pub(scratch, reply, b"", b),
                         }
-                        push_msg(w, plan.raw, scratch);
+                        push_msg(w, raw, scratch);
                     }
                 }
                 Role::Requester {
@@ -313,12 +330,20 @@ impl Worker {
                     };
                     if ok {
                         let now = now_ns();
-                        if let Some((_, ts)) = stats::read_stamp(b) {
-                            o.hist.saturating_record(now.saturating_sub(ts).max(1));
+                        match stats::read_stamp(b) {
+                            Some((_, ts)) => {
+                                o.hist.saturating_record(now.saturating_sub(ts).max(1))
+                            }
+                            // The late answer to a ready probe: not one of ours.
+                            None if b.starts_with(PROBE) => return,
+                            None => {}
                         }
                         o.received += 1;
                         o.last_rx_ns = now;
                     } else if subject == b"ERROR" {
+                        if reqid.starts_with(PROBE_REQID) {
+                            return;
+                        }
                         note_error(o, format!("request failed: {}", String::from_utf8_lossy(b)));
                     } else {
                         return;
@@ -378,7 +403,7 @@ impl Worker {
                     encode_nats_pub(scratch, &self.plan.subject, &tag, body);
                 }
             }
-            push_msg(&mut s.conn.wbuf, self.plan.raw, scratch);
+            push_msg(&mut s.conn.wbuf, s.conn.raw, scratch);
             *sent += 1;
             *outstanding += 1;
         }
@@ -413,6 +438,241 @@ fn subscribe_all(
         c.sync_wait(deadline)?;
     }
     Ok(())
+}
+
+/// What a ready probe took: probes sent and the time until ready.
+struct Ready {
+    probes: u64,
+    took: Duration,
+}
+
+impl Ready {
+    fn kv(r: &Option<Ready>) -> String {
+        r.as_ref().map_or(String::new(), |r| {
+            format!(
+                " ready_probes={} ready_ms={:.0}",
+                r.probes,
+                r.took.as_secs_f64() * 1e3
+            )
+        })
+    }
+}
+
+/// Read what a non-blocking connection has now and hand every event to `f`.
+fn poll_conn(conn: &mut WsConn, mut f: impl FnMut(Ev<'_>, &mut Vec<u8>)) -> Result<(), String> {
+    loop {
+        let n = conn.read_nonblocking().map_err(|e| e.to_string())?;
+        conn.drain(&mut f).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+    }
+    conn.flush_nonblocking().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Fan-out ready probe (subscribers on another node, or several nodes behind one
+/// port): every publisher publishes `probe N` on its topic every [`PROBE_EVERY`]
+/// until each subscriber has received one, i.e. every subscription has reached the
+/// publisher's node; then one more, the fence, that each subscriber must receive too,
+/// so no earlier probe is still on its way when the measured run starts (order is
+/// kept per publisher). Subscriber `i` listens to `subjects[topic_of(i)]`. Probes
+/// arriving later anyway are skipped by the workers.
+fn fanout_ready(
+    publishers: &mut [WsConn],
+    subs: &mut [WsConn],
+    subjects: &[String],
+    topic_of: impl Fn(usize) -> usize,
+    timeout: Duration,
+) -> Result<Ready, String> {
+    let t0 = Instant::now();
+    let deadline = t0 + timeout;
+    for s in subs.iter_mut() {
+        s.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    }
+    let mut seen: Vec<Option<u64>> = vec![None; subs.len()];
+    let (mut next, mut fence, mut last_sent) = (0u64, None::<u64>, None::<Instant>);
+    let (mut body, mut scratch) = (Vec::new(), Vec::new());
+    loop {
+        let all_seen = seen.iter().all(Option::is_some);
+        if let Some(f) = fence {
+            if seen.iter().all(|n| n.is_some_and(|n| n >= f)) {
+                break;
+            }
+        } else if all_seen || last_sent.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
+            body.clear();
+            body.extend_from_slice(PROBE);
+            push_dec(&mut body, next);
+            for (p, publisher) in publishers.iter_mut().enumerate() {
+                scratch.clear();
+                encode_pub(publisher.proto, &mut scratch, subjects[p].as_bytes(), &body);
+                push_msg(&mut publisher.wbuf, publisher.raw, &scratch);
+                publisher
+                    .flush_blocking()
+                    .map_err(|e| format!("ready probe: publisher {p}: {e}"))?;
+            }
+            if all_seen {
+                fence = Some(next);
+            }
+            next += 1;
+            last_sent = Some(Instant::now());
+        }
+        if Instant::now() > deadline {
+            let reached = seen.iter().filter(|n| n.is_some()).count();
+            return Err(format!(
+                "ready probe: {reached} of {} subscribers received a probe within --setup-timeout ({timeout:?}){}",
+                subs.len(),
+                if fence.is_some() { ", the last probe not everywhere" } else { "" }
+            ));
+        }
+        for (i, s) in subs.iter_mut().enumerate() {
+            let topic = subjects[topic_of(i)].as_bytes();
+            let mut err = None;
+            let got = &mut seen[i];
+            poll_conn(s, |ev, _| match ev {
+                Ev::Msg { subject, body, .. } if subject == topic => {
+                    if let Some(n) = body.strip_prefix(PROBE).and_then(parse_dec) {
+                        *got = Some(got.map_or(n, |m| m.max(n)));
+                    }
+                }
+                Ev::Error(e) => err = Some(String::from_utf8_lossy(e).into_owned()),
+                _ => {}
+            })
+            .map_err(|e| format!("ready probe: subscriber {i}: {e}"))?;
+            if let Some(e) = err {
+                return Err(format!("ready probe: subscriber {i}: server said {e}"));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(Ready {
+        probes: next * publishers.len() as u64,
+        took: t0.elapsed(),
+    })
+}
+
+/// Request/reply ready probe (responders on another node): `requester` sends probe
+/// requests, answered here by the responders, until one answer comes back, i.e. the
+/// requester's node knows a responder. middleman answers every request (with an error
+/// while no node has a responder), so a new probe goes only after the last one's
+/// answer; NATS drops a request nobody listens to, so one unanswered for
+/// [`PROBE_RETRY`] is sent again (a late answer is skipped by the workers).
+fn reqres_ready(
+    requester: &mut WsConn,
+    responders: &mut [WsConn],
+    subject: &str,
+    timeout: Duration,
+) -> Result<Ready, String> {
+    let t0 = Instant::now();
+    let deadline = t0 + timeout;
+    requester
+        .sock
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    for r in responders.iter_mut() {
+        r.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    }
+    let (mut sent, mut waiting, mut last_sent) = (0u64, false, None::<Instant>);
+    let mut last_err = String::from("no answer");
+    let (mut body, mut tag, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+    loop {
+        let retry = match requester.proto {
+            Proto::Mm => !waiting && last_sent.is_none_or(|t| t.elapsed() >= PROBE_EVERY),
+            Proto::Nats => last_sent.is_none_or(|t| t.elapsed() >= PROBE_RETRY),
+        };
+        if retry {
+            body.clear();
+            body.extend_from_slice(PROBE);
+            push_dec(&mut body, sent);
+            tag.clear();
+            match requester.proto {
+                Proto::Mm => {
+                    tag.extend_from_slice(PROBE_REQID);
+                    push_dec(&mut tag, sent);
+                    requester.send_mm(b"REQ", subject.as_bytes(), &[(b"ReqID", &tag)], &body);
+                }
+                Proto::Nats => {
+                    // Requester 0's inbox (`_INBOX.bench.0.*`).
+                    tag.extend_from_slice(b"_INBOX.bench.0.probe");
+                    push_dec(&mut tag, sent);
+                    scratch.clear();
+                    encode_nats_pub(&mut scratch, subject.as_bytes(), &tag, &body);
+                    requester.send_text(&scratch);
+                }
+            }
+            sent += 1;
+            waiting = true;
+            last_sent = Some(Instant::now());
+        }
+        if !requester
+            .flush_nonblocking()
+            .map_err(|e| format!("ready probe: requester: {e}"))?
+        {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "ready probe: no probe request answered within --setup-timeout ({timeout:?}), {sent} sent; last: {last_err}"
+            ));
+        }
+        for (i, r) in responders.iter_mut().enumerate() {
+            let (proto, raw) = (r.proto, r.raw);
+            poll_conn(r, |ev, w| {
+                if let Ev::Msg {
+                    cmd,
+                    subject,
+                    reply,
+                    body: b,
+                    ..
+                } = ev
+                {
+                    if (cmd == b"REQ" || cmd == b"MSG") && !reply.is_empty() {
+                        scratch.clear();
+                        match proto {
+                            Proto::Mm => {
+                                encode_mm(&mut scratch, b"RES", subject, &[(b"rid", reply)], b)
+                            }
+                            Proto::Nats => encode_nats_pub(&mut scratch, reply, b"", b),
+                        }
+                        push_msg(w, raw, &scratch);
+                    }
+                }
+            })
+            .map_err(|e| format!("ready probe: responder {i}: {e}"))?;
+        }
+        let (mut answered, mut fatal) = (false, None);
+        poll_conn(requester, |ev, _| match ev {
+            Ev::Msg {
+                cmd,
+                subject,
+                reqid,
+                body,
+                ..
+            } => {
+                if (cmd == b"RES" || cmd == b"MSG") && body.starts_with(PROBE) {
+                    answered = true;
+                } else if subject == b"ERROR" && reqid.starts_with(PROBE_REQID) {
+                    waiting = false;
+                    last_err = format!("server error for the probe ({} B body)", body.len());
+                }
+            }
+            Ev::Error(e) => fatal = Some(String::from_utf8_lossy(e).into_owned()),
+            _ => {}
+        })
+        .map_err(|e| format!("ready probe: requester: {e}"))?;
+        if let Some(e) = fatal {
+            return Err(format!("ready probe: requester: server said {e}"));
+        }
+        if answered {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(Ready {
+        probes: sent,
+        took: t0.elapsed(),
+    })
 }
 
 /// A worker's per-topic progress counters and its thread.
@@ -481,6 +741,17 @@ fn join_all(workers: Vec<WorkerHandle>) -> Result<Outcome, String> {
         }
     }
     total.ok_or_else(|| "no worker".to_string())
+}
+
+/// `sub_url=` (when it differs from --url), `server_pids=`, and the ready probe's
+/// `ready_probes=` and `ready_ms=` (when there was one), for the result line.
+fn split_kv(c: &Common, ready: &Option<Ready>) -> String {
+    let mut kv = String::new();
+    if c.split() {
+        kv += &format!(" sub_url={}", c.sub_url());
+    }
+    kv += &format!(" server_pids={}", c.server_pid.len());
+    kv + &Ready::kv(ready)
 }
 
 fn transport_name(u: &Url) -> &'static str {
@@ -559,6 +830,7 @@ fn encode_pub(proto: Proto, out: &mut Vec<u8>, subject: &[u8], body: &[u8]) {
 pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
     let c = &a.common;
     let url = Url::parse(&c.url)?;
+    let sub_url = Url::parse(c.sub_url())?;
     if a.subs == 0 || a.publishers == 0 {
         return Err("--subs and --publishers must be at least 1".into());
     }
@@ -593,7 +865,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
     }
     let mut subs = Vec::with_capacity(nsubs);
     for i in 0..nsubs {
-        subs.push(connect(c, &url).map_err(|e| format!("subscriber {i}: {e}"))?);
+        subs.push(connect(c, &sub_url).map_err(|e| format!("subscriber {i}: {e}"))?);
     }
     // Subscriber i listens to publisher i / S.
     subscribe_all(
@@ -603,6 +875,19 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         setup_deadline,
     )
     .map_err(|e| format!("subscribe: {e}"))?;
+    // Subscribed on their node is not yet subscribed on the publisher's: wait until a
+    // probe from each publisher reaches every subscriber.
+    let ready = if c.probe() {
+        Some(fanout_ready(
+            &mut publishers,
+            &mut subs,
+            &subjects,
+            |i| i / a.subs,
+            c.setup_timeout,
+        )?)
+    } else {
+        None
+    };
     let slots = subs
         .into_iter()
         .enumerate()
@@ -618,7 +903,6 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         .collect();
     let plan = Plan {
         proto: c.proto,
-        raw: url.raw,
         subject: c.subject.as_bytes().to_vec(),
         subjects: subjects.iter().map(|s| s.as_bytes().to_vec()).collect(),
         size,
@@ -655,7 +939,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         a.batch.max(1) as u64
     };
 
-    let cpu = ServerCpu::start(c.server_pid)?;
+    let cpu = ServerCpu::start(&c.server_pid)?;
     let cpu_t0 = Instant::now();
     let self0 = stats::self_cpu();
     shared.start.store(true, Ordering::Release);
@@ -838,6 +1122,15 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         "result: scenario=fanout shape={shape} proto={} transport={} publishers={npubs} subs={} size={} rate={} window={} batch={} write_kib={} inflight={inflight} msgs_per_write={per_write} pack={} sent={} deliveries={} elapsed_s={:.3} deliveries_per_s={:.0}",
         proto_name(c.proto), transport_name(&url), a.subs, size, a.rate, a.window, a.batch, a.write_kib, u8::from(a.pack), total_sent, o.received, elapsed, rate
     );
+    kv += &split_kv(c, &ready);
+    if let Some(r) = &ready {
+        println!(
+            "  subscribers at {}: ready after {} probe(s) in {:.0} ms",
+            c.sub_url(),
+            r.probes,
+            r.took.as_secs_f64() * 1e3
+        );
+    }
     if a.rate > 0 {
         let achieved = total_sent as f64 / npubs as f64 / rate_span.max(1e-9);
         let held = achieved >= RATE_HELD * a.rate as f64;
@@ -936,6 +1229,7 @@ fn publisher_refusal(p: &mut WsConn) -> Option<String> {
 pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     let c = &a.common;
     let url = Url::parse(&c.url)?;
+    let sub_url = Url::parse(c.sub_url())?;
     if a.requesters == 0 || a.responders == 0 || a.window == 0 {
         return Err("--requesters, --responders and --window must be at least 1".into());
     }
@@ -946,7 +1240,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     let setup_deadline = Instant::now() + c.setup_timeout + Duration::from_millis(n as u64);
     let mut responders = Vec::new();
     for i in 0..a.responders {
-        responders.push(connect(c, &url).map_err(|e| format!("responder {i}: {e}"))?);
+        responders.push(connect(c, &sub_url).map_err(|e| format!("responder {i}: {e}"))?);
     }
     subscribe_all(
         &mut responders,
@@ -972,6 +1266,17 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
             r.sync_wait(setup_deadline).map_err(|e| e.to_string())?;
         }
     }
+    // The responders' node knows them; wait until the requesters' node does too.
+    let ready = if c.probe() {
+        Some(reqres_ready(
+            &mut requesters[0],
+            &mut responders,
+            &c.subject,
+            c.setup_timeout,
+        )?)
+    } else {
+        None
+    };
     let total = if a.msgs == 0 { u64::MAX } else { a.msgs };
     let per = total / a.requesters as u64;
     let extra = if a.msgs == 0 {
@@ -1002,7 +1307,6 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     }
     let plan = Plan {
         proto: c.proto,
-        raw: url.raw,
         subject: c.subject.as_bytes().to_vec(),
         subjects: Vec::new(),
         size,
@@ -1011,7 +1315,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     let hard = Instant::now() + a.duration + STALL + Duration::from_secs(30);
     let workers =
         spawn_workers(slots, c.threads, &plan, &shared, hard).map_err(|e| e.to_string())?;
-    let cpu = ServerCpu::start(c.server_pid)?;
+    let cpu = ServerCpu::start(&c.server_pid)?;
     let cpu_t0 = Instant::now();
     let self0 = stats::self_cpu();
     let t0 = now_ns();
@@ -1059,6 +1363,15 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
         "result: scenario=reqres shape={shape} proto={} transport={} requesters={} window={} responders={} size={} sent={} answered={} elapsed_s={:.3} requests_per_s={:.0}",
         proto_name(c.proto), transport_name(&url), a.requesters, a.window, a.responders, size, o.req_sent, o.received, elapsed, rate
     );
+    kv += &split_kv(c, &ready);
+    if let Some(r) = &ready {
+        println!(
+            "  responders at {}: ready after {} probe request(s) in {:.0} ms",
+            c.sub_url(),
+            r.probes,
+            r.took.as_secs_f64() * 1e3
+        );
+    }
     if let Some(cpu) = server_cpu {
         let s = cpu.as_secs_f64();
         let per = if s > 0.0 {
@@ -1109,7 +1422,8 @@ pub fn conns(a: &ConnsArgs) -> Result<bool, String> {
             a.conns
         ));
     }
-    let rss0 = c.server_pid.map(stats::proc_rss).transpose()?;
+    let pids = (!c.server_pid.is_empty()).then_some(&c.server_pid[..]);
+    let rss0 = pids.map(stats::procs_rss).transpose()?;
     let mut hist = histogram();
     let mut held = Vec::with_capacity(a.conns);
     let t0 = Instant::now();
@@ -1121,7 +1435,7 @@ pub fn conns(a: &ConnsArgs) -> Result<bool, String> {
     }
     let took = t0.elapsed().as_secs_f64();
     std::thread::sleep(a.hold);
-    let rss1 = c.server_pid.map(stats::proc_rss).transpose()?;
+    let rss1 = pids.map(stats::procs_rss).transpose()?;
     // Still connected? Each must still be open (nothing read as EOF or close).
     let mut alive = 0;
     for conn in held.iter_mut() {
@@ -1149,6 +1463,7 @@ pub fn conns(a: &ConnsArgs) -> Result<bool, String> {
         a.conns,
         latency_kv(&hist)
     );
+    kv += &format!(" server_pids={}", c.server_pid.len());
     if let (Some(r0), Some(r1)) = (rss0, rss1) {
         let per = r1.saturating_sub(r0) as f64 / a.conns.max(1) as f64;
         println!(

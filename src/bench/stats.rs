@@ -177,22 +177,42 @@ pub fn raise_fd_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// CPU used by the server between two samples, if a pid was given.
+/// CPU time (user + system) of several processes together, e.g. every node of a
+/// cluster and its nats-server.
+pub fn procs_cpu(pids: &[u32]) -> Result<Duration, String> {
+    pids.iter().map(|&p| proc_cpu(p)).sum()
+}
+
+/// Resident set size of several processes together, in bytes.
+pub fn procs_rss(pids: &[u32]) -> Result<u64, String> {
+    pids.iter().map(|&p| proc_rss(p)).sum()
+}
+
+/// CPU used by the server (all its processes together) between two samples, if any
+/// pid was given.
 pub struct ServerCpu {
-    pid: Option<u32>,
+    pids: Vec<u32>,
     start: Option<Duration>,
 }
 
 impl ServerCpu {
     /// Take the first sample.
-    pub fn start(pid: Option<u32>) -> Result<ServerCpu, String> {
-        let start = pid.map(proc_cpu).transpose()?;
-        Ok(ServerCpu { pid, start })
+    pub fn start(pids: &[u32]) -> Result<ServerCpu, String> {
+        let start = if pids.is_empty() {
+            None
+        } else {
+            Some(procs_cpu(pids)?)
+        };
+        Ok(ServerCpu {
+            pids: pids.to_vec(),
+            start,
+        })
     }
-    /// CPU time since [`ServerCpu::start`].
+    /// CPU time since [`ServerCpu::start`]; `None` without pids, or when one of the
+    /// processes is gone (a partial sum would flatter the server).
     pub fn elapsed(&self) -> Option<Duration> {
-        let (pid, start) = (self.pid?, self.start?);
-        proc_cpu(pid).ok().map(|t| t.saturating_sub(start))
+        let start = self.start?;
+        procs_cpu(&self.pids).ok().map(|t| t.saturating_sub(start))
     }
 }
 
@@ -225,5 +245,39 @@ mod tests {
         let pid = std::process::id();
         assert!(proc_cpu(pid).is_ok());
         assert!(proc_rss(pid).unwrap_or(0) > 0);
+    }
+
+    /// Several pids: their CPU times and RSS are summed (here the same process twice,
+    /// sampled between two single readings, so the sum is bracketed).
+    #[test]
+    fn several_pids_are_summed() {
+        let pid = std::process::id();
+        // Burn a little CPU so the readings are not all zero.
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let before = proc_cpu(pid).expect("cpu");
+        let both = procs_cpu(&[pid, pid]).expect("cpu");
+        let after = proc_cpu(pid).expect("cpu");
+        assert!(
+            before * 2 <= both && both <= after * 2,
+            "{before:?} {both:?} {after:?}"
+        );
+        assert_eq!(procs_cpu(&[]).expect("empty"), Duration::ZERO);
+        assert!(
+            procs_cpu(&[pid, u32::MAX]).is_err(),
+            "a missing process is an error"
+        );
+        let rss = proc_rss(pid).expect("rss");
+        let sum = procs_rss(&[pid, pid]).expect("rss");
+        // RSS moves a little between readings; the sum is about twice one.
+        assert!(sum > rss && sum < rss * 3, "{rss} {sum}");
+
+        let none = ServerCpu::start(&[]).expect("start");
+        assert!(none.elapsed().is_none());
+        let two = ServerCpu::start(&[pid, pid]).expect("start");
+        assert!(two.elapsed().is_some());
     }
 }
