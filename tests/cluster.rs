@@ -193,9 +193,10 @@ fn published_messages_cross_nodes_in_order_without_duplicates() {
 #[ignore = "needs nats-server (Debian package nats-server): run .ci/install-tools.sh"]
 fn an_enablement_made_on_one_node_holds_on_another_and_lapses_with_its_service() {
     let nats = NatsServer::start();
-    let (a, b) = (node(&nats, "t2"), node(&nats, "t2"));
-    settled(&[a.addr, b.addr]);
+    let (a, b, c) = (node(&nats, "t2"), node(&nats, "t2"), node(&nats, "t2"));
+    settled(&[a.addr, b.addr, c.addr]);
     let mut client = Peer::client(b.addr);
+    let mut third = Peer::client(c.addr);
     // Before: refused on B.
     client.send("SUB", "news", &[], "");
     let e = client.recv();
@@ -239,7 +240,19 @@ fn an_enablement_made_on_one_node_holds_on_another_and_lapses_with_its_service()
     assert_eq!(res.header("ReqID"), Some("q1"));
     assert_eq!(res.header("rid"), None);
     assert_eq!(res.header("cid"), Some(svc.cid.as_str()));
-    // The service leaves: its enablements lapse on B (at once, by announcement).
+    // A third node holds it as well.
+    until(10, "ESUB from A known on C", || {
+        third.send("SUB", "news", &[], "");
+        third.send("UNKNOWN", "probe", &[], "");
+        let m = third.recv();
+        if m.header("cmd") == Some("UNKNOWN") {
+            return true;
+        }
+        assert_eq!(m.header("reason"), Some("not permitted"));
+        let _ = third.recv();
+        false
+    });
+    // The service leaves: its enablements lapse on B and C (at once, by announcement).
     drop(svc);
     until(10, "ESUB lapsed on B", || {
         client.send("UNS", "news", &[], "");
@@ -255,6 +268,18 @@ fn an_enablement_made_on_one_node_holds_on_another_and_lapses_with_its_service()
     });
     client.send("PUB", "news", &[], "x");
     assert_eq!(client.recv().header("reason"), Some("not permitted"));
+    until(10, "ESUB lapsed on C", || {
+        third.send("UNS", "news", &[], "");
+        third.send("SUB", "news", &[], "");
+        third.send("UNKNOWN", "probe", &[], "");
+        let m = third.recv();
+        if m.header("cmd") == Some("UNKNOWN") {
+            return false;
+        }
+        assert_eq!(m.header("reason"), Some("not permitted"));
+        assert_eq!(third.recv().header("cmd"), Some("UNKNOWN"));
+        true
+    });
     client.send("REQ", "ask", &[("ReqID", "q2")], "");
     let e = client.recv();
     assert_eq!(
@@ -487,6 +512,26 @@ fn nodes_reconnect_after_nats_server_restarts_and_count_what_was_lost() {
     let mut sub = Peer::service(b.addr);
     sub.send("SUB", "live", &[], "");
     sub.sync();
+    // An enablement made on A, in force on B before the outage.
+    let mut svc = Peer::service(a.addr);
+    svc.send("ESUB", "guarded", &[], "");
+    svc.sync();
+    let mut client = Peer::client(b.addr);
+    let client_sub_refused = |client: &mut Peer| {
+        client.send("UNS", "guarded", &[], "");
+        client.send("SUB", "guarded", &[], "");
+        client.send("UNKNOWN", "probe", &[], "");
+        let m = client.recv();
+        if m.header("cmd") == Some("UNKNOWN") {
+            return false;
+        }
+        assert_eq!(m.header("reason"), Some("not permitted"));
+        assert_eq!(client.recv().header("cmd"), Some("UNKNOWN"));
+        true
+    };
+    until(10, "ESUB from A in force on B", || {
+        !client_sub_refused(&mut client)
+    });
     await_route(&mut publisher, &mut sub, "live");
     nats.stop();
     until(10, "A sees the backplane down", || {
@@ -508,9 +553,18 @@ fn nodes_reconnect_after_nats_server_restarts_and_count_what_was_lost() {
             "middleman_cluster_dropped_total{reason=\"disconnected\"}"
         ) >= 10.0
     );
+    // Past the node timeout, B no longer counts A's enablement (A is unheard).
+    until(10, "A forgotten by B", || {
+        metric(b.addr, "middleman_cluster_nodes") == 0.0
+    });
+    assert!(client_sub_refused(&mut client), "lapsed during the outage");
     nats.start_again();
     settled(&[a.addr, b.addr]);
     assert!(metric(a.addr, "middleman_cluster_reconnects_total") >= 1.0);
+    // Re-synced: the enablement holds on B again.
+    until(10, "ESUB back on B after the resync", || {
+        !client_sub_refused(&mut client)
+    });
     // Resubscribed: traffic resumes.
     await_route(&mut publisher, &mut sub, "live");
     publisher.send("PUB", "live", &[], "after");
