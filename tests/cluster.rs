@@ -99,6 +99,22 @@ fn await_route(publisher: &mut Peer, sub: &mut Peer, topic: &str) {
     await_routes(publisher, &mut [sub], topic);
 }
 
+/// Try `SUB topic` as `client` (after `UNS`, so an earlier subscription does not make
+/// it a no-op): true if refused `not permitted`, false if accepted. An unknown command
+/// after it always gets an error back, which tells an accepted SUB (no answer) apart.
+fn sub_refused(client: &mut Peer, topic: &str) -> bool {
+    client.send("UNS", topic, &[], "");
+    client.send("SUB", topic, &[], "");
+    client.send("UNKNOWN", "probe", &[], "");
+    let m = client.recv();
+    if m.header("cmd") == Some("UNKNOWN") {
+        return false;
+    }
+    assert_eq!(m.header("reason"), Some("not permitted"), "{m:?}");
+    assert_eq!(client.recv().header("cmd"), Some("UNKNOWN"));
+    true
+}
+
 /// Send requests until one is answered (the responder's node is known to the
 /// requester's), reading the answers (or errors) of the ones sent before.
 fn await_responder(requester: &mut Peer, target: &str) {
@@ -208,15 +224,7 @@ fn an_enablement_made_on_one_node_holds_on_another_and_lapses_with_its_service()
     svc.sync();
     // The announcement reaches B: a client SUB there is accepted.
     until(10, "ESUB from A known on B", || {
-        client.send("SUB", "news", &[], "");
-        client.send("UNKNOWN", "probe", &[], "");
-        let m = client.recv();
-        if m.header("cmd") == Some("UNKNOWN") {
-            return true; // no refusal before the sync reply
-        }
-        assert_eq!(m.header("cmd"), Some("SUB"));
-        let _ = client.recv(); // the UNKNOWN's error
-        false
+        !sub_refused(&mut client, "news")
     });
     // The client publishes on B, the service on A receives it (it subscribes; the
     // client does not, so that its probes do not come back to it).
@@ -242,44 +250,14 @@ fn an_enablement_made_on_one_node_holds_on_another_and_lapses_with_its_service()
     assert_eq!(res.header("cid"), Some(svc.cid.as_str()));
     // A third node holds it as well.
     until(10, "ESUB from A known on C", || {
-        third.send("SUB", "news", &[], "");
-        third.send("UNKNOWN", "probe", &[], "");
-        let m = third.recv();
-        if m.header("cmd") == Some("UNKNOWN") {
-            return true;
-        }
-        assert_eq!(m.header("reason"), Some("not permitted"));
-        let _ = third.recv();
-        false
+        !sub_refused(&mut third, "news")
     });
     // The service leaves: its enablements lapse on B and C (at once, by announcement).
     drop(svc);
-    until(10, "ESUB lapsed on B", || {
-        client.send("UNS", "news", &[], "");
-        client.send("SUB", "news", &[], "");
-        client.send("UNKNOWN", "probe", &[], "");
-        let m = client.recv();
-        if m.header("cmd") == Some("UNKNOWN") {
-            return false; // the SUB was accepted: not yet
-        }
-        assert_eq!(m.header("reason"), Some("not permitted"));
-        assert_eq!(client.recv().header("cmd"), Some("UNKNOWN"));
-        true
-    });
+    until(10, "ESUB lapsed on B", || sub_refused(&mut client, "news"));
     client.send("PUB", "news", &[], "x");
     assert_eq!(client.recv().header("reason"), Some("not permitted"));
-    until(10, "ESUB lapsed on C", || {
-        third.send("UNS", "news", &[], "");
-        third.send("SUB", "news", &[], "");
-        third.send("UNKNOWN", "probe", &[], "");
-        let m = third.recv();
-        if m.header("cmd") == Some("UNKNOWN") {
-            return false;
-        }
-        assert_eq!(m.header("reason"), Some("not permitted"));
-        assert_eq!(third.recv().header("cmd"), Some("UNKNOWN"));
-        true
-    });
+    until(10, "ESUB lapsed on C", || sub_refused(&mut third, "news"));
     client.send("REQ", "ask", &[("ReqID", "q2")], "");
     let e = client.recv();
     assert_eq!(
@@ -517,20 +495,8 @@ fn nodes_reconnect_after_nats_server_restarts_and_count_what_was_lost() {
     svc.send("ESUB", "guarded", &[], "");
     svc.sync();
     let mut client = Peer::client(b.addr);
-    let client_sub_refused = |client: &mut Peer| {
-        client.send("UNS", "guarded", &[], "");
-        client.send("SUB", "guarded", &[], "");
-        client.send("UNKNOWN", "probe", &[], "");
-        let m = client.recv();
-        if m.header("cmd") == Some("UNKNOWN") {
-            return false;
-        }
-        assert_eq!(m.header("reason"), Some("not permitted"));
-        assert_eq!(client.recv().header("cmd"), Some("UNKNOWN"));
-        true
-    };
     until(10, "ESUB from A in force on B", || {
-        !client_sub_refused(&mut client)
+        !sub_refused(&mut client, "guarded")
     });
     await_route(&mut publisher, &mut sub, "live");
     nats.stop();
@@ -557,13 +523,16 @@ fn nodes_reconnect_after_nats_server_restarts_and_count_what_was_lost() {
     until(10, "A forgotten by B", || {
         metric(b.addr, "middleman_cluster_nodes") == 0.0
     });
-    assert!(client_sub_refused(&mut client), "lapsed during the outage");
+    assert!(
+        sub_refused(&mut client, "guarded"),
+        "lapsed during the outage"
+    );
     nats.start_again();
     settled(&[a.addr, b.addr]);
     assert!(metric(a.addr, "middleman_cluster_reconnects_total") >= 1.0);
     // Re-synced: the enablement holds on B again.
     until(10, "ESUB back on B after the resync", || {
-        !client_sub_refused(&mut client)
+        !sub_refused(&mut client, "guarded")
     });
     // Resubscribed: traffic resumes.
     await_route(&mut publisher, &mut sub, "live");
