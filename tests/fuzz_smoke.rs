@@ -43,6 +43,7 @@ fn every_fuzz_target_survives_a_smoke_run() {
         "read_turn",
         "nats_proto",
         "subject_roundtrip",
+        "backplane",
     ] {
         assert!(
             stdout.contains(target),
