@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::cluster::node::{Cluster, OutReq, REMOTE};
-use crate::protocol::encode::{push_body, push_header};
+use crate::protocol::encode::{fmt_u64, push_body, push_header};
 use crate::protocol::{Message, Packet, PacketPool};
 use crate::router::{ConnId, Enable, Router, SubError};
 
@@ -590,7 +590,7 @@ impl Broker {
             self.stats.req_no_responder += 1;
             return self.error(out, from, msg, reason::NO_RESPONDER);
         };
-        let mut digits = itoa_buf();
+        let mut digits = [0; 20];
         let rid_text = fmt_u64(rid, &mut digits);
         let pkt = self.relay_packet(from, msg, &[b"rid"], Some((b"rid", rid_text)));
         out.send(responder, &pkt);
@@ -873,24 +873,6 @@ fn base36(mut n: u64) -> String {
     }
     v.reverse();
     String::from_utf8(v).unwrap_or_default()
-}
-
-fn itoa_buf() -> [u8; 20] {
-    [0; 20]
-}
-
-/// `n` in decimal, written at the end of `buf`.
-pub(crate) fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }
 
 /// A random cid prefix: 6 characters of `[0-9a-z]`.

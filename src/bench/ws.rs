@@ -12,6 +12,8 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+pub use crate::protocol::encode::push_dec;
+
 /// Which server the tool talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
@@ -625,21 +627,6 @@ pub fn encode_nats_pub(out: &mut Vec<u8>, subject: &[u8], reply: &[u8], body: &[
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     out.extend_from_slice(b"\r\n");
-}
-
-/// Append `n` in decimal.
-pub fn push_dec(out: &mut Vec<u8>, mut n: u64) {
-    let mut d = [0u8; 20];
-    let mut i = d.len();
-    loop {
-        i -= 1;
-        d[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&d[i..]);
 }
 
 /// One middleman data message: a protocol message (first line, headers, blank line,

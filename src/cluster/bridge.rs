@@ -269,7 +269,7 @@ impl Broker {
                 .router
                 .start_request(REMOTE, topic, name, value, deadline)?;
             let mut digits = [0u8; 20];
-            let rid_text = crate::broker::fmt_u64(rid, &mut digits);
+            let rid_text = crate::protocol::encode::fmt_u64(rid, &mut digits);
             let pkt = relay_packet(
                 &mut b.pool,
                 Origin::Remote,

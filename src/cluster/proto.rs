@@ -34,6 +34,8 @@ use std::ops::Range;
 
 use serde::Deserialize;
 
+use crate::protocol::encode::push_dec;
+
 /// The payload limit a NATS server announces by default (`max_payload`, 1 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 
@@ -889,7 +891,7 @@ pub fn pub_(
     buf.reserve(subject.len() + reply.map_or(0, <[u8]>::len) + payload.len() + 32);
     buf.extend_from_slice(b"PUB ");
     subject_and_reply(buf, subject, reply);
-    put_u64(buf, payload.len() as u64);
+    push_dec(buf, payload.len() as u64);
     buf.extend_from_slice(b"\r\n");
     buf.extend_from_slice(payload);
     buf.extend_from_slice(b"\r\n");
@@ -919,9 +921,9 @@ pub fn hpub(
     buf.reserve(subject.len() + reply.map_or(0, <[u8]>::len) + hdr + payload.len() + 56);
     buf.extend_from_slice(b"HPUB ");
     subject_and_reply(buf, subject, reply);
-    put_u64(buf, hdr as u64);
+    push_dec(buf, hdr as u64);
     buf.push(b' ');
-    put_u64(buf, (hdr + payload.len()) as u64);
+    push_dec(buf, (hdr + payload.len()) as u64);
     buf.extend_from_slice(b"\r\nNATS/1.0\r\n");
     for (name, value) in headers {
         buf.extend_from_slice(name);
@@ -969,7 +971,7 @@ pub fn sub(
         buf.extend_from_slice(q);
         buf.push(b' ');
     }
-    put_u64(buf, sid);
+    push_dec(buf, sid);
     buf.extend_from_slice(b"\r\n");
     Ok(())
 }
@@ -978,10 +980,10 @@ pub fn sub(
 /// messages in all.
 pub fn unsub(buf: &mut Vec<u8>, sid: u64, max: Option<u64>) {
     buf.extend_from_slice(b"UNSUB ");
-    put_u64(buf, sid);
+    push_dec(buf, sid);
     if let Some(max) = max {
         buf.push(b' ');
-        put_u64(buf, max);
+        push_dec(buf, max);
     }
     buf.extend_from_slice(b"\r\n");
 }
@@ -1035,21 +1037,6 @@ pub fn valid_subject(subject: &[u8], wildcards: bool) -> bool {
         }
     }
     true
-}
-
-/// A decimal number, without allocating.
-fn put_u64(buf: &mut Vec<u8>, mut n: u64) {
-    let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&tmp[i..]);
 }
 
 /// A JSON string literal: `"` and `\` escaped, control characters as `\n`, `\u00XX`...

@@ -255,6 +255,25 @@ impl PacketPool {
     }
 }
 
+/// `n` in decimal, written at the end of `buf` (no allocation); the digits are returned.
+pub fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// Append `n` in decimal.
+pub fn push_dec(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(fmt_u64(n, &mut [0; 20]));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
