@@ -634,13 +634,7 @@ impl Broker {
         let Some((id, reply)) = c.start_out_request(r, max) else {
             return false;
         };
-        let pkt = relay_packet(
-            &mut self.pool,
-            Origin::Local(self.sessions.get(from).and_then(Option::as_ref)),
-            msg,
-            &[b"rid"],
-            None,
-        );
+        let pkt = self.relay_packet(from, msg, &[b"rid"], None);
         let Some(c) = self.cluster.as_mut() else {
             return false;
         };

@@ -162,15 +162,19 @@ impl Broker {
         };
         match kind {
             Sid::Pub(topic) => {
-                let subs = self.router.subscribers(&topic);
-                if subs.is_empty() {
+                let Some(id) = self.router.lookup(&topic) else {
+                    return;
+                };
+                if self.router.topic(id).is_none_or(|t| t.subs.is_empty()) {
                     return;
                 }
                 let pkt = self.packet_from(payload);
-                for &s in self.router.subscribers(&topic) {
-                    out.send(s, &pkt);
+                if let Some(t) = self.router.topic(id) {
+                    for &s in &t.subs {
+                        out.send(s, &pkt);
+                    }
+                    self.stats.delivered_pub += t.subs.len() as u64;
                 }
-                self.stats.delivered_pub += self.router.subscribers(&topic).len() as u64;
             }
             Sid::MonPub => {
                 let Some(topic) = c.pub_topic(subject) else {

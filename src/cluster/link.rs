@@ -111,18 +111,10 @@ impl NatsLink {
         &self.peer
     }
 
+    /// The first address of `nats://HOST[:PORT]` (checked by the configuration already).
     fn resolve(url: &str) -> Option<SocketAddr> {
-        let rest = url.strip_prefix("nats://").unwrap_or(url);
-        let rest = rest.trim_end_matches('/');
-        let hostport = if rest
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            rest.to_owned()
-        } else {
-            format!("{rest}:4222")
-        };
-        hostport.to_socket_addrs().ok()?.next()
+        let (host, port) = crate::config::parse_nats_url(url).ok()?;
+        (host.as_str(), port).to_socket_addrs().ok()?.next()
     }
 
     fn start_connect(&mut self, registry: &Registry, now: Instant) {

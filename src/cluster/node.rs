@@ -165,6 +165,9 @@ pub struct Cluster {
     subj: Vec<u8>,
     /// Scratch for payloads.
     scratch: Vec<u8>,
+    /// `P.pub.` and `P.inbox.<N>.`, for reading subjects of incoming messages.
+    pub_prefix: Box<[u8]>,
+    inbox_prefix: Box<[u8]>,
 }
 
 fn kind_code(kind: Enable) -> u8 {
@@ -196,6 +199,10 @@ pub fn kind_of(code: u8) -> Option<Enable> {
 impl Cluster {
     /// A node named `node` (its cid prefix), not yet connected.
     pub fn new(node: &str, settings: ClusterSettings) -> Cluster {
+        let pub_prefix = format!("{}.pub.", settings.name).into_bytes().into();
+        let inbox_prefix = format!("{}.inbox.{node}.", settings.name)
+            .into_bytes()
+            .into();
         Cluster {
             node: node.into(),
             settings,
@@ -221,6 +228,8 @@ impl Cluster {
             stats: ClusterStats::default(),
             subj: Vec::new(),
             scratch: Vec::new(),
+            pub_prefix,
+            inbox_prefix,
         }
     }
 
@@ -304,46 +313,30 @@ impl Cluster {
         if !self.connected {
             return;
         }
-        let Some(s) = self.sids.get(&sid) else {
+        let Some(kind) = self.sids.get(&sid).cloned() else {
             return;
         };
-        let p = &self.settings.name;
-        let mut subj = std::mem::take(&mut self.subj);
-        subj.clear();
-        let queue: Option<Vec<u8>> = match s {
-            Sid::Pub(t) => {
-                subj.extend_from_slice(format!("{p}.pub.").as_bytes());
-                subject::encode(t, &mut subj);
-                None
-            }
-            Sid::Req(t) => {
-                subj.extend_from_slice(format!("{p}.req.").as_bytes());
-                subject::encode(t, &mut subj);
-                Some(format!("{p}.req").into_bytes())
-            }
-            Sid::Inbox => {
-                subj.extend_from_slice(format!("{p}.inbox.{}.>", self.node).as_bytes());
-                None
-            }
-            Sid::Node => {
-                subj.extend_from_slice(format!("{p}.node.{}", self.node).as_bytes());
-                None
-            }
-            Sid::Ctl => {
-                subj.extend_from_slice(format!("{p}.ctl").as_bytes());
-                None
-            }
-            Sid::MonPub => {
-                subj.extend_from_slice(format!("{p}.pub.>").as_bytes());
-                None
-            }
-            Sid::Mon => {
-                subj.extend_from_slice(format!("{p}.mon").as_bytes());
-                None
-            }
+        let node = self.node.clone();
+        let node = node.as_bytes();
+        let (subj, queue) = match &kind {
+            Sid::Pub(t) => (self.subject(&[b"pub"], Some(t)), None),
+            Sid::Req(t) => (
+                self.subject(&[b"req"], Some(t)),
+                Some(format!("{}.req", self.settings.name)),
+            ),
+            Sid::Inbox => (self.subject(&[b"inbox", node, b">"], None), None),
+            Sid::Node => (self.subject(&[b"node", node], None), None),
+            Sid::Ctl => (self.subject(&[b"ctl"], None), None),
+            Sid::MonPub => (self.subject(&[b"pub", b">"], None), None),
+            Sid::Mon => (self.subject(&[b"mon"], None), None),
         };
-        let _ = proto::sub(&mut self.out, &subj, queue.as_deref(), sid);
-        self.subj = subj;
+        let _ = proto::sub(
+            &mut self.out,
+            &subj,
+            queue.as_deref().map(str::as_bytes),
+            sid,
+        );
+        self.done_subject(subj);
     }
 
     fn write_unsub(&mut self, sid: u64) {
@@ -419,23 +412,22 @@ impl Cluster {
 
     /// Send a private message to the node owning `cid`.
     pub fn publish_private(&mut self, node: &[u8], cid: &[u8], payload: &[u8]) {
-        let s = self.subject(&[b"node", node], None);
-        let mut head = Vec::with_capacity(cid.len() + 3);
-        head.extend_from_slice(b"M ");
-        head.extend_from_slice(cid);
-        head.push(b'\n');
-        self.publish(&s, None, &head, payload);
-        self.done_subject(s);
+        self.send_to_node(node, b"M ", cid, payload);
     }
 
     /// Tell the node owning `cid` its new uid.
     pub fn publish_uid(&mut self, node: &[u8], cid: &[u8], uid: &[u8]) {
+        self.send_to_node(node, b"U ", cid, uid);
+    }
+
+    /// `<tag><cid>` LF `payload` on `node`'s own subject.
+    fn send_to_node(&mut self, node: &[u8], tag: &[u8], cid: &[u8], payload: &[u8]) {
         let s = self.subject(&[b"node", node], None);
-        let mut head = Vec::with_capacity(cid.len() + 3);
-        head.extend_from_slice(b"U ");
+        let mut head = Vec::with_capacity(tag.len() + cid.len() + 1);
+        head.extend_from_slice(tag);
         head.extend_from_slice(cid);
         head.push(b'\n');
-        self.publish(&s, None, &head, uid);
+        self.publish(&s, None, &head, payload);
         self.done_subject(s);
     }
 
@@ -869,15 +861,13 @@ impl Cluster {
 
     /// The inbox id of a subject `P.inbox.<N>.<id>`.
     pub fn inbox_id(&self, subject: &[u8]) -> Option<u64> {
-        let prefix = format!("{}.inbox.{}.", self.settings.name, self.node);
-        let rest = subject.strip_prefix(prefix.as_bytes())?;
+        let rest = subject.strip_prefix(&*self.inbox_prefix)?;
         std::str::from_utf8(rest).ok()?.parse().ok()
     }
 
     /// The topic of a subject `P.pub.<token>`.
     pub fn pub_topic(&self, subject: &[u8]) -> Option<Vec<u8>> {
-        let prefix = format!("{}.pub.", self.settings.name);
-        subject::decode(subject.strip_prefix(prefix.as_bytes())?)
+        subject::decode(subject.strip_prefix(&*self.pub_prefix)?)
     }
 }
 

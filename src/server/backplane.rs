@@ -14,17 +14,10 @@ impl Server {
     /// Run `f` with the link, the loop's registry, the broker and a sink, if the server
     /// is a cluster node.
     fn with_link(&mut self, f: impl FnOnce(&mut NatsLink, &Registry, &mut Broker, &mut Sink<'_>)) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        let mut sink = Sink {
-            conns: &mut self.conns,
-            dirty: &mut self.dirty,
-            closes: &mut self.closes,
-            max_out: self.cfg.max_outbound_bytes,
-            bytes_out: &mut self.metrics.bytes_out,
-        };
-        f(link, self.poll.registry(), &mut self.broker, &mut sink);
+        let (broker, mut sink, link, registry) = self.split_all();
+        if let Some(link) = link {
+            f(link, registry, broker, &mut sink);
+        }
     }
 
     /// A readiness event on the backplane connection.

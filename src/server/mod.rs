@@ -434,6 +434,13 @@ impl Server {
     }
 
     fn split(&mut self) -> (&mut Broker, Sink<'_>) {
+        let (broker, sink, _, _) = self.split_all();
+        (broker, sink)
+    }
+
+    /// The broker and a sink over the connections, with the backplane link (if any) and
+    /// the loop's registry beside them.
+    fn split_all(&mut self) -> (&mut Broker, Sink<'_>, Option<&mut NatsLink>, &mio::Registry) {
         (
             &mut self.broker,
             Sink {
@@ -443,6 +450,8 @@ impl Server {
                 max_out: self.cfg.max_outbound_bytes,
                 bytes_out: &mut self.metrics.bytes_out,
             },
+            self.link.as_mut(),
+            self.poll.registry(),
         )
     }
 
