@@ -352,6 +352,12 @@ impl Broker {
         self.session(conn).map(|s| &*s.cid)
     }
 
+    /// The pool relayed packets are built from: the reactor gives it back the packets
+    /// its queues let go of ([`PacketPool::recycle`]) and trims it from time to time.
+    pub fn pool(&mut self) -> &mut PacketPool {
+        &mut self.pool
+    }
+
     fn session(&self, conn: ConnId) -> Option<&Session> {
         self.sessions.get(conn).and_then(Option::as_ref)
     }

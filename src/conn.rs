@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::rc::Rc;
 
-use crate::protocol::Packet;
+use crate::protocol::{Packet, Spent};
 
 /// How a packet goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,7 +50,7 @@ const KEEP_SLOTS: usize = 64;
 pub const READ_FLOOR: usize = 4096;
 
 /// Most chunks handed to one `writev`.
-const MAX_IOV: usize = 64;
+const MAX_IOV: usize = 256;
 
 /// A connection's outbound queue: owned bytes and shared packets, written with `writev`.
 #[derive(Debug, Default)]
@@ -156,6 +156,20 @@ impl OutQueue {
     /// Write as much as the socket takes. Returns the bytes written; `WouldBlock` is not
     /// an error (the rest stays queued).
     pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<usize> {
+        self.write_inner(w, None)
+    }
+
+    /// [`OutQueue::write_to`], offering each packet written out to `spent` (the pool
+    /// takes those nobody else holds at the end of the pass).
+    pub fn write_recycling<W: Write>(&mut self, w: &mut W, spent: &mut Spent) -> io::Result<usize> {
+        self.write_inner(w, Some(spent))
+    }
+
+    fn write_inner<W: Write>(
+        &mut self,
+        w: &mut W,
+        mut spent: Option<&mut Spent>,
+    ) -> io::Result<usize> {
         let mut total = 0;
         while self.len > 0 {
             let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
@@ -173,12 +187,12 @@ impl OutQueue {
                 Err(e) => return Err(e),
             };
             total += written;
-            self.advance(written);
+            self.advance(written, spent.as_deref_mut());
         }
         Ok(total)
     }
 
-    fn advance(&mut self, mut n: usize) {
+    fn advance(&mut self, mut n: usize, mut spent: Option<&mut Spent>) {
         self.len -= n;
         self.written_total += n as u64;
         while self
@@ -196,7 +210,11 @@ impl OutQueue {
             if n >= left {
                 n -= left;
                 self.head_written = 0;
-                self.chunks.pop_front();
+                if let (Some(Chunk::Packet(p)), Some(sp)) =
+                    (self.chunks.pop_front(), spent.as_mut())
+                {
+                    sp.offer(p);
+                }
             } else {
                 self.head_written += n;
                 n = 0;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use middleman::broker::{Broker, Outbox, Role, Settings};
-use middleman::protocol::{Decoded, Decoder, Limits, Packet};
+use middleman::protocol::{Decoded, Decoder, Limits, Packet, Spent};
 use middleman::router::ConnId;
 
 struct Counting;
@@ -181,7 +181,12 @@ fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
 /// Frames in through tungstenite (`ws_step`, as the reactor reads), decoded, routed and
 /// queued for `subscribers`, queues written out every `per_pass` messages. Returns
 /// allocations per published message over `n` messages after a warm-up.
-fn read_path_allocations(subscribers: usize, body: usize) -> f64 {
+/// Allocations per published message over the read path, in the steady state after a
+/// warm-up. Every queue is written at the end of each pass, as the reactor does, and the
+/// packets they let go of go back to the broker's pool; but the first subscriber's queue
+/// is written only every `lag` passes (a subscriber that reads slower than the others,
+/// or a publisher burst larger than the pool's ring of recent packets).
+fn read_path_allocations(subscribers: usize, body: usize, lag: usize) -> f64 {
     let publisher = subscribers;
     let mut broker = Broker::new(Settings::default(), "test");
     let mut queues = Queues(
@@ -212,7 +217,8 @@ fn read_path_allocations(subscribers: usize, body: usize) -> f64 {
         text.trim_end()
     );
     let frame = masked_text_frame(msg.as_bytes());
-    let warm = 2_000usize;
+    // Warm-up: long enough for the lagging queue to have been written twice.
+    let warm = 2_000usize * lag;
     let n = 20_000usize;
     let mut stream = Stream {
         data: frame.repeat(warm + n),
@@ -228,6 +234,7 @@ fn read_path_allocations(subscribers: usize, body: usize) -> f64 {
     let mut own = OutQueue::new(Framing::WebSocket);
     let mut dec = Decoder::new(Limits::default());
     let mut sink = Sink(0);
+    let mut spent = Spent::default();
     let mut done = 0usize;
     let mut before = 0u64;
     let mut pass = 0usize;
@@ -268,9 +275,16 @@ fn read_path_allocations(subscribers: usize, body: usize) -> f64 {
                 break;
             }
         }
-        // End of pass: every queue written out.
-        for q in &mut queues.0 {
-            q.write_to(&mut sink).unwrap();
+        // End of pass: the queues written out (the lagging one now and then), what
+        // they let go of given back to the pool, which is trimmed from time to time.
+        for (i, q) in queues.0.iter_mut().enumerate() {
+            if i != 0 || pass.is_multiple_of(lag) {
+                q.write_recycling(&mut sink, &mut spent).unwrap();
+            }
+        }
+        broker.pool().recycle(&mut spent);
+        if pass.is_multiple_of(10) {
+            broker.pool().trim();
         }
         pass += 1;
         if blocked || done >= warm + n {
@@ -288,7 +302,7 @@ fn read_path_allocations(subscribers: usize, body: usize) -> f64 {
 fn the_read_path_allocates_at_most_once_per_published_message() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     for (subs, body) in [(1, 64), (1, 1024), (1000, 64), (1000, 1024)] {
-        let per = read_path_allocations(subs, body);
+        let per = read_path_allocations(subs, body, 1);
         println!(
             "read path: {subs} subscribers, {body} B: {per:.3} allocations per published message"
         );
@@ -298,5 +312,20 @@ fn the_read_path_allocates_at_most_once_per_published_message() {
             "{per} allocations per message, {subs} subscribers, {body} B"
         );
         assert!(per < 0.01, "{per}: the packet pool did not recycle");
+    }
+}
+
+#[test]
+fn packets_queued_for_many_passes_are_recycled_too() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // 1000 messages a pass, one subscriber written every 8th pass: ~8000 packets in
+    // its queue at a time, four times what the pool's ring of recent packets covers.
+    for subs in [2, 100] {
+        let per = read_path_allocations(subs, 64, 8);
+        println!("read path, a subscriber 8 passes behind, {subs} subscribers: {per:.3} allocations per published message");
+        assert!(
+            per < 0.01,
+            "{per}: packets queued for long were not recycled"
+        );
     }
 }

@@ -178,20 +178,73 @@ impl Packet {
 
 /// Packets handed out recently, oldest first; at most this many are kept.
 const POOL_SLOTS: usize = 2048;
-/// Heap bytes the pool may keep alive in packets nobody else holds.
-const POOL_BYTES: usize = 1 << 20;
+/// Packets given back (see [`Spent`]) kept for reuse; at most this many.
+const FREE_SLOTS: usize = 32 << 10;
+/// Heap bytes the pool may keep alive in packets nobody else holds. (A pass that
+/// publishes 100 batches of 150 small messages needs 15k packets, ~3 MiB; what a burst
+/// left and later passes did not use is let go by [`PacketPool::trim`].)
+const POOL_BYTES: usize = 8 << 20;
 /// A packet with more capacity than this is never kept for reuse.
 const POOL_PACKET_MAX: usize = 16 << 10;
 
 /// Recycles packets: a packet the pool handed out is built again in place, with no
 /// allocation, once every queue it went to has let it go (its `Rc` is unique again).
 /// Packets are reused in the order they were handed out, so in a loop whose queues are
-/// written every pass the oldest one is free again by the time it comes round.
+/// written every pass the oldest one is free again by the time it comes round. Packets
+/// that stay queued longer than the ring reaches (many publishers, a slow subscriber)
+/// come back through [`Spent`], which the queues fill as they let packets go.
 #[derive(Debug, Default)]
 pub struct PacketPool {
     ring: std::collections::VecDeque<std::rc::Rc<Packet>>,
-    /// Capacity of the packets in `ring`.
+    /// Packets nobody else holds, given back through [`PacketPool::recycle`].
+    free: Vec<std::rc::Rc<Packet>>,
+    /// The fewest packets `free` held since the last [`PacketPool::trim`]: that many
+    /// were not needed.
+    low: usize,
+    /// Capacity of the packets in `ring` and `free`.
     bytes: usize,
+}
+
+/// Packets the outbound queues let go of during a pass (each held by nobody else),
+/// kept for [`PacketPool::recycle`] at the end of the pass. Bounded in count and in
+/// bytes (the pool's bounds): past either, packets are freed as before.
+#[derive(Debug, Default)]
+pub struct Spent {
+    pkts: Vec<std::rc::Rc<Packet>>,
+    bytes: usize,
+}
+
+impl Spent {
+    /// Keep `p` for the pool if nobody else holds it and there is room; else drop it.
+    pub fn offer(&mut self, p: std::rc::Rc<Packet>) {
+        let cap = p.capacity();
+        if std::rc::Rc::strong_count(&p) == 1
+            && std::rc::Rc::weak_count(&p) == 0
+            && cap <= POOL_PACKET_MAX
+            && self.pkts.len() < FREE_SLOTS
+            && self.bytes + cap <= POOL_BYTES
+        {
+            self.bytes += cap;
+            self.pkts.push(p);
+        }
+    }
+
+    /// Packets kept.
+    pub fn len(&self) -> usize {
+        self.pkts.len()
+    }
+
+    /// None kept.
+    pub fn is_empty(&self) -> bool {
+        self.pkts.is_empty()
+    }
+
+    /// Give back the list's memory after a burst (it is empty between passes).
+    pub fn trim(&mut self) {
+        if self.pkts.is_empty() && self.pkts.capacity() > POOL_SLOTS {
+            self.pkts = Vec::new();
+        }
+    }
 }
 
 impl PacketPool {
@@ -200,14 +253,22 @@ impl PacketPool {
         PacketPool::default()
     }
 
-    /// A packet built by `fill` (as [`Packet::build_sized`]), reusing the oldest one
-    /// handed out if nobody holds it any more.
+    /// A packet built by `fill` (as [`Packet::build_sized`]): one given back if there
+    /// is one, else the oldest one handed out if nobody holds it any more, else new.
     pub fn build(
         &mut self,
         payload_hint: usize,
         utf8: bool,
         fill: impl FnOnce(&mut Vec<u8>),
     ) -> std::rc::Rc<Packet> {
+        if let Some(mut free) = self.free.pop() {
+            self.low = self.low.min(self.free.len());
+            self.bytes -= free.capacity();
+            if let Some(p) = std::rc::Rc::get_mut(&mut free) {
+                p.rebuild(payload_hint, utf8, fill);
+                return self.keep(free);
+            }
+        }
         let pkt = match self.ring.pop_front() {
             Some(mut oldest) => {
                 let held = oldest.capacity();
@@ -228,12 +289,27 @@ impl PacketPool {
             }
             None => std::rc::Rc::new(Packet::build_utf8(payload_hint, utf8, fill)),
         };
+        self.keep(pkt)
+    }
+
+    /// Note `pkt` at the back of the ring (making room), unless it is too large. A
+    /// packet that leaves the ring for room goes to the free list if nobody holds it
+    /// (else its last queue gives it back through [`Spent`]).
+    fn keep(&mut self, pkt: std::rc::Rc<Packet>) -> std::rc::Rc<Packet> {
         let cap = pkt.capacity();
         if cap <= POOL_PACKET_MAX {
             while self.ring.len() >= POOL_SLOTS || self.bytes + cap > POOL_BYTES {
-                match self.ring.pop_front() {
-                    Some(old) => self.bytes -= old.capacity(),
-                    None => break,
+                let Some(old) = self.ring.pop_front() else {
+                    break;
+                };
+                if self.bytes + cap <= POOL_BYTES
+                    && self.free.len() < FREE_SLOTS
+                    && std::rc::Rc::strong_count(&old) == 1
+                    && std::rc::Rc::weak_count(&old) == 0
+                {
+                    self.free.push(old); // its bytes stay counted
+                } else {
+                    self.bytes -= old.capacity();
                 }
             }
             if self.bytes + cap <= POOL_BYTES {
@@ -244,14 +320,46 @@ impl PacketPool {
         pkt
     }
 
+    /// Take the packets the queues let go of this pass, within the pool's bounds (the
+    /// rest are freed). `spent` is left empty.
+    pub fn recycle(&mut self, spent: &mut Spent) {
+        for p in spent.pkts.drain(..) {
+            let cap = p.capacity();
+            if self.free.len() < FREE_SLOTS && self.bytes + cap <= POOL_BYTES {
+                self.bytes += cap;
+                self.free.push(p);
+            }
+        }
+        spent.bytes = 0;
+    }
+
+    /// Let go of the given-back packets not needed since the last call (the fewest the
+    /// free list held meanwhile): called from time to time, so what a burst left does
+    /// not stay for good.
+    pub fn trim(&mut self) {
+        let unused = self.low.min(self.free.len());
+        for p in self.free.drain(..unused) {
+            self.bytes -= p.capacity();
+        }
+        if self.free.is_empty() {
+            self.free = Vec::new();
+        }
+        self.low = self.free.len();
+    }
+
     /// Packets kept (for tests).
     pub fn len(&self) -> usize {
-        self.ring.len()
+        self.ring.len() + self.free.len()
     }
 
     /// Nothing kept.
     pub fn is_empty(&self) -> bool {
-        self.ring.is_empty()
+        self.ring.is_empty() && self.free.is_empty()
+    }
+
+    /// Heap bytes the kept packets hold (for tests).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -355,6 +463,43 @@ mod tests {
         let d = pool.build(20_000, false, |b| b.extend_from_slice(&big));
         assert_eq!(d.payload().len(), 20_000);
         assert!(pool.len() <= 2, "a large packet is not kept");
+    }
+
+    #[test]
+    fn packets_given_back_are_reused_then_trimmed_when_unused() {
+        let mut pool = PacketPool::new();
+        let mut spent = Spent::default();
+        // More packets than the ring keeps, all held (queued) at once.
+        let held: Vec<_> = (0..POOL_SLOTS + 100)
+            .map(|_| pool.build(8, true, |b| b.extend_from_slice(b"queued")))
+            .collect();
+        assert_eq!(pool.len(), POOL_SLOTS);
+        // The queues let them go: those the ring still holds are not unique and stay
+        // with the ring; the 100 it let go of come back through `spent`.
+        let ptrs: Vec<_> = held.iter().map(std::rc::Rc::as_ptr).collect();
+        for p in held {
+            spent.offer(p);
+        }
+        assert_eq!(spent.len(), 100);
+        pool.recycle(&mut spent);
+        assert!(spent.is_empty());
+        assert_eq!(pool.len(), POOL_SLOTS + 100);
+        // Given-back packets are used first.
+        let again = pool.build(8, true, |b| b.extend_from_slice(b"again"));
+        assert!(ptrs[..100].contains(&std::rc::Rc::as_ptr(&again)));
+        assert_eq!(again.payload(), b"again");
+        drop(again);
+        // A packet someone still holds is not taken.
+        let kept = pool.build(8, true, |b| b.extend_from_slice(b"x"));
+        spent.offer(kept.clone());
+        assert!(spent.is_empty());
+        // Two trims with no use between them: the free list is let go of.
+        let before = pool.bytes();
+        pool.trim();
+        pool.trim();
+        assert_eq!(pool.len(), POOL_SLOTS, "only the ring is left");
+        assert!(pool.bytes() < before);
+        drop(kept);
     }
 
     #[test]

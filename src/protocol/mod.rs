@@ -4,4 +4,4 @@ pub mod decode;
 pub mod encode;
 
 pub use decode::{Decoded, Decoder, FrameError, Limits, Message};
-pub use encode::{encode_into, Packet, PacketPool};
+pub use encode::{encode_into, Packet, PacketPool, Spent};

@@ -14,6 +14,8 @@ use super::{Phase, Server};
 
 impl Server {
     pub(super) fn housekeeping(&mut self, now: Instant) {
+        self.broker.pool.trim();
+        self.spent.trim();
         let mut expired = Vec::new();
         let mut ping = Vec::new();
         for (id, c) in self.conns.iter_mut() {

@@ -44,7 +44,7 @@ use crate::cluster::node::ClusterSettings;
 use crate::config::Config;
 use crate::conn::{Budget, FrameScan, Framing, OutQueue};
 use crate::metrics::{CloseReason, Metrics};
-use crate::protocol::Decoder;
+use crate::protocol::{Decoder, Spent};
 use crate::router::ConnId;
 use crate::transport::{load_tls, Endpoint, Link, Listen, Scheme};
 
@@ -154,6 +154,8 @@ pub struct Server {
     /// tungstenite settings before the key is accepted (small messages only).
     ws_config_key: WebSocketConfig,
     dirty: Vec<ConnId>,
+    /// Packets the queues let go of this pass, for the broker's pool.
+    spent: Spent,
     again: Vec<(ConnId, u64)>,
     closes: Vec<Close>,
     hs: Handshakes,
@@ -285,6 +287,7 @@ impl Server {
             ws_config,
             ws_config_key,
             dirty: Vec::new(),
+            spent: Spent::default(),
             again: Vec::new(),
             closes: Vec::new(),
             hs: Handshakes::default(),
@@ -402,6 +405,7 @@ impl Server {
             self.process_closes(now);
             self.backplane_flush(now);
             self.flush_dirty();
+            self.broker.pool.recycle(&mut self.spent);
             self.metrics.end_pass(now, &self.broker);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() {
@@ -449,6 +453,7 @@ impl Server {
                 closes: &mut self.closes,
                 max_out: self.cfg.max_outbound_bytes,
                 bytes_out: &mut self.metrics.bytes_out,
+                spent: &mut self.spent,
             },
             self.link.as_mut(),
             self.poll.registry(),

@@ -7,7 +7,7 @@ use slab::Slab;
 
 use crate::broker::Outbox;
 use crate::metrics::CloseReason;
-use crate::protocol::Packet;
+use crate::protocol::{Packet, Spent};
 use crate::router::ConnId;
 
 use super::closing::{stop_queueing, Close};
@@ -21,6 +21,7 @@ pub(super) struct Sink<'a> {
     pub(super) closes: &'a mut Vec<Close>,
     pub(super) max_out: usize,
     pub(super) bytes_out: &'a mut u64,
+    pub(super) spent: &'a mut Spent,
 }
 
 impl Sink<'_> {
@@ -30,7 +31,7 @@ impl Sink<'_> {
         let Some(c) = self.conns.get_mut(to) else {
             return false;
         };
-        match c.out.write_to(&mut c.link) {
+        match c.out.write_recycling(&mut c.link, self.spent) {
             Ok(n) => {
                 *self.bytes_out += n as u64;
                 true
@@ -111,7 +112,7 @@ impl Server {
             return;
         };
         if !c.out.is_empty() {
-            match c.out.write_to(&mut c.link) {
+            match c.out.write_recycling(&mut c.link, &mut self.spent) {
                 Ok(n) => self.metrics.bytes_out += n as u64,
                 Err(_) => {
                     let why = match c.phase {
