@@ -118,6 +118,33 @@ impl Packet {
         *self = Self::from_headroom_vec(buf, utf8);
     }
 
+    /// Bytes to be written as they are, framing or not (a WebSocket control frame
+    /// tungstenite encoded, a handshake reply): its frame and its payload are the same
+    /// bytes.
+    pub fn verbatim(bytes: &[u8]) -> Packet {
+        let mut buf = Vec::with_capacity(HEADROOM + bytes.len());
+        buf.resize(HEADROOM, 0);
+        buf.extend_from_slice(bytes);
+        Packet {
+            buf,
+            start: HEADROOM,
+            text: false,
+        }
+    }
+
+    /// Made by [`Packet::verbatim`] (a frame header always starts before `HEADROOM`).
+    pub fn is_verbatim(&self) -> bool {
+        self.start == HEADROOM
+    }
+
+    /// Append to a verbatim packet's bytes (ignored for any other packet, whose frame
+    /// header gives its length).
+    pub fn extend_verbatim(&mut self, bytes: &[u8]) {
+        if self.is_verbatim() {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
     /// Heap bytes the packet holds.
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
