@@ -833,7 +833,11 @@ pub(crate) fn relay_packet(
         }
         b.extend_from_slice(tail);
         b.extend_from_slice(b"\r\n");
-        push_body(b, &msg.body);
+        if msg.plain_body {
+            b.extend_from_slice(&msg.body);
+        } else {
+            push_body(b, &msg.body);
+        }
         b.extend_from_slice(b"\r\n.\r\n");
     })
 }

@@ -101,6 +101,9 @@ pub struct Message<'a> {
     /// Every byte of the message came through [`Decoder::feed_utf8`] (already checked to
     /// be UTF-8, e.g. a WebSocket text message), so the message is valid UTF-8.
     pub utf8: bool,
+    /// No line of the body starts with `.`, so it is encoded again without stuffing
+    /// (a plain copy, no search).
+    pub plain_body: bool,
 }
 
 impl<'a> Message<'a> {
@@ -183,6 +186,8 @@ pub struct Decoder {
     body_end: usize,
     /// A body line started with `..` (the body must be copied to unstuff it).
     stuffed: bool,
+    /// A body line started with `.` (stuffed or not).
+    dotted: bool,
     body_tmp: Vec<u8>,
     failed: Option<FrameError>,
     /// Bytes before this offset may not be valid UTF-8 (they came through `feed`).
@@ -206,6 +211,7 @@ impl Decoder {
             body_start: 0,
             body_end: 0,
             stuffed: false,
+            dotted: false,
             body_tmp: Vec::new(),
             failed: None,
             unchecked_end: 0,
@@ -433,6 +439,7 @@ impl Decoder {
             self.body_start = self.scan; // just after the blank line
             self.body_end = self.body_start;
             self.stuffed = false;
+            self.dotted = false;
             return Ok(false);
         }
         if text == b"." {
@@ -472,8 +479,11 @@ impl Decoder {
         if text == b"." {
             return true;
         }
-        if text.starts_with(b"..") {
-            self.stuffed = true;
+        if text.first() == Some(&b'.') {
+            self.dotted = true;
+            if text.starts_with(b"..") {
+                self.stuffed = true;
+            }
         }
         self.body_end = line.end;
         false
@@ -515,6 +525,7 @@ impl Decoder {
             headers: &self.headers,
             body,
             utf8: self.cmd.start >= self.unchecked_end,
+            plain_body: state != State::Body || !self.dotted,
         };
         if malformed {
             Decoded::Malformed(msg)
@@ -641,6 +652,43 @@ mod tests {
         let (o, p) = all(b"PUB t\r\nA: 1\r\n\r\n..x\r\ny\r\n.\r\n", Limits::default());
         assert_eq!(o, vec![r#"PUB t ["A=1"] ".x\r\ny""#]);
         assert!(!p);
+    }
+
+    #[test]
+    fn a_body_with_no_line_starting_with_a_dot_is_plain() {
+        for (input, plain) in [
+            (&b"PUB t\r\n\r\nabc\r\ndef\r\n.\r\n"[..], true),
+            (b"PUB t\r\nA: 1\r\n.\r\n", true),
+            (b"PUB t\r\n\r\n\r\n.\r\n", true),
+            (b"PUB t\r\n\r\na.b\r\n.\r\n", true),
+            (b"PUB t\r\n\r\n.abc\r\n.\r\n", false),
+            (b"PUB t\r\n\r\n..abc\r\n.\r\n", false),
+            (b"PUB t\r\n\r\nabc\r\n..\r\n.\r\n", false),
+        ] {
+            let mut d = Decoder::new(Limits::default());
+            d.feed(input);
+            let Ok(Some(Decoded::Message(m))) = d.next() else {
+                panic!("{input:?}")
+            };
+            assert_eq!(m.plain_body, plain, "{input:?}");
+            if plain {
+                // Nothing to stuff: a plain copy is what push_body would write.
+                let mut stuffed = Vec::new();
+                crate::protocol::encode::push_body(&mut stuffed, &m.body);
+                assert_eq!(stuffed, &m.body[..]);
+            }
+        }
+        // The flag is per message.
+        let mut d = Decoder::new(Limits::default());
+        d.feed(b"PUB t\r\n\r\n.x\r\n.\r\nPUB t\r\n\r\ny\r\n.\r\n");
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!()
+        };
+        assert!(!m.plain_body);
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!()
+        };
+        assert!(m.plain_body);
     }
 
     #[test]

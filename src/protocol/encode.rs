@@ -243,9 +243,13 @@ pub struct Spent {
 
 impl Spent {
     /// Keep `p` for the pool if nobody else holds it and there is room; else drop it.
+    /// Verbatim bytes (handshake replies, control frames) are not kept: they are not on
+    /// the message path, and holding every new connection's reply until the pool is
+    /// trimmed cost idle connections memory.
     pub fn offer(&mut self, p: std::rc::Rc<Packet>) {
         let cap = p.capacity();
-        if std::rc::Rc::strong_count(&p) == 1
+        if !p.is_verbatim()
+            && std::rc::Rc::strong_count(&p) == 1
             && std::rc::Rc::weak_count(&p) == 0
             && cap <= POOL_PACKET_MAX
             && self.pkts.len() < FREE_SLOTS
