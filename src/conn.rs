@@ -615,14 +615,19 @@ mod tests {
             cap: 5,
             calls: 0,
         };
-        for _ in 0..10_000 {
+        write_out(&mut q, &mut w);
+        assert_eq!(w.got, expect);
+    }
+
+    /// Write the queue out, a write call at a time (bounded), until it is empty.
+    fn write_out(q: &mut OutQueue, w: &mut impl Write) {
+        for _ in 0..100_000 {
             if q.is_empty() {
                 break;
             }
-            q.write_to(&mut w).unwrap();
+            q.write_to(w).unwrap();
         }
         assert!(q.is_empty());
-        assert_eq!(w.got, expect);
     }
 
     /// A socket: takes up to `caps[k]` bytes across the slices of the k-th write.
@@ -689,13 +694,7 @@ mod tests {
                 calls: 0,
                 most_pieces: 0,
             };
-            for _ in 0..100_000 {
-                if q.is_empty() {
-                    break;
-                }
-                q.write_to(&mut w).unwrap();
-            }
-            assert!(q.is_empty());
+            write_out(&mut q, &mut w);
             assert_eq!(w.got.len(), expect.len());
             assert!(w.got == expect, "the stream changed");
             assert!(w.most_pieces <= MAX_IOV);
