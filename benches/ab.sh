@@ -7,7 +7,7 @@
 #   ROWS="pipe64_1 pubs64_100x10" bash benches/ab.sh OLD NEW   # chosen rows only
 #
 # Rows (same shapes and names as benches/compare.sh): fanout64_1 fanout64_100
-# fanout1024_100 pipe64_1 pipe64_100 pubs64_100x10 reqres100x16x2.
+# fanout1024_1 fanout1024_100 pipe64_1 pipe64_100 pubs64_100x10 reqres100x16x2.
 #
 # Only 127.0.0.1. Each round starts each server fresh.
 set -euo pipefail
@@ -72,6 +72,7 @@ for RUN in $(seq 1 "$RUNS"); do
         case $row in
         fanout64_1) both "$row" fanout --subs 1 --size 64 --duration "$DUR" ;;
         fanout64_100) both "$row" fanout --subs 100 --size 64 --duration "$DUR" --threads 2 ;;
+        fanout1024_1) both "$row" fanout --subs 1 --size 1024 --duration "$DUR" ;;
         fanout1024_100) both "$row" fanout --subs 100 --size 1024 --duration "$DUR" --threads 2 ;;
         pipe64_1) both "$row" fanout --subs 1 --size 64 --duration "$DUR" "${PIPE[@]}" ;;
         pipe64_100) both "$row" fanout --subs 100 --size 64 --duration "$DUR" --threads 2 "${PIPE[@]}" ;;
