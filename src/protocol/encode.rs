@@ -232,6 +232,11 @@ pub struct PacketPool {
     bytes: usize,
 }
 
+/// `p` is the only handle on its packet (no other `Rc`, no `Weak`): it may be rebuilt.
+fn held_by_nobody_else(p: &std::rc::Rc<Packet>) -> bool {
+    std::rc::Rc::strong_count(p) == 1 && std::rc::Rc::weak_count(p) == 0
+}
+
 /// Packets the outbound queues let go of during a pass (each held by nobody else),
 /// kept for [`PacketPool::recycle`] at the end of the pass. Bounded in count and in
 /// bytes (the pool's bounds): past either, packets are freed as before.
@@ -249,8 +254,7 @@ impl Spent {
     pub fn offer(&mut self, p: std::rc::Rc<Packet>) {
         let cap = p.capacity();
         if !p.is_verbatim()
-            && std::rc::Rc::strong_count(&p) == 1
-            && std::rc::Rc::weak_count(&p) == 0
+            && held_by_nobody_else(&p)
             && cap <= POOL_PACKET_MAX
             && self.pkts.len() < FREE_SLOTS
             && self.bytes + cap <= POOL_BYTES
@@ -335,8 +339,7 @@ impl PacketPool {
                 };
                 if self.bytes + cap <= POOL_BYTES
                     && self.free.len() < FREE_SLOTS
-                    && std::rc::Rc::strong_count(&old) == 1
-                    && std::rc::Rc::weak_count(&old) == 0
+                    && held_by_nobody_else(&old)
                 {
                     self.free.push(old); // its bytes stay counted
                 } else {
