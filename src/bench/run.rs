@@ -754,6 +754,19 @@ fn split_kv(c: &Common, ready: &Option<Ready>) -> String {
     kv + &Ready::kv(ready)
 }
 
+/// The report's line on the ready probe, when there was one: `who` at the sub URL were
+/// ready after so many `probes`.
+fn print_ready(c: &Common, ready: &Option<Ready>, who: &str, probes: &str) {
+    if let Some(r) = ready {
+        println!(
+            "  {who} at {}: ready after {} {probes} in {:.0} ms",
+            c.sub_url(),
+            r.probes,
+            r.took.as_secs_f64() * 1e3
+        );
+    }
+}
+
 fn transport_name(u: &Url) -> &'static str {
     if u.raw {
         "tcp"
@@ -1123,14 +1136,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         proto_name(c.proto), transport_name(&url), a.subs, size, a.rate, a.window, a.batch, a.write_kib, u8::from(a.pack), total_sent, o.received, elapsed, rate
     );
     kv += &split_kv(c, &ready);
-    if let Some(r) = &ready {
-        println!(
-            "  subscribers at {}: ready after {} probe(s) in {:.0} ms",
-            c.sub_url(),
-            r.probes,
-            r.took.as_secs_f64() * 1e3
-        );
-    }
+    print_ready(c, &ready, "subscribers", "probe(s)");
     if a.rate > 0 {
         let achieved = total_sent as f64 / npubs as f64 / rate_span.max(1e-9);
         let held = achieved >= RATE_HELD * a.rate as f64;
@@ -1364,14 +1370,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
         proto_name(c.proto), transport_name(&url), a.requesters, a.window, a.responders, size, o.req_sent, o.received, elapsed, rate
     );
     kv += &split_kv(c, &ready);
-    if let Some(r) = &ready {
-        println!(
-            "  responders at {}: ready after {} probe request(s) in {:.0} ms",
-            c.sub_url(),
-            r.probes,
-            r.took.as_secs_f64() * 1e3
-        );
-    }
+    print_ready(c, &ready, "responders", "probe request(s)");
     if let Some(cpu) = server_cpu {
         let s = cpu.as_secs_f64();
         let per = if s > 0.0 {
