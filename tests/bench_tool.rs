@@ -71,6 +71,13 @@ fn num(out: &str, key: &str) -> f64 {
         .unwrap_or_else(|_| panic!("{key} is not a number in {out}"))
 }
 
+/// Each of `keys` on the result line is 0 (nothing lost, reordered, failed...).
+fn assert_zero(out: &str, keys: &[&str]) {
+    for k in keys {
+        assert_eq!(field(out, k), "0", "{k}: {out}");
+    }
+}
+
 #[test]
 fn fanout_delivers_everything_in_order() {
     let server = TestServer::start();
@@ -93,9 +100,7 @@ fn fanout_delivers_everything_in_order() {
     assert_eq!(field(&out, "msgs_per_write"), "16");
     assert_eq!(field(&out, "sent"), "3000");
     assert_eq!(field(&out, "deliveries"), "60000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
-    assert_eq!(field(&out, "errors"), "0");
+    assert_zero(&out, &["lost", "out_of_order", "errors"]);
     assert!(num(&out, "deliveries_per_s") > 0.0);
     assert!(num(&out, "server_cpu_s") >= 0.0);
     let (p50, p99, max) = (
@@ -158,9 +163,7 @@ fn deep_pipeline_delivers_everything_in_order() {
     assert!((100.0..=16384.0 / 64.0).contains(&per_write), "{out}");
     assert_eq!(field(&out, "sent"), "20000");
     assert_eq!(field(&out, "deliveries"), "100000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
-    assert_eq!(field(&out, "errors"), "0");
+    assert_zero(&out, &["lost", "out_of_order", "errors"]);
     assert!(num(&out, "server_cpu_util") >= 0.0);
 
     // --write-kib alone: 100000 deliveries in flight; 1 KiB bodies (1050 B framed), 15
@@ -184,8 +187,7 @@ fn deep_pipeline_delivers_everything_in_order() {
     assert_eq!(field(&out, "inflight"), "100000");
     assert_eq!(field(&out, "msgs_per_write"), "15");
     assert_eq!(field(&out, "deliveries"), "6000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
+    assert_zero(&out, &["lost", "out_of_order"]);
 }
 
 /// Many publishers, one topic each, their own subscribers: sequence numbers, losses
@@ -214,10 +216,7 @@ fn many_publishers_each_deliver_everything_in_order() {
     assert_eq!(field(&out, "publishers"), "20");
     assert_eq!(field(&out, "sent"), "10000");
     assert_eq!(field(&out, "deliveries"), "30000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
-    assert_eq!(field(&out, "bad_publishers"), "0");
-    assert_eq!(field(&out, "errors"), "0");
+    assert_zero(&out, &["lost", "out_of_order", "bad_publishers", "errors"]);
 
     // The same in the deep-pipeline shape.
     let (code, out) = bench(
@@ -239,9 +238,7 @@ fn many_publishers_each_deliver_everything_in_order() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(field(&out, "shape"), "pubs5x2-pipeline8k");
     assert_eq!(field(&out, "deliveries"), "20000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
-    assert_eq!(field(&out, "bad_publishers"), "0");
+    assert_zero(&out, &["lost", "out_of_order", "bad_publishers"]);
 }
 
 /// Fixed load: the offered rate is held (achieved within 5% of it), and the result
@@ -263,8 +260,7 @@ fn fixed_load_holds_its_rate_and_reports_cost() {
     );
     assert_eq!(code, 0, "{out}");
     assert_eq!(field(&out, "shape"), "fixed2k");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
+    assert_zero(&out, &["lost", "out_of_order"]);
     let achieved = num(&out, "achieved_rate");
     assert!(
         (1900.0..=2100.0).contains(&achieved),
@@ -347,8 +343,7 @@ fn reqres_answers_every_request_across_responders() {
     assert_eq!(field(&out, "shape"), "req8x4x2");
     assert_eq!(field(&out, "sent"), "4000");
     assert_eq!(field(&out, "answered"), "4000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "errors"), "0");
+    assert_zero(&out, &["lost", "errors"]);
     let spread: Vec<u64> = field(&out, "per_responder")
         .split(',')
         .map(|v| v.parse().expect("count"))
@@ -388,9 +383,7 @@ fn tcp_transport_fanout_and_reqres() {
     assert_eq!(field(&out, "transport"), "tcp");
     assert_eq!(field(&out, "sent"), "2000");
     assert_eq!(field(&out, "deliveries"), "20000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
-    assert_eq!(field(&out, "errors"), "0");
+    assert_zero(&out, &["lost", "out_of_order", "errors"]);
     assert!(num(&out, "server_cpu_s") >= 0.0);
     let (p50, max) = (num(&out, "p50_us"), num(&out, "max_us"));
     assert!(0.0 < p50 && p50 <= max, "{out}");
@@ -402,8 +395,7 @@ fn tcp_transport_fanout_and_reqres() {
     );
     assert_eq!(code, 0, "{out}");
     assert_eq!(field(&out, "deliveries"), "200");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
+    assert_zero(&out, &["lost", "out_of_order"]);
 
     let (code, out) = bench_at(
         &tcp,
@@ -424,8 +416,7 @@ fn tcp_transport_fanout_and_reqres() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(field(&out, "transport"), "tcp");
     assert_eq!(field(&out, "answered"), "2000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "errors"), "0");
+    assert_zero(&out, &["lost", "errors"]);
 
     let (code, out) = bench_at(&tcp, &["conns", "--conns", "20", "--hold", "100ms"]);
     assert_eq!(code, 0, "{out}");
@@ -518,9 +509,7 @@ fn sub_url_probes_first_and_server_pids_sum() {
     );
     assert_eq!(field(&out, "sent"), "2000");
     assert_eq!(field(&out, "deliveries"), "20000");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "out_of_order"), "0");
-    assert_eq!(field(&out, "errors"), "0");
+    assert_zero(&out, &["lost", "out_of_order", "errors"]);
     assert!(num(&out, "server_cpu_s") >= 0.0);
 
     // Several publishers, each probing its own topic.
@@ -573,8 +562,7 @@ fn sub_url_probes_first_and_server_pids_sum() {
         .map(|v| v.parse::<u64>().expect("count"))
         .sum();
     assert_eq!(spread, 2000, "probes are not counted: {out}");
-    assert_eq!(field(&out, "lost"), "0");
-    assert_eq!(field(&out, "errors"), "0");
+    assert_zero(&out, &["lost", "errors"]);
 
     // One URL: no sub_url key, no probe unless asked for.
     let (code, out) = bench_at(&ws, &["fanout", "--subs", "2", "--msgs", "100"]);
