@@ -278,46 +278,13 @@ done
 
 rc=0
 python3 - "$RESULTS" "$OUT/machine.txt" <<'EOF' > "$OUT/table.md" || rc=$?
-import sys, statistics
+import sys
+sys.path.insert(0, "benches")
+from bench_table import read_results, med, fmt, cell, held
 rows = {}
-for line in open(sys.argv[1]):
-    kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
+for kv in read_results(sys.argv[1]):
     if "row" in kv:
         rows.setdefault(kv["row"], []).append(kv)
-
-def vals(runs, key):
-    out = []
-    for r in runs:
-        try:
-            out.append(float(r[key]))
-        except (KeyError, ValueError):
-            pass
-    return out
-
-def med(runs, key):
-    v = vals(runs, key)
-    return statistics.median(v) if v else float("nan")
-
-def fmt(v, unit):
-    if v != v:
-        return "n/a"
-    if unit == "M":
-        return f"{v/1e6:.2f}M" if v >= 1e5 else f"{v/1e3:.1f}k"
-    if unit == "us":
-        return f"{v:.0f} µs" if v < 1000 else f"{v/1000:.2f} ms"
-    if unit == "cores":
-        return f"{v:.2f}"
-    if unit == "rate":
-        return f"{v/1000:.2f}k" if v >= 1000 else f"{v:.0f}"
-    return f"{v:.0f}"
-
-def cell(runs, key, unit):
-    """median (min-max) over the rounds"""
-    v = vals(runs, key)
-    if not v:
-        return "n/a"
-    m = fmt(statistics.median(v), unit)
-    return m if len(v) == 1 else f"{m} ({fmt(min(v), unit)}-{fmt(max(v), unit)})"
 
 def ratio(a, b):
     return f"{a / b:.2f}x" if a == a and b == b and b else "n/a"
@@ -350,7 +317,7 @@ for name, label, base, var, what in pairs:
         is_var = suffix == var
         rc = ratio(med(v, kc), med(b, kc)) if is_var else ""
         rw = ratio(med(v, kw), med(b, kw)) if is_var else ""
-        print(f"| {name}_{suffix} | {label} | {charged(rs)} | {cell(rs, kc, 'M')} | {rc} | {cell(rs, kw, 'M')} | {rw} | {cell(rs, 'server_cpu_util', 'cores')} | {cell(rs, 'p99_us', 'us')} |")
+        print(f"| {name}_{suffix} | {label} | {charged(rs)} | {cell(rs, kc, 'Mk')} | {rc} | {cell(rs, kw, 'Mk')} | {rw} | {cell(rs, 'server_cpu_util', 'cores')} | {cell(rs, 'p99_us', 'us')} |")
 
 print()
 print("Fixed load, 64 B to 100 subscribers at 10k msg/s (1M deliveries/s offered): CPU of the")
@@ -360,10 +327,8 @@ print("| row | CPU | vs single | p50 | p99 | p99.9 | achieved msg/s | held | pub
 print("|---|---|---|---|---|---|---|---|---|")
 b, v = rows.get("lat64_100_10k_single", []), rows.get("lat64_100_10k_cross", [])
 for suffix, rs in (("single", b), ("cross", v)):
-    held = [x.get("rate_held", "?") for x in rs]
-    held = "yes" if held and all(h == "yes" for h in held) else (f"NO ({held.count('no')} of {len(held)})" if held else "n/a")
     r = ratio(med(v, "server_cpu_util"), med(b, "server_cpu_util")) if suffix == "cross" else ""
-    print(f"| lat64_100_10k_{suffix} | {cell(rs, 'server_cpu_util', 'cores')} | {r} | {cell(rs, 'p50_us', 'us')} | {cell(rs, 'p99_us', 'us')} | {cell(rs, 'p999_us', 'us')} | {cell(rs, 'achieved_rate', 'rate')} | {held} | {cell(rs, 'late_p99_us', 'us')} |")
+    print(f"| lat64_100_10k_{suffix} | {cell(rs, 'server_cpu_util', 'cores')} | {r} | {cell(rs, 'p50_us', 'us')} | {cell(rs, 'p99_us', 'us')} | {cell(rs, 'p999_us', 'us')} | {cell(rs, 'achieved_rate', 'rate')} | {held(rs)} | {cell(rs, 'late_p99_us', 'us')} |")
 pv, pb = med(v, "p99_us"), med(b, "p99_us")
 if pv == pv and pb == pb:
     d = pv - pb
@@ -389,7 +354,7 @@ for row in rows:
         v = [f"{fmt(float(x.get('server_cpu_util', 'nan')), 'cores')} cores, p99 {fmt(float(x.get('p99_us', 'nan')), 'us')}" for x in rs]
     else:
         key = next((k for k in ("deliveries_per_server_cpu_s", "requests_per_server_cpu_s") if rs and k in rs[0]), None)
-        v = [fmt(float(x.get(key, "nan")), "M") if key else "failed" for x in rs]
+        v = [fmt(float(x.get(key, "nan")), "Mk") if key else "failed" for x in rs]
     print(f"  {row}: {' | '.join(v)}")
 
 bad = [(row, r.get("run"), r.get("lost"), r.get("out_of_order"), r.get("rc"), r.get("failed"))

@@ -150,50 +150,15 @@ done
 } | tee -a "$OUT/machine.txt"
 
 python3 - "$RESULTS" "$OUT/machine.txt" <<'EOF' | tee "$OUT/table.md"
-import sys, statistics
+import sys
+sys.path.insert(0, "benches")
+from bench_table import read_results, med, fmt, cell, held
 rows = {}
-for line in open(sys.argv[1]):
-    kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
+for kv in read_results(sys.argv[1]):
     proto = kv.get("proto")
     if proto is None or "row" not in kv:
         continue
     rows.setdefault(kv["row"], {}).setdefault(proto, []).append(kv)
-
-def vals(runs, key):
-    out = []
-    for r in runs:
-        try:
-            out.append(float(r[key]))
-        except (KeyError, ValueError):
-            pass
-    return out
-
-def med(runs, key):
-    v = vals(runs, key)
-    return statistics.median(v) if v else float("nan")
-
-def fmt(v, unit):
-    if v != v:
-        return "n/a"
-    if unit == "M":
-        return f"{v/1e6:.2f}M"
-    if unit == "us":
-        return f"{v:.0f} µs" if v < 1000 else f"{v/1000:.2f} ms"
-    if unit == "B":
-        return f"{v/1000:.1f} kB"
-    if unit == "%":
-        return f"{100*v:.1f}%"
-    if unit == "rate":
-        return f"{v/1000:.2f}k" if v >= 1000 else f"{v:.0f}"
-    return f"{v:.0f}"
-
-def cell(runs, key, unit):
-    """median (min-max) over the rounds"""
-    v = vals(runs, key)
-    if not v:
-        return "n/a"
-    m = fmt(statistics.median(v), unit)
-    return m if len(v) == 1 else f"{m} ({fmt(min(v), unit)}-{fmt(max(v), unit)})"
 
 def shape(r):
     s = {x.get("shape", "?") for x in r.get("mm", []) + r.get("nats", [])}
@@ -243,9 +208,7 @@ for row, label in fixed:
     r = rows.get(row, {})
     for proto, name in (("mm", "middleman"), ("nats", "nats-server")):
         rs = r.get(proto, [])
-        held = [x.get("rate_held", "?") for x in rs]
-        held = "yes" if held and all(h == "yes" for h in held) else (f"NO ({held.count('no')} of {len(held)})" if held else "n/a")
-        print(f"| {row} | {shape(r)} | {label} | {name} | {cell(rs, 'server_cpu_util', '%')} | {cell(rs, 'p50_us', 'us')} | {cell(rs, 'p99_us', 'us')} | {cell(rs, 'p999_us', 'us')} | {cell(rs, 'achieved_rate', 'rate')} | {held} | {cell(rs, 'late_p99_us', 'us')} |")
+        print(f"| {row} | {shape(r)} | {label} | {name} | {cell(rs, 'server_cpu_util', '%')} | {cell(rs, 'p50_us', 'us')} | {cell(rs, 'p99_us', 'us')} | {cell(rs, 'p999_us', 'us')} | {cell(rs, 'achieved_rate', 'rate')} | {held(rs)} | {cell(rs, 'late_p99_us', 'us')} |")
     m, n = med(r.get("mm", []), "server_cpu_util"), med(r.get("nats", []), "server_cpu_util")
     if m == m and n == n and m > 0:
         print(f"| {row} | | CPU nats / mm | | {n / m:.2f}x | | | | | | |")
