@@ -31,7 +31,7 @@ fn gauges(addr: SocketAddr) -> (f64, f64, f64, f64) {
 }
 
 #[test]
-#[ignore]
+#[ignore = "minutes long (MM_SOAK_SECS, default 120): run it with --ignored soak; .ci/run skips it by name"]
 fn soak() {
     let secs: u64 = std::env::var("MM_SOAK_SECS")
         .ok()
