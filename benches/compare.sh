@@ -13,7 +13,9 @@
 #   pipeline16k  16 KiB of messages per write, <= 100000 deliveries in flight
 #   pubs100x10-  100 publishers, one topic each, 10 subscribers per topic
 #   fixed10k     a fixed offered load (10k msg/s): server CPU as a fraction of one core
-#                and p50/p99/p99.9 latency, i.e. what to size a machine with
+#                and p50/p99/p99.9 latency, i.e. what to size a machine with; the two
+#                latency rows also run `middleman bench floor` (no server, a relay that
+#                only copies bytes): the latency this machine allows
 # A full run (RUNS=3, DUR=3s) takes about 10 minutes on 2 cores (a round with DUR=1s: 50 s).
 #
 # Needs nats-server on PATH (Debian: apt-get install -y nats-server). Only 127.0.0.1.
@@ -99,6 +101,20 @@ one() {
     echo "row=$row run=$RUN rc=$rc $line" | tee -a "$RESULTS"
 }
 
+# floor ROW_NAME ARGS...: `middleman bench floor ARGS` (no server) as ROW_NAME's floor.
+floor() {
+    local row=$1
+    shift
+    local out rc=0 line
+    out=$(timeout 300 "$BIN" bench floor "$@" 2>&1) || rc=$?
+    line=$(printf '%s\n' "$out" | grep '^result:' | tail -1)
+    if [ -z "$line" ]; then
+        line="result: proto=floor failed=1"
+        printf '%s\n' "$out" | tail -5 >&2
+    fi
+    echo "row=$row run=$RUN rc=$rc $line" | tee -a "$RESULTS"
+}
+
 # both ROW_NAME ARGS...: the row against both servers, order alternating by round.
 both() {
     local row=$1
@@ -141,6 +157,10 @@ for RUN in $(seq 1 "$RUNS"); do
     both lat1_10k fanout --subs 1 --rate 10000 --duration "$DUR"
     both fixed64_100_10k fanout --subs 100 --rate 10000 --duration "$DUR" --threads 2
     both lat1000_100 fanout --subs 1000 --rate 100 --duration "$DUR" --threads 2
+    # The machine's floor for the two latency rows: the same topology with no server,
+    # a relay thread that only copies bytes (`middleman bench floor --help`).
+    floor lat1_10k --subs 1 --rate 10000 --duration "$DUR"
+    floor lat1000_100 --subs 1000 --rate 100 --duration "$DUR" --threads 2
     both reqres100x16x2 reqres --requesters 100 --window 16 --responders 2 --duration "$DUR"
     stop_servers
 done
@@ -202,12 +222,18 @@ fixed = [
     ("fixed64_100_10k", "64 B, 100 subscribers, 10k msg/s (1M deliveries/s)"),
     ("lat1000_100", "64 B, 1000 subscribers, 100 msg/s"),
 ]
+print("'no-work relay' is `middleman bench floor` in the same rounds: no server, a relay thread that")
+print("copies each read to every subscriber socket, the same receivers; its latency is what wake-ups")
+print("and loopback TCP on this machine allow, and its CPU is what the writes alone cost.")
+print()
 print("| row | shape | scenario | server | CPU | p50 | p99 | p99.9 | achieved msg/s | held | pub late p99 |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for row, label in fixed:
     r = rows.get(row, {})
-    for proto, name in (("mm", "middleman"), ("nats", "nats-server")):
+    for proto, name in (("mm", "middleman"), ("nats", "nats-server"), ("floor", "no-work relay")):
         rs = r.get(proto, [])
+        if proto == "floor" and not rs:
+            continue
         print(f"| {row} | {shape(r)} | {label} | {name} | {cell(rs, 'server_cpu_util', '%')} | {cell(rs, 'p50_us', 'us')} | {cell(rs, 'p99_us', 'us')} | {cell(rs, 'p999_us', 'us')} | {cell(rs, 'achieved_rate', 'rate')} | {held(rs)} | {cell(rs, 'late_p99_us', 'us')} |")
     m, n = med(r.get("mm", []), "server_cpu_util"), med(r.get("nats", []), "server_cpu_util")
     if m == m and n == n and m > 0:
@@ -222,7 +248,9 @@ print(f"RSS per idle authenticated connection at 10,000: middleman {cell(r.get('
 print()
 print("Every round, in order (throughput rows: per server CPU-second; fixed: CPU and p99):")
 for row in rows:
-    for proto in ("mm", "nats"):
+    for proto in ("mm", "nats", "floor"):
+        if proto not in rows[row]:
+            continue
         rs = sorted(rows[row].get(proto, []), key=lambda x: int(x.get("run", 0)))
         if "rate_held" in (rs[0] if rs else {}):
             v = [f"{fmt(float(x.get('server_cpu_util', 'nan')), '%')} cpu, p99 {fmt(float(x.get('p99_us', 'nan')), 'us')}" for x in rs]

@@ -1,7 +1,7 @@
 //! The load tool end to end: the real binary's `bench fanout` (in each load shape:
 //! window, deep pipeline, many publishers, fixed load), `bench reqres` and `bench conns`
-//! run briefly against an in-process server and must report zero lost, zero out of
-//! order, the shape they ran and sane numbers.
+//! run briefly against an in-process server (`bench floor` without one) and must report
+//! zero lost, zero out of order, the shape they ran and sane numbers.
 
 mod common;
 
@@ -22,10 +22,15 @@ fn bench(server: &TestServer, args: &[&str]) -> (i32, String) {
 /// Run `middleman bench ARGS... --url URL`; returns (exit code, stdout).
 fn bench_at(url: &str, args: &[&str]) -> (i32, String) {
     let pid = std::process::id().to_string();
+    let tail = ["--url", url, "--key", SERVICE_KEY, "--server-pid", &pid];
+    let (code, out, _) = tool(&[&["bench"], args, &tail].concat());
+    (code, out)
+}
+
+/// Run `middleman ARGS...` within [`LIMIT`]; returns (exit code, stdout, stderr).
+fn tool(args: &[&str]) -> (i32, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_middleman"))
-        .arg("bench")
         .args(args)
-        .args(["--url", url, "--key", SERVICE_KEY, "--server-pid", &pid])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -38,7 +43,7 @@ fn bench_at(url: &str, args: &[&str]) -> (i32, String) {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("bench {args:?} did not finish within {LIMIT:?}");
+            panic!("{args:?} did not finish within {LIMIT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -51,7 +56,7 @@ fn bench_at(url: &str, args: &[&str]) -> (i32, String) {
         e.read_to_string(&mut err).expect("stderr");
     }
     println!("{out}{err}");
-    (status.code().unwrap_or(-1), out)
+    (status.code().unwrap_or(-1), out, err)
 }
 
 /// The value of `key=` on the `result:` line.
@@ -309,6 +314,50 @@ fn fixed_load_holds_its_rate_and_reports_cost() {
     assert_eq!(field(&out, "rate_held"), "no", "{out}");
     assert!(num(&out, "achieved_rate") < 98000.0, "{out}");
     assert!(out.contains("RATE NOT HELD"), "{out}");
+}
+
+/// `bench floor` needs no server: a relay thread copies every message to every
+/// subscriber socket; all arrive, in order, across reads that split them (100-byte
+/// messages), and the result line has the fixed-load keys compare.sh tabulates.
+#[test]
+fn floor_relays_everything_and_reports_latency() {
+    let (code, out, _) = tool(&[
+        "bench",
+        "floor",
+        "--subs",
+        "3",
+        "--threads",
+        "2",
+        "--rate",
+        "2000",
+        "--duration",
+        "500ms",
+        "--size",
+        "100",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(field(&out, "scenario"), "floor");
+    assert_eq!(field(&out, "proto"), "floor");
+    assert_eq!(field(&out, "shape"), "fixed2k");
+    // 500 ms at 2000 msg/s: exactly 1000 scheduled messages, each to 3 subscribers.
+    assert_eq!(num(&out, "sent"), 1000.0, "{out}");
+    assert_eq!(num(&out, "deliveries"), 3000.0, "{out}");
+    assert_zero(&out, &["lost", "out_of_order", "errors"]);
+    let (p50, p99, p999) = (
+        num(&out, "p50_us"),
+        num(&out, "p99_us"),
+        num(&out, "p999_us"),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{out}");
+    // The relay is one thread: some CPU, at most one core.
+    let util = num(&out, "server_cpu_util");
+    assert!((0.0..=1.05).contains(&util), "{out}");
+    assert!(num(&out, "relay_cpu_s") >= 0.0);
+
+    // Without a rate there is no schedule to measure against: a clear error, exit 2.
+    let (code, out, err) = tool(&["bench", "floor", "--rate", "0"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("needs --rate"), "{err}");
 }
 
 #[test]

@@ -6,9 +6,11 @@
 //!
 //! Scenarios: `fanout` (S subscribers, one publisher, or P publishers with S subscribers
 //! each), `reqres` (C requesters with a window of W, K responders), `conns` (N idle
-//! authenticated connections). Fan-out has load shapes, named on the result line as
-//! `shape=`: `window256` (the default: at most 256 messages ahead of the slowest
-//! subscriber, 16 per write), `pipeline16k` (`--write-kib 16`: 16 KiB of messages per
+//! authenticated connections), and `floor` (no server: the same fixed-load fan-out
+//! through a relay thread that only copies bytes, i.e. the latency this machine allows).
+//! Fan-out has load shapes, named on the result line as `shape=`: `window256` (the
+//! default: at most 256 messages ahead of the slowest subscriber, 16 per write),
+//! `pipeline16k` (`--write-kib 16`: 16 KiB of messages per
 //! write, up to `--inflight` deliveries not yet received), `fixed10k` (`--rate 10000`:
 //! a fixed offered load, reporting the server's CPU utilisation and latency), and
 //! with `--publishers P`, `pubsPxS-...` (P publishers, one topic each). Throughput
@@ -20,6 +22,7 @@
 //! send time (nanoseconds on the tool's monotonic clock) at the start of its body, so
 //! receivers count losses, reordering and end-to-end latency.
 
+mod floor;
 mod run;
 pub mod stats;
 pub mod ws;
@@ -46,6 +49,9 @@ pub enum Scenario {
     Reqres(ReqresArgs),
     /// N idle authenticated connections: connect+auth latency, server RSS per connection.
     Conns(ConnsArgs),
+    /// No server: the latency floor of a fixed-load fan-out on this machine (publisher,
+    /// a relay thread that only copies bytes, receivers; loopback TCP).
+    Floor(FloorArgs),
 }
 
 /// Options every scenario takes.
@@ -177,6 +183,27 @@ pub struct ConnsArgs {
     pub hold: Duration,
 }
 
+/// `bench floor`: the topology of `fanout --rate R --subs S --threads T`, with the
+/// server replaced by a relay thread that copies each read to every subscriber socket.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FloorArgs {
+    /// Subscriber sockets the relay writes each message to.
+    #[arg(long, short = 's', default_value_t = 1)]
+    pub subs: usize,
+    /// Messages per second, one per write.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Publish for this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Message size in bytes (at least 16: sequence number and timestamp).
+    #[arg(long, default_value = "64", value_parser = parse_bytes)]
+    pub size: usize,
+    /// Receiver threads (each polls its share of the subscriber sockets).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
 impl Common {
     /// The subscribers' / responders' URL: --sub-url, or --url.
     pub fn sub_url(&self) -> &str {
@@ -201,6 +228,7 @@ pub fn run(args: Args) -> ExitCode {
         Scenario::Fanout(a) => run::fanout(&a),
         Scenario::Reqres(a) => run::reqres(&a),
         Scenario::Conns(a) => run::conns(&a),
+        Scenario::Floor(a) => floor::floor(&a),
     };
     match res {
         Ok(true) => ExitCode::SUCCESS,
@@ -229,6 +257,7 @@ mod tests {
             Scenario::Fanout(a) => a.common,
             Scenario::Reqres(a) => a.common,
             Scenario::Conns(a) => a.common,
+            Scenario::Floor(_) => panic!("floor has no common options"),
         }
     }
 

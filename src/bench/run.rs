@@ -786,10 +786,10 @@ fn proto_name(p: Proto) -> &'static str {
 const DEFAULT_INFLIGHT: u64 = 100_000;
 /// A fixed-load run held its rate (`rate_held=yes`) when it achieved at least this
 /// fraction of the offered rate.
-const RATE_HELD: f64 = 0.98;
+pub(super) const RATE_HELD: f64 = 0.98;
 
 /// `10000` → `10k`, `2000000` → `2M`, `1500` → `1500`.
-fn short_count(n: u64) -> String {
+pub(super) fn short_count(n: u64) -> String {
     if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
         format!("{}M", n / 1_000_000)
     } else if n >= 1000 && n.is_multiple_of(1000) {

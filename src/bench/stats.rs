@@ -147,10 +147,19 @@ pub fn proc_rss(pid: u32) -> Result<u64, String> {
 
 /// CPU time (user + system) of this process, all threads (getrusage).
 pub fn self_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+/// CPU time (user + system) of the calling thread (getrusage `RUSAGE_THREAD`).
+pub fn thread_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_THREAD)
+}
+
+fn rusage_cpu(who: libc::c_int) -> Duration {
     // SAFETY: getrusage writes only into the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; RUSAGE_SELF is always valid.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+    // SAFETY: as above; `who` is RUSAGE_SELF or RUSAGE_THREAD, both valid on Linux.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
         return Duration::ZERO;
     }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
