@@ -5,10 +5,13 @@
 //! message per write at the offered rate; a relay thread waits in epoll, reads what
 //! arrived and writes those bytes to each of the S subscriber sockets (one write each:
 //! no framing, no parsing, no routing, no queue); T receiver threads poll their share
-//! of the subscriber sockets as the bench's workers do. All over loopback TCP with
-//! `TCP_NODELAY`, in one process, stamped with the tool's clock. Its latency is the
-//! floor that wake-ups, the scheduler and loopback TCP set on this machine: a server's
-//! p50/p99 can come near it, not below it.
+//! of the subscriber sockets with `mio` as the bench's workers do, but only split
+//! fixed-size records (no WebSocket or protocol parsing: less work than the bench's
+//! receivers). All over loopback TCP with `TCP_NODELAY`, in one process, stamped with
+//! the tool's clock. Its latency is what wake-ups, the scheduler and loopback TCP leave
+//! a relay that does nothing else on this machine: a server on the same machine, doing
+//! more per message, is not expected to get below it (short of spinning instead of
+//! sleeping, which on a machine shared with the load client takes the client's CPU).
 //!
 //! Messages are `--size` bytes: sequence number and send time (little-endian u64s),
 //! then padding; receivers count losses and reordering per subscriber.
