@@ -222,7 +222,7 @@ fixed = [
     ("fixed64_100_10k", "64 B, 100 subscribers, 10k msg/s (1M deliveries/s)"),
     ("lat1000_100", "64 B, 1000 subscribers, 100 msg/s"),
 ]
-print("'no-work relay' is `middleman bench floor` in the same rounds: no server, a relay thread that")
+print("'no-work relay' is `middleman bench floor` in the same rounds: no server, a relay process that")
 print("copies each read to every subscriber socket, the same receivers; its latency is what wake-ups")
 print("and loopback TCP on this machine allow, and its CPU is what the writes alone cost.")
 print()

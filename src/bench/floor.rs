@@ -2,13 +2,14 @@
 //!
 //! The topology of `bench fanout --rate R --subs S --threads T` against a server, with
 //! the server replaced by the least a relay can do: a publisher thread writes one
-//! message per write at the offered rate; a relay thread waits in epoll, reads what
-//! arrived and writes those bytes to each of the S subscriber sockets (one write each:
-//! no framing, no parsing, no routing, no queue); T receiver threads poll their share
-//! of the subscriber sockets with `mio` as the bench's workers do, but only split
+//! message per write at the offered rate; a relay, in a process of its own as a server
+//! is (this binary's hidden `bench floor-relay`), waits in epoll, reads what arrived
+//! and writes those bytes to each of the S subscriber sockets (one write each: no
+//! framing, no parsing, no routing, no queue); T receiver threads poll their share of
+//! the subscriber sockets with `mio` as the bench's workers do, but only split
 //! fixed-size records (no WebSocket or protocol parsing: less work than the bench's
-//! receivers). All over loopback TCP with `TCP_NODELAY`, in one process, stamped with
-//! the tool's clock. Its latency is what wake-ups, the scheduler and loopback TCP leave
+//! receivers). All over loopback TCP with `TCP_NODELAY`, stamped with the tool's
+//! clock; the relay's CPU is its relaying thread's, from the start of relaying. Its latency is what wake-ups, the scheduler and loopback TCP leave
 //! a relay that does nothing else on this machine: a server on the same machine, doing
 //! more per message, is not expected to get below it (short of spinning instead of
 //! sleeping, which on a machine shared with the load client takes the client's CPU).
@@ -18,13 +19,14 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 
 use super::stats::{histogram, latency_kv, latency_line, now_ns, thread_cpu};
-use super::FloorArgs;
+use super::{FloorArgs, FloorRelayArgs};
 
 /// The relay's read buffer (one read is written to every subscriber).
 const RELAY_BUF: usize = 64 * 1024;
@@ -32,6 +34,8 @@ const RELAY_BUF: usize = 64 * 1024;
 const HEADER: usize = 16;
 /// How long receivers and the relay may go without an event before checking the clock.
 const IDLE_POLL: Duration = Duration::from_millis(2);
+/// Longest the relay process may take to start and connect.
+const SETUP: Duration = Duration::from_secs(10);
 /// After the last send, how long the run may take to drain before it gives up.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -70,32 +74,72 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
     let threads = a.threads.clamp(1, a.subs);
     let count = (a.duration.as_nanos() as u64).saturating_mul(a.rate) / 1_000_000_000;
     let interval_ns = 1_000_000_000 / a.rate;
+    let hard = Instant::now() + a.duration + DRAIN;
 
+    // The relay runs in a process of its own, as a server would: it connects once for
+    // the publisher's stream and once per subscriber, and says which is which.
     let listener = TcpListener::bind("127.0.0.1:0").map_err(e("bind 127.0.0.1:0"))?;
     let addr = listener.local_addr().map_err(e("local address"))?;
-    let connect = || -> Result<(TcpStream, TcpStream), String> {
-        let near = TcpStream::connect(addr).map_err(e("connect"))?;
-        let (far, _) = listener.accept().map_err(e("accept"))?;
-        for s in [&near, &far] {
-            s.set_nodelay(true).map_err(e("TCP_NODELAY"))?;
+    let exe = std::env::current_exe().map_err(e("own executable"))?;
+    let limit = (a.duration + DRAIN).as_secs().max(1);
+    let child = Command::new(exe)
+        .args(["bench", "floor-relay", "--connect", &addr.to_string()])
+        .args([
+            "--subs",
+            &a.subs.to_string(),
+            "--limit-secs",
+            &limit.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(e("start the relay process"))?;
+    let mut relay = Relay(child);
+    let mut input = None;
+    let mut subs: Vec<Option<TcpStream>> = (0..a.subs).map(|_| None).collect();
+    listener.set_nonblocking(true).map_err(e("listener"))?;
+    let setup_end = Instant::now() + SETUP;
+    for _ in 0..=a.subs {
+        let sock = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    if let Ok(Some(st)) = relay.0.try_wait() {
+                        return Err(format!("the relay process exited during set-up: {st}"));
+                    }
+                    if Instant::now() > setup_end {
+                        return Err(format!("the relay did not connect within {SETUP:?}"));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(err) => return Err(format!("accept: {err}")),
+            }
+        };
+        sock.set_nonblocking(false).map_err(e("blocking mode"))?;
+        sock.set_nodelay(true).map_err(e("TCP_NODELAY"))?;
+        sock.set_read_timeout(Some(SETUP))
+            .map_err(e("read timeout"))?;
+        let mut which = [0u8; 8];
+        (&sock)
+            .read_exact(&mut which)
+            .map_err(e("the relay's hello"))?;
+        sock.set_read_timeout(None).map_err(e("read timeout"))?;
+        match u64::from_le_bytes(which) as usize {
+            0 if input.is_none() => input = Some(sock),
+            i if (1..=a.subs).contains(&i) && subs[i - 1].is_none() => subs[i - 1] = Some(sock),
+            i => {
+                return Err(format!(
+                    "the relay said it was connection {i} twice or past the end"
+                ))
+            }
         }
-        Ok((near, far))
-    };
-    let (mut publisher, relay_in) = connect()?;
-    let mut relay_out = Vec::with_capacity(a.subs);
-    let mut groups: Vec<Vec<TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
-    for i in 0..a.subs {
-        let (sub, out) = connect()?;
-        relay_out.push(out);
-        groups[i % threads].push(sub);
     }
     drop(listener);
-
-    let hard = Instant::now() + a.duration + DRAIN;
-    let relay = std::thread::Builder::new()
-        .name("floor-relay".into())
-        .spawn(move || relay_loop(relay_in, relay_out, hard))
-        .map_err(e("spawn the relay"))?;
+    let mut publisher = input.ok_or("the relay never connected its input")?;
+    let mut groups: Vec<Vec<TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, s) in subs.into_iter().enumerate() {
+        groups[i % threads].push(s.ok_or("a subscriber connection is missing")?);
+    }
     let mut receivers = Vec::new();
     for (n, g) in groups.into_iter().enumerate() {
         let h = std::thread::Builder::new()
@@ -129,13 +173,9 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
         sent += 1;
     }
     let pub_secs = started.elapsed().as_secs_f64();
-    // The relay reads end-of-stream, finishes and closes the subscribers' sockets.
+    // The relay reads end-of-stream, finishes, closes the subscribers' sockets and exits.
     let _ = publisher.shutdown(Shutdown::Write);
 
-    let relay_cpu = relay
-        .join()
-        .map_err(|_| "the relay thread panicked".to_string())?
-        .map_err(|err| format!("relay: {err}"))?;
     let mut got = Received {
         hist: histogram(),
         per_sub: Vec::new(),
@@ -154,6 +194,7 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
         }
     }
 
+    let relay_cpu = relay.finish(hard)?;
     let deliveries: u64 = got.per_sub.iter().map(|&(i, o)| i + o).sum();
     let out_of_order: u64 = got.per_sub.iter().map(|&(_, o)| o).sum();
     let lost: u64 = got
@@ -201,6 +242,70 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
         got.errors
     );
     Ok(lost == 0 && out_of_order == 0 && got.errors == 0 && pub_err.is_none() && sent > 0)
+}
+
+/// The relay process, killed if it is still running when dropped (an error path).
+struct Relay(Child);
+
+impl Relay {
+    /// Wait (until `hard`) for the relay to exit; the CPU time it reports.
+    fn finish(&mut self, hard: Instant) -> Result<Duration, String> {
+        let status = loop {
+            match self.0.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() > hard => {
+                    return Err("the relay process did not finish in time".into())
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(err) => return Err(format!("wait for the relay: {err}")),
+            }
+        };
+        let mut out = String::new();
+        if let Some(mut o) = self.0.stdout.take() {
+            o.read_to_string(&mut out)
+                .map_err(|err| format!("the relay's report: {err}"))?;
+        }
+        if !status.success() {
+            return Err(format!("the relay process failed ({status}): {out}"));
+        }
+        out.split_whitespace()
+            .find_map(|kv| kv.strip_prefix("relay_cpu_ns="))
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_nanos)
+            .ok_or_else(|| format!("no relay_cpu_ns in the relay's report: {out}"))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `bench floor-relay`: the relay process `floor` starts. Connects its input and then
+/// each subscriber, each announced by its index (0: input), relays until the input
+/// ends, and prints `relay_cpu_ns=` (its relaying thread's CPU time).
+pub fn relay_process(a: &FloorRelayArgs) -> Result<bool, String> {
+    let connect = |i: u64| -> Result<TcpStream, String> {
+        let mut s = TcpStream::connect_timeout(&a.connect, SETUP)
+            .map_err(|err| format!("connect to {}: {err}", a.connect))?;
+        s.set_nodelay(true)
+            .map_err(|err| format!("TCP_NODELAY: {err}"))?;
+        s.write_all(&i.to_le_bytes())
+            .map_err(|err| format!("hello: {err}"))?;
+        Ok(s)
+    };
+    let input = connect(0)?;
+    let outputs = (1..=a.subs as u64)
+        .map(connect)
+        .collect::<Result<Vec<_>, _>>()?;
+    let hard = Instant::now() + Duration::from_secs(a.limit_secs);
+    let cpu = relay_loop(input, outputs, hard).map_err(|err| format!("relay: {err}"))?;
+    println!("relay_cpu_ns={}", cpu.as_nanos());
+    Ok(true)
 }
 
 /// The relay: wait in epoll for the publisher's bytes, write each read to every

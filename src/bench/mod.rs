@@ -52,6 +52,9 @@ pub enum Scenario {
     /// No server: the latency floor of a fixed-load fan-out on this machine (publisher,
     /// a relay thread that only copies bytes, receivers; loopback TCP).
     Floor(FloorArgs),
+    /// The relay process of `floor` (started by it; not for direct use).
+    #[command(hide = true)]
+    FloorRelay(FloorRelayArgs),
 }
 
 /// Options every scenario takes.
@@ -204,6 +207,21 @@ pub struct FloorArgs {
     pub threads: usize,
 }
 
+/// `bench floor-relay`: connect to `floor`'s listener once for the input and once per
+/// subscriber, relay until the input ends, print the CPU time used.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FloorRelayArgs {
+    /// The `floor` process's listener, `127.0.0.1:PORT`.
+    #[arg(long)]
+    pub connect: std::net::SocketAddr,
+    /// Subscriber connections to make.
+    #[arg(long)]
+    pub subs: usize,
+    /// Exit after this many seconds whatever happens.
+    #[arg(long, default_value_t = 60)]
+    pub limit_secs: u64,
+}
+
 impl Common {
     /// The subscribers' / responders' URL: --sub-url, or --url.
     pub fn sub_url(&self) -> &str {
@@ -229,6 +247,7 @@ pub fn run(args: Args) -> ExitCode {
         Scenario::Reqres(a) => run::reqres(&a),
         Scenario::Conns(a) => run::conns(&a),
         Scenario::Floor(a) => floor::floor(&a),
+        Scenario::FloorRelay(a) => floor::relay_process(&a),
     };
     match res {
         Ok(true) => ExitCode::SUCCESS,
@@ -257,7 +276,7 @@ mod tests {
             Scenario::Fanout(a) => a.common,
             Scenario::Reqres(a) => a.common,
             Scenario::Conns(a) => a.common,
-            Scenario::Floor(_) => panic!("floor has no common options"),
+            Scenario::Floor(_) | Scenario::FloorRelay(_) => panic!("no common options"),
         }
     }
 
