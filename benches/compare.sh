@@ -158,7 +158,7 @@ for RUN in $(seq 1 "$RUNS"); do
     both fixed64_100_10k fanout --subs 100 --rate 10000 --duration "$DUR" --threads 2
     both lat1000_100 fanout --subs 1000 --rate 100 --duration "$DUR" --threads 2
     # The machine's floor for the two latency rows: the same topology with no server,
-    # a relay thread that only copies bytes (`middleman bench floor --help`).
+    # a relay process that only copies bytes (`middleman bench floor --help`).
     floor lat1_10k --subs 1 --rate 10000 --duration "$DUR"
     floor lat1000_100 --subs 1000 --rate 100 --duration "$DUR" --threads 2
     both reqres100x16x2 reqres --requesters 100 --window 16 --responders 2 --duration "$DUR"

@@ -316,7 +316,7 @@ fn fixed_load_holds_its_rate_and_reports_cost() {
     assert!(out.contains("RATE NOT HELD"), "{out}");
 }
 
-/// `bench floor` needs no server: a relay thread copies every message to every
+/// `bench floor` needs no server: a relay process copies every message to every
 /// subscriber socket; all arrive, in order, across reads that split them (100-byte
 /// messages), and the result line has the fixed-load keys compare.sh tabulates.
 #[test]

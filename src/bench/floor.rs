@@ -209,7 +209,7 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
     let util = relay_cpu.as_secs_f64() / pub_secs.max(1e-9);
     let us = |ns: u64| ns as f64 / 1e3;
     println!(
-        "floor (no server: a relay thread copying bytes to each subscriber over loopback TCP), shape {shape}: 1 publisher x {} subscribers, {size} B messages, {sent} published in {pub_secs:.2} s, {threads} receiver thread(s)",
+        "floor (no server: a relay process copying bytes to each subscriber over loopback TCP), shape {shape}: 1 publisher x {} subscribers, {size} B messages, {sent} published in {pub_secs:.2} s, {threads} receiver thread(s)",
         a.subs
     );
     println!(

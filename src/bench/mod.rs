@@ -7,7 +7,7 @@
 //! Scenarios: `fanout` (S subscribers, one publisher, or P publishers with S subscribers
 //! each), `reqres` (C requesters with a window of W, K responders), `conns` (N idle
 //! authenticated connections), and `floor` (no server: the same fixed-load fan-out
-//! through a relay thread that only copies bytes, i.e. the latency this machine allows).
+//! through a relay process that only copies bytes, i.e. the latency this machine allows).
 //! Fan-out has load shapes, named on the result line as `shape=`: `window256` (the
 //! default: at most 256 messages ahead of the slowest subscriber, 16 per write),
 //! `pipeline16k` (`--write-kib 16`: 16 KiB of messages per
@@ -50,7 +50,7 @@ pub enum Scenario {
     /// N idle authenticated connections: connect+auth latency, server RSS per connection.
     Conns(ConnsArgs),
     /// No server: the latency floor of a fixed-load fan-out on this machine (publisher,
-    /// a relay thread that only copies bytes, receivers; loopback TCP).
+    /// a relay process that only copies bytes, receivers; loopback TCP).
     Floor(FloorArgs),
     /// The relay process of `floor` (started by it; not for direct use).
     #[command(hide = true)]
@@ -187,7 +187,7 @@ pub struct ConnsArgs {
 }
 
 /// `bench floor`: the topology of `fanout --rate R --subs S --threads T`, with the
-/// server replaced by a relay thread that copies each read to every subscriber socket.
+/// server replaced by a relay process that copies each read to every subscriber socket.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FloorArgs {
     /// Subscriber sockets the relay writes each message to.
