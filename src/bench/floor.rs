@@ -48,6 +48,33 @@ struct Received {
     first_error: Option<String>,
 }
 
+impl Received {
+    fn new() -> Received {
+        Received {
+            hist: histogram(),
+            per_sub: Vec::new(),
+            errors: 0,
+            first_error: None,
+        }
+    }
+
+    /// Count an error; the first one is kept for the report.
+    fn fail(&mut self, err: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(err);
+    }
+
+    /// Add another receiver thread's outcome to this one.
+    fn absorb(&mut self, other: Received) {
+        let _ = self.hist.add(&other.hist);
+        self.per_sub.extend(other.per_sub);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
 /// One subscriber socket on a receiver thread.
 struct Sub {
     sock: mio::net::TcpStream,
@@ -176,22 +203,12 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
     // The relay reads end-of-stream, finishes, closes the subscribers' sockets and exits.
     let _ = publisher.shutdown(Shutdown::Write);
 
-    let mut got = Received {
-        hist: histogram(),
-        per_sub: Vec::new(),
-        errors: 0,
-        first_error: None,
-    };
+    let mut got = Received::new();
     for h in receivers {
         let r = h
             .join()
             .map_err(|_| "a receiver thread panicked".to_string())?;
-        let _ = got.hist.add(&r.hist);
-        got.per_sub.extend(r.per_sub);
-        got.errors += r.errors;
-        if got.first_error.is_none() {
-            got.first_error = r.first_error;
-        }
+        got.absorb(r);
     }
 
     let relay_cpu = relay.finish(hard)?;
@@ -346,20 +363,11 @@ fn relay_loop(input: TcpStream, outputs: Vec<TcpStream>, hard: Instant) -> io::R
 /// A receiver: poll its subscribers until each has reached end-of-stream (the relay
 /// closed it) or the deadline passes; record each message's latency.
 fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
-    let mut r = Received {
-        hist: histogram(),
-        per_sub: Vec::new(),
-        errors: 0,
-        first_error: None,
-    };
-    let fail = |r: &mut Received, err: String| {
-        r.errors += 1;
-        r.first_error.get_or_insert(err);
-    };
+    let mut r = Received::new();
     let poll = match Poll::new() {
         Ok(p) => p,
         Err(err) => {
-            fail(&mut r, format!("poll: {err}"));
+            r.fail(format!("poll: {err}"));
             r.per_sub = vec![(0, 0); socks.len()];
             return r;
         }
@@ -369,7 +377,7 @@ fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
         let mut sock = match s.set_nonblocking(true) {
             Ok(()) => mio::net::TcpStream::from_std(s),
             Err(err) => {
-                fail(&mut r, format!("non-blocking: {err}"));
+                r.fail(format!("non-blocking: {err}"));
                 continue;
             }
         };
@@ -377,7 +385,7 @@ fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
             .registry()
             .register(&mut sock, Token(i), Interest::READABLE)
         {
-            fail(&mut r, format!("register: {err}"));
+            r.fail(format!("register: {err}"));
         }
         subs.push(Sub {
             sock,
@@ -394,7 +402,7 @@ fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
     let mut open = subs.len();
     while open > 0 && Instant::now() < hard {
         if let Err(err) = poll.poll(&mut events, Some(IDLE_POLL)) {
-            fail(&mut r, format!("poll: {err}"));
+            r.fail(format!("poll: {err}"));
             break;
         }
         for ev in events.iter() {
@@ -414,7 +422,7 @@ fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     Err(err) => {
-                        fail(&mut r, format!("read: {err}"));
+                        r.fail(format!("read: {err}"));
                         s.open = false;
                         open -= 1;
                     }
