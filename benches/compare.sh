@@ -78,6 +78,21 @@ start_servers() {
     exit 1
 }
 
+# record ROW_NAME PROTO ARGS...: run `middleman bench ARGS` and append its result line
+# (or a failed=1 line, with the output's tail on stderr) to the results as ROW_NAME's.
+record() {
+    local row=$1 proto=$2
+    shift 2
+    local out rc=0 line
+    out=$(timeout 300 "$BIN" bench "$@" 2>&1) || rc=$?
+    line=$(printf '%s\n' "$out" | grep '^result:' | tail -1)
+    if [ -z "$line" ]; then
+        line="result: proto=$proto failed=1"
+        printf '%s\n' "$out" | tail -5 >&2
+    fi
+    echo "row=$row run=$RUN rc=$rc $line" | tee -a "$RESULTS"
+}
+
 # one ROW_NAME PROTO ARGS...: run `middleman bench ARGS` against PROTO's server.
 one() {
     local row=$1 proto=$2
@@ -90,29 +105,14 @@ one() {
         url="ws://127.0.0.1:$NATS_WS_PORT/"
         pid=$NATS_PID
     fi
-    local out rc=0 line
-    out=$(timeout 300 "$BIN" bench "$@" --proto "$proto" --url "$url" --key "$KEY" \
-        --server-pid "$pid" 2>&1) || rc=$?
-    line=$(printf '%s\n' "$out" | grep '^result:' | tail -1)
-    if [ -z "$line" ]; then
-        line="result: proto=$proto failed=1"
-        printf '%s\n' "$out" | tail -5 >&2
-    fi
-    echo "row=$row run=$RUN rc=$rc $line" | tee -a "$RESULTS"
+    record "$row" "$proto" "$@" --proto "$proto" --url "$url" --key "$KEY" --server-pid "$pid"
 }
 
 # floor ROW_NAME ARGS...: `middleman bench floor ARGS` (no server) as ROW_NAME's floor.
 floor() {
     local row=$1
     shift
-    local out rc=0 line
-    out=$(timeout 300 "$BIN" bench floor "$@" 2>&1) || rc=$?
-    line=$(printf '%s\n' "$out" | grep '^result:' | tail -1)
-    if [ -z "$line" ]; then
-        line="result: proto=floor failed=1"
-        printf '%s\n' "$out" | tail -5 >&2
-    fi
-    echo "row=$row run=$RUN rc=$rc $line" | tee -a "$RESULTS"
+    record "$row" floor floor "$@"
 }
 
 # both ROW_NAME ARGS...: the row against both servers, order alternating by round.
