@@ -415,8 +415,8 @@ pub struct Snapshot {
 pub struct ClusterSnap {
     /// The backplane connection is up.
     pub connected: bool,
-    /// The other nodes heard: id, has monitors, seconds since last heard.
-    pub nodes: Vec<(String, bool, f64)>,
+    /// The other nodes heard.
+    pub nodes: Vec<crate::cluster::node::NodeInfo>,
     /// Messages published to the backplane.
     pub messages_out: u64,
     /// Messages received from it.
@@ -686,7 +686,7 @@ impl Snapshot {
             "cluster": self.cluster.as_ref().map(|c| json!({
                 "connected": c.connected,
                 "nodes": c.nodes.iter()
-                    .map(|(id, mon, ago)| json!({"id": id, "monitors": mon, "heard_seconds_ago": (ago * 10.0).round() / 10.0}))
+                    .map(|n| json!({"id": n.id, "name": n.name, "monitors": n.monitors, "heard_seconds_ago": (n.heard_ago * 10.0).round() / 10.0}))
                     .collect::<Vec<_>>(),
                 "messages_out_total": c.messages_out,
                 "messages_in_total": c.messages_in,

@@ -117,7 +117,7 @@ impl NatsLink {
         (host.as_str(), port).to_socket_addrs().ok()?.next()
     }
 
-    fn start_connect(&mut self, registry: &Registry, now: Instant) {
+    fn start_connect(&mut self, registry: &Registry, broker: &mut Broker, now: Instant) {
         let urls = &self.settings.urls;
         if urls.is_empty() {
             return;
@@ -125,6 +125,9 @@ impl NatsLink {
         let url = urls[self.next_url % urls.len()].clone();
         self.next_url = self.next_url.wrapping_add(1);
         self.peer = url.clone();
+        if let Some(c) = broker.cluster.as_mut() {
+            c.peer = url.clone();
+        }
         let Some(addr) = Self::resolve(&url) else {
             log::warn!("cluster: cannot resolve {url}");
             return self.backoff(now);
@@ -199,7 +202,7 @@ impl NatsLink {
         out: &mut impl Outbox,
     ) {
         match self.state {
-            State::Idle(at) if now >= at => self.start_connect(registry, now),
+            State::Idle(at) if now >= at => self.start_connect(registry, broker, now),
             State::Connecting(t) | State::AwaitInfo(t) | State::AwaitPong(t)
                 if now.saturating_duration_since(t) > STEP_TIMEOUT =>
             {

@@ -51,6 +51,8 @@ pub struct ClusterSettings {
     pub heartbeat: Duration,
     /// Delay before a subject nobody here needs any more is unsubscribed (churn).
     pub unsub_delay: Duration,
+    /// A name for people (`--cluster-node-name`), shown beside the id.
+    pub node_name: Option<String>,
 }
 
 impl Default for ClusterSettings {
@@ -61,6 +63,7 @@ impl Default for ClusterSettings {
             node_timeout: Duration::from_secs(3),
             heartbeat: Duration::from_secs(1),
             unsub_delay: Duration::from_secs(1),
+            node_name: None,
         }
     }
 }
@@ -100,10 +103,24 @@ pub enum Sid {
     Mon,
 }
 
+/// Another node as `/stats` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    /// Its id (its cid prefix).
+    pub id: String,
+    /// Its `--cluster-node-name`, if it has one.
+    pub name: Option<String>,
+    /// It has monitors.
+    pub monitors: bool,
+    /// Seconds since it was last heard.
+    pub heard_ago: f64,
+}
+
 /// Another node, as last heard.
 #[derive(Debug)]
 struct Node {
     last_heard: Instant,
+    name: Option<Box<str>>,
     /// Version of its enablement state we hold (`None`: not synced yet).
     version: Option<u64>,
     monitors: bool,
@@ -140,6 +157,8 @@ pub struct Cluster {
     pub connected: bool,
     /// The server's `max_payload`.
     pub max_payload: usize,
+    /// The nats-server address in use or last tried (set by the link).
+    pub peer: String,
     next_sid: u64,
     sids: HashMap<u64, Sid>,
     pub_sids: HashMap<Box<[u8]>, u64>,
@@ -210,6 +229,7 @@ impl Cluster {
             out_sent: 0,
             connected: false,
             max_payload: 1 << 20,
+            peer: String::new(),
             next_sid: 1,
             sids: HashMap::new(),
             pub_sids: HashMap::new(),
@@ -248,18 +268,30 @@ impl Cluster {
         self.nodes.len()
     }
 
-    /// Ids of the other nodes, with whether each has monitors and seconds since heard.
-    pub fn nodes(&self, now: Instant) -> Vec<(String, bool, f64)> {
+    /// The other nodes, by id.
+    pub fn nodes(&self, now: Instant) -> Vec<NodeInfo> {
         let mut v: Vec<_> = self
             .nodes
             .iter()
-            .map(|(id, n)| {
-                let ago = now.saturating_duration_since(n.last_heard).as_secs_f64();
-                (id.to_string(), n.monitors, ago)
+            .map(|(id, n)| NodeInfo {
+                id: id.to_string(),
+                name: n.name.as_deref().map(str::to_owned),
+                monitors: n.monitors,
+                heard_ago: now.saturating_duration_since(n.last_heard).as_secs_f64(),
             })
             .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by(|a, b| a.id.cmp(&b.id));
         v
+    }
+
+    /// This node's `--cluster-node-name`, if it has one.
+    pub fn node_name(&self) -> Option<&str> {
+        self.settings.node_name.as_deref()
+    }
+
+    /// The cluster's name (the subject prefix).
+    pub fn cluster_name(&self) -> &str {
+        &self.settings.name
     }
 
     /// The node a cid belongs to, if it is another node's (cids start with the node id).
@@ -668,6 +700,7 @@ impl Cluster {
             log::info!("cluster: node {node} joined");
             Node {
                 last_heard: now,
+                name: None,
                 version: None,
                 monitors: false,
                 enabled: HashSet::new(),
