@@ -8,7 +8,7 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::node::{Cluster, OutReq, REMOTE};
+use crate::cluster::node::{Choice, Cluster, OutReq, REMOTE};
 use crate::protocol::encode::{fmt_u64, push_body, push_header};
 use crate::protocol::{Message, Packet, PacketPool};
 use crate::router::{ConnId, Enable, Router, SubError};
@@ -358,6 +358,12 @@ impl Broker {
         &mut self.pool
     }
 
+    /// Cids of connections admitted from now on start with `prefix` (a cluster node
+    /// that had to change its id).
+    pub(crate) fn set_cid_prefix(&mut self, prefix: &str) {
+        self.cid_prefix = prefix.to_owned();
+    }
+
     fn session(&self, conn: ConnId) -> Option<&Session> {
         self.sessions.get(conn).and_then(Option::as_ref)
     }
@@ -404,13 +410,16 @@ impl Broker {
         self.monitors.retain(|&m| m != conn);
         let held = self.cluster.is_some().then(|| self.router.held_by(conn));
         let orphaned = self.router.remove_conn(conn);
+        if let Some(c) = self.cluster.as_mut() {
+            c.conn_left(conn);
+        }
         if let Some(held) = held {
             self.cluster_after_leave(held, self.monitors.is_empty());
         }
         for (p, target) in orphaned {
             self.stats.req_responder_gone += 1;
             if p.requester == REMOTE {
-                self.answer_remote(p.rid, b"X ", reason::RESPONDER_GONE.as_bytes());
+                self.fail_remote(p.rid, reason::RESPONDER_GONE);
                 continue;
             }
             self.error_to(
@@ -586,13 +595,30 @@ impl Broker {
             return self.error(out, from, msg, reason::TOO_MANY_REQUESTS);
         }
         let deadline = now + self.settings.request_timeout;
+        // In a cluster the responder with the fewest in flight anywhere (§6.2); a local
+        // one among equals.
+        if let Some(c) = self.cluster.as_mut().filter(|c| c.connected) {
+            let local = self.router.least_loaded(msg.target).map(|(_, n)| n);
+            if let Some(choice) = c.choose_remote(msg.target) {
+                if local.is_none_or(|n| choice.load < n) {
+                    let sent = self.forward_request(
+                        from,
+                        msg,
+                        (reqid_name, reqid_value),
+                        deadline,
+                        choice,
+                        out,
+                    );
+                    if sent {
+                        return;
+                    }
+                }
+            }
+        }
         let Some((responder, rid)) =
             self.router
                 .start_request(from, msg.target, reqid_name, reqid_value, deadline)
         else {
-            if self.forward_request(from, msg, reqid_name, reqid_value, deadline, out) {
-                return;
-            }
             self.stats.req_no_responder += 1;
             return self.error(out, from, msg, reason::NO_RESPONDER);
         };
@@ -607,36 +633,34 @@ impl Broker {
         }
     }
 
-    /// No local responder: hand the request to another node that has one, if any.
-    /// Returns false when no other node answers `msg.target` (or it cannot be sent).
+    /// Hand the request to the responder another node has (`to`). False if it could not
+    /// be sent (the requester is gone, or the backplane's bound).
     fn forward_request(
         &mut self,
         from: ConnId,
         msg: &Message<'_>,
-        reqid_name: &[u8],
-        reqid_value: &[u8],
+        reqid: (&[u8], &[u8]),
         deadline: Instant,
+        to: Choice,
         out: &mut impl Outbox,
     ) -> bool {
         let Some(cid) = self.cid(from).map(Box::<str>::from) else {
             return false;
         };
-        let Some(c) = self.cluster.as_mut() else {
-            return false;
-        };
-        if !c.connected || !c.remote_enabled(msg.target, Enable::Req) {
-            return false;
-        }
         let r = OutReq {
             requester: from,
             cid,
-            reqid_name: reqid_name.into(),
-            reqid_value: reqid_value.into(),
+            reqid_name: reqid.0.into(),
+            reqid_value: reqid.1.into(),
             target: msg.target.into(),
             deadline,
-            taken_by: None,
+            node: to.node,
+            responder: to.responder,
         };
         let max = self.settings.max_pending_requests;
+        let Some(c) = self.cluster.as_mut() else {
+            return false;
+        };
         let Some((id, reply)) = c.start_out_request(r, max) else {
             return false;
         };
@@ -644,7 +668,7 @@ impl Broker {
         let Some(c) = self.cluster.as_mut() else {
             return false;
         };
-        if !c.send_request(id, msg.target, &reply, pkt.payload()) {
+        if !c.send_request(id, &reply, pkt.payload()) {
             return false;
         }
         // Monitors here and on other nodes see it once, from this node (the node that
@@ -679,7 +703,7 @@ impl Broker {
             // Taken from another node: the answer goes back to it, which sets the
             // requester's ReqID.
             let pkt = self.relay_packet(from, msg, &[b"rid", b"reqid"], None);
-            self.answer_remote(rid, b"R\n", pkt.payload());
+            self.answer_remote(rid, pkt.payload());
             self.copy_to_monitors(&pkt, &[], out);
             if let Some(c) = self.cluster.as_mut() {
                 c.publish_monitor_copy(pkt.payload());

@@ -59,6 +59,8 @@ pub struct Topic {
     pub responders: Vec<Responder>,
     /// Round-robin cursor over `responders`.
     rr: usize,
+    /// Its responders or their counts changed since [`Router::take_load_changes`].
+    load_dirty: bool,
 }
 
 impl Topic {
@@ -157,6 +159,9 @@ pub struct Router {
     next_rid: u64,
     /// Sum of `topics[*].subs.len()`, kept as subscriptions come and go.
     total_subs: usize,
+    /// Topics whose responders changed, when changes are tracked (a cluster node
+    /// announces them); each at most once (`Topic::load_dirty`).
+    load_changes: Option<Vec<TopicId>>,
 }
 
 impl Router {
@@ -206,6 +211,11 @@ impl Router {
     /// Every topic in the table (in no particular order).
     pub fn topics(&self) -> impl Iterator<Item = &Topic> {
         self.topics.iter().map(|(_, t)| t)
+    }
+
+    /// Every topic with its id.
+    pub fn topics_with_ids(&self) -> impl Iterator<Item = (TopicId, &Topic)> {
+        self.topics.iter()
     }
 
     /// Number of topics in the table.
@@ -309,6 +319,41 @@ impl Router {
         }
     }
 
+    /// Track the topics whose responders or in-flight counts change (for a cluster node,
+    /// which announces them).
+    pub fn track_loads(&mut self) {
+        self.load_changes.get_or_insert_with(Vec::new);
+    }
+
+    fn load_changed(&mut self, id: TopicId) {
+        if let (Some(list), Some(t)) = (self.load_changes.as_mut(), self.topics.get_mut(id)) {
+            if !t.load_dirty {
+                t.load_dirty = true;
+                list.push(id);
+            }
+        }
+    }
+
+    /// The topics whose responders changed since the last call (still existing), their
+    /// flags cleared.
+    pub fn take_load_changes(&mut self) -> Vec<TopicId> {
+        let Some(list) = self.load_changes.as_mut() else {
+            return Vec::new();
+        };
+        let mut ids = std::mem::take(list);
+        ids.retain(|&id| {
+            self.topics
+                .get_mut(id)
+                .is_some_and(|t| std::mem::take(&mut t.load_dirty))
+        });
+        ids
+    }
+
+    /// Are there load changes to announce?
+    pub fn has_load_changes(&self) -> bool {
+        self.load_changes.as_ref().is_some_and(|l| !l.is_empty())
+    }
+
     /// Record an enablement made by `conn` (a service). Idempotent.
     pub fn enable(&mut self, conn: ConnId, name: &[u8], kind: Enable) {
         if !self.has_conn(conn) {
@@ -328,6 +373,9 @@ impl Router {
                 }
             }
         };
+        if added && kind == Enable::Req {
+            self.load_changed(id);
+        }
         if added {
             if let Some(e) = self.entry(conn) {
                 e.enabled.push((id, kind));
@@ -358,8 +406,19 @@ impl Router {
         reqid_value: &[u8],
         deadline: Instant,
     ) -> Option<(ConnId, u64)> {
-        let id = self.lookup(name)?;
-        let t = self.topics.get_mut(id)?;
+        self.start_request_to(requester, name, None, reqid_name, reqid_value, deadline)
+    }
+
+    /// The responder [`Router::start_request`] would pick for `name` now, and its count
+    /// of requests in flight (nothing recorded).
+    pub fn least_loaded(&self, name: &[u8]) -> Option<(ConnId, u32)> {
+        let t = self.topics.get(self.lookup(name)?)?;
+        let best = Self::pick(t)?;
+        Some((t.responders[best].conn, t.responders[best].in_flight))
+    }
+
+    /// Fewest in flight, ties round-robin from the cursor.
+    fn pick(t: &Topic) -> Option<usize> {
         let n = t.responders.len();
         if n == 0 {
             return None;
@@ -371,9 +430,34 @@ impl Router {
                 best = k;
             }
         }
-        t.rr = best + 1;
+        Some(best)
+    }
+
+    /// [`Router::start_request`], given to `to` if it is one of `name`'s responders
+    /// (another node chose it), else to the one picked as usual.
+    pub fn start_request_to(
+        &mut self,
+        requester: ConnId,
+        name: &[u8],
+        to: Option<ConnId>,
+        reqid_name: &[u8],
+        reqid_value: &[u8],
+        deadline: Instant,
+    ) -> Option<(ConnId, u64)> {
+        let id = self.lookup(name)?;
+        let t = self.topics.get_mut(id)?;
+        let chosen = to.and_then(|c| t.responders.iter().position(|r| r.conn == c));
+        let best = match chosen {
+            Some(k) => k,
+            None => {
+                let k = Self::pick(t)?;
+                t.rr = k + 1;
+                k
+            }
+        };
         t.responders[best].in_flight += 1;
         let responder = t.responders[best].conn;
+        self.load_changed(id);
         let rid = self.next_rid;
         self.next_rid += 1;
         let mut reqid = Vec::with_capacity(reqid_name.len() + reqid_value.len());
@@ -475,6 +559,7 @@ impl Router {
                 r.in_flight = r.in_flight.saturating_sub(1);
             }
         }
+        self.load_changed(p.topic);
         self.remove_rid(p.requester, Side::Asked, p.asked_at);
         self.remove_rid(p.responder, Side::Answering, p.answering_at);
         Some(p)
@@ -546,6 +631,9 @@ impl Router {
                     Enable::Sub => t.esub.retain(|&c| c != conn),
                     Enable::Req => t.responders.retain(|r| r.conn != conn),
                 }
+            }
+            if kind == Enable::Req {
+                self.load_changed(id);
             }
         }
         for &id in entry.subs.keys() {

@@ -5,8 +5,8 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use crate::broker::{reason, relay_packet, Broker, Origin, Outbox};
-use crate::cluster::node::{Cluster, ClusterSettings, Sid, REMOTE};
-use crate::cluster::proto;
+use crate::cluster::node::{Cluster, ClusterSettings, CtlEvent, OutReq, Sid, REMOTE};
+use crate::cluster::{proto, subject};
 use crate::protocol::{Decoded, Decoder, Limits, Message, Packet};
 use crate::router::{Enable, Held};
 
@@ -14,6 +14,7 @@ impl Broker {
     /// Make this broker a cluster node (its id is its cid prefix).
     pub fn join_cluster(&mut self, node: &str, settings: ClusterSettings) {
         self.cluster = Some(Box::new(Cluster::new(node, settings)));
+        self.router.track_loads();
     }
 
     /// Is `kind` enabled on `target` by a service here or on another node?
@@ -48,10 +49,19 @@ impl Broker {
     }
 
     /// Send the answer to a request taken from another node (ending it here).
-    pub(crate) fn answer_remote(&mut self, rid: u64, head: &[u8], payload: &[u8]) {
+    pub(crate) fn answer_remote(&mut self, rid: u64, payload: &[u8]) {
         if let Some(c) = self.cluster.as_mut() {
             if let Some(reply) = c.end_in_request(rid) {
-                c.answer(&reply, head, payload);
+                c.answer(&reply, payload);
+            }
+        }
+    }
+
+    /// Fail a request taken from another node (ending it here).
+    pub(crate) fn fail_remote(&mut self, rid: u64, why: &str) {
+        if let Some(c) = self.cluster.as_mut() {
+            if let Some(reply) = c.end_in_request(rid) {
+                c.answer_failed(&reply, why);
             }
         }
     }
@@ -73,12 +83,66 @@ impl Broker {
         v
     }
 
-    fn send_state_to(&mut self, to: Option<&[u8]>) {
+    /// The enablements (to `to` or everyone) and, after them, every responder load.
+    fn send_state_to(&mut self, to: Option<&[u8]>, now: Instant) {
         let mut c = self.cluster.take();
         if let Some(c) = c.as_mut() {
             c.send_state(to, self.local_enablements().into_iter());
+            let ids: Vec<_> = self
+                .router
+                .topics_with_ids()
+                .filter(|(_, t)| !t.responders.is_empty())
+                .map(|(id, _)| id)
+                .collect();
+            self.send_loads(c, now, true, &ids);
         }
         self.cluster = c;
+    }
+
+    /// Announce the responders of `ids` with their counts (cids from the sessions).
+    fn send_loads(&self, c: &mut Cluster, now: Instant, full: bool, ids: &[usize]) {
+        let lines = ids.iter().filter_map(|&id| {
+            let t = self.router.topic(id)?;
+            let resps = t
+                .responders
+                .iter()
+                .filter_map(|r| Some((self.cid(r.conn)?, r.in_flight)))
+                .collect();
+            Some((&t.name[..], resps))
+        });
+        c.send_loads(now, full, lines);
+    }
+
+    /// Before the pass's backplane write: interest changes within the budget, and the
+    /// responder loads that changed (rate-limited).
+    pub fn cluster_before_flush(&mut self, now: Instant) {
+        let Some(mut c) = self.cluster.take() else {
+            return;
+        };
+        let router = &self.router;
+        c.write_interest(now, |t| !router.subscribers(t).is_empty());
+        if self.router.has_load_changes() && c.load_due(now) {
+            let ids = self.router.take_load_changes();
+            self.send_loads(&mut c, now, false, &ids);
+        }
+        self.cluster = Some(c);
+    }
+
+    /// When the backplane wants a pass without waiting for an event (a load
+    /// announcement held back by the rate limit), if it does.
+    pub fn cluster_wake_at(&self) -> Option<Instant> {
+        let c = self.cluster.as_ref()?;
+        if c.connected && self.router.has_load_changes() {
+            return Some(c.next_load_at().unwrap_or_else(Instant::now));
+        }
+        None
+    }
+
+    /// Shutting down: tell the other nodes this one leaves.
+    pub fn cluster_leave(&mut self) {
+        if let Some(c) = self.cluster.as_mut() {
+            c.leave();
+        }
     }
 
     /// The backplane connection came up: subscribe, say hello, publish the state.
@@ -89,7 +153,7 @@ impl Broker {
             c.monitors(monitors);
             c.on_connected(now);
         }
-        self.send_state_to(None);
+        self.send_state_to(None, now);
     }
 
     /// Once per tick: heartbeat, nodes gone, subjects to release, forwarded requests
@@ -101,8 +165,6 @@ impl Broker {
             return;
         };
         c.heartbeat(now, monitors);
-        let router = &self.router;
-        c.unsubscribe_due(now, |t| !router.subscribers(t).is_empty());
         let mut failed = Vec::new();
         for node in c.expire_nodes(now) {
             failed.extend(
@@ -123,12 +185,7 @@ impl Broker {
         }
     }
 
-    fn fail_forwarded(
-        &mut self,
-        r: &crate::cluster::node::OutReq,
-        why: &'static str,
-        out: &mut impl Outbox,
-    ) {
+    fn fail_forwarded(&mut self, r: &OutReq, why: &'static str, out: &mut impl Outbox) {
         if self.cid(r.requester) != Some(&*r.cid) {
             return; // the requester left
         }
@@ -199,19 +256,41 @@ impl Broker {
                     }
                 }
             }
-            Sid::Req(topic) => {
-                if let Some(reply) = reply {
-                    self.take_request(&topic, reply, payload, now, out);
-                }
-            }
             Sid::Inbox => self.on_inbox(subject, payload, no_responders, out),
-            Sid::Node => self.on_node_message(payload, now, out),
-            Sid::Ctl => {
-                if let Some(node) = c.on_ctl(payload, now) {
-                    self.send_state_to(Some(node.as_bytes()));
-                }
-            }
+            Sid::Node => self.on_node_message(payload, reply, now, out),
+            Sid::Ctl => match c.on_ctl(payload, now) {
+                CtlEvent::None => {}
+                CtlEvent::SendState(node) => self.send_state_to(Some(node.as_bytes()), now),
+                CtlEvent::Gone(node) => self.fail_requests_of_node(&node, out),
+                CtlEvent::Collision => self.cluster_rename(now, out),
+            },
         }
+    }
+
+    /// Fail the requests forwarded to `node` (gone), each `responder disconnected`.
+    fn fail_requests_of_node(&mut self, node: &str, out: &mut impl Outbox) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        for r in c.take_out_requests_of_node(node) {
+            self.stats.req_responder_gone += 1;
+            self.fail_forwarded(&r, reason::RESPONDER_GONE, out);
+        }
+    }
+
+    /// Another process has this node's id: take a new one (new connections get cids
+    /// under it), failing the requests forwarded under the old one.
+    fn cluster_rename(&mut self, now: Instant, out: &mut impl Outbox) {
+        let new = crate::broker::random_cid_prefix();
+        self.set_cid_prefix(&new);
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        for r in c.rename(&new, now) {
+            self.stats.req_responder_gone += 1;
+            self.fail_forwarded(&r, reason::RESPONDER_GONE, out);
+        }
+        self.send_state_to(None, now);
     }
 
     /// A packet holding a message another node relayed (its bytes as they are).
@@ -256,22 +335,27 @@ impl Broker {
         }
     }
 
-    /// A request another node forwarded: give it to a local responder and tell that
-    /// node it was taken (or that nobody here answers any more).
+    /// A request another node addressed to this one (`Q <node> <id> <cid> <token>`):
+    /// give it to the responder it chose, or to the least loaded one if that one left;
+    /// if nobody here answers any more, say so at once.
     fn take_request(
         &mut self,
-        topic: &[u8],
+        line: &[u8],
         reply: &[u8],
         payload: &[u8],
         now: Instant,
         out: &mut impl Outbox,
     ) {
+        let Some((from, id, cid, topic)) = parse_q(line) else {
+            return;
+        };
         let deadline = now + self.settings.request_timeout;
+        let to = self.cids.get(cid).copied();
         let taken = self.with_remote_message(payload, |b, msg| {
             let (name, value) = msg.header("ReqID")?;
             let (responder, rid) = b
                 .router
-                .start_request(REMOTE, topic, name, value, deadline)?;
+                .start_request_to(REMOTE, &topic, to, name, value, deadline)?;
             let mut digits = [0u8; 20];
             let rid_text = crate::protocol::encode::fmt_u64(rid, &mut digits);
             let pkt = relay_packet(
@@ -289,9 +373,10 @@ impl Broker {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        match taken.flatten() {
-            Some(rid) => c.took(rid, reply),
-            None => c.answer(reply, b"X ", reason::NO_RESPONDER.as_bytes()),
+        let rid = taken.flatten();
+        c.took(from, id, rid, reply);
+        if rid.is_none() {
+            c.answer_failed(reply, reason::NO_RESPONDER);
         }
     }
 
@@ -316,11 +401,7 @@ impl Broker {
             }
             return;
         }
-        if let Some(node) = payload.strip_prefix(b"T ") {
-            if let (Some(r), Ok(node)) = (c.out_request(id), std::str::from_utf8(node)) {
-                r.taken_by = Some(node.into());
-            }
-        } else if let Some(why) = payload.strip_prefix(b"X ") {
+        if let Some(why) = payload.strip_prefix(b"X ") {
             if let Some(r) = c.end_out_request(id) {
                 let why = match why {
                     b"responder disconnected" => reason::RESPONDER_GONE,
@@ -354,14 +435,24 @@ impl Broker {
         }
     }
 
-    /// A message for this node alone: a private message, a uid, a state request or a
-    /// full state.
-    fn on_node_message(&mut self, payload: &[u8], now: Instant, out: &mut impl Outbox) {
+    /// A message for this node alone: a request, a private message, a uid, a state
+    /// request or a full state.
+    fn on_node_message(
+        &mut self,
+        payload: &[u8],
+        reply: Option<&[u8]>,
+        now: Instant,
+        out: &mut impl Outbox,
+    ) {
         let (line, rest) = match memchr::memchr(b'\n', payload) {
             Some(i) => (&payload[..i], &payload[i + 1..]),
             None => (payload, &[][..]),
         };
-        if let Some(cid) = line.strip_prefix(b"M ") {
+        if let Some(q) = line.strip_prefix(b"Q ") {
+            if let Some(reply) = reply {
+                self.take_request(q, reply, rest, now, out);
+            }
+        } else if let Some(cid) = line.strip_prefix(b"M ") {
             let to = std::str::from_utf8(cid)
                 .ok()
                 .and_then(|c| self.cids.get(c).copied());
@@ -379,7 +470,7 @@ impl Broker {
             }
         } else if let Some(node) = line.strip_prefix(b"S ") {
             let node = node.to_vec();
-            self.send_state_to(Some(&node));
+            self.send_state_to(Some(&node), now);
         } else if line.starts_with(b"F ") {
             if let Some(c) = self.cluster.as_mut() {
                 c.on_ctl(payload, now);
@@ -388,6 +479,17 @@ impl Broker {
     }
 }
 
+/// The words of a `Q` line: requesting node, its request id, the responder's cid (or
+/// `*`) and the target.
+fn parse_q(line: &[u8]) -> Option<(&str, u64, &str, Vec<u8>)> {
+    let line = std::str::from_utf8(line).ok()?;
+    let mut w = line.split(' ');
+    let from = w.next()?;
+    let id = w.next()?.parse().ok()?;
+    let cid = w.next()?;
+    let topic = subject::decode(w.next()?.as_bytes())?;
+    Some((from, id, cid, topic))
+}
 #[cfg(test)]
 mod tests {
     //! Brokers joined through an in-process stand-in for nats-server: SUB/UNSUB/PUB parsed
@@ -453,9 +555,9 @@ mod tests {
             for _ in 0..100 {
                 let mut moved = false;
                 for from in 0..self.nodes.len() {
+                    self.nodes[from].cluster_before_flush(now);
                     let c = self.nodes[from].cluster.as_mut().unwrap();
-                    let bytes = std::mem::take(&mut c.out);
-                    c.out_sent = 0;
+                    let bytes = c.take_written();
                     moved |= !bytes.is_empty();
                     self.ops(from, &bytes, now, outs);
                 }

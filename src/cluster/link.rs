@@ -2,9 +2,9 @@
 //! (non-blocking), INFO, CONNECT, PING/PONG, then MSG in and PUB/SUB out, with reconnects
 //! (backoff with jitter, the addresses tried in turn) and a liveness ping. What it reads
 //! goes to the broker ([`Broker::on_backplane`]); what it writes is the cluster's output
-//! buffer ([`crate::cluster::node::Cluster::out`]), bounded there.
+//! lanes ([`crate::cluster::node::Cluster::lanes`]), bounded there.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -181,7 +181,7 @@ impl NatsLink {
         }
         let was_up = self.state == State::Up;
         if let Some(c) = broker.cluster.as_mut() {
-            c.on_disconnected();
+            c.on_disconnected(now);
         }
         if was_up {
             self.down_logged = false;
@@ -212,7 +212,7 @@ impl NatsLink {
                 if self.pings_out >= MAX_PINGS_OUT {
                     self.fail(registry, broker, now, "PING unanswered");
                 } else if let Some(c) = broker.cluster.as_mut() {
-                    proto::ping(&mut c.out);
+                    c.lanes.push_ctl(proto::ping);
                     self.pings_out += 1;
                     self.last_ping = now;
                 }
@@ -297,7 +297,7 @@ impl NatsLink {
                     Op::Msg(m) => broker.on_backplane(&m, now, out),
                     Op::Ping => {
                         if let Some(c) = broker.cluster.as_mut() {
-                            proto::pong(&mut c.out);
+                            c.lanes.push_ctl(proto::pong);
                         }
                     }
                     Op::Pong => {
@@ -331,10 +331,11 @@ impl NatsLink {
                                 echo: false,
                             };
                             if let Some(c) = broker.cluster.as_mut() {
-                                c.out.clear();
-                                c.out_sent = 0;
-                                proto::connect(&mut c.out, &opts);
-                                proto::ping(&mut c.out);
+                                c.lanes.clear();
+                                c.lanes.push_ctl(|b| {
+                                    proto::connect(b, &opts);
+                                    proto::ping(b);
+                                });
                             }
                             self.state = State::AwaitPong(now);
                         }
@@ -377,8 +378,12 @@ impl NatsLink {
         }
     }
 
-    /// Write what waits for nats-server, as far as the socket takes it.
+    /// Write what waits for nats-server (control ahead of data), as far as the socket
+    /// takes it, after the pass's interest changes and load announcements.
     pub fn flush(&mut self, registry: &Registry, broker: &mut Broker, now: Instant) {
+        if self.state == State::Up {
+            broker.cluster_before_flush(now);
+        }
         if self.blocked || matches!(self.state, State::Idle(_) | State::Connecting(_)) {
             return;
         }
@@ -389,13 +394,13 @@ impl NatsLink {
             return;
         };
         let mut failed = None;
-        while c.out_sent < c.out.len() {
-            match s.write(&c.out[c.out_sent..]) {
+        while !c.lanes.is_empty() {
+            match c.lanes.write(s) {
                 Ok(0) => {
                     failed = Some("write returned 0".to_owned());
                     break;
                 }
-                Ok(n) => c.out_sent += n,
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.blocked = true;
                     break;
@@ -406,16 +411,6 @@ impl NatsLink {
                     break;
                 }
             }
-        }
-        if c.out_sent == c.out.len() {
-            c.out.clear();
-            c.out_sent = 0;
-            if c.out.capacity() > 4 << 20 {
-                c.out = Vec::new();
-            }
-        } else if c.out_sent > (1 << 20) && c.out_sent * 2 > c.out.len() {
-            c.out.drain(..c.out_sent);
-            c.out_sent = 0;
         }
         if let Some(why) = failed {
             self.fail(registry, broker, now, &why);

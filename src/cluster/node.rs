@@ -1,30 +1,40 @@
 //! What one node knows of the cluster, pure and I/O-free: the subjects it subscribes on
-//! the backplane, the other nodes and the enablements they hold, the requests it sent to
-//! other nodes and the ones it took from them, and the NATS bytes waiting to be written.
+//! the backplane, the other nodes with the enablements and responder loads they
+//! announced, the requests it forwarded to other nodes and the ones it took from them,
+//! and the NATS bytes waiting to be written ([`Lanes`]: control ahead of data).
 //!
 //! The broker drives it (see `cluster::bridge`): every cross-node effect of a command is
-//! one NATS `PUB` appended to [`Cluster::out`], which the reactor writes to nats-server.
+//! one NATS `PUB`, which the reactor writes to nats-server.
 //!
 //! Subjects, for a cluster named `P` (default `mm`) and a node id `N` (its cid prefix):
 //! - `P.pub.<token(t)>`: every PUB to `t`, the relayed message as the payload. A node
-//!   subscribes it while it has a local subscriber of `t`.
-//! - `P.req.<token(t)>`, queue group `P.req`: a REQ no local responder takes, the reply
-//!   subject being `P.inbox.<N>.<id>`. Subscribed by every node with responders for `t`.
-//! - `P.inbox.<N>.>`: answers to this node's forwarded requests: `T <node>` (taken),
-//!   `R` + the relayed RES, `X <reason>`; or NATS's no-responders status.
+//!   subscribes it while it has a local subscriber of `t` (changes coalesced per subject,
+//!   an unsubscription delayed, both written within a budget per pass).
 //! - `P.node.<N>`: `M <cid>` + a private message, `U <cid>` + a uid, `S <node>` (send
-//!   your full state to that node).
-//! - `P.ctl`: `H <node> <version> <monitors>` every second, `E <node> <version> <kind>
-//!   <0|1> <token>` on every change of the node's enablements, `F <node> <version>` and
-//!   a line `<kind> <token>` per enablement (the full state), `J <node>` (joined: send
-//!   me your state).
+//!   your full state to that node), `F ...` (a full state, see below), and
+//!   `Q <node> <id> <cid> <token(t)>` + a request addressed to the responder `cid` (or
+//!   `*`: any) of this node, the reply subject being `P.inbox.<node>.<id>`.
+//! - `P.inbox.<N>.>`: answers to this node's forwarded requests: `R` + the relayed RES,
+//!   `X <reason>`; or NATS's no-responders status (the node is gone).
+//! - `P.ctl`: `H <node> <version> <monitors> <loadseq> <nonce> <name>` every second,
+//!   `E <node> <version> <kind> <0|1> <token>` on every change of the node's enablements,
+//!   `F <node> <version>` and a line `<kind> <token>` per enablement (the full state),
+//!   `L <node> <loadseq> <full> <seen>` and a line `<token> <cid>=<n> ...` per request
+//!   target whose responders' in-flight counts changed (rate-limited), `J <node> <nonce>`
+//!   (joined: send me your state), `D <node> <nonce>` (leaving now).
 //! - `P.mon`: copies of REQ and RES for the monitors of other nodes (subscribed, with
 //!   `P.pub.>`, by nodes that have monitors).
+//!
+//! Requests are balanced across the cluster (PROTOCOL.md §6.2): the requester's node
+//! picks the responder with the fewest requests in flight, local or remote, each remote
+//! count being what its node last announced plus what this node forwarded to it since
+//! (the `seen` of an `L` tells which of this node's forwards its counts include).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::cluster::lanes::Lanes;
 use crate::cluster::{proto, subject};
 use crate::router::{ConnId, Enable};
 
@@ -33,10 +43,21 @@ use crate::router::{ConnId, Enable};
 pub const REMOTE: ConnId = usize::MAX;
 
 /// Why a message for other nodes was not sent (`middleman_cluster_dropped_total{reason}`).
-pub const DROP_REASONS: [&str; 3] = ["disconnected", "buffer_full", "too_large"];
+pub const DROP_REASONS: [&str; 4] = ["disconnected", "buffer_full", "too_large", "control_full"];
 const DISCONNECTED: usize = 0;
 const BUFFER_FULL: usize = 1;
 const TOO_LARGE: usize = 2;
+const CONTROL_FULL: usize = 3;
+
+/// Room beyond the control bound kept for heartbeats and PONGs, which are never dropped
+/// (a few seconds of them: a backplane that takes nothing for that long fails its PING).
+const HEARTBEAT_ROOM: usize = 512;
+/// Interest changes (SUB/UNSUB lines) written per pass at most, and only while the
+/// control lane holds less than this many bytes.
+const INTEREST_PER_PASS: usize = 1024;
+const INTEREST_ROOM: usize = 32 << 10;
+/// Load announcements at most this often.
+pub const LOAD_EVERY: Duration = Duration::from_millis(20);
 
 /// Cluster settings.
 #[derive(Debug, Clone)]
@@ -68,6 +89,20 @@ impl Default for ClusterSettings {
     }
 }
 
+impl ClusterSettings {
+    /// The control lane's bound (an eighth of the whole, at most 4 MiB): what control
+    /// traffic may hold besides heartbeats; data gets the rest.
+    pub fn ctl_bound(&self) -> usize {
+        (self.max_pending / 8).min(4 << 20)
+    }
+
+    /// The data lane's bound: data never eats the control lane's room.
+    pub fn data_bound(&self) -> usize {
+        self.max_pending
+            .saturating_sub(self.ctl_bound() + HEARTBEAT_ROOM)
+    }
+}
+
 /// Counters for `/metrics`.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterStats {
@@ -76,7 +111,7 @@ pub struct ClusterStats {
     /// Messages received from it.
     pub messages_in: u64,
     /// Messages for other nodes not sent, by [`DROP_REASONS`].
-    pub dropped: [u64; 3],
+    pub dropped: [u64; 4],
     /// Connections to nats-server made after the first.
     pub reconnects: u64,
     /// Times the backplane connection was up (the first one included).
@@ -89,8 +124,6 @@ pub enum Sid {
     /// `P.pub.<token(t)>`: deliver to the local subscribers of `t` (shared, so looking
     /// a message's subscription up costs no allocation).
     Pub(Rc<[u8]>),
-    /// `P.req.<token(t)>`: take a request for `t`.
-    Req(Rc<[u8]>),
     /// `P.inbox.<N>.>`.
     Inbox,
     /// `P.node.<N>`.
@@ -121,10 +154,38 @@ pub struct NodeInfo {
 struct Node {
     last_heard: Instant,
     name: Option<Box<str>>,
+    /// The nonce of the process heard under this id (a new one: it restarted).
+    nonce: Option<u64>,
     /// Version of its enablement state we hold (`None`: not synced yet).
     version: Option<u64>,
+    /// Sequence of its last load announcement (`None`: none yet).
+    load_seq: Option<u64>,
     monitors: bool,
     enabled: HashSet<(Box<[u8]>, u8)>,
+    /// The highest of this node's forwarded-request ids its last load announcement
+    /// counted.
+    seen_mine: u64,
+    /// Targets it announced responders for.
+    load_targets: HashSet<Box<[u8]>>,
+}
+
+/// A responder on another node, as its node announced it.
+#[derive(Debug)]
+struct RemoteResp {
+    node: Box<str>,
+    cid: Box<str>,
+    /// Requests in flight, as announced.
+    announced: u32,
+    /// This node's forwards to it that the announcement did not count yet.
+    extra: u32,
+    /// Ids of this node's forwards to it not yet ended.
+    ids: BTreeSet<u64>,
+}
+
+impl RemoteResp {
+    fn estimate(&self) -> u32 {
+        self.announced.saturating_add(self.extra)
+    }
 }
 
 /// A request this node sent to other nodes.
@@ -139,8 +200,84 @@ pub struct OutReq {
     /// The target.
     pub target: Box<[u8]>,
     pub deadline: Instant,
-    /// The node that took it (told by its `T` answer).
-    pub taken_by: Option<Box<str>>,
+    /// The node it is addressed to and the responder chosen there (`*`: any).
+    pub node: Box<str>,
+    pub responder: Box<str>,
+}
+
+/// Where a forwarded request goes: a node and a responder of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub node: Box<str>,
+    /// The responder's cid, or `*` (the node picks).
+    pub responder: Box<str>,
+    /// Its requests in flight as estimated here (`u32::MAX`: unknown).
+    pub load: u32,
+}
+
+/// What a control message asks of the broker.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CtlEvent {
+    /// Nothing.
+    None,
+    /// Send the full state (enablements and loads) to this node.
+    SendState(Box<str>),
+    /// This node left (its forwarded requests fail at once).
+    Gone(Box<str>),
+    /// Another process uses this node's id: pick a new one.
+    Collision,
+}
+
+/// A set of subjects in the order they came, each at most once, with a time each
+/// (pending SUBs: now; delayed UNSUBs: when due). O(log n) to add, cancel or pop.
+#[derive(Debug, Default)]
+struct KeyedQueue {
+    by_key: HashMap<Rc<[u8]>, u64>,
+    order: BTreeMap<u64, (Rc<[u8]>, Instant)>,
+    next: u64,
+}
+
+impl KeyedQueue {
+    fn insert(&mut self, key: &[u8], at: Instant) -> bool {
+        if self.by_key.contains_key(key) {
+            return false;
+        }
+        let k: Rc<[u8]> = key.into();
+        self.next += 1;
+        self.by_key.insert(k.clone(), self.next);
+        self.order.insert(self.next, (k, at));
+        true
+    }
+
+    fn remove(&mut self, key: &[u8]) -> bool {
+        match self.by_key.remove(key) {
+            Some(seq) => {
+                self.order.remove(&seq);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The oldest entry, if its time has come.
+    fn pop_due(&mut self, now: Instant) -> Option<Rc<[u8]>> {
+        let (&seq, (_, at)) = self.order.first_key_value()?;
+        if *at > now {
+            return None;
+        }
+        let (k, _) = self.order.remove(&seq)?;
+        self.by_key.remove(&k);
+        Some(k)
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    fn clear(&mut self) {
+        self.by_key.clear();
+        self.order.clear();
+    }
 }
 
 /// The node's view of the cluster. See the module documentation.
@@ -149,41 +286,55 @@ pub struct Cluster {
     /// This node's id (the cid prefix).
     pub node: Box<str>,
     settings: ClusterSettings,
+    /// This process's nonce (tells two processes with one id apart).
+    nonce: u64,
     /// NATS protocol bytes waiting to be written.
-    pub out: Vec<u8>,
-    /// Bytes of `out` already written.
-    pub out_sent: usize,
+    pub lanes: Lanes,
     /// The backplane connection is up (CONNECT answered).
     pub connected: bool,
+    /// Leaving (shutdown): the departure is announced, nothing more on `P.ctl`.
+    leaving: bool,
+    /// Another node has been heard since start (before that, nothing is counted as
+    /// dropped while disconnected: there is nobody to drop it for).
+    heard_any: bool,
     /// The server's `max_payload`.
     pub max_payload: usize,
     /// The nats-server address in use or last tried (set by the link).
     pub peer: String,
     next_sid: u64,
     sids: HashMap<u64, Sid>,
+    /// Subjects subscribed on the backplane (SUB written) and their sids.
     pub_sids: HashMap<Box<[u8]>, u64>,
-    req_sids: HashMap<Box<[u8]>, u64>,
+    /// Subjects to subscribe (not written yet) and to unsubscribe (when due).
+    sub_queue: KeyedQueue,
+    unsub_later: KeyedQueue,
     mon_sids: Option<(u64, u64)>,
-    unsub_later: VecDeque<(Box<[u8]>, Instant)>,
     nodes: HashMap<Box<str>, Node>,
     /// Other nodes holding each enablement: (target, kind) -> count of nodes.
     /// By target, one count per kind (`kind_slot`): looked up by `&[u8]`, no key built.
     remote_enabled: HashMap<Box<[u8]>, [u32; 3]>,
+    /// Responders of other nodes by target.
+    remote_resps: HashMap<Box<[u8]>, Vec<RemoteResp>>,
+    /// Round-robin cursor among equally loaded remote responders.
+    rr: usize,
     /// Version of this node's enablement state (one up per change).
     pub version: u64,
+    /// Sequence of this node's load announcements, and when the last went out.
+    load_seq: u64,
+    last_load: Option<Instant>,
     out_reqs: HashMap<u64, OutReq>,
     out_order: VecDeque<(Instant, u64)>,
-    out_per_conn: HashMap<ConnId, u32>,
+    out_by_conn: HashMap<ConnId, HashSet<u64>>,
     next_out: u64,
     /// Requests taken from other nodes: local rid -> reply subject.
     in_reqs: HashMap<u64, Box<[u8]>>,
+    /// The highest forwarded-request id taken from each other node.
+    taken_from: HashMap<Box<str>, u64>,
     last_heartbeat: Option<Instant>,
     /// Counters.
     pub stats: ClusterStats,
     /// Scratch for subjects.
     subj: Vec<u8>,
-    /// Scratch for payloads.
-    scratch: Vec<u8>,
     /// `P.pub.` and `P.inbox.<N>.`, for reading subjects of incoming messages.
     pub_prefix: Box<[u8]>,
     inbox_prefix: Box<[u8]>,
@@ -215,6 +366,38 @@ pub fn kind_of(code: u8) -> Option<Enable> {
     }
 }
 
+/// A random nonce for this process.
+fn new_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        return t;
+    }
+    u64::from_le_bytes(b)
+}
+
+/// A cid or node id: 1 to 64 of `[0-9a-z]`.
+fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+}
+
+/// What kind of control message, for the bound.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ctl {
+    /// Heartbeats: kept in the room beyond the bound.
+    Heartbeat,
+    /// The departure: the last thing said.
+    Departure,
+    /// Anything else (joins, announcements, state, request failures, uids).
+    Other,
+}
+
 impl Cluster {
     /// A node named `node` (its cid prefix), not yet connected.
     pub fn new(node: &str, settings: ClusterSettings) -> Cluster {
@@ -225,29 +408,35 @@ impl Cluster {
         Cluster {
             node: node.into(),
             settings,
-            out: Vec::new(),
-            out_sent: 0,
+            nonce: new_nonce(),
+            lanes: Lanes::default(),
             connected: false,
+            leaving: false,
+            heard_any: false,
             max_payload: 1 << 20,
             peer: String::new(),
             next_sid: 1,
             sids: HashMap::new(),
             pub_sids: HashMap::new(),
-            req_sids: HashMap::new(),
+            sub_queue: KeyedQueue::default(),
+            unsub_later: KeyedQueue::default(),
             mon_sids: None,
-            unsub_later: VecDeque::new(),
             nodes: HashMap::new(),
             remote_enabled: HashMap::new(),
+            remote_resps: HashMap::new(),
+            rr: 0,
             version: 0,
+            load_seq: 0,
+            last_load: None,
             out_reqs: HashMap::new(),
             out_order: VecDeque::new(),
-            out_per_conn: HashMap::new(),
+            out_by_conn: HashMap::new(),
             next_out: 1,
             in_reqs: HashMap::new(),
+            taken_from: HashMap::new(),
             last_heartbeat: None,
             stats: ClusterStats::default(),
             subj: Vec::new(),
-            scratch: Vec::new(),
             pub_prefix,
             inbox_prefix,
         }
@@ -260,7 +449,12 @@ impl Cluster {
 
     /// Bytes waiting for nats-server.
     pub fn pending_bytes(&self) -> usize {
-        self.out.len() - self.out_sent
+        self.lanes.pending()
+    }
+
+    /// Subjects whose subscription on the backplane waits to be written or released.
+    pub fn interest_pending(&self) -> usize {
+        self.sub_queue.len() + self.unsub_later.len()
     }
 
     /// Other nodes currently heard.
@@ -294,7 +488,8 @@ impl Cluster {
         &self.settings.name
     }
 
-    /// The node a cid belongs to, if it is another node's (cids start with the node id).
+    /// The node of a cid of another node (cids start with their node's id), if it is
+    /// one this node hears.
     pub fn node_of_cid<'c>(&self, cid: &'c [u8]) -> Option<&'c [u8]> {
         let n = self.node.len();
         if cid.len() > n && &cid[..n] != self.node.as_bytes() {
@@ -339,8 +534,8 @@ impl Cluster {
 
     // ------------------------------------------------------------------ writing
 
-    /// Append a control operation (SUB/UNSUB): never dropped for size (they are small
-    /// and bounded by the tables), only skipped while disconnected (re-sent on connect).
+    /// Write the SUB of `sid` on the control lane (only while connected: everything is
+    /// subscribed again on connect).
     fn write_sub(&mut self, sid: u64) {
         if !self.connected {
             return;
@@ -350,44 +545,32 @@ impl Cluster {
         };
         let node = self.node.clone();
         let node = node.as_bytes();
-        let (subj, queue) = match &kind {
-            Sid::Pub(t) => (self.subject(&[b"pub"], Some(t)), None),
-            Sid::Req(t) => (
-                self.subject(&[b"req"], Some(t)),
-                Some(format!("{}.req", self.settings.name)),
-            ),
-            Sid::Inbox => (self.subject(&[b"inbox", node, b">"], None), None),
-            Sid::Node => (self.subject(&[b"node", node], None), None),
-            Sid::Ctl => (self.subject(&[b"ctl"], None), None),
-            Sid::MonPub => (self.subject(&[b"pub", b">"], None), None),
-            Sid::Mon => (self.subject(&[b"mon"], None), None),
+        let subj = match &kind {
+            Sid::Pub(t) => self.subject(&[b"pub"], Some(t)),
+            Sid::Inbox => self.subject(&[b"inbox", node, b">"], None),
+            Sid::Node => self.subject(&[b"node", node], None),
+            Sid::Ctl => self.subject(&[b"ctl"], None),
+            Sid::MonPub => self.subject(&[b"pub", b">"], None),
+            Sid::Mon => self.subject(&[b"mon"], None),
         };
-        let _ = proto::sub(
-            &mut self.out,
-            &subj,
-            queue.as_deref().map(str::as_bytes),
-            sid,
-        );
+        self.lanes.push_ctl(|b| {
+            let _ = proto::sub(b, &subj, None, sid);
+        });
         self.done_subject(subj);
     }
 
     fn write_unsub(&mut self, sid: u64) {
         if self.connected {
-            proto::unsub(&mut self.out, sid, None);
+            self.lanes.push_ctl(|b| proto::unsub(b, sid, None));
         }
     }
 
-    /// Publish `payload` (after `head`, if any) on `subject` with an optional reply
-    /// subject. Dropped and counted when disconnected, too large or over the bound.
-    fn publish(
-        &mut self,
-        subject: &[u8],
-        reply: Option<&[u8]>,
-        head: &[u8],
-        payload: &[u8],
-    ) -> bool {
-        if !self.connected {
-            self.stats.dropped[DISCONNECTED] += 1;
+    /// Publish a control message (`head` then `payload`) on `subject`, ahead of the
+    /// data. Not sent while disconnected (the state is sent again on connect) nor, but
+    /// the departure, once leaving; dropped and counted beyond the control bound, except
+    /// heartbeats.
+    fn publish_ctl(&mut self, subject: &[u8], head: &[u8], payload: &[u8], kind: Ctl) -> bool {
+        if !self.connected || (self.leaving && kind != Ctl::Departure) {
             return false;
         }
         let len = head.len() + payload.len();
@@ -395,21 +578,51 @@ impl Cluster {
             self.stats.dropped[TOO_LARGE] += 1;
             return false;
         }
-        if self.pending_bytes() + len + subject.len() + 64 > self.settings.max_pending {
+        let room = match kind {
+            Ctl::Heartbeat | Ctl::Departure => self.settings.ctl_bound() + HEARTBEAT_ROOM,
+            Ctl::Other => self.settings.ctl_bound(),
+        };
+        if self.lanes.ctl_len() + len + subject.len() + 32 > room {
+            self.stats.dropped[CONTROL_FULL] += 1;
+            return false;
+        }
+        let ok = self
+            .lanes
+            .push_ctl(|b| proto::pub_parts(b, subject, None, head, payload).is_ok());
+        if ok {
+            self.stats.messages_out += 1;
+        }
+        ok
+    }
+
+    /// Publish data (`head` then `payload`) on `subject` with an optional reply subject.
+    /// Dropped and counted when disconnected, too large or over the data bound.
+    fn publish_data(
+        &mut self,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        head: &[u8],
+        payload: &[u8],
+    ) -> bool {
+        if !self.connected {
+            if self.heard_any {
+                self.stats.dropped[DISCONNECTED] += 1;
+            }
+            return false;
+        }
+        let len = head.len() + payload.len();
+        if len > self.max_payload {
+            self.stats.dropped[TOO_LARGE] += 1;
+            return false;
+        }
+        let extra = subject.len() + reply.map_or(0, <[u8]>::len) + 32;
+        if self.lanes.pending() + len + extra > self.settings.data_bound() {
             self.stats.dropped[BUFFER_FULL] += 1;
             return false;
         }
-        let ok = if head.is_empty() {
-            proto::pub_(&mut self.out, subject, reply, payload).is_ok()
-        } else {
-            let mut s = std::mem::take(&mut self.scratch);
-            s.clear();
-            s.extend_from_slice(head);
-            s.extend_from_slice(payload);
-            let ok = proto::pub_(&mut self.out, subject, reply, &s).is_ok();
-            self.scratch = s;
-            ok
-        };
+        let ok = self
+            .lanes
+            .push_data(|b| proto::pub_parts(b, subject, reply, head, payload).is_ok());
         if ok {
             self.stats.messages_out += 1;
         }
@@ -435,94 +648,107 @@ impl Cluster {
         self.subj = s;
     }
 
+    fn ctl(&mut self, head: &[u8], payload: &[u8], kind: Ctl) -> bool {
+        let s = self.subject(&[b"ctl"], None);
+        let ok = self.publish_ctl(&s, head, payload, kind);
+        self.done_subject(s);
+        ok
+    }
+
+    fn node_ctl(&mut self, node: &[u8], head: &[u8], payload: &[u8]) -> bool {
+        let s = self.subject(&[b"node", node], None);
+        let ok = self.publish_ctl(&s, head, payload, Ctl::Other);
+        self.done_subject(s);
+        ok
+    }
+
     /// Publish a relayed PUB of `target` to the other nodes.
     pub fn publish_pub(&mut self, target: &[u8], payload: &[u8]) {
         let s = self.subject(&[b"pub"], Some(target));
-        self.publish(&s, None, b"", payload);
+        self.publish_data(&s, None, b"", payload);
         self.done_subject(s);
     }
 
     /// Send a private message to the node owning `cid`.
     pub fn publish_private(&mut self, node: &[u8], cid: &[u8], payload: &[u8]) {
-        self.send_to_node(node, b"M ", cid, payload);
+        let head = [b"M ", cid, b"\n"].concat();
+        let s = self.subject(&[b"node", node], None);
+        self.publish_data(&s, None, &head, payload);
+        self.done_subject(s);
     }
 
     /// Tell the node owning `cid` its new uid.
     pub fn publish_uid(&mut self, node: &[u8], cid: &[u8], uid: &[u8]) {
-        self.send_to_node(node, b"U ", cid, uid);
-    }
-
-    /// `<tag><cid>` LF `payload` on `node`'s own subject.
-    fn send_to_node(&mut self, node: &[u8], tag: &[u8], cid: &[u8], payload: &[u8]) {
-        let s = self.subject(&[b"node", node], None);
-        let mut head = Vec::with_capacity(tag.len() + cid.len() + 1);
-        head.extend_from_slice(tag);
-        head.extend_from_slice(cid);
-        head.push(b'\n');
-        self.publish(&s, None, &head, payload);
-        self.done_subject(s);
+        let head = [b"U ", cid, b"\n"].concat();
+        self.node_ctl(node, &head, uid);
     }
 
     /// A copy of a REQ or RES for the monitors of other nodes (only if there are any).
     pub fn publish_monitor_copy(&mut self, payload: &[u8]) {
         if self.remote_monitors() {
             let s = self.subject(&[b"mon"], None);
-            self.publish(&s, None, b"", payload);
+            self.publish_data(&s, None, b"", payload);
             self.done_subject(s);
         }
     }
 
-    /// Answer a request taken from another node, on its reply subject.
-    pub fn answer(&mut self, reply: &[u8], head: &[u8], payload: &[u8]) {
-        self.publish(reply, None, head, payload);
+    /// Answer a request taken from another node, on its reply subject: the RES as data.
+    pub fn answer(&mut self, reply: &[u8], payload: &[u8]) {
+        self.publish_data(reply, None, b"R\n", payload);
+    }
+
+    /// Fail a request taken from another node, on its reply subject (control).
+    pub fn answer_failed(&mut self, reply: &[u8], why: &str) {
+        self.publish_ctl(reply, b"X ", why.as_bytes(), Ctl::Other);
     }
 
     // ------------------------------------------------------------------ interest
 
-    /// A local subscriber of `target` appeared (`on`) or the last one left.
+    /// A local subscriber of `target` appeared (`on`) or the last one left. Coalesced
+    /// per subject: a SUB not yet written is cancelled by the UNS, a delayed UNSUB by the
+    /// SUB; at most one change per subject waits.
     pub fn interest(&mut self, target: &[u8], on: bool, now: Instant) {
         if on {
-            if !self.pub_sids.contains_key(target) {
-                let sid = self.sid_for(Sid::Pub(target.into()));
-                self.pub_sids.insert(target.into(), sid);
-                self.write_sub(sid);
+            if self.unsub_later.remove(target) || self.pub_sids.contains_key(target) {
+                return;
             }
-        } else if self.pub_sids.contains_key(target) {
+            self.sub_queue.insert(target, now);
+        } else if !self.sub_queue.remove(target) && self.pub_sids.contains_key(target) {
             self.unsub_later
-                .push_back((target.into(), now + self.settings.unsub_delay));
+                .insert(target, now + self.settings.unsub_delay);
         }
     }
 
-    /// Unsubscribe the subjects whose delay passed and that `still_needed` does not claim.
-    pub fn unsubscribe_due(&mut self, now: Instant, still_needed: impl Fn(&[u8]) -> bool) {
-        while let Some((_, at)) = self.unsub_later.front() {
-            if *at > now {
-                break;
-            }
-            let Some((t, _)) = self.unsub_later.pop_front() else {
-                break;
-            };
-            if still_needed(&t) {
-                continue;
-            }
-            if let Some(sid) = self.pub_sids.remove(&t) {
-                self.sids.remove(&sid);
-                self.write_unsub(sid);
-            }
+    /// Write the interest changes that are due, within the pass's budget and while the
+    /// control lane has room; a subject due for release that `still_needed` claims is
+    /// kept.
+    pub fn write_interest(&mut self, now: Instant, still_needed: impl Fn(&[u8]) -> bool) {
+        if !self.connected {
+            return;
         }
-    }
-
-    /// The node's local responders for `target` appeared (`on`) or the last one left.
-    pub fn responders(&mut self, target: &[u8], on: bool) {
-        if on {
-            if !self.req_sids.contains_key(target) {
-                let sid = self.sid_for(Sid::Req(target.into()));
-                self.req_sids.insert(target.into(), sid);
+        let room = INTEREST_ROOM.min(self.settings.ctl_bound());
+        for _ in 0..INTEREST_PER_PASS {
+            if self.lanes.ctl_len() + 64 + subject::MAX_TOKEN > room {
+                return;
+            }
+            if let Some(t) = self.sub_queue.pop_due(now) {
+                if self.pub_sids.contains_key(&t[..]) {
+                    continue;
+                }
+                let sid = self.sid_for(Sid::Pub(t.clone()));
+                self.pub_sids.insert(t[..].into(), sid);
                 self.write_sub(sid);
+            } else if let Some(t) = self.unsub_later.pop_due(now) {
+                if still_needed(&t) {
+                    continue;
+                }
+                if let Some(sid) = self.pub_sids.remove(&t[..]) {
+                    self.sids.remove(&sid);
+                    self.write_unsub(sid);
+                }
+            } else {
+                return;
             }
-        } else if let Some(sid) = self.req_sids.remove(target) {
-            self.sids.remove(&sid);
-            self.write_unsub(sid);
         }
     }
 
@@ -550,7 +776,8 @@ impl Cluster {
         }
     }
 
-    /// A local enablement appeared or lapsed: announce it.
+    /// A local enablement appeared or lapsed: announce it. Not sent (control lane full):
+    /// the others see the version move in the next heartbeat and ask for the state.
     pub fn announce(&mut self, target: &[u8], kind: Enable, on: bool) {
         self.version += 1;
         let mut head = format!(
@@ -562,12 +789,7 @@ impl Cluster {
         )
         .into_bytes();
         subject::encode(target, &mut head);
-        let s = self.subject(&[b"ctl"], None);
-        self.publish(&s, None, &head, b"");
-        self.done_subject(s);
-        if kind == Enable::Req {
-            self.responders(target, on);
-        }
+        self.ctl(&head, b"", Ctl::Other);
     }
 
     /// Publish the full enablement state (`F`), to `to` or to everyone.
@@ -576,6 +798,7 @@ impl Cluster {
         to: Option<&[u8]>,
         enabled: impl Iterator<Item = (&'t [u8], Enable)>,
     ) {
+        let max = self.max_payload.min(self.settings.ctl_bound() / 2);
         let mut body = format!("F {} {}\n", self.node, self.version).into_bytes();
         for (t, kind) in enabled {
             let before = body.len();
@@ -583,28 +806,255 @@ impl Cluster {
             body.push(b' ');
             subject::encode(t, &mut body);
             body.push(b'\n');
-            if body.len() > self.max_payload {
+            if body.len() > max {
                 body.truncate(before);
                 log::warn!(
-                    "cluster: this node's enablements exceed the backplane's max_payload \
-                     ({} bytes); the rest are not announced",
-                    self.max_payload
+                    "cluster: this node's enablements exceed what one state message may \
+                     hold ({max} bytes); the rest are not announced"
                 );
                 break;
             }
         }
-        let s = match to {
-            Some(node) => self.subject(&[b"node", node], None),
-            None => self.subject(&[b"ctl"], None),
+        match to {
+            Some(node) => self.node_ctl(node, b"", &body),
+            None => self.ctl(b"", &body, Ctl::Other),
         };
-        self.publish(&s, None, b"", &body);
-        self.done_subject(s);
+    }
+
+    // ------------------------------------------------------------------ loads
+
+    /// Is a load announcement due (rate limit)?
+    pub fn load_due(&self, now: Instant) -> bool {
+        self.connected
+            && self
+                .last_load
+                .is_none_or(|t| now.saturating_duration_since(t) >= LOAD_EVERY)
+    }
+
+    /// When the next load announcement may go.
+    pub fn next_load_at(&self) -> Option<Instant> {
+        self.last_load.map(|t| t + LOAD_EVERY)
+    }
+
+    /// Announce the responders' in-flight counts: `lines` is one
+    /// `(target, [(cid, in_flight)])` per request target whose counts changed (an empty
+    /// list: no responder here any more); `full`: every target (the others forget what
+    /// they held for targets not listed). Split over several messages if need be.
+    pub fn send_loads<'a>(
+        &mut self,
+        now: Instant,
+        full: bool,
+        lines: impl Iterator<Item = (&'a [u8], Vec<(&'a str, u32)>)>,
+    ) {
+        self.last_load = Some(now);
+        let max = self
+            .max_payload
+            .min(self.settings.ctl_bound() / 2)
+            .max(1024);
+        let mut body = Vec::new();
+        let mut first = true;
+        for (t, resps) in lines {
+            let at = body.len();
+            subject::encode(t, &mut body);
+            for (cid, n) in resps {
+                body.push(b' ');
+                body.extend_from_slice(cid.as_bytes());
+                body.push(b'=');
+                body.extend_from_slice(n.to_string().as_bytes());
+                if body.len() - at > max / 2 {
+                    break; // a target with thousands of responders: the first ones
+                }
+            }
+            body.push(b'\n');
+            if body.len() > max / 2 {
+                self.send_load_message(full && first, &body);
+                first = false;
+                body.clear();
+            }
+        }
+        if !body.is_empty() || (full && first) {
+            self.send_load_message(full && first, &body);
+        }
+    }
+
+    fn send_load_message(&mut self, full: bool, lines: &[u8]) {
+        self.load_seq += 1;
+        let mut head = format!("L {} {} {} ", self.node, self.load_seq, u8::from(full));
+        if self.taken_from.is_empty() {
+            head.push('-');
+        }
+        for (i, (node, id)) in self.taken_from.iter().enumerate() {
+            if i > 0 {
+                head.push(',');
+            }
+            head.push_str(&format!("{node}={id}"));
+        }
+        head.push('\n');
+        self.ctl(head.as_bytes(), lines, Ctl::Other);
+    }
+
+    fn on_loads(
+        &mut self,
+        node: &str,
+        seq: u64,
+        full: bool,
+        seen: &str,
+        lines: &[u8],
+        now: Instant,
+    ) {
+        let me = self.node.clone();
+        let seen_mine = seen
+            .split(',')
+            .filter_map(|p| p.split_once('='))
+            .find(|(n, _)| *n == &*me)
+            .and_then(|(_, id)| id.parse::<u64>().ok())
+            .unwrap_or(0);
+        let n = self.heard(node, now);
+        let gap = !full && n.load_seq.map(|s| s + 1) != Some(seq);
+        n.load_seq = Some(seq);
+        n.seen_mine = n.seen_mine.max(seen_mine);
+        let seen_mine = n.seen_mine;
+        if full {
+            let old = std::mem::take(&mut n.load_targets);
+            for t in old {
+                self.set_remote_resps(node, &t, Vec::new(), seen_mine);
+            }
+        }
+        for l in lines.split(|&b| b == b'\n') {
+            let mut w = l.split(|&b| b == b' ');
+            let Some(target) = w.next().and_then(subject::decode) else {
+                continue;
+            };
+            let mut resps = Vec::new();
+            for r in w {
+                let Some(eq) = memchr::memchr(b'=', r) else {
+                    continue;
+                };
+                let (Ok(cid), Some(count)) = (
+                    std::str::from_utf8(&r[..eq]),
+                    std::str::from_utf8(&r[eq + 1..])
+                        .ok()
+                        .and_then(|c| c.parse::<u32>().ok()),
+                ) else {
+                    continue;
+                };
+                if is_id(cid) && resps.len() < 4096 {
+                    resps.push((Box::<str>::from(cid), count));
+                }
+            }
+            self.set_remote_resps(node, &target, resps, seen_mine);
+        }
+        if gap {
+            self.request_state(node);
+        }
+    }
+
+    /// Replace `node`'s responders of `target` (keeping, per cid, this node's forwards
+    /// to it).
+    fn set_remote_resps(
+        &mut self,
+        node: &str,
+        target: &[u8],
+        resps: Vec<(Box<str>, u32)>,
+        seen_mine: u64,
+    ) {
+        let list = self.remote_resps.entry(target.into()).or_default();
+        let mut old: Vec<RemoteResp> = Vec::new();
+        list.retain_mut(|r| {
+            if &*r.node == node {
+                old.push(RemoteResp {
+                    node: std::mem::take(&mut r.node),
+                    cid: std::mem::take(&mut r.cid),
+                    announced: 0,
+                    extra: 0,
+                    ids: std::mem::take(&mut r.ids),
+                });
+                false
+            } else {
+                true
+            }
+        });
+        let listed = !resps.is_empty();
+        for (cid, announced) in resps {
+            let ids = old
+                .iter_mut()
+                .find(|o| o.cid == cid)
+                .map(|o| std::mem::take(&mut o.ids))
+                .unwrap_or_default();
+            let extra = ids.range(seen_mine + 1..).count() as u32;
+            list.push(RemoteResp {
+                node: node.into(),
+                cid,
+                announced,
+                extra,
+                ids,
+            });
+        }
+        if list.is_empty() {
+            self.remote_resps.remove(target);
+        }
+        if let Some(n) = self.nodes.get_mut(node) {
+            if listed {
+                n.load_targets.insert(target.into());
+            } else {
+                n.load_targets.remove(target);
+            }
+        }
+    }
+
+    /// The responder of another node with the fewest requests in flight for `target`
+    /// (ties in turn), or, when no node announced its loads yet, a node that answers
+    /// `target` (its own choice of responder).
+    pub fn choose_remote(&mut self, target: &[u8]) -> Option<Choice> {
+        if let Some(list) = self.remote_resps.get(target).filter(|l| !l.is_empty()) {
+            let n = list.len();
+            let start = self.rr % n;
+            let mut best = start;
+            for i in 1..n {
+                let k = (start + i) % n;
+                if list[k].estimate() < list[best].estimate() {
+                    best = k;
+                }
+            }
+            self.rr = self.rr.wrapping_add(1);
+            let r = &list[best];
+            return Some(Choice {
+                node: r.node.clone(),
+                responder: r.cid.clone(),
+                load: r.estimate(),
+            });
+        }
+        if !self.remote_enabled(target, Enable::Req) {
+            return None;
+        }
+        let key = (Box::<[u8]>::from(target), b'r');
+        let mut ids: Vec<&Box<str>> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.enabled.contains(&key))
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        let node = (*ids.get(self.rr % ids.len().max(1))?).clone();
+        self.rr = self.rr.wrapping_add(1);
+        Some(Choice {
+            node,
+            responder: "*".into(),
+            load: u32::MAX,
+        })
+    }
+
+    fn remote_resp_mut(&mut self, target: &[u8], node: &str, cid: &str) -> Option<&mut RemoteResp> {
+        self.remote_resps
+            .get_mut(target)?
+            .iter_mut()
+            .find(|r| &*r.node == node && &*r.cid == cid)
     }
 
     // ------------------------------------------------------------------ connection
 
     /// The backplane connection is up (CONNECT answered): subscribe everything again and
-    /// say hello. `out` must hold only what the reactor wrote for this connection.
+    /// say hello. The lanes must hold only what the link wrote for this connection.
     pub fn on_connected(&mut self, now: Instant) {
         self.connected = true;
         self.stats.connects += 1;
@@ -616,24 +1066,35 @@ impl Cluster {
                 self.sid_for(s);
             }
         }
-        let mut ids: Vec<u64> = self.sids.keys().copied().collect();
+        let mut ids: Vec<u64> = self
+            .sids
+            .iter()
+            .filter(|(_, s)| !matches!(s, Sid::Pub(_)))
+            .map(|(&id, _)| id)
+            .collect();
         ids.sort_unstable();
         for sid in ids {
             self.write_sub(sid);
         }
-        let s = self.subject(&[b"ctl"], None);
-        let hello = format!("J {}", self.node).into_bytes();
-        self.publish(&s, None, &hello, b"");
-        self.done_subject(s);
+        let hello = format!("J {} {}", self.node, self.nonce);
+        self.ctl(hello.as_bytes(), b"", Ctl::Other);
         self.last_heartbeat = Some(now);
         self.send_heartbeat(self.mon_sids.is_some());
     }
 
-    /// The backplane connection is gone: what waits for it is dropped (counted).
-    pub fn on_disconnected(&mut self) {
+    /// The backplane connection is gone: what waits for it is dropped, and every
+    /// subject is to be subscribed again (within the budget) once it is back.
+    pub fn on_disconnected(&mut self, now: Instant) {
         self.connected = false;
-        self.out.clear();
-        self.out_sent = 0;
+        self.lanes.clear();
+        let subscribed: Vec<Box<[u8]>> = self.pub_sids.drain().map(|(t, _)| t).collect();
+        self.sids.retain(|_, s| !matches!(s, Sid::Pub(_)));
+        for t in subscribed {
+            if !self.unsub_later.remove(&t) {
+                self.sub_queue.insert(&t, now);
+            }
+        }
+        self.unsub_later.clear();
     }
 
     /// Send the heartbeat if it is due.
@@ -649,15 +1110,27 @@ impl Cluster {
     }
 
     fn send_heartbeat(&mut self, local_monitors: bool) {
-        let s = self.subject(&[b"ctl"], None);
         let hb = format!(
-            "H {} {} {}",
+            "H {} {} {} {} {} {}",
             self.node,
             self.version,
-            u8::from(local_monitors)
+            u8::from(local_monitors),
+            self.load_seq,
+            self.nonce,
+            self.settings.node_name.as_deref().unwrap_or("-"),
         );
-        self.publish(&s, None, hb.as_bytes(), b"");
-        self.done_subject(s);
+        self.ctl(hb.as_bytes(), b"", Ctl::Heartbeat);
+    }
+
+    /// Leaving (shutdown): tell the others, so they forget this node's enablements and
+    /// fail what they forwarded here at once. Nothing more goes on `P.ctl` after it.
+    pub fn leave(&mut self) {
+        if self.leaving {
+            return;
+        }
+        let bye = format!("D {} {}", self.node, self.nonce);
+        self.ctl(bye.as_bytes(), b"", Ctl::Departure);
+        self.leaving = true;
     }
 
     /// Nodes unheard for the node timeout: forget them, their enablements lapse. Returns
@@ -682,7 +1155,16 @@ impl Cluster {
             for key in n.enabled {
                 self.lapse_remote(&key);
             }
+            for t in n.load_targets {
+                if let Some(list) = self.remote_resps.get_mut(&t) {
+                    list.retain(|r| &*r.node != id);
+                    if list.is_empty() {
+                        self.remote_resps.remove(&t);
+                    }
+                }
+            }
         }
+        self.taken_from.remove(id);
     }
 
     fn lapse_remote(&mut self, key: &(Box<[u8]>, u8)) {
@@ -696,29 +1178,50 @@ impl Cluster {
     }
 
     fn heard(&mut self, node: &str, now: Instant) -> &mut Node {
+        self.heard_any = true;
         let n = self.nodes.entry(node.into()).or_insert_with(|| {
             log::info!("cluster: node {node} joined");
             Node {
                 last_heard: now,
                 name: None,
+                nonce: None,
                 version: None,
+                load_seq: None,
                 monitors: false,
                 enabled: HashSet::new(),
+                seen_mine: 0,
+                load_targets: HashSet::new(),
             }
         });
         n.last_heard = now;
         n
     }
 
-    fn request_state(&mut self, from: &str) {
-        let s = self.subject(&[b"node", from.as_bytes()], None);
-        let req = format!("S {}", self.node);
-        self.publish(&s, None, req.as_bytes(), b"");
-        self.done_subject(s);
+    /// `node` is heard with `nonce`: a different one than before is a new process under
+    /// the same id (restarted), whose state starts afresh.
+    fn heard_process(&mut self, node: &str, nonce: u64, now: Instant) {
+        if self
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.nonce.is_some_and(|x| x != nonce))
+        {
+            log::info!("cluster: node {node} restarted");
+            self.forget_node(node);
+        }
+        self.heard(node, now).nonce = Some(nonce);
     }
 
-    /// A `P.ctl` message. Returns the node whose full state must be sent to (a `J`).
-    pub fn on_ctl(&mut self, payload: &[u8], now: Instant) -> Option<Box<str>> {
+    fn request_state(&mut self, from: &str) {
+        let req = format!("S {}", self.node);
+        self.node_ctl(from.as_bytes(), req.as_bytes(), b"");
+    }
+
+    /// A `P.ctl` message.
+    pub fn on_ctl(&mut self, payload: &[u8], now: Instant) -> CtlEvent {
+        self.on_ctl_inner(payload, now).unwrap_or(CtlEvent::None)
+    }
+
+    fn on_ctl_inner(&mut self, payload: &[u8], now: Instant) -> Option<CtlEvent> {
         let (line, rest) = match memchr::memchr(b'\n', payload) {
             Some(i) => (&payload[..i], &payload[i + 1..]),
             None => (payload, &[][..]),
@@ -727,20 +1230,62 @@ impl Cluster {
         let mut w = line.split(' ');
         let tag = w.next()?;
         let node = w.next()?;
-        if node == &*self.node || node.is_empty() {
+        if !is_id(node) {
             return None;
+        }
+        if node == &*self.node {
+            // nats-server does not echo this connection's own messages: another process
+            // has this id.
+            let theirs: u64 = match tag {
+                "J" | "D" => w.next()?.parse().ok()?,
+                "H" => w.nth(3)?.parse().ok()?,
+                _ => return None,
+            };
+            if theirs == self.nonce || self.leaving {
+                return None;
+            }
+            log::warn!(
+                "cluster: another process (nonce {theirs}) uses this node's id {}",
+                self.node
+            );
+            return Some(if self.nonce > theirs {
+                CtlEvent::Collision
+            } else {
+                CtlEvent::None // the other one renames itself
+            });
         }
         match tag {
             "J" => {
-                self.heard(node, now);
-                return Some(node.into());
+                let nonce: u64 = w.next()?.parse().ok()?;
+                self.heard_process(node, nonce, now);
+                return Some(CtlEvent::SendState(node.into()));
+            }
+            "D" => {
+                let nonce: u64 = w.next()?.parse().ok()?;
+                if self
+                    .nodes
+                    .get(node)
+                    .is_some_and(|n| n.nonce.is_none_or(|x| x == nonce))
+                {
+                    self.forget_node(node);
+                    log::info!("cluster: node {node} left");
+                    return Some(CtlEvent::Gone(node.into()));
+                }
             }
             "H" => {
                 let version: u64 = w.next()?.parse().ok()?;
                 let monitors = w.next() == Some("1");
+                let load_seq: u64 = w.next()?.parse().ok()?;
+                let nonce: u64 = w.next()?.parse().ok()?;
+                let name = w.next().filter(|n| *n != "-" && n.len() <= 64);
+                self.heard_process(node, nonce, now);
                 let n = self.heard(node, now);
                 n.monitors = monitors;
-                if n.version != Some(version) {
+                if n.name.as_deref() != name {
+                    n.name = name.map(Into::into);
+                }
+                let stale = n.version != Some(version) || n.load_seq.unwrap_or(0) != load_seq;
+                if stale {
                     self.request_state(node);
                 }
             }
@@ -763,10 +1308,20 @@ impl Cluster {
                         self.count_remote(&key);
                     }
                 } else if n.enabled.remove(&key) {
+                    let seen = n.seen_mine;
                     self.lapse_remote(&key);
+                    if kind == b'r' {
+                        self.set_remote_resps(node, &key.0, Vec::new(), seen);
+                    }
                 }
             }
             "F" => self.on_full_state(node, w.next()?.parse().ok()?, rest, now),
+            "L" => {
+                let seq: u64 = w.next()?.parse().ok()?;
+                let full = w.next()? == "1";
+                let seen = w.next()?;
+                self.on_loads(node, seq, full, seen, rest, now);
+            }
             _ => {}
         }
         None
@@ -793,18 +1348,71 @@ impl Cluster {
         }
     }
 
+    /// This node takes a new id (another process has the old one): the old inbox is
+    /// given up (the requests forwarded under it are returned, to be failed), the new
+    /// node and inbox subjects are subscribed, the old node subject is kept (private
+    /// messages to this node's existing connections still reach them), and the node
+    /// joins again under the new id.
+    pub fn rename(&mut self, new: &str, now: Instant) -> Vec<OutReq> {
+        let old = std::mem::replace(&mut self.node, new.into());
+        log::warn!("cluster: node id {old} taken by another process: this node is now {new}");
+        self.inbox_prefix = format!("{}.inbox.{new}.", self.settings.name)
+            .into_bytes()
+            .into();
+        let inbox: Vec<u64> = self
+            .sids
+            .iter()
+            .filter(|(_, s)| **s == Sid::Inbox)
+            .map(|(&id, _)| id)
+            .collect();
+        for sid in inbox {
+            self.sids.remove(&sid);
+            self.write_unsub(sid);
+        }
+        for s in [Sid::Node, Sid::Inbox] {
+            let sid = self.sid_for(s);
+            self.write_sub(sid);
+        }
+        let mut failed: Vec<OutReq> = self.out_reqs.drain().map(|(_, r)| r).collect();
+        failed.sort_by_key(|r| r.deadline);
+        self.out_order.clear();
+        self.out_by_conn.clear();
+        for list in self.remote_resps.values_mut() {
+            for r in list {
+                r.ids.clear();
+                r.extra = 0;
+            }
+        }
+        self.nonce = new_nonce();
+        if self.connected {
+            let hello = format!("J {} {}", self.node, self.nonce);
+            self.ctl(hello.as_bytes(), b"", Ctl::Other);
+            self.last_heartbeat = Some(now);
+            self.send_heartbeat(self.mon_sids.is_some());
+        }
+        failed
+    }
+
     // ------------------------------------------------------------------ requests
 
-    /// Record a request about to be forwarded; returns its reply subject, or `None` when
-    /// the requester has too many in flight across the cluster already.
+    /// Record a request about to be forwarded to `to`; returns its id and reply subject,
+    /// or `None` when the requester has too many in flight across the cluster already.
     pub fn start_out_request(&mut self, r: OutReq, max_per_conn: usize) -> Option<(u64, Vec<u8>)> {
-        let n = self.out_per_conn.entry(r.requester).or_insert(0);
-        if *n as usize >= max_per_conn {
+        let mine = self.out_by_conn.entry(r.requester).or_default();
+        if mine.len() >= max_per_conn {
             return None;
         }
-        *n += 1;
         let id = self.next_out;
         self.next_out += 1;
+        mine.insert(id);
+        let seen = self.nodes.get(&r.node).map_or(0, |n| n.seen_mine);
+        let (target, node, cid) = (r.target.clone(), r.node.clone(), r.responder.clone());
+        if let Some(rr) = self.remote_resp_mut(&target, &node, &cid) {
+            rr.ids.insert(id);
+            if id > seen {
+                rr.extra += 1;
+            }
+        }
         self.out_order.push_back((r.deadline, id));
         self.out_reqs.insert(id, r);
         let reply = format!("{}.inbox.{}.{id}", self.settings.name, self.node).into_bytes();
@@ -813,14 +1421,21 @@ impl Cluster {
 
     /// Requests `conn` has in flight toward other nodes.
     pub fn out_requests_of(&self, conn: ConnId) -> usize {
-        self.out_per_conn.get(&conn).map_or(0, |&n| n as usize)
+        self.out_by_conn.get(&conn).map_or(0, HashSet::len)
     }
 
-    /// Forward a request (after [`Cluster::start_out_request`]). False if it could not be
-    /// sent (then it is ended).
-    pub fn send_request(&mut self, id: u64, target: &[u8], reply: &[u8], payload: &[u8]) -> bool {
-        let s = self.subject(&[b"req"], Some(target));
-        let ok = self.publish(&s, Some(reply), b"", payload);
+    /// Forward a request (after [`Cluster::start_out_request`]) to its node. False if
+    /// it could not be sent (then it is ended).
+    pub fn send_request(&mut self, id: u64, reply: &[u8], payload: &[u8]) -> bool {
+        let Some(r) = self.out_reqs.get(&id) else {
+            return false;
+        };
+        let mut head = format!("Q {} {id} {} ", self.node, r.responder).into_bytes();
+        subject::encode(&r.target, &mut head);
+        head.push(b'\n');
+        let node = r.node.clone();
+        let s = self.subject(&[b"node", node.as_bytes()], None);
+        let ok = self.publish_data(&s, Some(reply), &head, payload);
         self.done_subject(s);
         if !ok {
             self.end_out_request(id);
@@ -828,21 +1443,37 @@ impl Cluster {
         ok
     }
 
-    /// End a forwarded request (answered, failed, expired).
+    /// End a forwarded request (answered, failed, expired, requester gone).
     pub fn end_out_request(&mut self, id: u64) -> Option<OutReq> {
         let r = self.out_reqs.remove(&id)?;
-        if let Some(n) = self.out_per_conn.get_mut(&r.requester) {
-            *n -= 1;
-            if *n == 0 {
-                self.out_per_conn.remove(&r.requester);
+        if let Some(set) = self.out_by_conn.get_mut(&r.requester) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.out_by_conn.remove(&r.requester);
+            }
+        }
+        let seen = self.nodes.get(&r.node).map_or(0, |n| n.seen_mine);
+        if let Some(rr) = self.remote_resp_mut(&r.target, &r.node, &r.responder) {
+            if rr.ids.remove(&id) && id > seen {
+                rr.extra = rr.extra.saturating_sub(1);
             }
         }
         Some(r)
     }
 
+    /// A connection left: the requests it forwarded end here (a late answer is dropped),
+    /// so nothing of it is counted against the next connection given its slot.
+    pub fn conn_left(&mut self, conn: ConnId) {
+        if let Some(ids) = self.out_by_conn.remove(&conn) {
+            for id in ids {
+                self.end_out_request(id);
+            }
+        }
+    }
+
     /// The forwarded request `id`, if pending.
-    pub fn out_request(&mut self, id: u64) -> Option<&mut OutReq> {
-        self.out_reqs.get_mut(&id)
+    pub fn out_request(&self, id: u64) -> Option<&OutReq> {
+        self.out_reqs.get(&id)
     }
 
     /// The next forwarded request past its deadline.
@@ -856,15 +1487,18 @@ impl Cluster {
                 return Some(r);
             }
         }
+        if self.out_reqs.is_empty() && self.out_order.capacity() > 1024 {
+            self.out_order.shrink_to(64);
+        }
         None
     }
 
-    /// Forwarded requests taken by `node` (gone): ended and returned.
+    /// Forwarded requests addressed to `node` (gone): ended and returned.
     pub fn take_out_requests_of_node(&mut self, node: &str) -> Vec<OutReq> {
         let ids: Vec<u64> = self
             .out_reqs
             .iter()
-            .filter(|(_, r)| r.taken_by.as_deref() == Some(node))
+            .filter(|(_, r)| &*r.node == node)
             .map(|(&id, _)| id)
             .collect();
         let mut v: Vec<OutReq> = ids
@@ -880,11 +1514,16 @@ impl Cluster {
         self.out_reqs.len()
     }
 
-    /// A request from another node was delivered here under local `rid`.
-    pub fn took(&mut self, rid: u64, reply: &[u8]) {
-        self.in_reqs.insert(rid, reply.into());
-        let head = format!("T {}", self.node);
-        self.publish(reply, None, head.as_bytes(), b"");
+    /// A request forwarded by `from` (its id there `id`) was taken here under local
+    /// `rid` (or not: `rid` is `None`); the next load announcement counts it as seen.
+    pub fn took(&mut self, from: &str, id: u64, rid: Option<u64>, reply: &[u8]) {
+        if let Some(rid) = rid {
+            self.in_reqs.insert(rid, reply.into());
+        }
+        if self.nodes.contains_key(from) {
+            let seen = self.taken_from.entry(from.into()).or_insert(0);
+            *seen = (*seen).max(id);
+        }
     }
 
     /// The reply subject of a request taken from another node (ending it here).
@@ -902,6 +1541,18 @@ impl Cluster {
     pub fn pub_topic(&self, subject: &[u8]) -> Option<Vec<u8>> {
         subject::decode(subject.strip_prefix(&*self.pub_prefix)?)
     }
+
+    /// Everything waiting, in the order it would be written (tests and fuzzing, which
+    /// have no socket).
+    pub fn take_written(&mut self) -> Vec<u8> {
+        let mut v = Vec::new();
+        while !self.lanes.is_empty() {
+            if self.lanes.write(&mut v).is_err() {
+                break;
+            }
+        }
+        v
+    }
 }
 
 #[cfg(test)]
@@ -911,15 +1562,35 @@ mod tests {
     fn connected(node: &str) -> Cluster {
         let mut c = Cluster::new(node, ClusterSettings::default());
         c.on_connected(Instant::now());
-        c.out.clear();
+        c.take_written();
         c
+    }
+
+    fn text(c: &mut Cluster) -> String {
+        String::from_utf8_lossy(&c.take_written()).into_owned()
+    }
+
+    fn out_req(requester: ConnId, target: &[u8], node: &str, responder: &str) -> OutReq {
+        OutReq {
+            requester,
+            cid: format!("aaaaaa{requester}").into(),
+            reqid_name: b"ReqID"[..].into(),
+            reqid_value: b"1"[..].into(),
+            target: target.into(),
+            deadline: Instant::now() + Duration::from_secs(30),
+            node: node.into(),
+            responder: responder.into(),
+        }
     }
 
     #[test]
     fn remote_enablements_follow_announcements_and_lapse_with_the_node() {
         let now = Instant::now();
         let mut b = connected("bbbbbb");
-        assert_eq!(b.on_ctl(b"J aaaaaa", now).as_deref(), Some("aaaaaa"));
+        assert_eq!(
+            b.on_ctl(b"J aaaaaa 7", now),
+            CtlEvent::SendState("aaaaaa".into())
+        );
         b.on_ctl(b"F aaaaaa 3\np room\nr svc\n", now);
         assert!(b.remote_enabled(b"room", Enable::Pub));
         assert!(b.remote_enabled(b"svc", Enable::Req));
@@ -927,10 +1598,10 @@ mod tests {
         // The next version applies; a gap asks for the full state instead.
         b.on_ctl(b"E aaaaaa 4 s 1 room", now);
         assert!(b.remote_enabled(b"room", Enable::Sub));
-        b.out.clear();
+        b.take_written();
         b.on_ctl(b"E aaaaaa 9 p 0 room", now);
         assert!(b.remote_enabled(b"room", Enable::Pub));
-        assert!(String::from_utf8_lossy(&b.out).contains("S bbbbbb"));
+        assert!(text(&mut b).contains("S bbbbbb"));
         let gone = b.expire_nodes(now + Duration::from_secs(4));
         assert_eq!(gone, vec![Box::<str>::from("aaaaaa")]);
         assert!(!b.remote_enabled(b"room", Enable::Sub));
@@ -938,7 +1609,60 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_buffered_past_the_bound_or_while_disconnected() {
+    fn a_departure_forgets_the_node_at_once_and_only_for_its_process() {
+        let now = Instant::now();
+        let mut b = connected("bbbbbb");
+        b.on_ctl(b"J aaaaaa 7", now);
+        b.on_ctl(b"F aaaaaa 1\nr svc\n", now);
+        // Another process's departure under the same id is not this one's.
+        assert_eq!(b.on_ctl(b"D aaaaaa 8", now), CtlEvent::None);
+        assert!(b.remote_enabled(b"svc", Enable::Req));
+        assert_eq!(
+            b.on_ctl(b"D aaaaaa 7", now),
+            CtlEvent::Gone("aaaaaa".into())
+        );
+        assert!(!b.remote_enabled(b"svc", Enable::Req));
+        assert_eq!(b.node_count(), 0);
+        // The leaving node says nothing more on the control subject.
+        let mut a = connected("aaaaaa");
+        a.leave();
+        assert!(text(&mut a).contains("D aaaaaa"));
+        a.heartbeat(now + Duration::from_secs(5), false);
+        a.announce(b"x", Enable::Pub, true);
+        assert_eq!(text(&mut a), "");
+    }
+
+    #[test]
+    fn hearing_its_own_id_from_another_process_makes_one_of_the_two_rename() {
+        let now = Instant::now();
+        let mut a = connected("aaaaaa");
+        let mine = a.nonce;
+        let hb = |nonce: u64| format!("H aaaaaa 0 0 0 {nonce} -");
+        assert_eq!(a.on_ctl(hb(mine).as_bytes(), now), CtlEvent::None);
+        let lower = mine.wrapping_sub(1).min(mine);
+        let higher = mine.checked_add(1).unwrap_or(mine);
+        if lower != mine {
+            assert_eq!(a.on_ctl(hb(lower).as_bytes(), now), CtlEvent::Collision);
+        }
+        if higher != mine {
+            assert_eq!(a.on_ctl(hb(higher).as_bytes(), now), CtlEvent::None);
+        }
+        a.start_out_request(out_req(1, b"t", "bbbbbb", "*"), 10)
+            .unwrap();
+        let failed = a.rename("cccccc", now);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(a.out_request_count(), 0);
+        let w = text(&mut a);
+        assert!(
+            w.contains("SUB mm.node.cccccc") && w.contains("SUB mm.inbox.cccccc.>"),
+            "{w}"
+        );
+        assert!(w.contains("J cccccc"), "{w}");
+        assert_eq!(a.inbox_id(b"mm.inbox.cccccc.5"), Some(5));
+    }
+
+    #[test]
+    fn nothing_is_buffered_past_the_bound_or_counted_before_anyone_was_heard() {
         let mut c = Cluster::new(
             "aaaaaa",
             ClusterSettings {
@@ -947,8 +1671,9 @@ mod tests {
             },
         );
         c.publish_pub(b"t", b"x");
-        assert_eq!(c.stats.dropped[DISCONNECTED], 1);
+        assert_eq!(c.stats.dropped, [0; 4], "nobody heard yet: nothing dropped");
         c.on_connected(Instant::now());
+        c.on_ctl(b"J bbbbbb 1", Instant::now());
         for _ in 0..100 {
             c.publish_pub(b"t", &[b'y'; 100]);
         }
@@ -957,23 +1682,200 @@ mod tests {
         c.max_payload = 10;
         c.publish_pub(b"t", &[b'y'; 11]);
         assert_eq!(c.stats.dropped[TOO_LARGE], 1);
+        c.on_disconnected(Instant::now());
+        c.publish_pub(b"t", b"x");
+        assert_eq!(c.stats.dropped[DISCONNECTED], 1);
     }
 
     #[test]
-    fn a_subject_is_unsubscribed_only_after_the_delay_and_if_still_unused() {
+    fn heartbeats_and_announcements_pass_a_full_data_lane() {
+        let now = Instant::now();
+        let mut c = Cluster::new(
+            "aaaaaa",
+            ClusterSettings {
+                max_pending: 1 << 20,
+                ..Default::default()
+            },
+        );
+        c.on_connected(now);
+        c.on_ctl(b"J bbbbbb 1", now);
+        while c.stats.dropped[BUFFER_FULL] == 0 {
+            c.publish_pub(b"t", &[b'y'; 1000]);
+        }
+        assert!(c.pending_bytes() <= c.settings.data_bound());
+        for i in 0..10 {
+            c.announce(format!("room{i}").as_bytes(), Enable::Sub, true);
+            c.heartbeat(now + Duration::from_secs(i + 1), false);
+        }
+        assert_eq!(c.stats.dropped[CONTROL_FULL], 0);
+        assert!(c.pending_bytes() <= c.settings.max_pending);
+        // Written, the control messages come out within the first data chunk.
+        let w = c.take_written();
+        let first_h = w.windows(9).position(|x| x == b"H aaaaaa ").unwrap();
+        assert!(
+            first_h < 2 * crate::cluster::lanes::CHUNK,
+            "heartbeat at byte {first_h}"
+        );
+    }
+
+    #[test]
+    fn control_is_bounded_too_but_heartbeats_always_fit() {
+        let now = Instant::now();
+        let mut c = Cluster::new(
+            "aaaaaa",
+            ClusterSettings {
+                max_pending: 64 << 10,
+                ..Default::default()
+            },
+        );
+        c.on_connected(now);
+        for i in 0..10_000 {
+            c.announce(format!("room{i}").as_bytes(), Enable::Sub, true);
+        }
+        assert!(c.stats.dropped[CONTROL_FULL] > 0);
+        assert!(c.lanes.ctl_len() <= c.settings.ctl_bound());
+        c.heartbeat(now + Duration::from_secs(2), false);
+        assert!(c.lanes.ctl_len() > c.settings.ctl_bound() - 100);
+        assert!(c.pending_bytes() <= c.settings.max_pending);
+        assert!(String::from_utf8_lossy(&c.take_written()).contains("H aaaaaa"));
+    }
+
+    #[test]
+    fn interest_changes_are_coalesced_per_subject_and_written_within_a_budget() {
         let now = Instant::now();
         let mut c = connected("aaaaaa");
-        c.interest(b"room 1", true, now);
-        assert!(String::from_utf8_lossy(&c.out).starts_with("SUB mm.pub."));
-        c.out.clear();
-        c.interest(b"room 1", false, now);
-        c.unsubscribe_due(now, |_| false);
-        assert!(c.out.is_empty());
-        c.unsubscribe_due(now + Duration::from_secs(2), |_| true);
-        assert!(c.out.is_empty(), "needed again: kept");
-        c.interest(b"room 1", false, now);
-        c.unsubscribe_due(now + Duration::from_secs(2), |_| false);
-        assert!(String::from_utf8_lossy(&c.out).starts_with("UNSUB "));
+        // Subscribed and unsubscribed before the pass writes: nothing at all.
+        for i in 0..100_000 {
+            let t = format!("t{i}");
+            c.interest(t.as_bytes(), true, now);
+            c.interest(t.as_bytes(), false, now);
+        }
+        assert_eq!(c.interest_pending(), 0);
+        c.write_interest(now, |_| false);
+        assert_eq!(text(&mut c), "");
+        // One topic churned: one SUB, then at most one delayed UNSUB waiting.
+        c.interest(b"room", true, now);
+        c.write_interest(now, |_| false);
+        assert!(text(&mut c).starts_with("SUB mm.pub.room "));
+        for _ in 0..100_000 {
+            c.interest(b"room", false, now);
+            c.interest(b"room", true, now);
+            c.interest(b"room", false, now);
+        }
+        assert_eq!(c.interest_pending(), 1);
+        c.write_interest(now, |_| false);
+        assert_eq!(text(&mut c), "", "the UNSUB waits for its delay");
+        c.interest(b"room", true, now);
+        assert_eq!(
+            c.interest_pending(),
+            0,
+            "re-subscribed: the UNSUB is cancelled"
+        );
+        c.interest(b"room", false, now);
+        c.write_interest(now + Duration::from_secs(2), |_| true);
+        assert_eq!(text(&mut c), "", "still needed: kept");
+        c.interest(b"room", false, now);
+        c.write_interest(now + Duration::from_secs(2), |_| false);
+        assert!(text(&mut c).starts_with("UNSUB "));
+        // Many distinct subjects: written a budget at a time, the lane bounded.
+        for i in 0..5000 {
+            c.interest(format!("s{i}").as_bytes(), true, now);
+        }
+        let mut passes = 0;
+        while c.interest_pending() > 0 {
+            c.write_interest(now, |_| false);
+            assert!(c.lanes.ctl_len() <= INTEREST_ROOM);
+            c.take_written();
+            passes += 1;
+            assert!(passes < 100);
+        }
+        assert!(passes >= 5000 / INTEREST_PER_PASS);
+        // Disconnected: everything is subscribed again, a budget at a time.
+        c.on_disconnected(now);
+        assert_eq!(c.interest_pending(), 5000);
+        c.on_connected(now);
+        c.write_interest(now, |_| false);
+        assert!(c.interest_pending() < 5000);
+    }
+
+    #[test]
+    fn requests_go_to_the_least_loaded_remote_responder_counting_own_forwards() {
+        let now = Instant::now();
+        let mut a = connected("aaaaaa");
+        a.on_ctl(b"J bbbbbb 1", now);
+        a.on_ctl(b"F bbbbbb 1\nr work\n", now);
+        // Before any load announcement: the node, its choice.
+        let c = a.choose_remote(b"work").unwrap();
+        assert_eq!((&*c.node, &*c.responder, c.load), ("bbbbbb", "*", u32::MAX));
+        a.on_ctl(b"L bbbbbb 1 1 -\nwork bbbbbb1=0 bbbbbb2=0\n", now);
+        let mut to = Vec::new();
+        for i in 0..6 {
+            let c = a.choose_remote(b"work").unwrap();
+            to.push(c.responder.to_string());
+            let (id, _) = a
+                .start_out_request(out_req(i, b"work", &c.node, &c.responder), 10)
+                .unwrap();
+            assert!(a.send_request(id, b"mm.inbox.aaaaaa.1", b"x"));
+        }
+        to.sort();
+        assert_eq!(
+            to,
+            ["bbbbbb1", "bbbbbb1", "bbbbbb1", "bbbbbb2", "bbbbbb2", "bbbbbb2"]
+        );
+        // B announces counts that include the first four of ours (seen 4): 2 and 2, plus
+        // our fifth and sixth not yet counted.
+        a.on_ctl(b"L bbbbbb 2 0 aaaaaa=4\nwork bbbbbb1=2 bbbbbb2=2\n", now);
+        let loads: Vec<u32> = a.remote_resps[&b"work"[..]]
+            .iter()
+            .map(RemoteResp::estimate)
+            .collect();
+        assert_eq!(loads.iter().sum::<u32>(), 6, "{loads:?}");
+        // Answers end ours; the requester leaving ends the rest, for the next connection
+        // on its slot too.
+        a.end_out_request(6);
+        assert_eq!(a.out_requests_of(5), 0);
+        a.conn_left(4);
+        assert_eq!(a.out_request_count(), 4);
+        for conn in 0..4 {
+            a.conn_left(conn);
+        }
+        assert_eq!(a.out_request_count(), 0);
+        assert!(a.out_by_conn.is_empty());
+        let total: u32 = a.remote_resps[&b"work"[..]].iter().map(|r| r.extra).sum();
+        assert_eq!(total, 0);
+        // Its responders gone with the enablement, the node with its departure.
+        a.on_ctl(b"E bbbbbb 2 r 0 work", now);
+        assert!(a.choose_remote(b"work").is_none());
+        assert!(a.remote_resps.is_empty());
+    }
+
+    #[test]
+    fn a_load_gap_asks_for_the_state_and_a_heartbeat_tells_the_latest() {
+        let now = Instant::now();
+        let mut a = connected("aaaaaa");
+        a.on_ctl(b"J bbbbbb 1", now);
+        a.on_ctl(b"F bbbbbb 0\nr work\n", now);
+        a.on_ctl(b"L bbbbbb 1 1 -\nwork bbbbbb1=3\n", now);
+        a.take_written();
+        a.on_ctl(b"H bbbbbb 0 0 1 1 node-b", now);
+        assert_eq!(text(&mut a), "", "in step");
+        assert_eq!(a.nodes(now)[0].name.as_deref(), Some("node-b"));
+        a.on_ctl(b"H bbbbbb 0 0 2 1 node-b", now);
+        assert!(
+            text(&mut a).contains("S aaaaaa"),
+            "an announcement was missed"
+        );
+        a.on_ctl(b"L bbbbbb 5 0 -\nwork\n", now);
+        assert!(text(&mut a).contains("S aaaaaa"));
+        assert!(
+            a.choose_remote(b"work").is_some(),
+            "still enabled: the node picks"
+        );
+        assert!(a.remote_resps.is_empty());
+        // A restarted node (new nonce) starts afresh.
+        a.on_ctl(b"F bbbbbb 1\nr work\n", now);
+        a.on_ctl(b"H bbbbbb 1 0 0 2 -", now);
+        assert!(!a.remote_enabled(b"work", Enable::Req));
     }
 
     #[test]

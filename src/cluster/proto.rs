@@ -887,12 +887,25 @@ pub fn pub_(
     reply: Option<&[u8]>,
     payload: &[u8],
 ) -> Result<(), EncodeError> {
+    pub_parts(buf, subject, reply, b"", payload)
+}
+
+/// [`pub_`] of `head` followed by `payload` as one payload, without joining them first.
+pub fn pub_parts(
+    buf: &mut Vec<u8>,
+    subject: &[u8],
+    reply: Option<&[u8]>,
+    head: &[u8],
+    payload: &[u8],
+) -> Result<(), EncodeError> {
     check_pub_subjects(subject, reply)?;
-    buf.reserve(subject.len() + reply.map_or(0, <[u8]>::len) + payload.len() + 32);
+    let len = head.len() + payload.len();
+    buf.reserve(subject.len() + reply.map_or(0, <[u8]>::len) + len + 32);
     buf.extend_from_slice(b"PUB ");
     subject_and_reply(buf, subject, reply);
-    push_dec(buf, payload.len() as u64);
+    push_dec(buf, len as u64);
     buf.extend_from_slice(b"\r\n");
+    buf.extend_from_slice(head);
     buf.extend_from_slice(payload);
     buf.extend_from_slice(b"\r\n");
     Ok(())

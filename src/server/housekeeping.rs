@@ -80,6 +80,9 @@ impl Server {
         }
         let deadline = now + self.cfg.shutdown_grace;
         self.shutdown_deadline = Some(deadline);
+        // The other nodes hear it first (written this pass, ahead of any data), so they
+        // forget this node's enablements at once rather than after the node timeout.
+        self.broker.cluster_leave();
         for mut l in std::mem::take(&mut self.listeners) {
             let _ = self.poll.registry().deregister(&mut l);
         }

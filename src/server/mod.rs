@@ -409,10 +409,12 @@ impl Server {
             self.metrics.end_pass(now, &self.broker);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() {
+                    self.backplane_flush(now);
                     info!("shut down: every connection closed");
                     return Ok(());
                 }
                 if now >= deadline {
+                    self.backplane_flush(now);
                     warn!(
                         "shut down: grace period over, {} connections dropped unflushed",
                         self.conns.len()
@@ -432,6 +434,9 @@ impl Server {
             next = next.min(d);
         }
         if let Some(d) = self.accept_paused_until {
+            next = next.min(d);
+        }
+        if let Some(d) = self.broker.cluster_wake_at() {
             next = next.min(d);
         }
         next.saturating_duration_since(now)
