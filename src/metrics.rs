@@ -300,6 +300,8 @@ impl Metrics {
                 pending_bytes: c.pending_bytes() as u64,
                 max_pending: c.settings().max_pending as u64,
                 forwarded_requests: c.out_request_count() as u64,
+                remote_responders: c.remote_responders() as u64,
+                interest_pending: c.interest_pending() as u64,
             }),
         }
     }
@@ -430,6 +432,10 @@ pub struct ClusterSnap {
     pub max_pending: u64,
     /// Requests forwarded to other nodes and not yet ended.
     pub forwarded_requests: u64,
+    /// Responders on other nodes as announced (per target and responder).
+    pub remote_responders: u64,
+    /// Subjects whose backplane subscription waits to be written or released.
+    pub interest_pending: u64,
 }
 
 /// Label value escaping of the text exposition format.
@@ -626,6 +632,18 @@ impl Snapshot {
                 "Requests forwarded to other nodes and not yet ended.",
                 &one(c.forwarded_requests),
             );
+            metric(
+                "middleman_cluster_remote_responders",
+                "gauge",
+                "Responders on other nodes, per request target, as their nodes announced them.",
+                &one(c.remote_responders),
+            );
+            metric(
+                "middleman_cluster_interest_pending",
+                "gauge",
+                "Subjects whose backplane subscription waits to be written or released (one change per subject at most).",
+                &one(c.interest_pending),
+            );
         }
         s
     }
@@ -695,6 +713,8 @@ impl Snapshot {
                 "pending_bytes": c.pending_bytes,
                 "max_pending_bytes": c.max_pending,
                 "forwarded_requests": c.forwarded_requests,
+                "remote_responders": c.remote_responders,
+                "interest_pending": c.interest_pending,
             })),
         })
     }

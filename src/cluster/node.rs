@@ -315,6 +315,8 @@ pub struct Cluster {
     remote_enabled: HashMap<Box<[u8]>, [u32; 3]>,
     /// Responders of other nodes by target.
     remote_resps: HashMap<Box<[u8]>, Vec<RemoteResp>>,
+    /// Entries in `remote_resps`, kept as they change (for `/metrics`).
+    remote_resp_count: usize,
     /// Round-robin cursor among equally loaded remote responders.
     rr: usize,
     /// Version of this node's enablement state (one up per change).
@@ -424,6 +426,7 @@ impl Cluster {
             nodes: HashMap::new(),
             remote_enabled: HashMap::new(),
             remote_resps: HashMap::new(),
+            remote_resp_count: 0,
             rr: 0,
             version: 0,
             load_seq: 0,
@@ -455,6 +458,11 @@ impl Cluster {
     /// Subjects whose subscription on the backplane waits to be written or released.
     pub fn interest_pending(&self) -> usize {
         self.sub_queue.len() + self.unsub_later.len()
+    }
+
+    /// Responders on other nodes as announced (one per target and responder).
+    pub fn remote_responders(&self) -> usize {
+        self.remote_resp_count
     }
 
     /// Other nodes currently heard.
@@ -959,6 +967,7 @@ impl Cluster {
         seen_mine: u64,
     ) {
         let list = self.remote_resps.entry(target.into()).or_default();
+        let before = list.len();
         let mut old: Vec<RemoteResp> = Vec::new();
         list.retain_mut(|r| {
             if &*r.node == node {
@@ -990,6 +999,7 @@ impl Cluster {
                 ids,
             });
         }
+        self.remote_resp_count = self.remote_resp_count - before + list.len();
         if list.is_empty() {
             self.remote_resps.remove(target);
         }
@@ -1157,7 +1167,9 @@ impl Cluster {
             }
             for t in n.load_targets {
                 if let Some(list) = self.remote_resps.get_mut(&t) {
+                    let before = list.len();
                     list.retain(|r| &*r.node != id);
+                    self.remote_resp_count -= before - list.len();
                     if list.is_empty() {
                         self.remote_resps.remove(&t);
                     }
@@ -1808,6 +1820,7 @@ mod tests {
         let c = a.choose_remote(b"work").unwrap();
         assert_eq!((&*c.node, &*c.responder, c.load), ("bbbbbb", "*", u32::MAX));
         a.on_ctl(b"L bbbbbb 1 1 -\nwork bbbbbb1=0 bbbbbb2=0\n", now);
+        assert_eq!(a.remote_responders(), 2);
         let mut to = Vec::new();
         for i in 0..6 {
             let c = a.choose_remote(b"work").unwrap();
@@ -1847,6 +1860,7 @@ mod tests {
         a.on_ctl(b"E bbbbbb 2 r 0 work", now);
         assert!(a.choose_remote(b"work").is_none());
         assert!(a.remote_resps.is_empty());
+        assert_eq!(a.remote_responders(), 0);
     }
 
     #[test]

@@ -344,5 +344,6 @@ pub fn set_linger_reset(s: &TcpStream) {
     assert_eq!(rc, 0, "setsockopt SO_LINGER");
 }
 
+pub mod cluster;
 pub mod nats;
 pub mod proc;
