@@ -145,7 +145,7 @@ fn a_service_churning_distinct_topics_under_heavy_data_stays_bounded_and_heard()
             while !stop.load(Ordering::SeqCst) {
                 p.send_raw(&batch);
                 n += 16;
-                if n % 1024 == 0 {
+                if n.is_multiple_of(1024) {
                     p.sync();
                 }
             }
