@@ -531,10 +531,14 @@ mod tests {
 
     impl Bus {
         fn new(n: usize) -> Bus {
+            Bus::with_ids(&(0..n).map(|i| format!("node0{i}")).collect::<Vec<_>>())
+        }
+
+        fn with_ids(ids: &[String]) -> Bus {
+            let n = ids.len();
             let now = Instant::now();
             let mut nodes = Vec::new();
-            for i in 0..n {
-                let id = format!("node0{i}");
+            for id in ids {
                 let mut b = Broker::new(Settings::default(), &id);
                 b.join_cluster(&id, ClusterSettings::default());
                 b.cluster_connected(now, 1 << 20);
@@ -785,5 +789,59 @@ mod tests {
         for b in &bus.nodes {
             b.router().check_invariants().unwrap();
         }
+    }
+
+    #[test]
+    fn two_processes_with_one_id_end_with_two_ids_and_working_private_messages() {
+        let mut bus = Bus::with_ids(&["same01".into(), "same01".into(), "other1".into()]);
+        let mut outs = vec![Out::new(); 3];
+        // Heartbeats (due a period on): each hears the other under its own id; the one
+        // with the higher nonce takes a new id.
+        let later = Instant::now() + std::time::Duration::from_millis(1500);
+        for (node, out) in bus.nodes.iter_mut().zip(outs.iter_mut()) {
+            node.cluster_tick(later, out);
+        }
+        bus.run(&mut outs);
+        let ids: Vec<String> = bus
+            .nodes
+            .iter()
+            .map(|b| b.cluster.as_ref().unwrap().node.to_string())
+            .collect();
+        assert_ne!(ids[0], ids[1], "{ids:?}");
+        assert!(ids[0] == "same01" || ids[1] == "same01", "{ids:?}");
+        let renamed = usize::from(ids[1] != "same01");
+        // New connections there get cids under the new id; the old connection keeps its
+        // cid and is still reachable from the third node.
+        let new_cid = bus.nodes[renamed].connect(1, Role::Client);
+        assert!(new_cid.starts_with(&ids[renamed]), "{new_cid}");
+        let later = later + std::time::Duration::from_millis(1500);
+        for (node, out) in bus.nodes.iter_mut().zip(outs.iter_mut()) {
+            node.cluster_tick(later, out);
+        }
+        bus.run(&mut outs);
+        assert_eq!(bus.nodes[2].cluster.as_ref().unwrap().node_count(), 2);
+        bus.nodes[2].connect(0, Role::Service);
+        bus.apply(
+            2,
+            0,
+            &format!("PUB MSG:{new_cid}\r\n\r\nhi\r\n.\r\n"),
+            &mut outs,
+        );
+        let got = take(&mut outs[renamed], 1);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("hi"));
+        // And one on the node that kept the id, once, there only.
+        let kept = 1 - renamed;
+        let kept_cid = bus.nodes[kept].connect(1, Role::Client);
+        assert!(kept_cid.starts_with("same01"), "{kept_cid}");
+        bus.apply(
+            2,
+            0,
+            &format!("PUB MSG:{kept_cid}\r\n\r\nho\r\n.\r\n"),
+            &mut outs,
+        );
+        let got = take(&mut outs[kept], 1);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(take(&mut outs[renamed], 1).is_empty());
     }
 }
