@@ -7,58 +7,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::cluster::*;
 use common::nats::NatsServer;
 use common::proc::Proc;
 use common::*;
-use middleman::config::ClusterConfig;
-
-fn cluster_config(nats: &NatsServer, name: &str) -> ClusterConfig {
-    ClusterConfig {
-        urls: vec![nats.url()],
-        name: name.into(),
-        user: None,
-        password: None,
-        token: None,
-        max_pending: 64 << 20,
-        node_timeout: Duration::from_secs(3),
-    }
-}
-
-fn node(nats: &NatsServer, name: &str) -> TestServer {
-    let cc = cluster_config(nats, name);
-    TestServer::with(move |c| c.cluster = Some(cc))
-}
-
-fn node_with(nats: &NatsServer, name: &str, f: impl FnOnce(&mut ClusterConfig)) -> TestServer {
-    let mut cc = cluster_config(nats, name);
-    f(&mut cc);
-    TestServer::with(move |c| c.cluster = Some(cc))
-}
-
-fn metric(addr: SocketAddr, name: &str) -> f64 {
-    metrics(addr).get(name).copied().unwrap_or(-1.0)
-}
-
-/// Poll `cond` every 20 ms for up to `secs` seconds (state with no message to await,
-/// e.g. a node seen by the others); panics with `what` if it never holds.
-fn until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "not within {secs}s: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Wait until every node is connected to the backplane and hears all the others.
-fn settled(nodes: &[SocketAddr]) {
-    for &a in nodes {
-        until(10, "node connected and hearing the others", || {
-            let m = metrics(a);
-            m.get("middleman_cluster_connected") == Some(&1.0)
-                && m.get("middleman_cluster_nodes") == Some(&((nodes.len() - 1) as f64))
-        });
-    }
-}
 
 /// Publish probes on `topic` from `publisher` until every one of `subs` has received one
 /// (their nodes have subscribed the topic on the backplane), then read each up to an end
@@ -97,22 +49,6 @@ fn await_routes(publisher: &mut Peer, subs: &mut [&mut Peer], topic: &str) {
 
 fn await_route(publisher: &mut Peer, sub: &mut Peer, topic: &str) {
     await_routes(publisher, &mut [sub], topic);
-}
-
-/// Try `SUB topic` as `client` (after `UNS`, so an earlier subscription does not make
-/// it a no-op): true if refused `not permitted`, false if accepted. An unknown command
-/// after it always gets an error back, which tells an accepted SUB (no answer) apart.
-fn sub_refused(client: &mut Peer, topic: &str) -> bool {
-    client.send("UNS", topic, &[], "");
-    client.send("SUB", topic, &[], "");
-    client.send("UNKNOWN", "probe", &[], "");
-    let m = client.recv();
-    if m.header("cmd") == Some("UNKNOWN") {
-        return false;
-    }
-    assert_eq!(m.header("reason"), Some("not permitted"), "{m:?}");
-    assert_eq!(client.recv().header("cmd"), Some("UNKNOWN"));
-    true
 }
 
 /// Send requests until one is answered (the responder's node is known to the
@@ -289,8 +225,8 @@ fn requests_spread_over_responders_on_two_nodes_and_fail_at_once_with_none() {
     );
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     // Both responders known on C (their announcements arrived).
-    until(10, "both responders' nodes known on C", || {
-        metric(c.addr, "middleman_cluster_nodes") == 2.0
+    until(10, "both responders known on C", || {
+        metric(c.addr, "middleman_cluster_remote_responders") == 2.0
     });
     // Answer in two threads; count who answered.
     let answerer = |mut p: Peer, name: &'static str| {
@@ -334,21 +270,9 @@ fn requests_spread_over_responders_on_two_nodes_and_fail_at_once_with_none() {
 fn a_responder_node_killed_fails_its_requests_and_its_enablements_lapse() {
     let nats = NatsServer::start();
     let a = node(&nats, "t4");
+    let url = nats.url();
     let b = Proc::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--service-key",
-            SERVICE_KEY,
-            "--client-key",
-            CLIENT_KEY,
-            "--cluster",
-            &nats.url(),
-            "--cluster-name",
-            "t4",
-            "--cluster-node-timeout",
-            "3s",
-        ],
+        &node_args(&url, "t4", &["--cluster-node-timeout", "3s"]),
         &[],
     );
     let b_addr = b.addr();

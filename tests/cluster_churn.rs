@@ -15,20 +15,6 @@ use common::nats::NatsServer;
 use common::proc::{rss_kib, Proc};
 use common::*;
 
-/// Try `SUB topic` as `client` (after `UNS`): true if refused `not permitted`.
-fn sub_refused(client: &mut Peer, topic: &str) -> bool {
-    client.send("UNS", topic, &[], "");
-    client.send("SUB", topic, &[], "");
-    client.send("UNKNOWN", "probe", &[], "");
-    let m = client.recv();
-    if m.header("cmd") == Some("UNKNOWN") {
-        return false;
-    }
-    assert_eq!(m.header("reason"), Some("not permitted"), "{m:?}");
-    assert_eq!(client.recv().header("cmd"), Some("UNKNOWN"));
-    true
-}
-
 /// Read from every peer, with short timeouts, until `total` messages have come in all
 /// or `within` has passed; returns how many each received (each must be `cmd`).
 fn count_received(

@@ -539,8 +539,8 @@ mod tests {
             let now = Instant::now();
             let mut nodes = Vec::new();
             for id in ids {
-                let mut b = Broker::new(Settings::default(), &id);
-                b.join_cluster(&id, ClusterSettings::default());
+                let mut b = Broker::new(Settings::default(), id);
+                b.join_cluster(id, ClusterSettings::default());
                 b.cluster_connected(now, 1 << 20);
                 nodes.push(b);
             }

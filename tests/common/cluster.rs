@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use middleman::config::ClusterConfig;
 
 use super::nats::NatsServer;
-use super::{metrics, TestServer};
+use super::{metrics, Peer, TestServer};
 
 pub fn cluster_config(nats: &NatsServer, name: &str) -> ClusterConfig {
     ClusterConfig {
@@ -74,4 +74,20 @@ pub fn node_args<'a>(nats_url: &'a str, name: &'a str, extra: &[&'a str]) -> Vec
     ];
     v.extend_from_slice(extra);
     v
+}
+
+/// Try `SUB topic` as `client` (after `UNS`, so an earlier subscription does not make
+/// it a no-op): true if refused `not permitted`, false if accepted. An unknown command
+/// after it always gets an error back, which tells an accepted SUB (no answer) apart.
+pub fn sub_refused(client: &mut Peer, topic: &str) -> bool {
+    client.send("UNS", topic, &[], "");
+    client.send("SUB", topic, &[], "");
+    client.send("UNKNOWN", "probe", &[], "");
+    let m = client.recv();
+    if m.header("cmd") == Some("UNKNOWN") {
+        return false;
+    }
+    assert_eq!(m.header("reason"), Some("not permitted"), "{m:?}");
+    assert_eq!(client.recv().header("cmd"), Some("UNKNOWN"));
+    true
 }
