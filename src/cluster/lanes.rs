@@ -103,26 +103,29 @@ impl Lanes {
             return Ok(0);
         }
         let n = {
-            let mut slices: Vec<IoSlice<'_>> =
-                Vec::with_capacity(MAX_SLICES.min(self.data.len() + 2));
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut k = 0;
             let mut chunks = self.data.iter();
             if self.data_sent > 0 {
                 if let Some(front) = chunks.next() {
-                    slices.push(IoSlice::new(&front[self.data_sent..]));
+                    slices[k] = IoSlice::new(&front[self.data_sent..]);
+                    k += 1;
                 }
             }
             if self.ctl_sent < self.ctl.len() {
-                slices.push(IoSlice::new(&self.ctl[self.ctl_sent..]));
+                slices[k] = IoSlice::new(&self.ctl[self.ctl_sent..]);
+                k += 1;
             }
             for c in chunks {
-                if slices.len() >= MAX_SLICES {
+                if k == MAX_SLICES {
                     break;
                 }
                 if !c.is_empty() {
-                    slices.push(IoSlice::new(c));
+                    slices[k] = IoSlice::new(c);
+                    k += 1;
                 }
             }
-            w.write_vectored(&slices)?
+            w.write_vectored(&slices[..k])?
         };
         self.consume(n);
         Ok(n)
