@@ -168,6 +168,10 @@ pub struct ServeArgs {
     /// A cluster node unheard for this long is taken as gone.
     #[arg(long, env = "MM_CLUSTER_NODE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub cluster_node_timeout: Duration,
+    /// A name for this node, shown beside its id in /stats and /console (1 to 64 of
+    /// A-Z a-z 0-9 . _ -).
+    #[arg(long, env = "MM_CLUSTER_NODE_NAME", value_name = "NAME")]
+    pub cluster_node_name: Option<String>,
 }
 
 impl ServeArgs {
@@ -183,6 +187,7 @@ impl ServeArgs {
             token: None,
             max_pending: self.cluster_max_pending,
             node_timeout: self.cluster_node_timeout,
+            node_name: given(&self.cluster_node_name).map(|n| n.trim().to_owned()),
         }
     }
 
@@ -297,7 +302,8 @@ mod tests {
         std::fs::write(
             &conf,
             "reuse_port = true\n[cluster]\nnats = \"nats://h:4000\"\nname = \"from-file\"\n\
-             user = \"file-user\"\npassword = \"file-pw\"\nmax_pending = \"1MiB\"\n",
+             user = \"file-user\"\npassword = \"file-pw\"\nmax_pending = \"1MiB\"\n\
+             node_name = \"file-node\"\n",
         )
         .unwrap();
         std::fs::write(dir.join("cli.token"), "cli-token-91ab\n").unwrap();
@@ -308,6 +314,8 @@ mod tests {
         let cl = eff.cfg.cluster.as_ref().unwrap();
         assert_eq!(cl.name, "from-file");
         assert_eq!(eff.source("cluster.name"), Source::File(4));
+        assert_eq!(cl.node_name.as_deref(), Some("file-node"));
+        assert_eq!(eff.source("cluster.node_name"), Source::File(8));
         assert!(eff.cfg.reuse_port);
 
         // The command line over the file, setting by setting.
@@ -323,6 +331,8 @@ mod tests {
             token.to_str().unwrap(),
             "--cluster-node-timeout",
             "10s",
+            "--cluster-node-name",
+            "cli-node.2",
         ])
         .unwrap();
         let cl = eff.cfg.cluster.as_ref().unwrap();
@@ -331,6 +341,8 @@ mod tests {
         assert_eq!(cl.urls, ["nats://a:1", "nats://b"]);
         assert_eq!(cl.token.as_deref(), Some("cli-token-91ab"));
         assert_eq!(cl.node_timeout, Duration::from_secs(10));
+        assert_eq!(cl.node_name.as_deref(), Some("cli-node.2"));
+        assert_eq!(eff.source("cluster.node_name"), Source::CommandLine);
         assert_eq!(cl.max_pending, 1 << 20);
         assert_eq!(cl.user.as_deref(), Some("file-user"));
         assert_eq!(cl.password.as_deref(), Some("file-pw"));
@@ -342,6 +354,7 @@ mod tests {
         let cl = eff.cfg.cluster.as_ref().unwrap();
         assert_eq!((cl.name.as_str(), cl.max_pending), ("mm", 64 << 20));
         assert_eq!(cl.node_timeout, Duration::from_secs(3));
+        assert_eq!(cl.node_name, None);
         assert!(eff.cfg.reuse_port);
 
         // Errors name the setting and where it came from.
@@ -368,5 +381,27 @@ mod tests {
         let printed = format!("{cli:?} {eff:?} {}", config_file::render(&eff));
         assert!(!printed.contains("cli-pw-77e0"), "{printed}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_node_name_is_checked_where_it_is_used() {
+        // A node name without a cluster is unused (a warning, not an error), and a bad
+        // one is refused only where it would be used.
+        let eff = effective(&["--cluster-node-name", "lonely"]).unwrap();
+        assert!(eff.cfg.cluster.is_none());
+        let w = config_file::warnings(&eff);
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("cluster.node_name (command line) given without")),
+            "{w:?}"
+        );
+        let e = effective(&["--cluster", "nats://h", "--cluster-node-name", "a b"]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "cluster.node_name (command line): \"a b\" is not a node name (1 to 64 of \
+                 A-Z a-z 0-9 . _ -)"
+            ),
+            "{e}"
+        );
     }
 }

@@ -21,6 +21,7 @@ fn cluster_config(nats: &NatsServer, name: &str) -> ClusterConfig {
         token: None,
         max_pending: 64 << 20,
         node_timeout: Duration::from_secs(3),
+        node_name: None,
     }
 }
 

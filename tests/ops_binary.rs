@@ -388,6 +388,15 @@ fn check_config_shows_cluster_settings_by_precedence_with_secrets_redacted() {
         "{out}"
     );
 
+    // --cluster-node-name is shown with its source.
+    let (_, _, out) = check(&["--cluster-node-name", "eu-1.a"], &[]);
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")
+                == "out: node_name = \"eu-1.a\" # command line"),
+        "{out}"
+    );
+
     // A bad URL from the environment: the setting and its source are named.
     let (code, lines) = run_to_exit(
         &["--config", conf_s, "--check-config"],
