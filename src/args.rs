@@ -294,6 +294,9 @@ mod tests {
         cli.serve.effective(&matches)
     }
 
+    /// A service key and a client key (one argument each), as every cluster node needs.
+    const KEYS: [&str; 2] = ["--service-key=svc-k1", "--client-key=cli-k1"];
+
     #[test]
     fn cluster_options_over_the_file() {
         let dir = std::env::temp_dir().join(format!("mm-args-{}", std::process::id()));
@@ -303,7 +306,9 @@ mod tests {
             &conf,
             "reuse_port = true\n[cluster]\nnats = \"nats://h:4000\"\nname = \"from-file\"\n\
              user = \"file-user\"\npassword = \"file-pw\"\nmax_pending = \"1MiB\"\n\
-             node_name = \"file-node\"\n",
+             node_name = \"file-node\"\n\
+             [[keys]]\nrole = \"service\"\nkey = \"file-svc\"\n\
+             [[keys]]\nrole = \"client\"\nkey = \"file-cli\"\n",
         )
         .unwrap();
         std::fs::write(dir.join("cli.token"), "cli-token-91ab\n").unwrap();
@@ -350,7 +355,14 @@ mod tests {
         // No URL anywhere: no cluster; the defaults otherwise.
         let eff = effective(&["--cluster-name", "x"]).unwrap();
         assert!(eff.cfg.cluster.is_none() && !eff.cfg.reuse_port);
-        let eff = effective(&["--cluster", "nats://127.0.0.1", "--reuse-port"]).unwrap();
+        let eff = effective(&[
+            "--cluster",
+            "nats://127.0.0.1",
+            "--reuse-port",
+            KEYS[0],
+            KEYS[1],
+        ])
+        .unwrap();
         let cl = eff.cfg.cluster.as_ref().unwrap();
         assert_eq!((cl.name.as_str(), cl.max_pending), ("mm", 64 << 20));
         assert_eq!(cl.node_timeout, Duration::from_secs(3));
@@ -371,7 +383,15 @@ mod tests {
         assert!(e.starts_with("cluster.user (command line): "), "{e}");
 
         // A password given on the command line is in none of the Debug print-outs.
-        let args = ["middleman", "--cluster", "nats://h", "--cluster-user", "u"];
+        let args = [
+            "middleman",
+            "--cluster",
+            "nats://h",
+            "--cluster-user",
+            "u",
+            KEYS[0],
+            KEYS[1],
+        ];
         let args = [&args[..], &["--cluster-password", "cli-pw-77e0"]].concat();
         let matches = Cli::command().try_get_matches_from(args).unwrap();
         let cli = Cli::from_arg_matches(&matches).unwrap();
@@ -380,6 +400,38 @@ mod tests {
         assert_eq!(cl.password.as_deref(), Some("cli-pw-77e0"));
         let printed = format!("{cli:?} {eff:?} {}", config_file::render(&eff));
         assert!(!printed.contains("cli-pw-77e0"), "{printed}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cluster_refuses_generated_keys() {
+        // --cluster with no key anywhere: the keys would be generated, one pair per node.
+        let e = effective(&["--cluster", "nats://127.0.0.1:4222"]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "cluster.nats (command line): no keys configured: refusing to join a cluster \
+                 with generated keys"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("every node of a cluster needs the same service and client keys"),
+            "{e}"
+        );
+        // The same from a file's [cluster] nats, named by file and line.
+        let dir = std::env::temp_dir().join(format!("mm-args-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("m.toml");
+        std::fs::write(&conf, "[cluster]\nnats = \"nats://127.0.0.1\"\n").unwrap();
+        let conf_s = conf.to_str().unwrap();
+        let e = effective(&["--config", conf_s]).unwrap_err();
+        assert!(
+            e.starts_with(&format!("cluster.nats ({conf_s}:2): no keys configured")),
+            "{e}"
+        );
+        // Configured keys (here on the command line) are what a cluster needs.
+        let eff = effective(&["--config", conf_s, KEYS[0], KEYS[1]]).unwrap();
+        assert!(eff.cfg.cluster.is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

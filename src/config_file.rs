@@ -982,6 +982,18 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
                 ));
             }
         }
+        // Generated keys differ from node to node: a key would work on one node of the
+        // cluster and be refused by the others, wherever a load balancer sends it.
+        if !c.echo && c.keys.is_empty() {
+            return Err(format!(
+                "{}: no keys configured: refusing to join a cluster with generated keys \
+                 (each node would make up its own, and a key would work on one node only); \
+                 every node of a cluster needs the same service and client keys: give them \
+                 to each node with --service-key and --client-key, MM_SERVICE_KEY / \
+                 MM_CLIENT_KEY, or [[keys]] in the configuration file",
+                at("cluster.nats")
+            ));
+        }
     }
     Ok(())
 }
@@ -1100,7 +1112,7 @@ pub fn render(eff: &Effective) -> String {
         let _ = writeln!(
             s,
             "\n# no keys configured: a service key and a client key are generated at start \
-             and printed once (loopback only)"
+             and printed once (loopback only, not in a cluster)"
         );
     }
     for (role, origins) in &eff.key_origins {
@@ -1471,6 +1483,19 @@ mod tests {
     const PASSWORD: &str = "pw-5c1e9a7b";
     const TOKEN: &str = "tok-0d4f2b86";
 
+    /// The defaults with a service key and a client key configured (a cluster refuses
+    /// generated keys); `merge` keeps them where their source is not `Default`.
+    fn keyed() -> Config {
+        Config {
+            keys: crate::broker::Keys {
+                service: vec!["svc-key".into()],
+                client: vec!["cli-key".into()],
+                monitor: vec![],
+            },
+            ..Config::default()
+        }
+    }
+
     #[test]
     fn cluster_section() {
         let dir = scratch("cluster");
@@ -1529,8 +1554,10 @@ mod tests {
             })
         );
 
-        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
-            Source::Default
+        // The keys from the command line (a cluster needs them), the rest from the file.
+        let eff = merge(keyed(), log::LevelFilter::Info, Some(&f), |id| match id {
+            "service_keys" | "client_keys" => Source::CommandLine,
+            _ => Source::Default,
         });
         assert!(eff.cfg.reuse_port);
         assert_eq!(eff.source("reuse_port"), Source::File(1));
@@ -1767,7 +1794,7 @@ mod tests {
         let with = |cl: ClusterConfig, src: Source| {
             let cfg = Config {
                 cluster: Some(cl),
-                ..Config::default()
+                ..keyed()
             };
             let eff = merge(cfg, log::LevelFilter::Info, None, |_| src.clone());
             validate(&eff)
@@ -1869,6 +1896,46 @@ mod tests {
             ..ok.clone()
         };
         assert_eq!(with(named, Source::CommandLine), Ok(()));
+
+        // Generated keys in a cluster: refused, the way a public address is, and the
+        // error says what to do.
+        let generated = |cl: ClusterConfig, src: Source, file: Option<&FileConfig>| {
+            let cfg = Config {
+                cluster: Some(cl),
+                ..Config::default()
+            };
+            validate(&merge(cfg, log::LevelFilter::Info, file, |_| src.clone()))
+        };
+        let e = generated(ok.clone(), Source::CommandLine, None).unwrap_err();
+        assert!(
+            e.starts_with("cluster.nats (command line): no keys configured: refusing to join a cluster with generated keys"),
+            "{e}"
+        );
+        for want in [
+            "every node of a cluster needs the same service and client keys",
+            "--service-key and --client-key",
+            "MM_SERVICE_KEY / MM_CLIENT_KEY",
+            "[[keys]]",
+        ] {
+            assert!(e.contains(want), "no {want:?} in {e}");
+        }
+        let f = parse_str("log_level = \"info\"\n[cluster]\nnats = \"nats://h\"\n").unwrap();
+        let e = generated(ClusterConfig::default(), Source::Default, Some(&f)).unwrap_err();
+        assert!(
+            e.starts_with("cluster.nats (test.toml:3): no keys configured"),
+            "{e}"
+        );
+        // One configured role is enough: nothing is generated then.
+        let mut one = keyed();
+        one.keys.client.clear();
+        one.cluster = Some(ok.clone());
+        let eff = merge(one, log::LevelFilter::Info, None, |_| Source::CommandLine);
+        assert_eq!(validate(&eff), Ok(()));
+        // Without a cluster, generated keys on loopback stay allowed.
+        let eff = merge(Config::default(), log::LevelFilter::Info, None, |_| {
+            Source::Default
+        });
+        assert_eq!(validate(&eff), Ok(()));
 
         // From the file: the file and line are named.
         let f = parse_str("[cluster]\nnats = \"nats://h\"\nname = \"no spaces\"\n").unwrap();
