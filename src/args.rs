@@ -168,6 +168,10 @@ pub struct ServeArgs {
     /// A cluster node unheard for this long is taken as gone.
     #[arg(long, env = "MM_CLUSTER_NODE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub cluster_node_timeout: Duration,
+    /// A name for this node, shown beside its id in /stats and /console (1 to 64 of
+    /// A-Z a-z 0-9 . _ -).
+    #[arg(long, env = "MM_CLUSTER_NODE_NAME", value_name = "NAME")]
+    pub cluster_node_name: Option<String>,
 }
 
 impl ServeArgs {
@@ -183,6 +187,7 @@ impl ServeArgs {
             token: None,
             max_pending: self.cluster_max_pending,
             node_timeout: self.cluster_node_timeout,
+            node_name: given(&self.cluster_node_name).map(|n| n.trim().to_owned()),
         }
     }
 
@@ -289,6 +294,9 @@ mod tests {
         cli.serve.effective(&matches)
     }
 
+    /// A service key and a client key (one argument each), as every cluster node needs.
+    const KEYS: [&str; 2] = ["--service-key=svc-k1", "--client-key=cli-k1"];
+
     #[test]
     fn cluster_options_over_the_file() {
         let dir = std::env::temp_dir().join(format!("mm-args-{}", std::process::id()));
@@ -297,7 +305,10 @@ mod tests {
         std::fs::write(
             &conf,
             "reuse_port = true\n[cluster]\nnats = \"nats://h:4000\"\nname = \"from-file\"\n\
-             user = \"file-user\"\npassword = \"file-pw\"\nmax_pending = \"1MiB\"\n",
+             user = \"file-user\"\npassword = \"file-pw\"\nmax_pending = \"1MiB\"\n\
+             node_name = \"file-node\"\n\
+             [[keys]]\nrole = \"service\"\nkey = \"file-svc\"\n\
+             [[keys]]\nrole = \"client\"\nkey = \"file-cli\"\n",
         )
         .unwrap();
         std::fs::write(dir.join("cli.token"), "cli-token-91ab\n").unwrap();
@@ -308,6 +319,8 @@ mod tests {
         let cl = eff.cfg.cluster.as_ref().unwrap();
         assert_eq!(cl.name, "from-file");
         assert_eq!(eff.source("cluster.name"), Source::File(4));
+        assert_eq!(cl.node_name.as_deref(), Some("file-node"));
+        assert_eq!(eff.source("cluster.node_name"), Source::File(8));
         assert!(eff.cfg.reuse_port);
 
         // The command line over the file, setting by setting.
@@ -323,6 +336,8 @@ mod tests {
             token.to_str().unwrap(),
             "--cluster-node-timeout",
             "10s",
+            "--cluster-node-name",
+            "cli-node.2",
         ])
         .unwrap();
         let cl = eff.cfg.cluster.as_ref().unwrap();
@@ -331,6 +346,8 @@ mod tests {
         assert_eq!(cl.urls, ["nats://a:1", "nats://b"]);
         assert_eq!(cl.token.as_deref(), Some("cli-token-91ab"));
         assert_eq!(cl.node_timeout, Duration::from_secs(10));
+        assert_eq!(cl.node_name.as_deref(), Some("cli-node.2"));
+        assert_eq!(eff.source("cluster.node_name"), Source::CommandLine);
         assert_eq!(cl.max_pending, 1 << 20);
         assert_eq!(cl.user.as_deref(), Some("file-user"));
         assert_eq!(cl.password.as_deref(), Some("file-pw"));
@@ -338,10 +355,18 @@ mod tests {
         // No URL anywhere: no cluster; the defaults otherwise.
         let eff = effective(&["--cluster-name", "x"]).unwrap();
         assert!(eff.cfg.cluster.is_none() && !eff.cfg.reuse_port);
-        let eff = effective(&["--cluster", "nats://127.0.0.1", "--reuse-port"]).unwrap();
+        let eff = effective(&[
+            "--cluster",
+            "nats://127.0.0.1",
+            "--reuse-port",
+            KEYS[0],
+            KEYS[1],
+        ])
+        .unwrap();
         let cl = eff.cfg.cluster.as_ref().unwrap();
         assert_eq!((cl.name.as_str(), cl.max_pending), ("mm", 64 << 20));
         assert_eq!(cl.node_timeout, Duration::from_secs(3));
+        assert_eq!(cl.node_name, None);
         assert!(eff.cfg.reuse_port);
 
         // Errors name the setting and where it came from.
@@ -358,7 +383,15 @@ mod tests {
         assert!(e.starts_with("cluster.user (command line): "), "{e}");
 
         // A password given on the command line is in none of the Debug print-outs.
-        let args = ["middleman", "--cluster", "nats://h", "--cluster-user", "u"];
+        let args = [
+            "middleman",
+            "--cluster",
+            "nats://h",
+            "--cluster-user",
+            "u",
+            KEYS[0],
+            KEYS[1],
+        ];
         let args = [&args[..], &["--cluster-password", "cli-pw-77e0"]].concat();
         let matches = Cli::command().try_get_matches_from(args).unwrap();
         let cli = Cli::from_arg_matches(&matches).unwrap();
@@ -368,5 +401,59 @@ mod tests {
         let printed = format!("{cli:?} {eff:?} {}", config_file::render(&eff));
         assert!(!printed.contains("cli-pw-77e0"), "{printed}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cluster_refuses_generated_keys() {
+        // --cluster with no key anywhere: the keys would be generated, one pair per node.
+        let e = effective(&["--cluster", "nats://127.0.0.1:4222"]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "cluster.nats (command line): no keys configured: refusing to join a cluster \
+                 with generated keys"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("every node of a cluster needs the same service and client keys"),
+            "{e}"
+        );
+        // The same from a file's [cluster] nats, named by file and line.
+        let dir = std::env::temp_dir().join(format!("mm-args-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("m.toml");
+        std::fs::write(&conf, "[cluster]\nnats = \"nats://127.0.0.1\"\n").unwrap();
+        let conf_s = conf.to_str().unwrap();
+        let e = effective(&["--config", conf_s]).unwrap_err();
+        assert!(
+            e.starts_with(&format!("cluster.nats ({conf_s}:2): no keys configured")),
+            "{e}"
+        );
+        // Configured keys (here on the command line) are what a cluster needs.
+        let eff = effective(&["--config", conf_s, KEYS[0], KEYS[1]]).unwrap();
+        assert!(eff.cfg.cluster.is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_node_name_is_checked_where_it_is_used() {
+        // A node name without a cluster is unused (a warning, not an error), and a bad
+        // one is refused only where it would be used.
+        let eff = effective(&["--cluster-node-name", "lonely"]).unwrap();
+        assert!(eff.cfg.cluster.is_none());
+        let w = config_file::warnings(&eff);
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("cluster.node_name (command line) given without")),
+            "{w:?}"
+        );
+        let e = effective(&["--cluster", "nats://h", "--cluster-node-name", "a b"]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "cluster.node_name (command line): \"a b\" is not a node name (1 to 64 of \
+                 A-Z a-z 0-9 . _ -)"
+            ),
+            "{e}"
+        );
     }
 }

@@ -85,6 +85,9 @@ pub struct ClusterConfig {
     pub max_pending: usize,
     /// A node unheard for this long is gone (default 3 s).
     pub node_timeout: Duration,
+    /// A name for people (`--cluster-node-name`), shown beside the node's id in `/stats`
+    /// and `/console`: 1 to 64 of `A-Z a-z 0-9 . _ -` ([`is_node_name`]).
+    pub node_name: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -98,6 +101,7 @@ impl Default for ClusterConfig {
             token: None,
             max_pending: 64 << 20,
             node_timeout: Duration::from_secs(3),
+            node_name: None,
         }
     }
 }
@@ -113,6 +117,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("token", &redacted(&self.token))
             .field("max_pending", &self.max_pending)
             .field("node_timeout", &self.node_timeout)
+            .field("node_name", &self.node_name)
             .finish()
     }
 }
@@ -206,6 +211,15 @@ pub fn is_cluster_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A node name (`--cluster-node-name`): 1 to 64 of `A-Z a-z 0-9 . _ -`, so it reads the
+/// same in a log line, a JSON string and a terminal.
+pub fn is_node_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl Config {
@@ -354,6 +368,18 @@ mod tests {
         assert!(!is_cluster_name("a.b"));
         assert!(!is_cluster_name("a b"));
         assert!(!is_cluster_name("a*"));
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(is_node_name("a"));
+        assert!(is_node_name("eu-west-1.node_2"));
+        assert!(is_node_name(&"n".repeat(64)));
+        assert!(!is_node_name(&"n".repeat(65)));
+        assert!(!is_node_name(""));
+        for bad in ["a b", "a/b", "a:b", "é", "a\n", "a\"b", "<b>"] {
+            assert!(!is_node_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! [cluster]
 //! nats = ["nats://127.0.0.1:4222"] # or one string; no URL: no cluster
 //! token_file = "secrets/nats.token"
+//! node_name = "eu-1"                # shown beside the node's id in /stats
 //! ```
 
 use std::fmt::Write as _;
@@ -30,7 +31,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{is_cluster_name, parse_bytes, parse_duration, parse_nats_url, Config, Secret};
+use crate::config::{
+    is_cluster_name, is_node_name, parse_bytes, parse_duration, parse_nats_url, Config, Secret,
+};
 use crate::transport::Listen;
 
 /// Where an effective value came from.
@@ -125,6 +128,7 @@ struct RawCluster {
     token_file: Option<Spanned<String>>,
     max_pending: Option<Spanned<toml::Value>>,
     node_timeout: Option<Spanned<toml::Value>>,
+    node_name: Option<Spanned<String>>,
 }
 
 // ------------------------------------------------------------------ parsed file
@@ -222,6 +226,8 @@ pub struct FileConfig {
     pub cluster_max_pending: Option<At<usize>>,
     /// `[cluster] node_timeout`.
     pub cluster_node_timeout: Option<At<Duration>>,
+    /// `[cluster] node_name` (trimmed, checked).
+    pub cluster_node_name: Option<At<Option<String>>>,
 }
 
 /// The token in a token file: its content, trimmed; an empty one is an error.
@@ -582,6 +588,20 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
     }
     out.cluster_max_pending = size(&c.max_pending, "cluster.max_pending")?;
     out.cluster_node_timeout = duration(&c.node_timeout, "cluster.node_timeout")?;
+    if let Some(n) = &c.node_name {
+        let v = n.get_ref().trim();
+        if !is_node_name(v) {
+            return Err(err_at(
+                n.span(),
+                Some("cluster.node_name"),
+                &format!("{v:?} is not a node name ({NODE_NAME_RULE})"),
+            ));
+        }
+        out.cluster_node_name = Some(At {
+            value: Some(v.to_owned()),
+            line: line_of(n.span()),
+        });
+    }
     Ok(out)
 }
 
@@ -800,6 +820,12 @@ pub fn merge(
         f.cluster_node_timeout,
         cl.node_timeout
     );
+    take!(
+        "cluster.node_name",
+        "cluster_node_name",
+        f.cluster_node_name,
+        cl.node_name
+    );
     cfg.cluster = Some(cl).filter(|c| !c.urls.is_empty());
     // Keys, per role: the command line or environment replaces the file's keys of that role.
     let mut origins: [(&'static str, Vec<String>); 3] =
@@ -948,9 +974,32 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
             }
             _ => {}
         }
+        if let Some(n) = &cl.node_name {
+            if !is_node_name(n) {
+                return Err(format!(
+                    "{}: {n:?} is not a node name ({NODE_NAME_RULE})",
+                    at("cluster.node_name")
+                ));
+            }
+        }
+        // Generated keys differ from node to node: a key would work on one node of the
+        // cluster and be refused by the others, wherever a load balancer sends it.
+        if !c.echo && c.keys.is_empty() {
+            return Err(format!(
+                "{}: no keys configured: refusing to join a cluster with generated keys \
+                 (each node would make up its own, and a key would work on one node only); \
+                 every node of a cluster needs the same service and client keys: give them \
+                 to each node with --service-key and --client-key, MM_SERVICE_KEY / \
+                 MM_CLIENT_KEY, or [[keys]] in the configuration file",
+                at("cluster.nats")
+            ));
+        }
     }
     Ok(())
 }
+
+/// What a node name may be, for errors.
+const NODE_NAME_RULE: &str = "1 to 64 of A-Z a-z 0-9 . _ -";
 
 /// Warnings about settings that work but are probably not meant.
 pub fn warnings(eff: &Effective) -> Vec<String> {
@@ -991,13 +1040,14 @@ pub fn warnings(eff: &Effective) -> Vec<String> {
 }
 
 /// The settings of `[cluster]` but `nats`, by their file names.
-const CLUSTER_SETTINGS: [&str; 6] = [
+const CLUSTER_SETTINGS: [&str; 7] = [
     "cluster.name",
     "cluster.user",
     "cluster.password",
     "cluster.token_file",
     "cluster.max_pending",
     "cluster.node_timeout",
+    "cluster.node_name",
 ];
 
 // ------------------------------------------------------------------ print-out
@@ -1062,7 +1112,7 @@ pub fn render(eff: &Effective) -> String {
         let _ = writeln!(
             s,
             "\n# no keys configured: a service key and a client key are generated at start \
-             and printed once (loopback only)"
+             and printed once (loopback only, not in a cluster)"
         );
     }
     for (role, origins) in &eff.key_origins {
@@ -1213,6 +1263,9 @@ pub fn render(eff: &Effective) -> String {
                 "node_timeout",
                 show_duration(cl.node_timeout),
             );
+            if let Some(n) = &cl.node_name {
+                line(&mut s, "cluster.node_name", "node_name", format!("{n:?}"));
+            }
         }
     }
     s
@@ -1430,6 +1483,19 @@ mod tests {
     const PASSWORD: &str = "pw-5c1e9a7b";
     const TOKEN: &str = "tok-0d4f2b86";
 
+    /// The defaults with a service key and a client key configured (a cluster refuses
+    /// generated keys); `merge` keeps them where their source is not `Default`.
+    fn keyed() -> Config {
+        Config {
+            keys: crate::broker::Keys {
+                service: vec!["svc-key".into()],
+                client: vec!["cli-key".into()],
+                monitor: vec![],
+            },
+            ..Config::default()
+        }
+    }
+
     #[test]
     fn cluster_section() {
         let dir = scratch("cluster");
@@ -1437,7 +1503,8 @@ mod tests {
         let src = format!(
             "reuse_port = true\n\n[cluster]\nnats = [\"nats://10.0.0.1:4222\", \"nats://nats.b\"]\n\
              name = \"prod_eu-1\"\nuser = \"mm\"\npassword = \"{PASSWORD}\"\n\
-             token_file = \"nats.token\"\nmax_pending = \"16MiB\"\nnode_timeout = \"1500ms\"\n"
+             token_file = \"nats.token\"\nmax_pending = \"16MiB\"\nnode_timeout = \"1500ms\"\n\
+             node_name = \" eu-1.a_2 \"\n"
         );
         let f = parse(&src, &dir.join("m.toml")).unwrap();
         assert_eq!(
@@ -1479,9 +1546,18 @@ mod tests {
             f.cluster_node_timeout.as_ref().unwrap().value,
             Duration::from_millis(1500)
         );
+        assert_eq!(
+            f.cluster_node_name,
+            Some(At {
+                value: Some("eu-1.a_2".into()),
+                line: 11
+            })
+        );
 
-        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
-            Source::Default
+        // The keys from the command line (a cluster needs them), the rest from the file.
+        let eff = merge(keyed(), log::LevelFilter::Info, Some(&f), |id| match id {
+            "service_keys" | "client_keys" => Source::CommandLine,
+            _ => Source::Default,
         });
         assert!(eff.cfg.reuse_port);
         assert_eq!(eff.source("reuse_port"), Source::File(1));
@@ -1493,7 +1569,9 @@ mod tests {
         assert_eq!(cl.token.as_deref(), Some(TOKEN));
         assert_eq!(cl.max_pending, 16 << 20);
         assert_eq!(cl.node_timeout, Duration::from_millis(1500));
+        assert_eq!(cl.node_name.as_deref(), Some("eu-1.a_2"));
         assert_eq!(eff.source("cluster.token_file"), Source::File(8));
+        assert_eq!(eff.source("cluster.node_name"), Source::File(11));
         assert!(validate(&eff).is_ok(), "{:?}", validate(&eff));
 
         // Secrets never in --check-config's print-out nor in Debug.
@@ -1512,6 +1590,7 @@ mod tests {
             "token = \"(redacted)\"",
             "max_pending = \"16MiB\"",
             "node_timeout = \"1500ms\"",
+            "node_name = \"eu-1.a_2\"",
         ] {
             assert!(printed.contains(want), "no {want:?} in\n{printed}");
         }
@@ -1524,6 +1603,7 @@ mod tests {
         // The print-out is a configuration file again (but for the token's name).
         let reparsed: toml::Value = toml::from_str(&printed).unwrap();
         assert_eq!(reparsed["cluster"]["name"].as_str(), Some("prod_eu-1"));
+        assert_eq!(reparsed["cluster"]["node_name"].as_str(), Some("eu-1.a_2"));
         assert!(warnings(&eff).is_empty(), "{:?}", warnings(&eff));
 
         // No URL: no cluster, and the print-out says so.
@@ -1573,6 +1653,25 @@ mod tests {
         );
         let e = parse_str("[cluster]\nname = 7\n").unwrap_err();
         assert!(e.starts_with("test.toml:2:8: cluster.name: "), "{e}");
+        let e = parse_str("[cluster]\nnats = \"nats://h\"\nnode_name = \"web 1\"\n").unwrap_err();
+        assert!(
+            e.starts_with(
+                "test.toml:3:13: cluster.node_name: \"web 1\" is not a node name \
+                 (1 to 64 of A-Z a-z 0-9 . _ -)"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("   3 | node_name = \"web 1\""), "{e}");
+        let long = "n".repeat(65);
+        let e = parse_str(&format!("[cluster]\nnode_name = \"{long}\"\n")).unwrap_err();
+        assert!(e.starts_with("test.toml:2:13: cluster.node_name: "), "{e}");
+        let e = parse_str("[cluster]\nnode_name = \"  \"\n").unwrap_err();
+        assert!(
+            e.starts_with("test.toml:2:13: cluster.node_name: \"\" is not"),
+            "{e}"
+        );
+        let e = parse_str("[cluster]\nnode_name = 7\n").unwrap_err();
+        assert!(e.starts_with("test.toml:2:13: cluster.node_name: "), "{e}");
         let e = parse_str("[cluster]\nuser = \" \"\n").unwrap_err();
         assert!(
             e.starts_with("test.toml:2:8: cluster.user: empty user"),
@@ -1695,7 +1794,7 @@ mod tests {
         let with = |cl: ClusterConfig, src: Source| {
             let cfg = Config {
                 cluster: Some(cl),
-                ..Config::default()
+                ..keyed()
             };
             let eff = merge(cfg, log::LevelFilter::Info, None, |_| src.clone());
             validate(&eff)
@@ -1779,6 +1878,64 @@ mod tests {
             assert!(e.starts_with(&format!("{name} (command line): ")), "{e}");
             assert!(!e.contains(PASSWORD), "{e}");
         }
+
+        let e = with(
+            ClusterConfig {
+                node_name: Some("web 1".into()),
+                ..ok.clone()
+            },
+            Source::Env,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("cluster.node_name (environment): \"web 1\" is not a node name"),
+            "{e}"
+        );
+        let named = ClusterConfig {
+            node_name: Some("web-1".into()),
+            ..ok.clone()
+        };
+        assert_eq!(with(named, Source::CommandLine), Ok(()));
+
+        // Generated keys in a cluster: refused, the way a public address is, and the
+        // error says what to do.
+        let generated = |cl: ClusterConfig, src: Source, file: Option<&FileConfig>| {
+            let cfg = Config {
+                cluster: Some(cl),
+                ..Config::default()
+            };
+            validate(&merge(cfg, log::LevelFilter::Info, file, |_| src.clone()))
+        };
+        let e = generated(ok.clone(), Source::CommandLine, None).unwrap_err();
+        assert!(
+            e.starts_with("cluster.nats (command line): no keys configured: refusing to join a cluster with generated keys"),
+            "{e}"
+        );
+        for want in [
+            "every node of a cluster needs the same service and client keys",
+            "--service-key and --client-key",
+            "MM_SERVICE_KEY / MM_CLIENT_KEY",
+            "[[keys]]",
+        ] {
+            assert!(e.contains(want), "no {want:?} in {e}");
+        }
+        let f = parse_str("log_level = \"info\"\n[cluster]\nnats = \"nats://h\"\n").unwrap();
+        let e = generated(ClusterConfig::default(), Source::Default, Some(&f)).unwrap_err();
+        assert!(
+            e.starts_with("cluster.nats (test.toml:3): no keys configured"),
+            "{e}"
+        );
+        // One configured role is enough: nothing is generated then.
+        let mut one = keyed();
+        one.keys.client.clear();
+        one.cluster = Some(ok.clone());
+        let eff = merge(one, log::LevelFilter::Info, None, |_| Source::CommandLine);
+        assert_eq!(validate(&eff), Ok(()));
+        // Without a cluster, generated keys on loopback stay allowed.
+        let eff = merge(Config::default(), log::LevelFilter::Info, None, |_| {
+            Source::Default
+        });
+        assert_eq!(validate(&eff), Ok(()));
 
         // From the file: the file and line are named.
         let f = parse_str("[cluster]\nnats = \"nats://h\"\nname = \"no spaces\"\n").unwrap();

@@ -11,7 +11,8 @@ use middleman::Server;
 /// A low-latency publish/subscribe and request/response server over WebSocket.
 ///
 /// Without a subcommand it serves. With no key configured, a service key and a client
-/// key are generated and printed once at start (only allowed on a loopback address).
+/// key are generated and printed once at start (only allowed on a loopback address, and
+/// not in a cluster, whose nodes need the same keys).
 #[derive(Parser, Debug)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -95,7 +96,7 @@ fn main() -> ExitCode {
 
 fn run(eff: Effective) -> Result<(), String> {
     let mut cfg = eff.cfg;
-    // validate() has refused generated keys on a non-loopback address.
+    // validate() has refused generated keys on a non-loopback address and in a cluster.
     let generated = !cfg.echo && cfg.keys.is_empty();
     if generated {
         let keys = &mut cfg.keys;

@@ -291,6 +291,12 @@ impl Metrics {
                 .collect(),
             history: self.history.iter().copied().collect(),
             cluster: broker.cluster.as_ref().map(|c| ClusterSnap {
+                node: NodeSelf {
+                    id: c.node.to_string(),
+                    name: c.node_name().map(str::to_owned),
+                    cluster: c.cluster_name().to_owned(),
+                    nats: Some(c.peer.clone()).filter(|p| !p.is_empty()),
+                },
                 connected: c.connected,
                 nodes: c.nodes(Instant::now()),
                 messages_out: c.stats.messages_out,
@@ -415,6 +421,8 @@ pub struct Snapshot {
 /// The cluster's gauges and counters.
 #[derive(Debug, Clone)]
 pub struct ClusterSnap {
+    /// This node.
+    pub node: NodeSelf,
     /// The backplane connection is up.
     pub connected: bool,
     /// The other nodes heard.
@@ -436,6 +444,19 @@ pub struct ClusterSnap {
     pub remote_responders: u64,
     /// Subjects whose backplane subscription waits to be written or released.
     pub interest_pending: u64,
+}
+
+/// The node itself, as `/stats` names it.
+#[derive(Debug, Clone)]
+pub struct NodeSelf {
+    /// Its id (the prefix of its connections' cids).
+    pub id: String,
+    /// Its `--cluster-node-name`, if it has one.
+    pub name: Option<String>,
+    /// The cluster's name (`--cluster-name`).
+    pub cluster: String,
+    /// The nats-server address in use or last tried (None before the first try).
+    pub nats: Option<String>,
 }
 
 /// Label value escaping of the text exposition format.
@@ -702,6 +723,12 @@ impl Snapshot {
                 .collect::<Vec<_>>(),
             "rates": rates,
             "cluster": self.cluster.as_ref().map(|c| json!({
+                "node": {
+                    "id": c.node.id,
+                    "name": c.node.name,
+                    "cluster": c.node.cluster,
+                    "nats": c.node.nats,
+                },
                 "connected": c.connected,
                 "nodes": c.nodes.iter()
                     .map(|n| json!({"id": n.id, "name": n.name, "monitors": n.monitors, "heard_seconds_ago": (n.heard_ago * 10.0).round() / 10.0}))

@@ -1,5 +1,6 @@
 //! The real binary, as a user runs it: generated keys, environment keys, refusal to
-//! expose generated keys beyond loopback, and SIGTERM handling (close 1001, exit 0).
+//! expose generated keys beyond loopback or to a cluster, and SIGTERM handling (close
+//! 1001, exit 0).
 
 mod common;
 
@@ -43,6 +44,64 @@ fn refuses_generated_keys_on_a_non_loopback_address() {
     let l = p.wait_line("refusing to listen on non-loopback");
     assert!(l.contains("0.0.0.0"), "{l}");
     assert_ne!(p.wait_exit(), 0);
+}
+
+#[test]
+fn refuses_generated_keys_in_a_cluster() {
+    // Each node would generate its own keys, so a key would work on one node only: the
+    // check happens before any key is generated or printed, and before listening or
+    // connecting to nats-server (port 1: none is there).
+    let mut p = Proc::start(
+        &["--listen", "127.0.0.1:0", "--cluster", "nats://127.0.0.1:1"],
+        &[],
+    );
+    let l = p.wait_line("refusing to join a cluster with generated keys");
+    assert!(
+        l.starts_with(
+            "err: middleman: invalid configuration: cluster.nats (command line): no keys configured"
+        ),
+        "{l}"
+    );
+    for want in [
+        "every node of a cluster needs the same service and client keys",
+        "--service-key and --client-key",
+        "MM_SERVICE_KEY / MM_CLIENT_KEY",
+        "[[keys]] in the configuration file",
+    ] {
+        assert!(l.contains(want), "no {want:?} in {l}");
+    }
+    assert_ne!(p.wait_exit(), 0);
+    let lines = p.output_after_exit();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("service key:") || l.contains("listening on")),
+        "{lines:?}"
+    );
+    // The same from the environment; configured keys make it start (it then only waits
+    // for nats-server, reconnecting).
+    let mut p = Proc::start(
+        &["--listen", "127.0.0.1:0"],
+        &[("MM_CLUSTER", "nats://127.0.0.1:1")],
+    );
+    p.wait_line("cluster.nats (environment): no keys configured");
+    assert_ne!(p.wait_exit(), 0);
+    let mut p = Proc::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster",
+            "nats://127.0.0.1:1",
+            "--service-key",
+            SERVICE_KEY,
+            "--client-key",
+            CLIENT_KEY,
+        ],
+        &[],
+    );
+    let _ = p.addr();
+    p.sigterm();
+    assert_eq!(p.wait_exit(), 0);
 }
 
 #[test]

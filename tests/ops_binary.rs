@@ -333,8 +333,11 @@ fn check_config_shows_cluster_settings_by_precedence_with_secrets_redacted() {
     )
     .unwrap();
     let conf_s = conf.to_str().unwrap();
+    // Every node of a cluster needs the same keys: configured, not generated.
+    let keys = ["--service-key", ARG_CLI, "--client-key", FILE_CLI];
     let check = |args: &[&str], env: &[(&str, &str)]| {
         let mut all = vec!["--config", conf_s, "--check-config"];
+        all.extend_from_slice(&keys);
         all.extend_from_slice(args);
         let (code, lines) = run_to_exit(&all, env);
         let out = lines.join("\n");
@@ -386,6 +389,30 @@ fn check_config_shows_cluster_settings_by_precedence_with_secrets_redacted() {
             |l| l.starts_with("out: password = \"(redacted)\"") && l.ends_with("# environment")
         ),
         "{out}"
+    );
+
+    // --cluster-node-name is shown with its source.
+    let (_, _, out) = check(&["--cluster-node-name", "eu-1.a"], &[]);
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")
+                == "out: node_name = \"eu-1.a\" # command line"),
+        "{out}"
+    );
+    // Without keys --check-config refuses the cluster, as the server would: the file
+    // line that made it a cluster is named, and what to do.
+    let (code, lines) = run_to_exit(&["--config", conf_s, "--check-config"], &[]);
+    assert_eq!(code, 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "err: middleman: invalid configuration: cluster.nats ({conf_s}:3): no keys \
+             configured: refusing to join a cluster with generated keys"
+        )),
+        "{lines:?}"
+    );
+    assert!(
+        lines[0].contains("every node of a cluster needs the same service and client keys"),
+        "{lines:?}"
     );
 
     // A bad URL from the environment: the setting and its source are named.

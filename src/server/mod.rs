@@ -257,12 +257,16 @@ impl Server {
                     name: cc.name.clone(),
                     max_pending: cc.max_pending,
                     node_timeout: cc.node_timeout,
+                    node_name: cc.node_name.clone(),
                     ..ClusterSettings::default()
                 },
             );
             info!(
-                "cluster {:?}: this is node {node_id}, joining through {}",
+                "cluster {:?}: this is node {node_id}{}, joining through {}",
                 cc.name,
+                cc.node_name
+                    .as_ref()
+                    .map_or(String::new(), |n| format!(" ({n})")),
                 cc.urls.join(", ")
             );
             NatsLink::new(
