@@ -56,7 +56,7 @@ fn a_client_churning_one_topic_costs_its_node_no_memory() {
     svc.send("ESUB", "room", &[], "");
     svc.sync();
     let mut client = Peer::client(a_addr);
-    const PAIRS: usize = 500;
+    const PAIRS: usize = 5000;
     let batch: String = (0..PAIRS)
         .map(|_| wire("SUB", "room", &[], "") + &wire("UNS", "room", &[], ""))
         .collect();
@@ -74,9 +74,13 @@ fn a_client_churning_one_topic_costs_its_node_no_memory() {
     }
     let after = rss_kib(pid, "VmRSS:");
     let pairs = rounds * PAIRS;
-    assert!(pairs >= 100_000, "only {pairs} SUB/UNS pairs in 6 s");
+    eprintln!("{pairs} SUB/UNS pairs of one topic in 6 s: node RSS {before} -> {after} KiB");
+    assert!(pairs >= 300_000, "only {pairs} SUB/UNS pairs in 6 s");
+    // The bound asked for is 16 MB; this test binary (unoptimised) churns about 1M pairs
+    // in 6 s, at which a copy of the topic queued per UNS grew the node by 15 MB, so the
+    // bound here is 4 MB (coalesced: +0.2 MB measured).
     assert!(
-        after < before + 16 * 1024,
+        after < before + 4 * 1024,
         "RSS {before} -> {after} KiB after {pairs} SUB/UNS pairs of one topic"
     );
     assert!(metric(a_addr, "middleman_cluster_interest_pending") <= 1.0);
