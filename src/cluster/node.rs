@@ -1578,6 +1578,17 @@ mod tests {
         c
     }
 
+    /// A node whose backplane bound is `max_pending`, not yet connected.
+    fn bounded(max_pending: usize) -> Cluster {
+        Cluster::new(
+            "aaaaaa",
+            ClusterSettings {
+                max_pending,
+                ..Default::default()
+            },
+        )
+    }
+
     fn text(c: &mut Cluster) -> String {
         String::from_utf8_lossy(&c.take_written()).into_owned()
     }
@@ -1675,13 +1686,7 @@ mod tests {
 
     #[test]
     fn nothing_is_buffered_past_the_bound_or_counted_before_anyone_was_heard() {
-        let mut c = Cluster::new(
-            "aaaaaa",
-            ClusterSettings {
-                max_pending: 4096,
-                ..Default::default()
-            },
-        );
+        let mut c = bounded(4096);
         c.publish_pub(b"t", b"x");
         assert_eq!(c.stats.dropped, [0; 4], "nobody heard yet: nothing dropped");
         c.on_connected(Instant::now());
@@ -1702,13 +1707,7 @@ mod tests {
     #[test]
     fn heartbeats_and_announcements_pass_a_full_data_lane() {
         let now = Instant::now();
-        let mut c = Cluster::new(
-            "aaaaaa",
-            ClusterSettings {
-                max_pending: 1 << 20,
-                ..Default::default()
-            },
-        );
+        let mut c = bounded(1 << 20);
         c.on_connected(now);
         c.on_ctl(b"J bbbbbb 1", now);
         while c.stats.dropped[BUFFER_FULL] == 0 {
@@ -1733,13 +1732,7 @@ mod tests {
     #[test]
     fn control_is_bounded_too_but_heartbeats_always_fit() {
         let now = Instant::now();
-        let mut c = Cluster::new(
-            "aaaaaa",
-            ClusterSettings {
-                max_pending: 64 << 10,
-                ..Default::default()
-            },
-        );
+        let mut c = bounded(64 << 10);
         c.on_connected(now);
         for i in 0..10_000 {
             c.announce(format!("room{i}").as_bytes(), Enable::Sub, true);

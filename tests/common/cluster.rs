@@ -60,18 +60,8 @@ pub fn settled(nodes: &[SocketAddr]) {
 /// The arguments that start the binary as a node of cluster `name` on 127.0.0.1:0 with
 /// the harness' keys, followed by `extra`.
 pub fn node_args<'a>(nats_url: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--service-key",
-        super::SERVICE_KEY,
-        "--client-key",
-        super::CLIENT_KEY,
-        "--cluster",
-        nats_url,
-        "--cluster-name",
-        name,
-    ];
+    let mut v = super::proc::SERVER_ARGS.to_vec();
+    v.extend_from_slice(&["--cluster", nats_url, "--cluster-name", name]);
     v.extend_from_slice(extra);
     v
 }

@@ -6,6 +6,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+/// The arguments of [`Proc::server`]: 127.0.0.1:0 with the harness' keys.
+pub const SERVER_ARGS: [&str; 6] = [
+    "--listen",
+    "127.0.0.1:0",
+    "--service-key",
+    super::SERVICE_KEY,
+    "--client-key",
+    super::CLIENT_KEY,
+];
+
 #[allow(dead_code)]
 pub struct Proc {
     pub child: Child,
@@ -51,17 +61,7 @@ impl Proc {
 
     /// The server on 127.0.0.1:0 with the harness' service and client keys.
     pub fn server() -> Proc {
-        Proc::start(
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--service-key",
-                super::SERVICE_KEY,
-                "--client-key",
-                super::CLIENT_KEY,
-            ],
-            &[],
-        )
+        Proc::start(&SERVER_ARGS, &[])
     }
 
     /// Wait for a line containing `needle` on either stream (the first such line printed
