@@ -1,5 +1,5 @@
-//! The shared codec vectors (`shared/vectors/{decode,encode}.json`, PROTOCOL.md §2 and §7)
-//! run against `middleman::protocol`.
+//! The codec vectors (`tests/vectors/{decode,encode}.json`, a copy of the project's shared
+//! vectors; docs/protocol.md §2 and §7) run against `middleman::protocol`.
 //!
 //! Decode cases are fed in one piece, one byte at a time, and split in two at every
 //! position (sampled for long inputs); every way of feeding must give exactly the expected
@@ -13,8 +13,8 @@ use base64::Engine as _;
 use middleman::protocol::{encode_into, Decoded, Decoder, Limits};
 use serde_json::Value;
 
-const DECODE_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/decode.json");
-const ENCODE_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/encode.json");
+const DECODE_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/decode.json");
+const ENCODE_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/encode.json");
 
 /// Inputs longer than this are split at sampled positions only.
 const FULL_SPLIT_MAX: usize = 2000;
@@ -23,7 +23,7 @@ fn load(path: &str) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
         panic!(
             "cannot read the codec vectors at {path}: {e}\n\
-             (the shared/ directory must sit next to the crate: see shared/vectors/README.md)"
+             (they are part of the repository: see tests/vectors/README.md)"
         )
     });
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid JSON: {e}"))
