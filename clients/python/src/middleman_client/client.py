@@ -846,10 +846,13 @@ class Client:
         check_target(topic)
         self._subs.pop(topic, None)
         self._restored(topic)
-        self._claimers.pop(topic, None)
-        for sub in self._sub_objs.pop(topic, []):
-            sub._finish(None)
-        await self._confirmed("UNS", topic)
+        try:
+            await self._confirmed("UNS", topic)
+        finally:
+            # What the server sent before it took the UNS still goes to the subscriptions.
+            self._claimers.pop(topic, None)
+            for sub in self._sub_objs.pop(topic, []):
+                sub._finish(None)
 
     async def publish(
         self,
