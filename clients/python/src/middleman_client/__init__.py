@@ -36,7 +36,7 @@ from .client import (
 from .protocol import Headers, Message, ProtocolError, decode, encode
 from .service import Service
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AuthError",
