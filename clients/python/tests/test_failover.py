@@ -175,6 +175,27 @@ async def test_giving_up_reconnecting_calls_on_error_and_ends_iteration(make_ser
     await cli.close()
 
 
+@run
+async def test_a_refused_resubscription_goes_to_on_error(make_server):
+    s = make_server()
+    errors: "asyncio.Queue[Exception]" = asyncio.Queue()
+    svc = await middleman_client.connect(s.url, SERVICE_KEY, reconnect=False)
+    await svc.enable_sub("room")
+    cli = await middleman_client.connect(s.url, CLIENT_KEY, on_error=errors.put_nowait, **FAST)
+    await cli.subscribe("room")
+    s2 = s.restart()  # the new server has no ESUB room: the SUB sent again is refused
+    e = await asyncio.wait_for(errors.get(), WAIT)
+    assert isinstance(e, NotPermitted) and (e.cmd, e.target) == ("SUB", "room")
+    # Once a service enables the topic again, the retried SUB is taken.
+    svc2 = await middleman_client.connect(s2.url, SERVICE_KEY)
+    await svc2.enable_sub("room")
+    await asyncio.wait_for(cli.wait_ready(), WAIT)
+    await svc2.publish("room", "back")
+    assert (await next_msg(cli)).text == "back"
+    for c in (cli, svc, svc2):
+        await c.close()
+
+
 # ---------------------------------------------------------------- typed errors
 
 
