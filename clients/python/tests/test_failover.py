@@ -409,4 +409,8 @@ def test_sync_failover_subscription_and_buffer(make_server):
             c.publish("news", "y" * 50, timeout=0.3)
         assert 0.25 <= time.monotonic() - t0 < WAIT
         assert c.pending_bytes > 50
-    # close() waited at most its timeout for a server, then dropped the buffer.
+        t0 = time.monotonic()
+        c.close(timeout=0.3)  # no server comes back: waits its timeout, drops the buffer
+        assert 0.25 <= time.monotonic() - t0 < WAIT
+        with pytest.raises(ConnectionLost):
+            c.publish("news", "after close")
