@@ -3,8 +3,9 @@
 //! Needs `target/release/middleman` built from the current sources (`cargo build
 //! --release`; `.ci/run` builds it first) and fails when it is missing or older than
 //! them. Makes a venv under target/ with python3, installs the package and pytest into it
-//! from PyPI, and runs `clients/python/tests`. Passes only when pytest ran tests and
-//! all of them passed (pytest's exit 5, "no tests collected", fails).
+//! from PyPI, checks the package with `mypy --strict`, and runs `clients/python/tests`.
+//! Passes only when mypy is clean, pytest ran tests and all of them passed (pytest's
+//! exit 5, "no tests collected", fails).
 
 mod tools;
 
@@ -119,8 +120,8 @@ fn python_client_pytest_suite_passes_against_the_release_binary() {
                 "--disable-pip-version-check",
             ])
             .arg(&pkg)
-            .arg("pytest"),
-        "pip install clients/python pytest",
+            .args(["pytest", "mypy"]),
+        "pip install clients/python pytest mypy",
     );
     // The package's own files, even when its version number did not change.
     run(
@@ -136,6 +137,14 @@ fn python_client_pytest_suite_passes_against_the_release_binary() {
             ])
             .arg(&pkg),
         "pip install --force-reinstall clients/python",
+    );
+
+    // The package is typed (py.typed): it must stay clean under mypy --strict.
+    run(
+        Command::new(&python)
+            .args(["-m", "mypy", "--strict", "--no-incremental", "src/middleman_client"])
+            .current_dir(&pkg),
+        "mypy --strict clients/python/src/middleman_client",
     );
 
     let mut child = Command::new(&python)
@@ -201,7 +210,7 @@ fn python_client_pytest_suite_passes_against_the_release_binary() {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(passed >= 20, "too few Python tests ran: {summary}");
+    assert!(passed >= 30, "too few Python tests ran: {summary}");
     for bad in ["failed", "error", "skipped"] {
         assert!(!summary.contains(bad), "{summary}");
     }

@@ -57,7 +57,7 @@ async def test_an_unreachable_server_raises_oserror(make_server):
     url = s.url
     assert s.stop() == 0
     with pytest.raises(OSError):
-        await middleman_client.connect(url, CLIENT_KEY, open_timeout=WAIT)
+        await middleman_client.connect(url, CLIENT_KEY, reconnect=False, open_timeout=WAIT)
 
 
 # ---------------------------------------------------------------- publish / subscribe
@@ -418,7 +418,7 @@ async def test_reconnect_after_a_server_restart_resubscribes(make_server):
 @run
 async def test_without_reconnect_a_lost_connection_ends_iteration_with_an_error(make_server):
     s = make_server()
-    cli = await middleman_client.connect(s.url, CLIENT_KEY)
+    cli = await middleman_client.connect(s.url, CLIENT_KEY, reconnect=False)
     assert s.stop() == 0
     with pytest.raises(ConnectionLost) as e:
         async for _ in cli:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import inspect
 import logging
 import os
 import random
 from typing import (
     Any,
+    Callable,
+    Deque,
     Dict,
     List,
     Mapping,
@@ -15,6 +19,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Type,
     Union,
 )
 
@@ -26,11 +31,18 @@ from .protocol import Body, Headers, Message, ProtocolError, check_target, decod
 
 __all__ = [
     "Client",
+    "Subscription",
     "connect",
     "ServerError",
+    "NotPermitted",
+    "NoResponders",
     "RequestTimedOut",
+    "ResponderDisconnected",
+    "TooManyRequests",
     "AuthError",
+    "BadKey",
     "ConnectionLost",
+    "BufferFull",
     "HeadersLike",
 ]
 
@@ -41,6 +53,12 @@ HeadersLike = Union[Sequence[Tuple[str, str]], Mapping[str, str], None]
 
 #: How long a confirmed command (SUB, EPUB, ...) waits for the server to take it.
 SYNC_TIMEOUT = 10.0
+
+#: Default bound for what ``publish`` buffers while the connection is being re-established.
+PENDING_BYTES_LIMIT = 2 * 1024 * 1024
+
+#: Default number of failed connection attempts in a row before the client gives up.
+MAX_RECONNECT_ATTEMPTS = 60
 
 
 class ServerError(Exception):
@@ -65,12 +83,35 @@ class ServerError(Exception):
         return f"{self.reason}{where}"
 
 
+class NotPermitted(ServerError):
+    """``not permitted``: this connection's role may not do that (e.g. subscribe to a
+    topic no service enabled, or request a target nobody enabled)."""
+
+
+class NoResponders(ServerError):
+    """``no responder``: nobody answers the request target."""
+
+
 class RequestTimedOut(ServerError, TimeoutError):
     """The server's ``request timed out``: both a ServerError and a TimeoutError."""
 
 
+class ResponderDisconnected(ServerError):
+    """``responder disconnected``: the responder left before answering."""
+
+
+class TooManyRequests(ServerError):
+    """``too many requests in flight``: this connection has too many unanswered requests."""
+
+
 class AuthError(ConnectionError):
     """The server refused the key (close 1008 ``bad key`` or ``role not allowed here``)."""
+
+
+class BadKey(ServerError, AuthError):
+    """The server refused the key: close 1008 ``bad key``. Also an AuthError."""
+
+    code = 1008
 
 
 class ConnectionLost(ConnectionError):
@@ -82,10 +123,40 @@ class ConnectionLost(ConnectionError):
         self.code = code
 
 
+class BufferFull(ConnectionError):
+    """``publish`` while disconnected: the buffer of messages waiting for the connection
+    to come back is full (``pending_bytes_limit``), and no room was made in time."""
+
+    def __init__(self, pending: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"publish buffer full while reconnecting: {pending} bytes waiting, "
+            f"{size} more would pass the limit of {limit}"
+        )
+        self.pending = pending
+        self.size = size
+        self.limit = limit
+
+
+_ERRORS: Dict[str, Type[ServerError]] = {
+    "not permitted": NotPermitted,
+    "no responder": NoResponders,
+    "request timed out": RequestTimedOut,
+    "responder disconnected": ResponderDisconnected,
+    "too many requests in flight": TooManyRequests,
+    "bad key": BadKey,
+}
+
+
 def _error_from(m: Message) -> ServerError:
     reason = m.header("reason") or m.text
-    cls = RequestTimedOut if reason == "request timed out" else ServerError
+    cls = _ERRORS.get(reason, ServerError)
     return cls(reason, m.header("cmd") or "", m.header("target") or "", m)
+
+
+#: What a callback returns: nothing, or an awaitable the client runs as a task.
+OnDisconnect = Callable[["ConnectionLost"], object]
+OnReconnect = Callable[[], object]
+OnError = Callable[[Exception], object]
 
 
 def _pairs(headers: HeadersLike) -> Headers:
@@ -107,32 +178,129 @@ class _Watch:
         self.error: Optional[ServerError] = None
 
 
+class Subscription:
+    """One topic's messages, returned by :meth:`Client.subscribe`::
+
+        sub = await client.subscribe("news")
+        async for msg in sub:          # PUB messages of "news" only, in order
+            ...
+        await sub.unsubscribe()        # ends the iteration
+
+    Once you start reading it (``async for`` or :meth:`recv`), the subscription claims its
+    topic: from then on the topic's messages go to it and no longer to the client-wide
+    iterator, and those of them still unread there move to it. A subscription you never
+    read leaves its topic's messages to ``async for msg in client``, as before.
+    """
+
+    def __init__(self, client: "Client", topic: str) -> None:
+        self.client = client
+        self.topic = topic
+        self._queue: "asyncio.Queue[Optional[Message]]" = asyncio.Queue()
+        self._claimed = False
+        self._ended = False
+        self._end: Optional[ConnectionLost] = None
+
+    def _claim(self) -> None:
+        if not self._claimed and not self._ended:
+            self._claimed = True
+            self.client._claim(self)
+
+    def _finish(self, end: Optional[ConnectionLost]) -> None:
+        if not self._ended:
+            self._ended = True
+            self._end = end
+            self._queue.put_nowait(None)
+
+    @property
+    def active(self) -> bool:
+        """Whether the subscription is in force (not unsubscribed, client not closed)."""
+        return not self._ended
+
+    def __aiter__(self) -> "Subscription":
+        self._claim()
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.recv()
+        except ConnectionLost:
+            if self._end is None:
+                raise StopAsyncIteration from None  # unsubscribed or closed by the client
+            raise
+
+    async def recv(self) -> Message:
+        """The topic's next message. Raises ConnectionLost once the subscription has
+        ended (unsubscribed, client closed, or the connection lost for good)."""
+        self._claim()
+        m = await self._queue.get()
+        if m is None:
+            self._queue.put_nowait(None)  # every later call ends too
+            raise self._end or ConnectionLost("unsubscribed")
+        return m
+
+    async def unsubscribe(self) -> None:
+        """Unsubscribe from the topic: sends UNS and ends the iteration of every
+        Subscription of this topic once the messages already received are read."""
+        await self.client.unsubscribe(self.topic)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "ended"
+        return f"<middleman_client.Subscription {self.topic!r} {state}>"
+
+
 async def connect(
-    url: str,
+    urls: Union[str, Sequence[str]],
     key: str,
     *,
-    reconnect: bool = False,
+    reconnect: bool = True,
+    max_reconnect_attempts: Optional[int] = MAX_RECONNECT_ATTEMPTS,
     min_delay: float = 0.25,
     max_delay: float = 10.0,
     open_timeout: float = 10.0,
+    pending_bytes_limit: int = PENDING_BYTES_LIMIT,
+    on_disconnect: Optional[OnDisconnect] = None,
+    on_reconnect: Optional[OnReconnect] = None,
+    on_error: Optional[OnError] = None,
     **ws_options: Any,
 ) -> "Client":
-    """Connect to ``url`` (``ws://`` or ``wss://``), authenticate with ``key`` and return
-    the client once the server has assigned its connection id (``client.cid``).
+    """Connect to a server, authenticate with ``key`` and return the client once the
+    server has assigned its connection id (``client.cid``).
 
-    Raises AuthError if the key is refused, OSError / TimeoutError if the server cannot
-    be reached. With ``reconnect=True`` a connection lost later is re-established with
-    exponential backoff and jitter (``min_delay`` doubling up to ``max_delay`` seconds);
-    the client then sends its enablements (EPUB/ESUB/EREQ) and subscriptions again.
-    Other keyword arguments go to ``websockets.asyncio.client.connect``.
+    ``urls`` is one URL (``ws://`` or ``wss://``) or a list of them: servers to fail
+    over between. The first connection tries them in order; with ``reconnect=True`` (the
+    default) it goes round the list again with backoff until one answers, at most
+    ``max_reconnect_attempts`` attempts and ``open_timeout`` seconds in all. Without
+    ``reconnect`` each URL is tried once.
+
+    Raises BadKey (an AuthError) if the key is refused, or the last attempt's error
+    (OSError / TimeoutError) if no server can be reached.
+
+    With ``reconnect=True`` a connection lost later is re-established, trying the next
+    URL of the list first, with exponential backoff and jitter between rounds
+    (``min_delay`` doubling up to ``max_delay`` seconds); after
+    ``max_reconnect_attempts`` failed attempts in a row (``None``: never) the client
+    gives up. Once reconnected it sends its enablements (EPUB/ESUB/EREQ) and
+    subscriptions again, then what ``publish`` buffered meanwhile (at most
+    ``pending_bytes_limit`` bytes).
+
+    ``on_disconnect(exc)``, ``on_reconnect()`` and ``on_error(exc)`` are called (plain
+    functions or coroutine functions) when the connection is lost, when it is
+    re-established, and with errors that have no call to be raised from (a refused
+    re-subscription, an undecodable message, giving up reconnecting, buffered messages
+    dropped). Other keyword arguments go to ``websockets.asyncio.client.connect``.
     """
     client = Client(
-        url,
+        urls,
         key,
         reconnect=reconnect,
+        max_reconnect_attempts=max_reconnect_attempts,
         min_delay=min_delay,
         max_delay=max_delay,
         open_timeout=open_timeout,
+        pending_bytes_limit=pending_bytes_limit,
+        on_disconnect=on_disconnect,
+        on_reconnect=on_reconnect,
+        on_error=on_error,
         ws_options=ws_options,
     )
     await client._start()
@@ -143,31 +311,47 @@ class Client:
     """One connection to a middleman server; create it with :func:`connect`.
 
     Calls are coroutines on the event loop the client was created on. Messages that are
-    neither answers to this client's requests nor errors for its confirmed commands are
-    delivered, in order, by ``async for msg in client`` (or ``await client.recv()``).
+    neither answers to this client's requests, errors for its confirmed commands, nor
+    claimed by a :class:`Subscription` being read are delivered, in order, by
+    ``async for msg in client`` (or ``await client.recv()``).
     """
 
     def __init__(
         self,
-        url: str,
+        urls: Union[str, Sequence[str]],
         key: str,
         *,
-        reconnect: bool = False,
+        reconnect: bool = True,
+        max_reconnect_attempts: Optional[int] = MAX_RECONNECT_ATTEMPTS,
         min_delay: float = 0.25,
         max_delay: float = 10.0,
         open_timeout: float = 10.0,
+        pending_bytes_limit: int = PENDING_BYTES_LIMIT,
+        on_disconnect: Optional[OnDisconnect] = None,
+        on_reconnect: Optional[OnReconnect] = None,
+        on_error: Optional[OnError] = None,
         ws_options: Optional[Dict[str, Any]] = None,
     ) -> None:
-        self.url = url
+        self.urls: List[str] = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("connect() needs at least one server URL")
+        #: The URL of the server connected to (or last connected to).
+        self.url = self.urls[0]
+        self._url_index = 0
         #: The connection id the server assigned (a new one after each reconnect).
         self.cid: str = ""
         #: How many times the connection has been re-established.
         self.reconnects = 0
         self._key = key
         self._reconnect = reconnect
+        self._max_attempts = max_reconnect_attempts
         self._min_delay = min_delay
         self._max_delay = max_delay
         self._open_timeout = open_timeout
+        self._pending_limit = pending_bytes_limit
+        self.on_disconnect = on_disconnect
+        self.on_reconnect = on_reconnect
+        self.on_error = on_error
         self._ws_options: Dict[str, Any] = {
             "max_size": None,  # the server enforces its own message limit
             "compression": None,
@@ -177,6 +361,8 @@ class Client:
         self._connected = asyncio.Event()
         # Set while connected with every enablement and subscription in force.
         self._ready = asyncio.Event()
+        # Set whenever the publish buffer shrinks or the connection state changes.
+        self._room = asyncio.Event()
         self._restoring: Set[str] = set()
         self._inbox: "asyncio.Queue[Optional[Message]]" = asyncio.Queue()
         self._pending: Dict[str, "asyncio.Future[Message]"] = {}
@@ -184,6 +370,12 @@ class Client:
         # Insertion-ordered sets: what to restore after a reconnect.
         self._subs: Dict[str, None] = {}
         self._enabled: Dict[Tuple[str, str], None] = {}
+        # Subscription objects per topic, and those that claim their topic's messages.
+        self._sub_objs: Dict[str, List[Subscription]] = {}
+        self._claimers: Dict[str, List[Subscription]] = {}
+        # Messages published while disconnected, in order, and their size.
+        self._outbox: Deque[bytes] = collections.deque()
+        self._outbox_bytes = 0
         self._tasks: Set["asyncio.Task[Any]"] = set()
         self._reader: Optional["asyncio.Task[None]"] = None
         self._closed = False
@@ -194,22 +386,49 @@ class Client:
     # ------------------------------------------------------------------ life cycle
 
     async def _start(self) -> None:
-        ws, cid = await self._open()
-        self._up(ws, cid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._open_timeout
+        n = len(self.urls)
+        attempt = 0
+        while True:
+            i = attempt % n
+            left = max(deadline - loop.time(), 0.001)
+            try:
+                ws, cid = await self._open(self.urls[i], left)
+            except AuthError:
+                raise
+            except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionLost, ProtocolError) as e:
+                log.info("middleman_client: connecting to %s failed: %r", self.urls[i], e)
+                attempt += 1
+                if not self._reconnect and attempt >= n:
+                    raise
+                if self._max_attempts is not None and attempt >= max(n, self._max_attempts):
+                    raise
+                delay = self._backoff(attempt // n - 1) if attempt % n == 0 else 0.0
+                if loop.time() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            self._url_index = i
+            self.url = self.urls[i]
+            self._up(ws, cid)
+            return
 
-    async def _open(self) -> Tuple[ClientConnection, str]:
-        ws = await ws_connect(self.url, open_timeout=self._open_timeout, **self._ws_options)
+    async def _open(self, url: str, timeout: float) -> Tuple[ClientConnection, str]:
+        ws = await ws_connect(url, open_timeout=timeout, **self._ws_options)
         try:
             await ws.send(self._key)
-            ok = await asyncio.wait_for(ws.recv(), self._open_timeout)
+            ok = await asyncio.wait_for(ws.recv(), timeout)
             if ok != "MM OK":
                 raise ProtocolError(f"expected 'MM OK' from the server, got {ok!r}")
-            cid = await asyncio.wait_for(ws.recv(), self._open_timeout)
+            cid = await asyncio.wait_for(ws.recv(), timeout)
         except ConnectionClosed as e:
             await ws.close()
             code = e.rcvd.code if e.rcvd else None
             reason = e.rcvd.reason if e.rcvd else "connection closed"
             if code == 1008:
+                if reason == "bad key":
+                    raise BadKey(reason) from None
                 raise AuthError(reason or "key refused") from None
             raise ConnectionLost(reason or "connection closed", code) from None
         except BaseException:
@@ -221,17 +440,35 @@ class Client:
         self._ws = ws
         self.cid = cid
         self._connected.set()
+        self._room.set()
         if not self._restoring:
             self._ready.set()
         self._reader = asyncio.ensure_future(self._read(ws))
 
-    async def close(self) -> None:
-        """Close for good: pending requests fail with ConnectionLost, iteration ends."""
+    async def close(self, timeout: Optional[float] = 5.0) -> None:
+        """Close for good: first waits (at most ``timeout`` seconds) for the connection to
+        come back if ``publish`` buffered messages while it was lost, so they are sent;
+        then pending requests fail with ConnectionLost and iteration ends."""
         if self._closed:
             return
+        if self._outbox:
+            try:
+                await asyncio.wait_for(self._connected.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            if self._outbox and not self._closed:
+                self._report(
+                    ConnectionLost(
+                        f"closed with {len(self._outbox)} buffered messages "
+                        f"({self._outbox_bytes} bytes) not sent"
+                    )
+                )
+            if self._closed:
+                return
         self._closed = True
         self._connected.set()  # wake anyone waiting for a reconnect
         self._ready.set()
+        self._room.set()
         for t in list(self._tasks):
             t.cancel()
         self._fail_pending(ConnectionLost("closed by the client"))
@@ -243,7 +480,18 @@ class Client:
                 await self._reader
             except asyncio.CancelledError:
                 pass
+        self._finish()
+
+    def _finish(self) -> None:
+        """The end for good: iteration of the client and of every subscription ends."""
+        self._outbox.clear()
+        self._outbox_bytes = 0
         self._inbox.put_nowait(None)
+        for subs in self._sub_objs.values():
+            for sub in subs:
+                sub._finish(self._end)
+        self._sub_objs.clear()
+        self._claimers.clear()
 
     async def __aenter__(self) -> "Client":
         return self
@@ -256,6 +504,36 @@ class Client:
         """Whether the connection is authenticated right now."""
         return self._connected.is_set() and not self._closed
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes that ``publish`` buffered while disconnected, not sent yet."""
+        return self._outbox_bytes
+
+    def _fire(self, cb: Optional[Callable[..., object]], *args: Any) -> None:
+        if cb is None:
+            return
+        try:
+            r = cb(*args)
+        except Exception:
+            log.exception("middleman_client: callback %r failed", cb)
+            return
+        if inspect.isawaitable(r):
+
+            async def wait(aw: Any) -> None:
+                try:
+                    await aw
+                except Exception:
+                    log.exception("middleman_client: callback %r failed", cb)
+
+            self._spawn(wait(r))
+
+    def _report(self, e: Exception) -> None:
+        """An error with no call to raise it from: on_error, else the log."""
+        if self.on_error is None:
+            log.warning("middleman_client: %s", e)
+        else:
+            self._fire(self.on_error, e)
+
     async def _read(self, ws: ClientConnection) -> None:
         code: Optional[int] = None
         reason = "connection lost"
@@ -265,7 +543,7 @@ class Client:
                 try:
                     msgs = decode(data)
                 except ProtocolError as e:
-                    log.warning("middleman_client: undecodable message from the server: %s", e)
+                    self._report(e)
                     continue
                 for m in msgs:
                     self._dispatch(m)
@@ -284,60 +562,95 @@ class Client:
     def _lost(self, why: ConnectionLost) -> None:
         self._connected.clear()
         self._ready.clear()
+        self._room.set()
         self._ws = None
         # The server forgot this connection's requests and subscriptions.
         self._fail_pending(why)
+        self._fire(self.on_disconnect, why)
         if self._reconnect and why.code != 1008:
             log.info("middleman_client: %s; reconnecting", why)
             self._spawn(self._reconnect_loop())
             return
+        self._end_for_good(why)
+
+    def _end_for_good(self, why: ConnectionLost) -> None:
+        if self._outbox:
+            self._report(
+                ConnectionLost(
+                    f"{len(self._outbox)} buffered messages ({self._outbox_bytes} bytes) "
+                    f"dropped: {why}",
+                    why.code,
+                )
+            )
         self._closed = True
         self._end = why
         self._connected.set()
         self._ready.set()
-        self._inbox.put_nowait(None)
+        self._room.set()
+        self._finish()
 
     def _backoff(self, attempt: int) -> float:
-        full: float = min(self._max_delay, self._min_delay * float(2 ** min(attempt, 30)))
+        full: float = min(self._max_delay, self._min_delay * float(2 ** min(max(attempt, 0), 30)))
         return full / 2 + random.random() * full / 2
 
     async def _reconnect_loop(self) -> None:
+        n = len(self.urls)
         attempt = 0
+        last: Optional[BaseException] = None
         while not self._closed:
-            await asyncio.sleep(self._backoff(attempt))
+            if self._max_attempts is not None and attempt >= self._max_attempts:
+                why = ConnectionLost(f"gave up reconnecting after {attempt} attempts: {last!r}")
+                self._report(why)
+                self._end_for_good(why)
+                return
+            # Between rounds of the list, back off; within a round, the next URL at once.
+            if attempt % n == 0:
+                await asyncio.sleep(self._backoff(attempt // n))
+            # The server just lost comes last in each round.
+            i = (self._url_index + 1 + attempt) % n
             attempt += 1
             try:
-                ws, cid = await self._open()
+                ws, cid = await self._open(self.urls[i], self._open_timeout)
             except AuthError as e:
-                self._closed = True
-                self._end = ConnectionLost(f"reconnect refused: {e}", 1008)
-                self._connected.set()
-                self._ready.set()
-                self._inbox.put_nowait(None)
+                why = ConnectionLost(f"reconnect refused: {e}", 1008)
+                self._report(why)
+                self._end_for_good(why)
                 return
             except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionLost, ProtocolError) as e:
-                log.info("middleman_client: reconnect attempt %d failed: %r", attempt, e)
+                last = e
+                log.info("middleman_client: reconnect attempt %d (%s) failed: %r", attempt, self.urls[i], e)
                 continue
             if self._closed:
                 await ws.close()
                 return
-            self.reconnects += 1
-            log.info("middleman_client: reconnected as %s", cid)
             # Enablements first (so a service's own clients may subscribe again), then
-            # subscriptions, before anything queued behind the reconnect is sent.
+            # subscriptions, then what was published meanwhile, before anything queued
+            # behind the reconnect is sent.
             try:
                 for cmd, target in self._enabled:
                     await ws.send(encode(cmd, target))
                 for topic in self._subs:
                     await ws.send(encode("SUB", topic))
-            except ConnectionClosed:
+                while self._outbox:
+                    data = self._outbox[0]
+                    await ws.send(data)
+                    self._outbox.popleft()
+                    self._outbox_bytes -= len(data)
+                    self._room.set()
+            except ConnectionClosed as e:
+                last = e
                 continue
+            self._url_index = i
+            self.url = self.urls[i]
+            self.reconnects += 1
+            log.info("middleman_client: reconnected to %s as %s", self.url, cid)
             # Watch the re-subscriptions before the reader starts, so a refusal is seen.
             watches = [_Watch("SUB", t) for t in self._subs]
             self._watches.extend(watches)
             self._restoring = set(self._subs) | {""}  # "": the first sync
             self._up(ws, cid)
             self._spawn(self._check_resubscribed(watches))
+            self._fire(self.on_reconnect)
             return
 
     async def _check_resubscribed(self, watches: List[_Watch]) -> None:
@@ -365,6 +678,7 @@ class Client:
         # A re-subscription refused after a reconnect (its service is not back yet) is
         # tried again with backoff until it is taken or the topic is unsubscribed.
         attempt = 0
+        self._report(error)
         while topic in self._subs and not self._closed:
             log.info("middleman_client: re-subscribing %s refused (%s); retrying", topic, error.reason)
             await asyncio.sleep(self._backoff(attempt))
@@ -420,7 +734,30 @@ class Client:
             if fut is not None and not fut.done():
                 fut.set_result(m)
             return  # a late answer to a request that timed out is dropped
+        elif m.cmd == "PUB":
+            claimers = self._claimers.get(m.target)
+            if claimers:
+                for sub in claimers:
+                    sub._queue.put_nowait(m)
+                return
         self._inbox.put_nowait(m)
+
+    def _claim(self, sub: Subscription) -> None:
+        """``sub`` starts reading: its topic's messages go to it, those waiting unread in
+        the client-wide queue included (in order)."""
+        if sub.topic not in self._subs:
+            sub._finish(self._end)  # unsubscribed (or never taken) already
+            return
+        self._claimers.setdefault(sub.topic, []).append(sub)
+        kept: List[Optional[Message]] = []
+        while not self._inbox.empty():
+            m = self._inbox.get_nowait()
+            if m is not None and m.cmd == "PUB" and not m.is_error and m.target == sub.topic:
+                sub._queue.put_nowait(m)
+            else:
+                kept.append(m)
+        for m2 in kept:
+            self._inbox.put_nowait(m2)
 
     def __aiter__(self) -> "Client":
         return self
@@ -492,24 +829,73 @@ class Client:
         if watch.error is not None:
             raise watch.error
 
-    async def subscribe(self, topic: str) -> None:
-        """Subscribe to ``topic``; returns once the server has taken it. Raises
-        ServerError (``not permitted``) if refused."""
+    async def subscribe(self, topic: str) -> Subscription:
+        """Subscribe to ``topic``; returns once the server has taken it, with a
+        :class:`Subscription` to read the topic's messages from (or ignore, and read them
+        from the client-wide iterator). Raises NotPermitted if refused."""
         check_target(topic)
         await self._confirmed("SUB", topic)
         self._subs[topic] = None
+        sub = Subscription(self, topic)
+        self._sub_objs.setdefault(topic, []).append(sub)
+        return sub
 
     async def unsubscribe(self, topic: str) -> None:
-        """Unsubscribe from ``topic`` (a no-op if not subscribed)."""
+        """Unsubscribe from ``topic`` (a no-op if not subscribed); every Subscription of
+        the topic ends once the messages it already received are read."""
         check_target(topic)
         self._subs.pop(topic, None)
         self._restored(topic)
-        await self._confirmed("UNS", topic)
+        try:
+            await self._confirmed("UNS", topic)
+        finally:
+            # What the server sent before it took the UNS still goes to the subscriptions.
+            self._claimers.pop(topic, None)
+            for sub in self._sub_objs.pop(topic, []):
+                sub._finish(None)
 
-    async def publish(self, topic: str, body: Body = b"", headers: HeadersLike = None) -> None:
+    async def publish(
+        self,
+        topic: str,
+        body: Body = b"",
+        headers: HeadersLike = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> None:
         """Publish ``body`` to ``topic``. Not confirmed: a refusal arrives later as an
-        error message (``msg.is_error``) through iteration."""
-        await self._send(encode("PUB", topic, _pairs(headers), body))
+        error message (``msg.is_error``) through iteration.
+
+        While the connection is being re-established the message is buffered, and sent
+        once it is back (after the subscriptions). When the buffer would pass
+        ``pending_bytes_limit`` bytes, raises BufferFull at once, or with ``timeout``
+        waits up to that many seconds for room (or for the connection) first. Raises
+        ConnectionLost once the connection has ended for good.
+        """
+        data = encode("PUB", topic, _pairs(headers), body)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._closed:
+                raise self._end or ConnectionLost("closed by the client")
+            ws = self._ws
+            if ws is not None and self._connected.is_set() and not self._outbox:
+                try:
+                    await ws.send(data)
+                    return
+                except ConnectionClosed:
+                    pass  # lost while sending: buffer it for the reconnect
+            if self._outbox_bytes + len(data) <= self._pending_limit:
+                self._outbox.append(data)
+                self._outbox_bytes += len(data)
+                return
+            left = 0.0 if deadline is None else deadline - loop.time()
+            if left <= 0 or len(data) > self._pending_limit:
+                raise BufferFull(self._outbox_bytes, len(data), self._pending_limit)
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     async def request(
         self,

@@ -2,39 +2,85 @@
 
     from middleman_client.sync import connect
 
-    with connect("ws://127.0.0.1:8765/", key) as c:
-        c.subscribe("news")
+    with connect(["ws://127.0.0.1:8765/", "ws://127.0.0.1:8766/"], key) as c:
+        news = c.subscribe("news")
         c.publish("news", "hello")
-        print(c.recv(timeout=5).text)
+        print(news.recv(timeout=5).text)        # or: for msg in news: ...
         print(c.request("time", timeout=5).text)
+
+Callbacks (``on_disconnect``, ``on_reconnect``, ``on_error``) run on the client's own
+thread: keep them short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Coroutine, Iterator, Optional, TypeVar
+from typing import Any, Coroutine, Iterator, Optional, Sequence, TypeVar, Union
 
 from . import client as _client
-from .client import Client, ConnectionLost, HeadersLike
+from .client import Client, ConnectionLost, HeadersLike, Subscription
 from .protocol import Body, Message
 
-__all__ = ["SyncClient", "connect"]
+__all__ = ["SyncClient", "SyncSubscription", "connect"]
 
 T = TypeVar("T")
+
+
+class SyncSubscription:
+    """A :class:`middleman_client.Subscription`, blocking: ``for msg in sub``,
+    ``sub.recv(timeout=...)``, ``sub.unsubscribe()``."""
+
+    def __init__(self, owner: "SyncClient", sub: Subscription) -> None:
+        self._owner = owner
+        self._sub = sub
+        self.topic = sub.topic
+
+    @property
+    def active(self) -> bool:
+        return self._sub.active
+
+    def recv(self, timeout: Optional[float] = None) -> Message:
+        """The topic's next message; TimeoutError after ``timeout`` seconds,
+        ConnectionLost once the subscription has ended."""
+
+        async def get() -> Message:
+            return await asyncio.wait_for(self._sub.recv(), timeout)
+
+        try:
+            return self._owner._run(get())
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no message on {self.topic} within {timeout}s") from None
+
+    def __iter__(self) -> Iterator[Message]:
+        """The topic's messages until unsubscribed or closed (ConnectionLost if the
+        connection ends for good)."""
+        while True:
+            try:
+                yield self.recv()
+            except ConnectionLost:
+                if self._sub._end is None:
+                    return
+                raise
+
+    def unsubscribe(self) -> None:
+        self._owner._run(self._sub.unsubscribe())
+
+    def __repr__(self) -> str:
+        return repr(self._sub).replace("Subscription", "SyncSubscription", 1)
 
 
 class SyncClient:
     """The same calls as :class:`middleman_client.Client`, blocking."""
 
-    def __init__(self, url: str, key: str, **options: Any) -> None:
+    def __init__(self, urls: Union[str, Sequence[str]], key: str, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="middleman-client", daemon=True
         )
         self._thread.start()
         try:
-            self._client: Client = self._run(_client.connect(url, key, **options))
+            self._client: Client = self._run(_client.connect(urls, key, **options))
         except BaseException:
             self._stop_loop()
             raise
@@ -55,18 +101,54 @@ class SyncClient:
         return self._client.cid
 
     @property
+    def url(self) -> str:
+        """The URL of the server connected to (or last connected to)."""
+        return self._client.url
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
+
+    @property
+    def reconnects(self) -> int:
+        return self._client.reconnects
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._client.pending_bytes
+
+    def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Block until connected with enablements and subscriptions in force (see
+        :meth:`middleman_client.Client.wait_ready`); TimeoutError after ``timeout``."""
+
+        async def wait() -> None:
+            await asyncio.wait_for(self._client.wait_ready(), timeout)
+
+        try:
+            self._run(wait())
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"not ready within {timeout}s") from None
+
+    @property
     def client(self) -> Client:
         """The asyncio client underneath (its loop runs on another thread)."""
         return self._client
 
-    def subscribe(self, topic: str) -> None:
-        self._run(self._client.subscribe(topic))
+    def subscribe(self, topic: str) -> SyncSubscription:
+        return SyncSubscription(self, self._run(self._client.subscribe(topic)))
 
     def unsubscribe(self, topic: str) -> None:
         self._run(self._client.unsubscribe(topic))
 
-    def publish(self, topic: str, body: Body = b"", headers: HeadersLike = None) -> None:
-        self._run(self._client.publish(topic, body, headers))
+    def publish(
+        self,
+        topic: str,
+        body: Body = b"",
+        headers: HeadersLike = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> None:
+        self._run(self._client.publish(topic, body, headers, timeout=timeout))
 
     def request(
         self,
@@ -113,11 +195,13 @@ class SyncClient:
                     return
                 raise
 
-    def close(self) -> None:
+    def close(self, timeout: Optional[float] = 5.0) -> None:
+        """Close for good, first sending what ``publish`` buffered (at most ``timeout``
+        seconds of waiting for the connection)."""
         if self._loop.is_closed():
             return
         try:
-            self._run(self._client.close())
+            self._run(self._client.close(timeout))
         finally:
             self._stop_loop()
 
@@ -128,6 +212,6 @@ class SyncClient:
         self.close()
 
 
-def connect(url: str, key: str, **options: Any) -> SyncClient:
+def connect(urls: Union[str, Sequence[str]], key: str, **options: Any) -> SyncClient:
     """Connect and authenticate; the options are those of :func:`middleman_client.connect`."""
-    return SyncClient(url, key, **options)
+    return SyncClient(urls, key, **options)
