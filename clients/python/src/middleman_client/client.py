@@ -62,7 +62,7 @@ MAX_RECONNECT_ATTEMPTS = 60
 
 
 class ServerError(Exception):
-    """The server refused a message or failed a request (PROTOCOL.md section 7).
+    """The server refused a message or failed a request (docs/protocol.md section 7).
 
     ``reason`` is the server's reason (``no responder``, ``not permitted``,
     ``responder disconnected``, ...); ``cmd`` and ``target`` name the refused message;

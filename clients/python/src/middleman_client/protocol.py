@@ -1,4 +1,4 @@
-"""The middleman message format (PROTOCOL.md section 2): encoding and decoding.
+"""The middleman message format (docs/protocol.md section 2): encoding and decoding.
 
 Pure functions without I/O, so they can be used (and tested) on their own::
 
