@@ -218,7 +218,12 @@ fn browser_client_in_headless_chromium() {
 fn node_major() -> Option<u32> {
     let out = Command::new("node").arg("--version").output().ok()?;
     let v = String::from_utf8(out.stdout).ok()?;
-    v.trim().trim_start_matches('v').split('.').next()?.parse().ok()
+    v.trim()
+        .trim_start_matches('v')
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The same client file in Node (`tests/browser-client/node.mjs`): the checks shared with
