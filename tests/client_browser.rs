@@ -257,7 +257,7 @@ fn js_client_in_node() {
     let out_lines = run_node(&args, |_| None);
     assert_eq!(
         out_lines.last().map(String::as_str),
-        Some("node-client: 7 passed, 0 failed"),
+        Some("node-client: 8 passed, 0 failed"),
         "{out_lines:?}"
     );
     closer.close();

@@ -467,7 +467,19 @@ export class Middleman {
     ws.onclose = (ev) => {
       if (ws === this._ws) this._onClose(ev.code, ev.reason);
     };
-    ws.onerror = () => {}; // onclose follows with the details
+    ws.onerror = () => {
+      // Browsers follow with onclose, which has the details. Node 20's WebSocket fires
+      // only error when the connection fails: end it here if no close came meanwhile.
+      setTimeout(() => {
+        if (ws !== this._ws) return;
+        try {
+          ws.close();
+        } catch {
+          // already closing
+        }
+        this._onClose(1006, "");
+      }, 100);
+    };
   }
 
   _onData(ws, data) {

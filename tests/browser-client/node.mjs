@@ -5,6 +5,7 @@
 // 0 failed" and exits 0 when every check held.
 import * as lib from "../../clients/js/middleman.js";
 import { sharedChecks } from "./checks.mjs";
+import { createServer } from "node:net";
 
 const [url, clientKey, serviceKey] = process.argv.slice(2);
 if (!url || !clientKey || !serviceKey) {
@@ -46,6 +47,19 @@ try {
   );
   if (bad !== "bad key") throw new Error(`a wrong key: ${bad}`);
   ok("a wrong key is refused");
+
+  // A port nobody listens on: Node 20's WebSocket fires error but no close there, and
+  // connect must still reject (and a reconnect loop go on) rather than hang.
+  const free = createServer();
+  await new Promise((r) => free.listen(0, "127.0.0.1", r));
+  const port = free.address().port;
+  await new Promise((r) => free.close(r));
+  const refused = await lib.connect(`ws://127.0.0.1:${port}/`, clientKey, { reconnect: false }).then(
+    () => "connected",
+    (e) => e.reason,
+  );
+  if (!/^connection failed/.test(refused)) throw new Error(`nobody listening: ${refused}`);
+  ok("connect rejects when nobody listens");
   console.log(`node-client: ${passed} passed, 0 failed`);
 } catch (e) {
   console.error(`node-client: FAILED after ${passed} checks: ${e.stack || e}`);
