@@ -83,6 +83,57 @@ fn start(cfg: Config) -> Running {
     Running::spawn(cfg).expect("server start")
 }
 
+/// The server and the Rust service a node script talks to; `restart-now` from the script
+/// restarts both on the same port.
+struct Setup {
+    server: Option<Running>,
+    addr: SocketAddr,
+    closer: Closer,
+    svc: JoinHandle<Result<(), Error>>,
+    restarted: bool,
+}
+
+impl Setup {
+    fn start() -> Self {
+        let server = start(config());
+        let addr = server.addr;
+        let (closer, svc) = service(addr);
+        Setup {
+            server: Some(server),
+            addr,
+            closer,
+            svc,
+            restarted: false,
+        }
+    }
+
+    /// For [`run_node`]: on `restart-now`, stop the server (the clients see close 1001),
+    /// start a new one on the same port, bring the service back, and answer `restarted`.
+    fn on_line(&mut self, line: &str) -> Option<String> {
+        if line != "restart-now" {
+            return None;
+        }
+        self.server.take().unwrap().stop().expect("server stop");
+        let svc = std::mem::replace(&mut self.svc, std::thread::spawn(|| Ok(())));
+        let e = svc.join().unwrap().unwrap_err();
+        assert!(matches!(e, Error::Closed { code: 1001, .. }), "{e:?}");
+        let cfg = Config {
+            listeners: vec![Listen::ws(self.addr)],
+            ..config()
+        };
+        self.server = Some(start(cfg));
+        (self.closer, self.svc) = service(self.addr);
+        self.restarted = true;
+        Some("restarted".to_owned())
+    }
+
+    fn stop(mut self) {
+        self.closer.close();
+        let _ = self.svc.join();
+        drop(self.server.take());
+    }
+}
+
 /// Run `node args...` in tests/browser-client, bounded by [`BROWSER_WAIT`]. Each stdout
 /// line goes to `on_line`; what it returns is written to node's stdin as a line. Returns
 /// the stdout lines once node exited 0 (panics otherwise, with its stderr).
@@ -156,15 +207,12 @@ fn browser_client_in_headless_chromium() {
     tools::require("the browser client test", &missing());
     tools::npm_ci_if_needed(&project_dir()).unwrap_or_else(|e| panic!("{e}"));
 
-    let server = start(config());
-    let addr = server.addr;
-    let (mut closer, mut svc) = service(addr);
+    let mut setup = Setup::start();
+    let addr = setup.addr;
     // The demo page after joining, kept for a look (target/tmp, not in git).
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-joined.png");
     let _ = std::fs::remove_file(&shot);
 
-    let mut server = Some(server);
-    let mut restarted = false;
     let args = [
         "run.mjs".to_owned(),
         format!("http://{addr}"),
@@ -172,29 +220,9 @@ fn browser_client_in_headless_chromium() {
         SERVICE_KEY.to_owned(),
         shot.display().to_string(),
     ];
-    let out_lines = run_node(&args, |line| {
-        if line != "restart-now" {
-            return None;
-        }
-        // Stop the server (the page sees close 1001), start a new one on the same
-        // port, bring the service back, then let the page go on.
-        server.take().unwrap().stop().expect("server stop");
-        let e = std::mem::replace(&mut svc, std::thread::spawn(|| Ok(())))
-            .join()
-            .unwrap()
-            .unwrap_err();
-        assert!(matches!(e, Error::Closed { code: 1001, .. }), "{e:?}");
-        let cfg = Config {
-            listeners: vec![Listen::ws(addr)],
-            ..config()
-        };
-        server = Some(start(cfg));
-        (closer, svc) = service(addr);
-        restarted = true;
-        Some("restarted".to_owned())
-    });
+    let out_lines = run_node(&args, |line| setup.on_line(line));
     assert!(
-        restarted,
+        setup.restarted,
         "the page never asked for the restart: {out_lines:?}"
     );
     assert_eq!(
@@ -209,9 +237,7 @@ fn browser_client_in_headless_chromium() {
         shot.display(),
         png.len()
     );
-    closer.close();
-    let _ = svc.join();
-    drop(server);
+    setup.stop();
 }
 
 /// Node's major version, if node runs.
@@ -227,7 +253,8 @@ fn node_major() -> Option<u32> {
 }
 
 /// The same client file in Node (`tests/browser-client/node.mjs`): the checks shared with
-/// the page (subscribe confirmation, respond, binary bodies) plus the `WebSocket` option.
+/// the page (subscribe confirmation, respond, binary bodies), the `WebSocket` option, a
+/// server restart (re-subscription, EREQ sent again) and a refused connection.
 /// Node 22 has a global WebSocket; Node 20 needs `--experimental-websocket`, passed here.
 #[test]
 #[ignore = "needs node 20 or later: run .ci/install-tools.sh"]
@@ -241,28 +268,28 @@ fn js_client_in_node() {
             None => vec!["node (apt-get install -y nodejs)".to_owned()],
         },
     );
-    let server = start(config());
-    let addr = server.addr;
-    let (closer, svc) = service(addr);
+    let mut setup = Setup::start();
     let mut args = Vec::new();
     if major < Some(22) {
         args.push("--experimental-websocket".to_owned());
     }
     args.extend([
         "node.mjs".to_owned(),
-        format!("ws://{addr}/"),
+        format!("ws://{}/", setup.addr),
         CLIENT_KEY.to_owned(),
         SERVICE_KEY.to_owned(),
     ]);
-    let out_lines = run_node(&args, |_| None);
+    let out_lines = run_node(&args, |line| setup.on_line(line));
+    assert!(
+        setup.restarted,
+        "node.mjs never asked for the restart: {out_lines:?}"
+    );
     assert_eq!(
         out_lines.last().map(String::as_str),
-        Some("node-client: 8 passed, 0 failed"),
+        Some("node-client: 9 passed, 0 failed"),
         "{out_lines:?}"
     );
-    closer.close();
-    let _ = svc.join();
-    drop(server);
+    setup.stop();
 }
 
 #[test]

@@ -1,11 +1,13 @@
 // The JS client in Node (run by tests/client_browser.rs):
 //   node --experimental-websocket node.mjs ws://127.0.0.1:PORT/ CLIENT_KEY SERVICE_KEY
 // Node 22 has a global WebSocket; Node 20 needs the flag. Imports the client file itself
-// (the server serves the same file at /middleman.js). Prints "node-client: N passed,
-// 0 failed" and exits 0 when every check held.
+// (the server serves the same file at /middleman.js). Prints "restart-now" and waits for
+// "restarted" on stdin in the middle (the Rust test restarts the server on the same port);
+// prints "node-client: N passed, 0 failed" and exits 0 when every check held.
 import * as lib from "../../clients/js/middleman.js";
 import { sharedChecks } from "./checks.mjs";
 import { createServer } from "node:net";
+import { createInterface } from "node:readline";
 
 const [url, clientKey, serviceKey] = process.argv.slice(2);
 if (!url || !clientKey || !serviceKey) {
@@ -14,6 +16,10 @@ if (!url || !clientKey || !serviceKey) {
 }
 let passed = 0;
 const ok = (name) => console.log(`ok ${++passed} ${name}`);
+const stdinLines = createInterface({ input: process.stdin });
+const nextStdinLine = () => new Promise((resolve) => stdinLines.once("line", resolve));
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const open = []; // closed at the end, so a failure exits at once instead of reconnecting
 try {
   if (typeof globalThis.WebSocket !== "function") {
     throw new Error("no global WebSocket: run node 20 with --experimental-websocket");
@@ -48,6 +54,44 @@ try {
   if (bad !== "bad key") throw new Error(`a wrong key: ${bad}`);
   ok("a wrong key is refused");
 
+  // Reconnect across a server restart: the client subscribes again and the JS service
+  // sends its EREQ again (a client may only request a target while an EREQ is in force).
+  const opts = { reconnect: true, minDelayMs: 100, maxDelayMs: 1000 };
+  const rsvc = await lib.connect(url, serviceKey, opts);
+  open.push(rsvc);
+  await rsvc.respond("js.after", (req) => `after:${req.body}`);
+  const rcli = await lib.connect(url, clientKey, opts);
+  open.push(rcli);
+  const seenRoom = [];
+  await rcli.subscribe("room", (m) => seenRoom.push(m.body));
+  const oldCids = [rsvc.cid, rcli.cid];
+  console.log("restart-now");
+  const answer = await nextStdinLine();
+  if (answer !== "restarted") throw new Error(`stdin: ${answer}`);
+  const deadline = Date.now() + 20000;
+  const until = async (what, f) => {
+    for (;;) {
+      const r = await f().catch((e) => e.message);
+      if (r === true) return;
+      if (Date.now() > deadline) throw new Error(`${what}: ${JSON.stringify(r)}`);
+      await sleep(100);
+    }
+  };
+  await until("reconnected", async () =>
+    rsvc.connected && rcli.connected && rsvc.cid !== oldCids[0] && rcli.cid !== oldCids[1],
+  );
+  await until("the JS service answers again", async () =>
+    (await rcli.request("js.after", "x", { timeoutMs: 2000 })).body === "after:x",
+  );
+  await until("the room subscription delivers again", async () => {
+    const b = `p-${Math.random()}`;
+    await rcli.request("poke", b, { timeoutMs: 2000 }); // the Rust service publishes first
+    return seenRoom.includes(`poked:${b}`);
+  });
+  rsvc.close();
+  rcli.close();
+  ok("after a server restart: re-subscribed, and the JS service's EREQ sent again");
+
   // A port nobody listens on: Node 20's WebSocket fires error but no close there, and
   // connect must still reject (and a reconnect loop go on) rather than hang.
   const free = createServer();
@@ -64,4 +108,7 @@ try {
 } catch (e) {
   console.error(`node-client: FAILED after ${passed} checks: ${e.stack || e}`);
   process.exitCode = 1;
+} finally {
+  stdinLines.close();
+  for (const mm of open) mm.close();
 }
