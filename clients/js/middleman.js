@@ -333,7 +333,12 @@ export class Middleman {
     if (!rec) {
       rec = { entries: new Set(), confirmed: false, handled: false, ready: null };
       this._subs.set(topic, rec);
-      this._want("SUB", topic, rec);
+      try {
+        this._want("SUB", topic, rec);
+      } catch (e) {
+        this._subs.delete(topic); // closed, or the send queue is full
+        throw e;
+      }
     }
     const entry = { cb: cb ?? null };
     rec.entries.add(entry);
@@ -372,7 +377,12 @@ export class Middleman {
     const rec = { handler, confirmed: false, handled: false, ready: null };
     this._responders.set(target, rec);
     this._stopped.delete(target);
-    this._want("EREQ", target, rec);
+    try {
+      this._want("EREQ", target, rec);
+    } catch (e) {
+      this._responders.delete(target);
+      throw e;
+    }
     const stop = () => {
       if (this._responders.get(target) !== rec) return Promise.resolve();
       this._responders.delete(target);
