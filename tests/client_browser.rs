@@ -286,7 +286,7 @@ fn js_client_in_node() {
     );
     assert_eq!(
         out_lines.last().map(String::as_str),
-        Some("node-client: 9 passed, 0 failed"),
+        Some("node-client: 10 passed, 0 failed"),
         "{out_lines:?}"
     );
     setup.stop();

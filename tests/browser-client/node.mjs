@@ -24,6 +24,21 @@ try {
   if (typeof globalThis.WebSocket !== "function") {
     throw new Error("no global WebSocket: run node 20 with --experimental-websocket");
   }
+  // The codec alone: bytes are stuffed and unstuffed as bytes, text stays text, a body's
+  // leading byte order mark is kept, and only invalid UTF-8 makes a binary frame.
+  const same = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
+  const raw = new Uint8Array([0x2e, 0xff, 0x0a, 0x2e, 0x0d, 0x0a, 0x2e, 0x2e, 0x0a]);
+  const frame = lib.encode("PUB", "t", [["A", "b"]], raw);
+  if (!(frame instanceof Uint8Array)) throw new Error("invalid UTF-8 must encode to bytes");
+  const [back] = lib.decode(frame);
+  if (!same(back.bytes, raw) || back.header("A") !== "b") throw new Error(`codec: ${back.bytes}`);
+  const bom = "\ufeffx\n.";
+  const text = lib.encode("PUB", "t", [], new TextEncoder().encode(bom));
+  if (typeof text !== "string") throw new Error("valid UTF-8 bytes must encode to a string");
+  const [tb] = lib.decode(text);
+  if (tb.body !== bom || !same(tb.bytes, new TextEncoder().encode(bom))) throw new Error(`BOM: ${tb.body}`);
+  ok("codec: byte bodies, stuffing, text or binary frames");
+
   // The WebSocket option: every connection of the shared checks goes through it.
   let made = 0;
   class CountingWebSocket extends globalThis.WebSocket {
