@@ -11,8 +11,9 @@ export type Body = string | Uint8Array | ArrayBufferView | ArrayBuffer;
  *  empty body. */
 export type Reply = string | Uint8Array | ArrayBufferView | ArrayBuffer | { body?: Body; headers?: Headers } | null | undefined | void;
 
-/** A WebSocket constructor (the browser's, Node's global one, or the `ws` package's). */
-export type WebSocketConstructor = new (url: string) => WebSocket;
+/** A WebSocket constructor (the browser's, Node's global one, or the `ws` package's);
+ *  structural, so it type-checks without the DOM library. */
+export type WebSocketConstructor = new (url: string) => object;
 
 /** The function subscribe() returns: call it to unsubscribe (the promise resolves once the
  *  server processed the UNS, never rejects); await it for the server's answer to the SUB

@@ -19,8 +19,10 @@
 // starting with "." stuffed on the way out and unstuffed on the way in, body line breaks
 // kept as they are. Requests are matched by their ReqID header (case-insensitive); the
 // server's PUB ERROR for a request rejects its promise with a MiddlemanError carrying the
-// server's reason. After a lost connection the client reconnects with exponential backoff
-// and jitter, authenticates again (a new cid) and re-subscribes every topic.
+// server's reason. SUB and EREQ are confirmed by a probe sent after them (see
+// _scheduleProbe). After a lost connection the client reconnects with exponential backoff
+// and jitter, authenticates again (a new cid), re-subscribes every topic and sends its
+// EREQs again.
 
 const MAX_TARGET = 255;
 const utf8 = new TextEncoder();
