@@ -1,7 +1,9 @@
 //! The browser client (`/middleman.js`) in headless Chromium, driven by playwright-core
 //! (`tests/browser-client/run.mjs`), against an in-process server answered by a Rust
 //! service on the client library: subscribe, publish, request, `no responder`, and a
-//! server restart on the same port (reconnect and re-subscribe).
+//! server restart on the same port (reconnect and re-subscribe); the checks shared with
+//! Node (tests/browser-client/checks.mjs: subscribe confirmation, respond, binary bodies);
+//! and the `/demo` page's forms. `js_client_in_node` runs the same client in Node.
 //!
 //! Needs node, npm and /usr/bin/chromium (or `MM_CHROMIUM`), so a plain `cargo test` lists
 //! it as ignored; under `--include-ignored` a missing tool fails it. playwright-core is
@@ -81,20 +83,63 @@ fn start(cfg: Config) -> Running {
     Running::spawn(cfg).expect("server start")
 }
 
-#[test]
-#[ignore = "needs Chromium, node and npm: run .ci/install-tools.sh"]
-fn browser_client_in_headless_chromium() {
-    tools::require("the browser client test", &missing());
-    tools::npm_ci_if_needed(&project_dir()).unwrap_or_else(|e| panic!("{e}"));
+/// The server and the Rust service a node script talks to; `restart-now` from the script
+/// restarts both on the same port.
+struct Setup {
+    server: Option<Running>,
+    addr: SocketAddr,
+    closer: Closer,
+    svc: JoinHandle<Result<(), Error>>,
+    restarted: bool,
+}
 
-    let server = start(config());
-    let addr = server.addr;
-    let (mut closer, mut svc) = service(addr);
+impl Setup {
+    fn start() -> Self {
+        let server = start(config());
+        let addr = server.addr;
+        let (closer, svc) = service(addr);
+        Setup {
+            server: Some(server),
+            addr,
+            closer,
+            svc,
+            restarted: false,
+        }
+    }
 
+    /// For [`run_node`]: on `restart-now`, stop the server (the clients see close 1001),
+    /// start a new one on the same port, bring the service back, and answer `restarted`.
+    fn on_line(&mut self, line: &str) -> Option<String> {
+        if line != "restart-now" {
+            return None;
+        }
+        self.server.take().unwrap().stop().expect("server stop");
+        let svc = std::mem::replace(&mut self.svc, std::thread::spawn(|| Ok(())));
+        let e = svc.join().unwrap().unwrap_err();
+        assert!(matches!(e, Error::Closed { code: 1001, .. }), "{e:?}");
+        let cfg = Config {
+            listeners: vec![Listen::ws(self.addr)],
+            ..config()
+        };
+        self.server = Some(start(cfg));
+        (self.closer, self.svc) = service(self.addr);
+        self.restarted = true;
+        Some("restarted".to_owned())
+    }
+
+    fn stop(mut self) {
+        self.closer.close();
+        let _ = self.svc.join();
+        drop(self.server.take());
+    }
+}
+
+/// Run `node args...` in tests/browser-client, bounded by [`BROWSER_WAIT`]. Each stdout
+/// line goes to `on_line`; what it returns is written to node's stdin as a line. Returns
+/// the stdout lines once node exited 0 (panics otherwise, with its stderr).
+fn run_node(args: &[String], mut on_line: impl FnMut(&str) -> Option<String>) -> Vec<String> {
     let mut node = Command::new("node")
-        .arg("run.mjs")
-        .arg(format!("http://{addr}"))
-        .arg(CLIENT_KEY)
+        .args(args)
         .current_dir(project_dir())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -123,30 +168,16 @@ fn browser_client_in_headless_chromium() {
     let mut stdin = node.stdin.take();
 
     let deadline = Instant::now() + BROWSER_WAIT;
-    let mut server = Some(server);
     let mut out_lines = Vec::new();
-    let mut restarted = false;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         let Ok(line) = lines.recv_timeout(left) else {
             break; // node finished (or the deadline passed)
         };
         eprintln!("node> {line}");
-        if line == "restart-now" {
-            // Stop the server (the page sees close 1001), start a new one on the same
-            // port, bring the service back, then let the page go on.
-            server.take().unwrap().stop().expect("server stop");
-            let e = svc.join().unwrap().unwrap_err();
-            assert!(matches!(e, Error::Closed { code: 1001, .. }), "{e:?}");
-            let cfg = Config {
-                listeners: vec![Listen::ws(addr)],
-                ..config()
-            };
-            server = Some(start(cfg));
-            (closer, svc) = service(addr);
+        if let Some(reply) = on_line(&line) {
             let s = stdin.as_mut().expect("stdin");
-            s.write_all(b"restarted\n").unwrap();
+            s.write_all(format!("{reply}\n").as_bytes()).unwrap();
             s.flush().unwrap();
-            restarted = true;
         }
         out_lines.push(line);
     }
@@ -158,7 +189,7 @@ fn browser_client_in_headless_chromium() {
         if Instant::now() > deadline {
             let _ = node.kill(); // our own child, by its handle
             let _ = node.wait();
-            panic!("the browser run did not finish within {BROWSER_WAIT:?}; output {out_lines:?}");
+            panic!("node did not finish within {BROWSER_WAIT:?}; output {out_lines:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -167,18 +198,98 @@ fn browser_client_in_headless_chromium() {
         status.success(),
         "node failed ({status}):\n{stderr}\nstdout: {out_lines:?}"
     );
+    out_lines
+}
+
+#[test]
+#[ignore = "needs Chromium, node and npm: run .ci/install-tools.sh"]
+fn browser_client_in_headless_chromium() {
+    tools::require("the browser client test", &missing());
+    tools::npm_ci_if_needed(&project_dir()).unwrap_or_else(|e| panic!("{e}"));
+
+    let mut setup = Setup::start();
+    let addr = setup.addr;
+    // The demo page after joining, kept for a look (target/tmp, not in git).
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-joined.png");
+    let _ = std::fs::remove_file(&shot);
+
+    let args = [
+        "run.mjs".to_owned(),
+        format!("http://{addr}"),
+        CLIENT_KEY.to_owned(),
+        SERVICE_KEY.to_owned(),
+        shot.display().to_string(),
+    ];
+    let out_lines = run_node(&args, |line| setup.on_line(line));
     assert!(
-        restarted,
+        setup.restarted,
         "the page never asked for the restart: {out_lines:?}"
     );
     assert_eq!(
         out_lines.last().map(String::as_str),
-        Some("browser-client: 9 passed, 0 failed"),
+        Some("browser-client: 16 passed, 0 failed"),
         "{out_lines:?}"
     );
-    closer.close();
-    let _ = svc.join();
-    drop(server);
+    let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("{}: {e}", shot.display()));
+    assert!(
+        png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{} is no screenshot ({} bytes)",
+        shot.display(),
+        png.len()
+    );
+    setup.stop();
+}
+
+/// Node's major version, if node runs.
+fn node_major() -> Option<u32> {
+    let out = Command::new("node").arg("--version").output().ok()?;
+    let v = String::from_utf8(out.stdout).ok()?;
+    v.trim()
+        .trim_start_matches('v')
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The same client file in Node (`tests/browser-client/node.mjs`): the checks shared with
+/// the page (subscribe confirmation, respond, binary bodies), the `WebSocket` option, a
+/// server restart (re-subscription, EREQ sent again) and a refused connection.
+/// Node 22 has a global WebSocket; Node 20 needs `--experimental-websocket`, passed here.
+#[test]
+#[ignore = "needs node 20 or later: run .ci/install-tools.sh"]
+fn js_client_in_node() {
+    let major = node_major();
+    tools::require(
+        "the Node client test",
+        &match major {
+            Some(m) if m >= 20 => vec![],
+            Some(m) => vec![format!("node 20 or later (found {m})")],
+            None => vec!["node (apt-get install -y nodejs)".to_owned()],
+        },
+    );
+    let mut setup = Setup::start();
+    let mut args = Vec::new();
+    if major < Some(22) {
+        args.push("--experimental-websocket".to_owned());
+    }
+    args.extend([
+        "node.mjs".to_owned(),
+        format!("ws://{}/", setup.addr),
+        CLIENT_KEY.to_owned(),
+        SERVICE_KEY.to_owned(),
+    ]);
+    let out_lines = run_node(&args, |line| setup.on_line(line));
+    assert!(
+        setup.restarted,
+        "node.mjs never asked for the restart: {out_lines:?}"
+    );
+    assert_eq!(
+        out_lines.last().map(String::as_str),
+        Some("node-client: 10 passed, 0 failed"),
+        "{out_lines:?}"
+    );
+    setup.stop();
 }
 
 #[test]

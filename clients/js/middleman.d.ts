@@ -1,7 +1,36 @@
-// Types for middleman.js, the browser client of middleman (protocol version 1).
+// Types for middleman.js, the browser (and Node) client of middleman (protocol version 1).
 
 /** Headers to send: an object, a Map, or [name, value] pairs (every one is sent). */
 export type Headers = Record<string, string> | Map<string, string> | Array<[string, string]>;
+
+/** A body to send: text (sent as UTF-8) or bytes. Bytes that are not valid UTF-8 go in a
+ *  binary WebSocket frame. */
+export type Body = string | Uint8Array | ArrayBufferView | ArrayBuffer;
+
+/** What a respond() handler returns: the body, or the body with headers; nothing is an
+ *  empty body. */
+export type Reply = string | Uint8Array | ArrayBufferView | ArrayBuffer | { body?: Body; headers?: Headers } | null | undefined | void;
+
+/** A WebSocket constructor (the browser's, Node's global one, or the `ws` package's);
+ *  structural, so it type-checks without the DOM library. */
+export type WebSocketConstructor = new (url: string) => object;
+
+/** The function subscribe() returns: call it to unsubscribe (the promise resolves once the
+ *  server processed the UNS, never rejects); await it for the server's answer to the SUB
+ *  (rejects with a MiddlemanError such as "not permitted"). */
+export interface Subscription extends PromiseLike<{ topic: string; unsubscribe: Subscription }> {
+  (): Promise<void>;
+  catch<T = never>(onrejected?: ((reason: MiddlemanError) => T | PromiseLike<T>) | null): Promise<{ topic: string; unsubscribe: Subscription } | T>;
+  finally(onfinally?: (() => void) | null): Promise<{ topic: string; unsubscribe: Subscription }>;
+}
+
+/** The function respond() returns: call it to stop answering (DREQ); await it for the
+ *  server's answer to the EREQ (rejects with a MiddlemanError such as "not permitted"). */
+export interface Responder extends PromiseLike<{ target: string; stop: Responder }> {
+  (): Promise<void>;
+  catch<T = never>(onrejected?: ((reason: MiddlemanError) => T | PromiseLike<T>) | null): Promise<{ target: string; stop: Responder } | T>;
+  finally(onfinally?: (() => void) | null): Promise<{ target: string; stop: Responder }>;
+}
 
 export interface ConnectOptions {
   /** Reconnect after a lost connection (not after close() or a refused key). Default true. */
@@ -12,6 +41,9 @@ export interface ConnectOptions {
   maxDelayMs?: number;
   /** Messages kept while disconnected before publish/request throw. Default 1000. */
   maxQueue?: number;
+  /** The WebSocket constructor. Default globalThis.WebSocket (browsers, Node 22, Node 20
+   *  with --experimental-websocket); e.g. `WebSocket` from the `ws` package. */
+  WebSocket?: WebSocketConstructor;
 }
 
 export interface RequestOptions {
@@ -26,7 +58,10 @@ export class Message {
   readonly target: string;
   /** Every header in order, names as sent. */
   readonly headers: Array<[string, string]>;
+  /** The body as text (invalid UTF-8 replaced by U+FFFD). */
   readonly body: string;
+  /** The body as bytes, exactly as relayed. */
+  readonly bytes: Uint8Array;
   /** The first header with this name (case-insensitive). */
   header(name: string): string | undefined;
   /** The sender's connection id (set by the server). */
@@ -60,13 +95,19 @@ export class Middleman {
   onopen: ((info: { cid: string; reconnected: boolean }) => void) | null;
   /** When a connection ends. */
   onclose: ((info: { code: number; reason: string; reconnecting: boolean }) => void) | null;
-  /** Subscribe; returns a function that removes this subscription. */
-  subscribe(topic: string, cb: (msg: Message) => void): () => void;
-  publish(topic: string, body?: string, headers?: Headers): void;
+  /** Subscribe; returns a function that removes this subscription, which is also a
+   *  promise of the server's answer. Without `cb`, the topic's messages go to onmessage.
+   *  A refusal goes to onerror only when nobody awaits (then/catch) the subscription. */
+  subscribe(topic: string, cb?: (msg: Message) => void): Subscription;
+  /** Answer requests for `target` (services): EREQ, then a RES echoing `rid` per REQ with
+   *  what the handler returns. A handler that throws still answers: an empty body with the
+   *  header `error: <message>`, and the error goes to onerror (or console.error). */
+  respond(target: string, handler: (req: Message) => Reply | Promise<Reply>): Responder;
+  publish(topic: string, body?: Body, headers?: Headers): void;
   /** Resolves with the RES; rejects with a MiddlemanError carrying the server's reason. */
-  request(target: string, body?: string, options?: RequestOptions): Promise<Message>;
+  request(target: string, body?: Body, options?: RequestOptions): Promise<Message>;
   /** Any command (services: EPUB, ESUB, EREQ, INT, RES, ...). */
-  send(cmd: string, target: string, body?: string, headers?: Headers): void;
+  send(cmd: string, target: string, body?: Body, headers?: Headers): void;
   /** Close for good. */
   close(): void;
 }
@@ -74,13 +115,20 @@ export class Middleman {
 /** Connect and authenticate; resolves once the server assigned a cid. */
 export function connect(url: string, key: string, options?: ConnectOptions): Promise<Middleman>;
 
-/** Encode one protocol message. */
+/** Encode one protocol message: a string when it is valid UTF-8 (a text frame), else a
+ *  Uint8Array (a binary frame). A string body always gives a string. */
 export function encode(
   cmd: string,
   target: string,
   headers: Array<[string, string]>,
-  body?: string,
+  body: string,
 ): string;
+export function encode(
+  cmd: string,
+  target: string,
+  headers: Array<[string, string]>,
+  body?: Body,
+): string | Uint8Array;
 
-/** Decode the protocol messages of one WebSocket message. */
-export function decode(text: string): Message[];
+/** Decode the protocol messages of one WebSocket message (text or binary frame). */
+export function decode(data: string | Uint8Array | ArrayBuffer): Message[];

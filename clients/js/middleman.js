@@ -1,24 +1,38 @@
-// middleman.js: a browser client for middleman servers (protocol version 1).
+// middleman.js: a browser (and Node) client for middleman servers (protocol version 1).
 // An ES module with no dependencies; the server serves it at GET /middleman.js.
 //
 //   import { connect } from "/middleman.js";
 //   const mm = await connect("ws://127.0.0.1:8765/", key, { reconnect: true });
 //   const off = mm.subscribe("news", (msg) => console.log(msg.header("cid"), msg.body));
+//   await off;            // resolves once the server took the SUB, rejects on refusal
 //   mm.publish("news", "hello", { "X-Lang": "en" });
+//   mm.publish("raw", new Uint8Array([0xff, 0x00]));     // bytes: msg.bytes on arrival
 //   const res = await mm.request("time", "", { headers: {}, timeoutMs: 5000 });
+//   mm.respond("time", (req) => ({ body: "12:00", headers: { Zone: "UTC" } })); // services
 //   mm.onerror = (err) => console.warn(err.reason, err.cmd, err.target);
 //   mm.close();
+//
+// Node 22 and later have a global WebSocket; Node 20 needs `node --experimental-websocket`,
+// or pass a constructor: connect(url, key, { WebSocket }) (e.g. from the `ws` package).
 //
 // Framing follows PROTOCOL.md section 2: CRLF line ends, every header sent, body lines
 // starting with "." stuffed on the way out and unstuffed on the way in, body line breaks
 // kept as they are. Requests are matched by their ReqID header (case-insensitive); the
 // server's PUB ERROR for a request rejects its promise with a MiddlemanError carrying the
-// server's reason. After a lost connection the client reconnects with exponential backoff
-// and jitter, authenticates again (a new cid) and re-subscribes every topic.
+// server's reason. SUB and EREQ are confirmed by a probe sent after them (see
+// _scheduleProbe). After a lost connection the client reconnects with exponential backoff
+// and jitter, authenticates again (a new cid), re-subscribes every topic and sends its
+// EREQs again.
 
 const MAX_TARGET = 255;
 const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder();
+/** Bodies keep a leading byte order mark (it is part of the body). */
+const bodyText = new TextDecoder("utf-8", { ignoreBOM: true });
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
+/** The command of the probe that confirms SUB/EREQ: unknown to the server, so it always
+ *  answers with an error, after the errors of everything sent before it (section 4). */
+const PROBE_CMD = "SYNC";
 
 /** An error reported by the server (PUB ERROR) or by this client. */
 export class MiddlemanError extends Error {
@@ -37,12 +51,19 @@ export class MiddlemanError extends Error {
 
 /** One received message. */
 export class Message {
-  constructor(cmd, target, headers, body) {
+  constructor(cmd, target, headers, body, bytes = null) {
     this.cmd = cmd;
     this.target = target;
     /** Every header in order: [name, value] pairs, names as sent. */
     this.headers = headers;
+    /** The body as text (invalid UTF-8 replaced by U+FFFD; `bytes` has it exactly). */
     this.body = body;
+    this._bytes = bytes;
+  }
+  /** The body as bytes, exactly as relayed (a Uint8Array). */
+  get bytes() {
+    if (this._bytes == null) this._bytes = utf8.encode(this.body);
+    return this._bytes;
   }
   /** The first header with this name (case-insensitive), or undefined. */
   header(name) {
@@ -99,11 +120,46 @@ function headerPairs(headers) {
   });
 }
 
-/** Encode one protocol message (exported for tests). */
+const isBytes = (x) => x instanceof ArrayBuffer || ArrayBuffer.isView(x);
+const asU8 = (x) =>
+  x instanceof ArrayBuffer ? new Uint8Array(x) : new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
+
+/** Body bytes with every line that starts with "." stuffed to "..". */
+function stuffBytes(b) {
+  let dots = 0;
+  for (let i = 0; i < b.length; i++) if (b[i] === 0x2e && (i === 0 || b[i - 1] === 0x0a)) dots++;
+  if (dots === 0) return b;
+  const out = new Uint8Array(b.length + dots);
+  let o = 0;
+  for (let i = 0; i < b.length; i++) {
+    if (b[i] === 0x2e && (i === 0 || b[i - 1] === 0x0a)) out[o++] = 0x2e;
+    out[o++] = b[i];
+  }
+  return out;
+}
+
+/**
+ * Encode one protocol message (exported for tests). `body` is a string or bytes (a
+ * Uint8Array, another ArrayBuffer view, or an ArrayBuffer). Returns a string when the
+ * message is valid UTF-8 (sent as a text frame), else a Uint8Array (a binary frame).
+ */
 export function encode(cmd, target, headers, body) {
   let s = `${cmd} ${target}\r\n`;
   for (const [n, v] of headers) s += `${n}: ${v}\r\n`;
   s += "\r\n";
+  if (isBytes(body)) {
+    const head = utf8.encode(s);
+    const stuffed = stuffBytes(asU8(body));
+    const out = new Uint8Array(head.length + stuffed.length + 5);
+    out.set(head, 0);
+    out.set(stuffed, head.length);
+    out.set([0x0d, 0x0a, 0x2e, 0x0d, 0x0a], head.length + stuffed.length);
+    try {
+      return strictUtf8.decode(out);
+    } catch {
+      return out;
+    }
+  }
   const text = body == null ? "" : String(body);
   s += text
     .split("\n")
@@ -114,21 +170,41 @@ export function encode(cmd, target, headers, body) {
 
 const trim = (s) => s.replace(/^[ \t]+|[ \t]+$/g, "");
 
-/** Decode the protocol messages in one WebSocket message (exported for tests). */
-export function decode(text) {
+function concatBytes(parts) {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  const out = new Uint8Array(n);
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+/**
+ * Decode the protocol messages in one WebSocket message (exported for tests): a string
+ * (a text frame) or bytes (a binary frame). Each Message has `body` (text) and `bytes`.
+ */
+export function decode(data) {
+  const b = typeof data === "string" ? utf8.encode(data) : asU8(data);
   const out = [];
   let pos = 0;
+  // [start, end of content (without CR/LF), end of raw line (after its LF)]
   const nextLine = () => {
-    const nl = text.indexOf("\n", pos);
+    const nl = b.indexOf(0x0a, pos);
     if (nl < 0) throw new Error("middleman: incomplete message from server");
-    const raw = text.slice(pos, nl + 1);
+    const start = pos;
     pos = nl + 1;
-    const content = raw.endsWith("\r\n") ? raw.slice(0, -2) : raw.slice(0, -1);
-    return [raw, content];
+    const end = nl > start && b[nl - 1] === 0x0d ? nl - 1 : nl;
+    return [start, end, nl + 1];
   };
-  while (pos < text.length) {
-    const [, first] = nextLine();
-    if (first === "") continue; // empty lines between messages
+  const text = (start, end) => fromUtf8.decode(b.subarray(start, end));
+  const isDot = (start, end) => end === start + 1 && b[start] === 0x2e;
+  while (pos < b.length) {
+    const [fs, fe] = nextLine();
+    if (fe === fs) continue; // empty lines between messages
+    const first = text(fs, fe);
     const sp = first.indexOf(" ");
     if (sp <= 0) throw new Error(`middleman: unparsable line from server: ${first}`);
     const cmd = first.slice(0, sp);
@@ -136,39 +212,56 @@ export function decode(text) {
     const headers = [];
     let ended = false;
     for (;;) {
-      const [, line] = nextLine();
-      if (line === "") break;
-      if (line === ".") {
+      const [s, e] = nextLine();
+      if (e === s) break;
+      if (isDot(s, e)) {
         ended = true;
         break;
       }
+      const line = text(s, e);
       const colon = line.indexOf(":");
       if (colon < 0) throw new Error(`middleman: header line without ':' from server`);
       headers.push([trim(line.slice(0, colon)), trim(line.slice(colon + 1))]);
     }
-    let body = "";
+    let body = new Uint8Array(0);
     if (!ended) {
       const parts = [];
       for (;;) {
-        const [raw, line] = nextLine();
-        if (line === ".") break;
-        parts.push(raw.startsWith("..") ? raw.slice(1) : raw);
+        const [s, e, r] = nextLine();
+        if (isDot(s, e)) break;
+        const unstuff = b[s] === 0x2e && b[s + 1] === 0x2e ? 1 : 0;
+        parts.push(b.subarray(s + unstuff, r));
       }
-      body = parts.join("");
+      body = concatBytes(parts);
       // Without the line break just before the terminator.
-      if (body.endsWith("\r\n")) body = body.slice(0, -2);
-      else if (body.endsWith("\n")) body = body.slice(0, -1);
+      let n = body.length;
+      if (n >= 1 && body[n - 1] === 0x0a) n -= n >= 2 && body[n - 2] === 0x0d ? 2 : 1;
+      body = body.subarray(0, n);
     }
-    out.push(new Message(cmd, target, headers, body));
+    out.push(new Message(cmd, target, headers, bodyText.decode(body), body));
   }
   return out;
+}
+
+/** Make `fn` awaitable: it settles like rec.ready, with `value` on success. */
+function thenable(fn, rec, value) {
+  const settled = () => rec.ready.then(() => value);
+  fn.then = (ok, fail) => {
+    rec.handled = true;
+    return settled().then(ok, fail);
+  };
+  fn.catch = (fail) => fn.then(undefined, fail);
+  fn.finally = (f) => fn.then().finally(f);
+  return fn;
 }
 
 /**
  * Connect, authenticate with `key` and resolve with the client once the server has
  * assigned a connection id. Rejects if the first connection fails or the key is refused.
  * Options: reconnect (default true), minDelayMs (250), maxDelayMs (10000),
- * maxQueue (1000 messages kept while disconnected).
+ * maxQueue (1000 messages kept while disconnected), WebSocket (the constructor to use;
+ * default globalThis.WebSocket: browsers, Node 22, Node 20 with --experimental-websocket;
+ * for the `ws` package pass its WebSocket).
  */
 export function connect(url, key, options = {}) {
   const mm = new Middleman(url, key, options);
@@ -193,7 +286,14 @@ export class Middleman {
     this._minDelay = options.minDelayMs ?? 250;
     this._maxDelay = options.maxDelayMs ?? 10000;
     this._maxQueue = options.maxQueue ?? 1000;
-    this._subs = new Map(); // topic -> Set of { cb }
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this._subs = new Map(); // topic -> { entries: Set of { cb }, confirmed, handled, ready }
+    this._responders = new Map(); // target -> { handler, confirmed, handled, ready }
+    this._stopped = new Set(); // targets whose responder stopped (see respond)
+    // SUB/EREQ waiting for the server: { cmd, target, rec, sent, probe, resolve, reject }
+    this._confirms = [];
+    this._probeSeq = 0;
+    this._probeQueued = false;
     this._pending = new Map(); // ReqID -> { resolve, reject, timer, sent }
     this._queue = []; // [text, reqid, kind] waiting for a connection
     this._resubscribing = new Map(); // topic -> { attempt, timer } after a reconnect
@@ -218,29 +318,83 @@ export class Middleman {
   }
 
   /**
-   * Subscribe to `topic`; `cb(msg)` gets each message published to it. Returns a
-   * function that removes this subscription (UNS when it was the topic's last).
+   * Subscribe to `topic`; `cb(msg)` gets each message published to it (without `cb` they
+   * go to `onmessage`). Returns a function that removes this subscription (UNS when it was
+   * the topic's last; calling it returns a promise that resolves once the server has
+   * processed the UNS, and never rejects). The function is also a promise (then/catch/finally): it resolves
+   * with `{ topic, unsubscribe }` once the server has taken the SUB and rejects with the
+   * server's MiddlemanError ("not permitted", ...) when it refuses it. A refusal goes to
+   * `onerror` only when nobody awaits the subscription.
    */
   subscribe(topic, cb) {
     checkTarget(topic);
-    if (typeof cb !== "function") throw new TypeError("middleman: subscribe needs a callback");
-    let set = this._subs.get(topic);
-    if (!set) {
-      set = new Set();
-      this._subs.set(topic, set);
-      this._send(encode("SUB", topic, [], ""), null, "sub");
+    if (cb !== undefined && typeof cb !== "function") {
+      throw new TypeError("middleman: the subscribe callback must be a function");
     }
-    const entry = { cb };
-    set.add(entry);
-    return () => {
-      if (!set.delete(entry) || set.size > 0 || this._subs.get(topic) !== set) return;
+    let rec = this._subs.get(topic);
+    if (!rec) {
+      rec = { entries: new Set(), confirmed: false, handled: false, ready: null };
+      this._subs.set(topic, rec);
+      try {
+        this._want("SUB", topic, rec);
+      } catch (e) {
+        this._subs.delete(topic); // closed, or the send queue is full
+        throw e;
+      }
+    }
+    const entry = { cb: cb ?? null };
+    rec.entries.add(entry);
+    const off = () => {
+      if (!rec.entries.delete(entry) || rec.entries.size > 0 || this._subs.get(topic) !== rec) {
+        return Promise.resolve();
+      }
       this._subs.delete(topic);
       this._stopRetry(topic);
-      if (!this._closed) this._send(encode("UNS", topic, [], ""), null, "sub");
+      return this._withdraw("UNS", topic);
     };
+    return thenable(off, rec, { topic, unsubscribe: off });
   }
 
-  /** Publish `body` (a string) to `topic` with optional headers. */
+  /**
+   * Answer requests for `target` (services): sends `EREQ target`, then calls
+   * `handler(msg)` for each REQ (it may be async) and answers with `RES target` echoing
+   * the request's `rid`. The handler returns the body (a string or bytes), or
+   * `{ body, headers }`, or nothing (an empty body). If it throws (or rejects), the
+   * request is still answered: a RES with an empty body and a header `error: <message>`,
+   * and the error goes to `onerror` (to console.error when there is no onerror).
+   * Returns a function that stops answering (`DREQ target`, protocol 1.1; calling it
+   * returns a promise that resolves once the server has processed the DREQ, so a request
+   * sent after that finds no responder here). A server without DREQ (protocol 1) keeps
+   * sending the requests until the connection ends: they are answered with an empty RES
+   * with the header `error: not responding`. Like `subscribe`'s, the function is
+   * also a promise that resolves once the server took the EREQ and rejects on refusal.
+   * After a reconnect the EREQ is sent again.
+   */
+  respond(target, handler) {
+    checkTarget(target);
+    if (typeof handler !== "function") throw new TypeError("middleman: respond needs a handler");
+    if (this._responders.has(target)) {
+      throw new TypeError(`middleman: already responding to ${JSON.stringify(target)}`);
+    }
+    const rec = { handler, confirmed: false, handled: false, ready: null };
+    this._responders.set(target, rec);
+    this._stopped.delete(target);
+    try {
+      this._want("EREQ", target, rec);
+    } catch (e) {
+      this._responders.delete(target);
+      throw e;
+    }
+    const stop = () => {
+      if (this._responders.get(target) !== rec) return Promise.resolve();
+      this._responders.delete(target);
+      this._stopped.add(target);
+      return this._withdraw("DREQ", target, true);
+    };
+    return thenable(stop, rec, { target, stop });
+  }
+
+  /** Publish `body` (a string or bytes: Uint8Array, ArrayBuffer) to `topic`. */
   publish(topic, body = "", headers = {}) {
     checkTarget(topic);
     this._send(encode("PUB", topic, headerPairs(headers), body));
@@ -292,6 +446,7 @@ export class Middleman {
     clearTimeout(this._timer);
     for (const topic of [...this._resubscribing.keys()]) this._stopRetry(topic);
     this._failPending(() => true, "closed");
+    this._failConfirms("closed");
     this._queue = [];
     const ws = this._ws;
     this._ws = null;
@@ -304,7 +459,12 @@ export class Middleman {
     this._state = "key";
     let ws;
     try {
-      ws = new WebSocket(this.url);
+      if (typeof this._WebSocket !== "function") {
+        throw new MiddlemanError(
+          "no WebSocket: Node 20 needs --experimental-websocket (Node 22 has it), or pass options.WebSocket",
+        );
+      }
+      ws = new this._WebSocket(this.url);
     } catch (e) {
       this._closed = true;
       this._rejectReady(e);
@@ -319,10 +479,33 @@ export class Middleman {
     ws.onclose = (ev) => {
       if (ws === this._ws) this._onClose(ev.code, ev.reason);
     };
-    ws.onerror = () => {}; // onclose follows with the details
+    ws.onerror = () => {
+      // Browsers follow with onclose, which has the details. Node 20's WebSocket fires
+      // only error when the connection fails: end it here if no close came meanwhile.
+      setTimeout(() => {
+        if (ws !== this._ws) return;
+        try {
+          ws.close();
+        } catch {
+          // already closing
+        }
+        this._onClose(1006, "");
+      }, 100);
+    };
   }
 
   _onData(ws, data) {
+    if (this._state === "open") {
+      let msgs;
+      try {
+        msgs = decode(data);
+      } catch (e) {
+        this._report(new MiddlemanError(e.message));
+        return;
+      }
+      for (const m of msgs) this._dispatch(m);
+      return;
+    }
     const text = typeof data === "string" ? data : fromUtf8.decode(data);
     if (this._state === "key") {
       if (text !== "MM OK") {
@@ -332,18 +515,7 @@ export class Middleman {
       this._state = "cid";
       return;
     }
-    if (this._state === "cid") {
-      this._authenticated(text);
-      return;
-    }
-    let msgs;
-    try {
-      msgs = decode(text);
-    } catch (e) {
-      this._report(new MiddlemanError(e.message));
-      return;
-    }
-    for (const m of msgs) this._dispatch(m);
+    if (this._state === "cid") this._authenticated(text);
   }
 
   _authenticated(cid) {
@@ -353,10 +525,13 @@ export class Middleman {
     this._attempt = 0;
     this._everOpen = true;
     if (reconnected) {
-      for (const topic of this._subs.keys()) {
-        this._resubscribing.set(topic, { attempt: 0, timer: null });
+      for (const [topic, rec] of this._subs) {
+        // Only a subscription the server took before is retried when refused now; one
+        // still waiting for its first answer is confirmed or refused below.
+        if (rec.confirmed) this._resubscribing.set(topic, { attempt: 0, timer: null });
         this._ws.send(encode("SUB", topic, [], ""));
       }
+      for (const target of this._responders.keys()) this._ws.send(encode("EREQ", target, [], ""));
     }
     const queued = this._queue;
     this._queue = [];
@@ -364,6 +539,12 @@ export class Middleman {
       // After a reconnect the subscriptions were just sent from this._subs.
       if (!(reconnected && kind === "sub")) this._transmit(text, reqid);
     }
+    // Everything waiting for confirmation is on the wire now (a withdrawn one is not).
+    for (const c of [...this._confirms]) {
+      if (!reconnected || this._current(c)) c.sent = true;
+      else this._settle(c, null);
+    }
+    this._scheduleProbe();
     if (!reconnected) this._resolveReady();
     if (this.onopen) this.onopen({ cid, reconnected });
   }
@@ -375,6 +556,20 @@ export class Middleman {
         target: m.header("target") ?? "",
         reqid: m.header("ReqID") ?? null,
       });
+      if (err.cmd === PROBE_CMD && err.target.startsWith(`${this._prefix}-probe-`)) {
+        const n = Number(err.target.slice(this._prefix.length + 7));
+        for (const c of [...this._confirms]) if (c.probe != null && c.probe <= n) this._settle(c, null);
+        return;
+      }
+      const c = this._confirms.find((c) => c.sent && c.cmd === err.cmd && c.target === err.target);
+      if (c) {
+        // The refusal of a SUB/EREQ still waiting: errors come in the order of the
+        // commands, so it is the oldest one waiting for that target.
+        if (this._current(c)) (c.cmd === "SUB" ? this._subs : this._responders).delete(c.target);
+        this._settle(c, err);
+        if (!c.rec.handled) this._report(err);
+        return;
+      }
       const p = err.reqid != null ? this._pending.get(err.reqid) : undefined;
       if (p) {
         this._pending.delete(err.reqid);
@@ -406,9 +601,25 @@ export class Middleman {
       }
       return; // late answers to timed-out requests are dropped
     }
-    const set = m.cmd === "PUB" ? this._subs.get(m.target) : undefined;
-    if (set && set.size > 0) {
-      for (const { cb } of [...set]) {
+    if (m.cmd === "REQ") {
+      const r = this._responders.get(m.target);
+      const rid = m.header("rid");
+      if (r && rid != null) {
+        this._answer(r, m, rid);
+        return;
+      }
+      if (rid != null && this._stopped.has(m.target)) {
+        // A server without DREQ still routes requests here: answer rather than let the
+        // requester wait for its timeout.
+        const ws = this._ws;
+        ws.send(encode("RES", m.target, [["rid", rid], ["error", "not responding"]], ""));
+        return;
+      }
+    }
+    const rec = m.cmd === "PUB" ? this._subs.get(m.target) : undefined;
+    const cbs = rec ? [...rec.entries].filter((e) => e.cb) : [];
+    if (cbs.length > 0) {
+      for (const { cb } of cbs) {
         try {
           cb(m);
         } catch (e) {
@@ -445,10 +656,16 @@ export class Middleman {
     for (const topic of [...this._resubscribing.keys()]) this._stopRetry(topic);
     // The server forgot the requests this connection sent.
     this._failPending((p) => p.sent, "connection lost");
+    // Commands waiting for confirmation are sent again after the reconnect.
+    for (const c of this._confirms) {
+      c.sent = false;
+      c.probe = null;
+    }
     const badKey = code === 1008 && reason === "bad key";
     if (!this._everOpen) {
       this._closed = true;
       this._failPending(() => true, "connection lost");
+      this._failConfirms("connection lost");
       this._rejectReady(
         new MiddlemanError(badKey ? "bad key" : `connection failed (${code}${reason ? " " + reason : ""})`),
       );
@@ -460,6 +677,7 @@ export class Middleman {
     if (!reconnecting) {
       this._closed = true;
       this._failPending(() => true, "connection lost");
+      this._failConfirms("connection lost");
       this._queue = [];
       if (badKey) this._report(new MiddlemanError("bad key"));
       return;
@@ -480,6 +698,99 @@ export class Middleman {
       clearTimeout(p.timer);
       p.reject(new MiddlemanError(reason, { cmd: "REQ", target: p.target, reqid: id }));
     }
+  }
+
+  /** Send `cmd target` (SUB, EREQ, UNS, DREQ) and arrange for its confirmation
+   *  (rec.ready). */
+  _want(cmd, target, rec) {
+    const c = { cmd, target, rec, sent: false, probe: null, resolve: null, reject: null };
+    rec.ready = new Promise((resolve, reject) => {
+      c.resolve = resolve;
+      c.reject = reject;
+    });
+    rec.ready.catch(() => {}); // not an unhandled rejection when nobody awaits it
+    this._send(encode(cmd, target, [], ""), null, "sub");
+    this._confirms.push(c);
+    if (this._state === "open") {
+      c.sent = true;
+      this._scheduleProbe();
+    }
+  }
+
+  /** Send UNS/DREQ; the promise resolves once the server has processed it (or at once
+   *  when closed). It never rejects: a refusal goes to onerror. */
+  _withdraw(cmd, target, quiet = false) {
+    if (this._closed) return Promise.resolve();
+    const rec = { handled: quiet, always: true, ready: null };
+    this._want(cmd, target, rec);
+    return rec.ready;
+  }
+
+  /** Whether `c` still belongs to the live subscription / responder of its target. */
+  _current(c) {
+    const map = c.cmd === "SUB" ? this._subs : c.cmd === "EREQ" ? this._responders : null;
+    return map != null && map.get(c.target) === c.rec;
+  }
+
+  _settle(c, err) {
+    const i = this._confirms.indexOf(c);
+    if (i >= 0) this._confirms.splice(i, 1);
+    if (err && !c.rec.always) c.reject(err);
+    else {
+      c.rec.confirmed = true;
+      c.resolve();
+    }
+  }
+
+  _failConfirms(reason) {
+    for (const c of [...this._confirms]) this._settle(c, new MiddlemanError(reason, { cmd: c.cmd, target: c.target }));
+  }
+
+  /** After the current task: one probe for every command sent but not confirmed yet.
+   *  The server answers an unknown command with an error, after the errors of the
+   *  commands before it, so its answer confirms every SUB/EREQ sent before it. */
+  _scheduleProbe() {
+    if (this._probeQueued) return;
+    this._probeQueued = true;
+    queueMicrotask(() => {
+      this._probeQueued = false;
+      if (this._state !== "open") return;
+      const waiting = this._confirms.filter((c) => c.sent && c.probe == null);
+      if (waiting.length === 0) return;
+      const n = ++this._probeSeq;
+      for (const c of waiting) c.probe = n;
+      this._ws.send(encode(PROBE_CMD, `${this._prefix}-probe-${n}`, [], ""));
+    });
+  }
+
+  /** Run a responder's handler for `m` and answer it on the connection it came from. */
+  _answer(r, m, rid) {
+    const ws = this._ws;
+    Promise.resolve()
+      .then(() => r.handler(m))
+      .then((out) => {
+        let body = "";
+        let headers = [];
+        if (typeof out === "string" || isBytes(out)) body = out;
+        else if (out != null && typeof out === "object") {
+          body = out.body ?? "";
+          headers = headerPairs(out.headers);
+        } else if (out != null) body = String(out);
+        headers = headers.filter(([n]) => n.toLowerCase() !== "rid");
+        return encode("RES", m.target, [["rid", rid], ...headers], body);
+      })
+      .catch((e) => {
+        const text = String(e?.message ?? e).replace(/[\x00-\x1f\x7f]+/g, " ").trim().slice(0, 200) || "error";
+        const err = new MiddlemanError(`responder failed: ${text}`, { cmd: "REQ", target: m.target });
+        err.cause = e;
+        if (this.onerror) this._report(err);
+        else console.error(err);
+        return encode("RES", m.target, [["rid", rid], ["error", text]], "");
+      })
+      .then((frame) => {
+        // After a lost connection the server has already answered the requester.
+        if (this._ws === ws && this._state === "open") ws.send(frame);
+      });
   }
 
   _send(text, reqid = null, kind = "") {

@@ -2,6 +2,7 @@
 // has the server's origin and address space) and adds this as a module script, which
 // imports the real /middleman.js.
 // Steps driven by run.mjs through page.evaluate; each returns plain data to assert on.
+// run.mjs appends checks.mjs (sharedChecks) to this script.
 import { connect, MiddlemanError } from "/middleman.js";
 
 const WAIT = 10000;
@@ -104,6 +105,12 @@ window.steps = {
   close() {
     state.mm.close();
     return state.mm.connected;
+  },
+
+  // checks.mjs, appended to this module by run.mjs.
+  shared(url, clientKey, serviceKey) {
+    // eslint-disable-next-line no-undef
+    return sharedChecks({ connect, MiddlemanError }, url, clientKey, serviceKey);
   },
 };
 window.ready = true;

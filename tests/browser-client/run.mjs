@@ -1,7 +1,9 @@
 // Drives headless Chromium against a running middleman (started by tests/client_browser.rs):
-//   node run.mjs http://127.0.0.1:PORT CLIENT_KEY
+//   node run.mjs http://127.0.0.1:PORT CLIENT_KEY SERVICE_KEY SCREENSHOT.png
 // Prints "restart-now" and waits for "restarted" on stdin in the middle; prints
-// "browser-client: N passed, 0 failed" and exits 0 when every check held.
+// "browser-client: N passed, 0 failed" and exits 0 when every check held. The page also
+// runs checks.mjs (shared with node.mjs), and /demo is checked in a second page (its
+// screenshot after joining goes to SCREENSHOT.png).
 import { chromium } from "playwright-core";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -10,14 +12,16 @@ import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
 import assert from "node:assert/strict";
 
-const [base, key] = process.argv.slice(2);
-if (!base || !key) {
-  console.error("usage: node run.mjs http://127.0.0.1:PORT CLIENT_KEY");
+const [base, key, serviceKey, screenshot] = process.argv.slice(2);
+if (!base || !key || !serviceKey || !screenshot) {
+  console.error("usage: node run.mjs http://127.0.0.1:PORT CLIENT_KEY SERVICE_KEY SCREENSHOT.png");
   process.exit(2);
 }
 const wsUrl = base.replace(/^http:/, "ws:") + "/";
 const here = dirname(fileURLToPath(import.meta.url));
-const pageScript = readFileSync(join(here, "page.js"), "utf8");
+// checks.mjs has no imports, so it can follow page.js in the same inline module.
+const pageScript =
+  readFileSync(join(here, "page.js"), "utf8") + "\n" + readFileSync(join(here, "checks.mjs"), "utf8");
 const stdinLines = createInterface({ input: process.stdin });
 const nextStdinLine = () => new Promise((resolve) => stdinLines.once("line", resolve));
 
@@ -134,6 +138,39 @@ try {
   );
   const stillConnected = await page.evaluate(() => window.steps.close());
   check("close", () => assert.equal(stillConnected, false));
+
+  const shared = await page.evaluate(
+    ([u, k, sk]) => window.steps.shared(u, k, sk),
+    [wsUrl, key, serviceKey],
+  );
+  for (const name of shared) check(name, () => {});
+  check("every shared check ran", () => assert.equal(shared.length, 4));
+
+  // The demo page: only the login form before joining, only the message form after.
+  const demo = await context.newPage();
+  demo.on("pageerror", (e) => console.error(`[demo error] ${e.message}`));
+  await demo.goto(`${base}/demo?key=${encodeURIComponent(key)}`);
+  const shown = async () => ({
+    login: await demo.locator("#login").isVisible(),
+    say: await demo.locator("#say").isVisible(),
+    display: await demo.evaluate(() =>
+      ["login", "say"].map((id) => getComputedStyle(document.getElementById(id)).display),
+    ),
+  });
+  const before = await shown();
+  check("demo before joining: login form only", () =>
+    assert.deepEqual(before, { login: true, say: false, display: ["flex", "none"] }),
+  );
+  await demo.fill("#login input[name=name]", "tester");
+  await demo.click("#login button");
+  await demo.locator("#say").waitFor({ state: "visible" });
+  await demo.locator("#log div").first().waitFor(); // "no history: ..." once the request failed
+  const joined = await shown();
+  await demo.screenshot({ path: screenshot, fullPage: true });
+  check("demo after joining: message form only", () =>
+    assert.deepEqual(joined, { login: false, say: true, display: ["none", "flex"] }),
+  );
+  await demo.close();
 
   console.log(`browser-client: ${passed} passed, 0 failed`);
 } catch (e) {
