@@ -15,7 +15,7 @@
 // Node 22 and later have a global WebSocket; Node 20 needs `node --experimental-websocket`,
 // or pass a constructor: connect(url, key, { WebSocket }) (e.g. from the `ws` package).
 //
-// Framing follows PROTOCOL.md section 2: CRLF line ends, every header sent, body lines
+// Framing follows docs/protocol.md section 2: CRLF line ends, every header sent, body lines
 // starting with "." stuffed on the way out and unstuffed on the way in, body line breaks
 // kept as they are. Requests are matched by their ReqID header (case-insensitive); the
 // server's PUB ERROR for a request rejects its promise with a MiddlemanError carrying the
