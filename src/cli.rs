@@ -34,10 +34,9 @@ pub struct ConnArgs {
     /// Server URL.
     #[arg(long, env = "MM_URL", default_value = "ws://127.0.0.1:8765/")]
     pub url: String,
-    /// API key (a service key or a client key); required, from here or from MM_KEY.
-    ///
-    /// Not a clap-required argument: clap's message for a missing one names only
-    /// `--key <KEY>`, so [`run`] reports it, naming the environment variable too.
+    /// API key (a service key or a client key); required, here or in MM_KEY.
+    // Not a clap-required argument: clap's message for a missing one names only
+    // `--key <KEY>`, so `run` reports it, naming the environment variable too.
     #[arg(long, env = "MM_KEY", hide_env_values = true, value_name = "KEY")]
     pub key: Option<String>,
 }

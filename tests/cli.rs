@@ -359,7 +359,12 @@ fn connection_and_usage_failures() {
     let help = String::from_utf8_lossy(&out.stdout);
     let key_line = help.lines().find(|l| l.contains("--key <KEY>")).unwrap();
     assert!(help.contains("[env: MM_KEY"), "{help}");
-    assert!(!key_line.contains("required"), "{help}");
+    assert!(!key_line.contains("[required]"), "{help}");
+    assert!(
+        help.contains("API key (a service key or a client key); required, here or in MM_KEY"),
+        "{help}"
+    );
+    assert!(!help.contains("clap"), "{help}");
     let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
     assert!(!usage.contains("--url"), "{usage}");
 }
