@@ -34,10 +34,15 @@ pub struct ConnArgs {
     /// Server URL.
     #[arg(long, env = "MM_URL", default_value = "ws://127.0.0.1:8765/")]
     pub url: String,
-    /// API key (a service key or a client key).
-    #[arg(long, env = "MM_KEY", hide_env_values = true)]
-    pub key: String,
+    /// API key (a service key or a client key); required, here or in MM_KEY.
+    // Not a clap-required argument: clap's message for a missing one names only
+    // `--key <KEY>`, so `run` reports it, naming the environment variable too.
+    #[arg(long, env = "MM_KEY", hide_env_values = true, value_name = "KEY")]
+    pub key: Option<String>,
 }
+
+/// The message (exit 2) when neither `--key` nor `MM_KEY` gives a key.
+pub const NO_KEY: &str = "no key: give --key KEY or set the MM_KEY environment variable";
 
 /// `middleman sub TOPIC...`
 #[derive(Args, Debug, Clone)]
@@ -124,8 +129,8 @@ pub fn parse_header(s: &str) -> Result<(String, String), String> {
 
 /// Run `sub`.
 pub fn sub(a: SubArgs) -> ExitCode {
-    run(|| {
-        let mut c = connect(&a.conn)?;
+    run(&a.conn, |key| {
+        let mut c = connect(&a.conn, key)?;
         for t in &a.topics {
             c.subscribe(t)?;
         }
@@ -153,9 +158,9 @@ pub fn sub(a: SubArgs) -> ExitCode {
 /// Run `pub`: publish, then wait for the server to have processed it, so a refusal is
 /// reported (exit 1).
 pub fn publish(a: PubArgs) -> ExitCode {
-    run(|| {
+    run(&a.conn, |key| {
         let body = body_arg(&a.body)?;
-        let mut c = connect(&a.conn)?;
+        let mut c = connect(&a.conn, key)?;
         c.publish(&a.topic, &pairs(&a.headers), &body)?;
         c.sync()?;
         while let Some(m) = c.recv_timeout(Duration::ZERO)? {
@@ -172,9 +177,9 @@ pub fn publish(a: PubArgs) -> ExitCode {
 
 /// Run `req`: print the answer's body (exit 0) or report the error.
 pub fn request(a: ReqArgs) -> ExitCode {
-    run(|| {
+    run(&a.conn, |key| {
         let body = body_arg(&a.body)?;
-        let mut c = connect(&a.conn)?;
+        let mut c = connect(&a.conn, key)?;
         let res = c.request(&a.target, &pairs(&a.headers), &body, a.timeout)?;
         print(&res, a.verbose);
         let _ = c.close();
@@ -184,8 +189,8 @@ pub fn request(a: ReqArgs) -> ExitCode {
 
 /// Run `reply`: answer requests for the target, printing each one.
 pub fn reply(a: ReplyArgs) -> ExitCode {
-    run(|| {
-        let mut c = connect(&a.conn)?;
+    run(&a.conn, |key| {
+        let mut c = connect(&a.conn, key)?;
         c.enable_requests(&a.target)?;
         eprintln!("middleman: answering {} as {}", a.target, c.cid());
         let mut answered = 0u64;
@@ -214,9 +219,20 @@ pub fn reply(a: ReplyArgs) -> ExitCode {
     })
 }
 
-fn run(f: impl FnOnce() -> Result<(), Error>) -> ExitCode {
-    match f() {
+/// Run a command with the key (checked first, before stdin is read), and report its
+/// error on one line. Connection failures name the URL ([`Error::Connect`] happens only
+/// while connecting to it).
+fn run(conn: &ConnArgs, f: impl FnOnce(&str) -> Result<(), Error>) -> ExitCode {
+    let Some(key) = conn.key.as_deref().filter(|k| !k.trim().is_empty()) else {
+        eprintln!("middleman: {NO_KEY}");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    match f(key) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Connect(e)) => {
+            eprintln!("middleman: cannot connect to {}: {e}", conn.url);
+            ExitCode::from(EXIT_CONNECTION)
+        }
         Err(e) => {
             eprintln!("middleman: {e}");
             ExitCode::from(e.exit_code())
@@ -224,8 +240,8 @@ fn run(f: impl FnOnce() -> Result<(), Error>) -> ExitCode {
     }
 }
 
-fn connect(a: &ConnArgs) -> Result<Client, Error> {
-    Client::connect(&a.url, &a.key)
+fn connect(a: &ConnArgs, key: &str) -> Result<Client, Error> {
+    Client::connect(&a.url, key)
 }
 
 fn body_arg(b: &str) -> Result<Vec<u8>, Error> {

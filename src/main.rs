@@ -86,8 +86,9 @@ fn main() -> ExitCode {
     }
     match run(eff) {
         Ok(()) => ExitCode::SUCCESS,
+        // Printed, not logged as well (that said it twice): on stderr, like the
+        // configuration errors above, and seen even with log_level = "off".
         Err(e) => {
-            log::error!("{e}");
             eprintln!("middleman: {e}");
             ExitCode::FAILURE
         }

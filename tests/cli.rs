@@ -308,7 +308,10 @@ fn connection_and_usage_failures() {
     let url = format!("ws://127.0.0.1:{port}/");
     let (code, _, err) = run(&srv, SERVICE_KEY, &["pub", "t", "x", "--url", &url]);
     assert_eq!(code, 3, "{err}");
-    assert!(err.starts_with("middleman: cannot connect: "), "{err}");
+    // The URL is named, and the error said once.
+    let refused = format!("middleman: cannot connect to {url}: Connection refused");
+    assert!(err.starts_with(&refused), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 
     for args in [
         &["pub", "t"][..],                       // no body
@@ -322,14 +325,101 @@ fn connection_and_usage_failures() {
         assert_eq!((code, out.as_str()), (2, ""), "{args:?}: {err}");
         assert!(!err.is_empty());
     }
-    // No key at all: usage.
+    // No key at all (nor an empty one): usage, naming both ways to give one, and
+    // neither showing --url (it has a default) as required nor reading stdin first.
+    for (cmd, key) in [
+        (&["sub", "t"][..], None),
+        (&["pub", "t", "-"][..], None),
+        (&["req", "t", "x"][..], Some("")),
+        (&["reply", "t", "--echo"][..], None),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_middleman"));
+        c.args(cmd).env("MM_URL", srv.url());
+        match key {
+            Some(k) => c.env("MM_KEY", k),
+            None => c.env_remove("MM_KEY"),
+        };
+        let out = c.stdin(Stdio::piped()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            (out.status.code(), err.as_ref()),
+            (
+                Some(2),
+                "middleman: no key: give --key KEY or set the MM_KEY environment variable\n"
+            ),
+            "{cmd:?}"
+        );
+    }
+    // The help names the variable beside --key.
     let out = Command::new(env!("CARGO_BIN_EXE_middleman"))
-        .args(["sub", "t"])
+        .args(["sub", "--help"])
         .env_remove("MM_KEY")
-        .env("MM_URL", srv.url())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let help = String::from_utf8_lossy(&out.stdout);
+    let key_line = help.lines().find(|l| l.contains("--key <KEY>")).unwrap();
+    assert!(help.contains("[env: MM_KEY"), "{help}");
+    assert!(!key_line.contains("[required]"), "{help}");
+    assert!(
+        help.contains("API key (a service key or a client key); required, here or in MM_KEY"),
+        "{help}"
+    );
+    assert!(!help.contains("clap"), "{help}");
+    let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+    assert!(!usage.contains("--url"), "{usage}");
+}
+
+/// A start-up error of the server is said once on stderr (it used to be logged and
+/// printed), for a busy address and for an invalid configuration.
+#[test]
+fn server_start_up_errors_are_printed_once() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap();
+    let listen = format!("ws://{addr}");
+    let bad_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-startup");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    let bad = bad_dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = [\"ws://127.0.0.1:0\"]\n[limits]\nmax_connections = 0\n",
+    )
+    .unwrap();
+    for (args, expect) in [
+        (
+            // error level: an open-file limit warning would be a line of its own, but the
+            // old duplicate was logged at error level, so it would still show.
+            vec!["--listen", listen.as_str(), "--log-level", "error"],
+            format!("middleman: cannot listen on {listen}: Address already in use"),
+        ),
+        (
+            vec!["--config", bad.to_str().unwrap()],
+            format!(
+                "middleman: invalid configuration: limits.max_connections ({}:3): 0 is below the minimum 1",
+                bad.display()
+            ),
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_middleman"))
+            .args(&args)
+            .env_remove("MM_CONFIG")
+            .env_remove("MM_LOG_LEVEL")
+            .env_remove("MM_LISTEN")
+            .env_remove("MM_SERVICE_KEY")
+            .env_remove("MM_CLIENT_KEY")
+            .env_remove("MM_MONITOR_KEY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(lines[0].starts_with(&expect), "{args:?}: {err}");
+        // The message itself, not only its first words, appears once.
+        let tail = lines[0].split(": ").last().unwrap();
+        assert_eq!(err.matches(tail).count(), 1, "{err}");
+    }
+    drop(busy);
 }
 
 #[test]

@@ -1,11 +1,13 @@
-//! The deployment files under deploy/: the public configuration passes `--check-config`
-//! (with its key files and a certificate made in a scratch folder, as they would sit in
-//! /etc/middleman), the systemd unit matches it, and `systemd-analyze verify` accepts
-//! the unit.
+//! The deployment files under deploy/: the public and the proxy configurations pass
+//! `--check-config` (with key files and a certificate made in a scratch folder, as they
+//! would sit in /etc/middleman), the systemd unit and its TLS drop-in match them,
+//! deploy/install.sh installs into a scratch root idempotently, and `systemd-analyze
+//! verify` accepts the installed unit, with and without the TLS drop-in.
 
 mod common;
 mod tools;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -27,6 +29,10 @@ fn scratch(name: &str) -> PathBuf {
 
 fn unit() -> String {
     std::fs::read_to_string(root().join("deploy/middleman.service")).unwrap()
+}
+
+fn tls_dropin() -> String {
+    std::fs::read_to_string(root().join("deploy/middleman.service.d/tls.conf")).unwrap()
 }
 
 /// `Key=value` lines of the unit's [Service] section.
@@ -127,20 +133,30 @@ fn systemd_unit_matches_the_configuration() {
         get("ExecStart"),
         ["/usr/local/bin/middleman --config %d/middleman.toml"]
     );
-    // Every file the configuration names is handed over as a credential.
-    let creds: Vec<&str> = get("LoadCredential")
-        .iter()
-        .map(|v| v.split_once(':').unwrap().0)
-        .collect();
-    for f in [
-        "middleman.toml",
-        "service.keys",
-        "client.keys",
-        "tls.crt",
-        "tls.key",
-    ] {
-        assert!(creds.contains(&f), "no LoadCredential for {f}: {creds:?}");
-    }
+    // Every file the configuration names is handed over as a credential: the unit
+    // names those of both configurations, the TLS drop-in the certificate and its key
+    // (a missing credential file fails the start, so a setup without TLS must not name
+    // them).
+    let creds = |settings: &[(String, String)]| -> Vec<String> {
+        settings
+            .iter()
+            .filter(|(k, _)| k == "LoadCredential")
+            .map(|(_, v)| v.split_once(':').unwrap().0.to_owned())
+            .collect()
+    };
+    assert_eq!(
+        creds(&settings),
+        ["middleman.toml", "service.keys", "client.keys"]
+    );
+    assert_eq!(
+        creds(&service_settings(&tls_dropin())),
+        ["tls.crt", "tls.key"]
+    );
+    let proxy = std::fs::read_to_string(root().join("deploy/middleman.proxy.toml")).unwrap();
+    assert!(
+        !proxy.contains("tls_"),
+        "the proxy configuration names no certificate"
+    );
 
     // LimitNOFILE fits max_connections (the server wants max_connections + 64).
     let conf: toml::Value = toml::from_str(
@@ -167,35 +183,230 @@ fn systemd_unit_matches_the_configuration() {
 }
 
 #[test]
-#[ignore = "needs systemd-analyze (Debian package systemd): run .ci/install-tools.sh"]
-fn systemd_analyze_verify_accepts_the_unit() {
-    if !tools::runs("systemd-analyze", &["--version"]) {
-        tools::require("systemd-analyze verify", &["systemd-analyze".to_owned()]);
-    }
-    // The unit as installed, but running the binary of this build (verify checks that
-    // ExecStart's program exists and is executable).
-    let dir = scratch("deploy-systemd-verify");
-    let text = unit().replace(
-        "ExecStart=/usr/local/bin/middleman ",
-        &format!("ExecStart={} ", env!("CARGO_BIN_EXE_middleman")),
+fn proxy_configuration_passes_check_config() {
+    let dir = scratch("deploy-check-proxy");
+    let conf = dir.join("middleman.toml");
+    std::fs::copy(root().join("deploy/middleman.proxy.toml"), &conf).unwrap();
+    std::fs::write(dir.join("service.keys"), format!("{SVC}\n")).unwrap();
+    std::fs::write(dir.join("client.keys"), format!("{CLI}\n")).unwrap();
+    let mut p = Proc::start(&["--config", conf.to_str().unwrap(), "--check-config"], &[]);
+    let code = p.wait_exit();
+    let all = p.output_after_exit().join("\n");
+    assert_eq!(code, 0, "{all}");
+    assert!(
+        all.contains(r#"listen = ["ws://127.0.0.1:8080?roles=client&pages=healthz", "tcp://127.0.0.1:8764?roles=service", "ws://127.0.0.1:8765?roles=service,monitor"]"#),
+        "{all}"
     );
-    assert_ne!(text, unit());
+    assert!(all.contains("max_message_bytes = \"64KiB\" "), "{all}");
+    assert!(
+        !all.contains(SVC) && !all.contains(CLI),
+        "a key leaked:\n{all}"
+    );
+    assert!(!all.contains("warn"), "no warnings expected:\n{all}");
+}
+
+/// Every file and folder under `dir`: (relative path, mode, contents).
+fn snapshot(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
+    fn walk(base: &Path, d: &Path, out: &mut Vec<(String, u32, Vec<u8>)>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                out.push((rel + "/", mode, Vec::new()));
+                walk(base, &p, out);
+            } else {
+                out.push((rel, mode, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Run deploy/install.sh into `dest` with this build's binary.
+fn install(dest: &Path, tls: bool) {
+    let mut c = Command::new(root().join("deploy/install.sh"));
+    c.arg("--root")
+        .arg(dest)
+        .arg("--binary")
+        .arg(env!("CARGO_BIN_EXE_middleman"));
+    if tls {
+        c.arg("--tls");
+    }
+    let out = c
+        .stdin(Stdio::null())
+        .output()
+        .expect("run deploy/install.sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "install.sh failed:\n{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "no output under --root"
+    );
+    // With --tls it says the certificate is still to be put in place, once per file.
+    let want = if tls { 2 } else { 0 };
+    assert_eq!(
+        stderr.matches("before starting middleman").count(),
+        want,
+        "{stderr}"
+    );
+}
+
+/// An installation into a scratch root: it runs twice, with the same files after each.
+fn installed(name: &str, tls: bool) -> PathBuf {
+    let dest = scratch(name);
+    install(&dest, tls);
+    let first = snapshot(&dest);
+    install(&dest, tls);
+    assert_eq!(
+        snapshot(&dest),
+        first,
+        "a second run changed the installation"
+    );
+    dest
+}
+
+#[test]
+fn install_script_installs_into_a_root_idempotently() {
+    for tls in [false, true] {
+        let dest = installed(&format!("deploy-install-{tls}"), tls);
+        let files: Vec<(String, u32)> = snapshot(&dest)
+            .into_iter()
+            .filter(|(p, _, _)| !p.ends_with('/') || p.starts_with("etc/middleman"))
+            .map(|(p, m, _)| (p, m))
+            .collect();
+        let mut want = vec![
+            ("etc/middleman/".to_owned(), 0o700),
+            ("etc/middleman/client.keys".to_owned(), 0o600),
+            ("etc/middleman/middleman.toml".to_owned(), 0o600),
+            ("etc/middleman/service.keys".to_owned(), 0o600),
+            ("etc/systemd/system/middleman.service".to_owned(), 0o644),
+            ("usr/local/bin/middleman".to_owned(), 0o755),
+        ];
+        if tls {
+            want.push((
+                "etc/systemd/system/middleman.service.d/tls.conf".to_owned(),
+                0o644,
+            ));
+            want.sort();
+        }
+        assert_eq!(files, want, "tls: {tls}");
+        let read = |p: &str| std::fs::read_to_string(dest.join(p)).unwrap();
+        assert_eq!(read("etc/systemd/system/middleman.service"), unit());
+        let config = if tls { "public" } else { "proxy" };
+        assert_eq!(
+            read("etc/middleman/middleman.toml"),
+            std::fs::read_to_string(root().join(format!("deploy/middleman.{config}.toml")))
+                .unwrap()
+        );
+        if tls {
+            assert_eq!(
+                read("etc/systemd/system/middleman.service.d/tls.conf"),
+                tls_dropin()
+            );
+        }
+        // One generated key in each key file, different ones.
+        let key = |f: &str| {
+            let text = read(&format!("etc/middleman/{f}"));
+            let keys: Vec<String> = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(keys.len(), 1, "{f}: {text}");
+            assert!(
+                keys[0].len() == 32 && keys[0].bytes().all(|b| b.is_ascii_alphanumeric()),
+                "{f}"
+            );
+            keys[0].clone()
+        };
+        assert_ne!(key("service.keys"), key("client.keys"));
+        // The installed configuration is valid with the installed key files.
+        let conf = dest.join("etc/middleman/middleman.toml");
+        if tls {
+            let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+            std::fs::write(dest.join("etc/middleman/tls.crt"), cert.cert.pem()).unwrap();
+            std::fs::write(
+                dest.join("etc/middleman/tls.key"),
+                cert.signing_key.serialize_pem(),
+            )
+            .unwrap();
+        }
+        let mut p = Proc::start(&["--config", conf.to_str().unwrap(), "--check-config"], &[]);
+        let code = p.wait_exit();
+        let all = p.output_after_exit().join("\n");
+        assert_eq!(code, 0, "{all}");
+        assert!(!all.contains("warn"), "{all}");
+    }
+    // Installed again without --tls, the drop-in goes; the configuration stays.
+    let dest = installed("deploy-install-switch", true);
+    install(&dest, false);
+    assert!(!dest.join("etc/systemd/system/middleman.service.d").exists());
+    assert!(
+        std::fs::read_to_string(dest.join("etc/middleman/middleman.toml"))
+            .unwrap()
+            .contains("tls_cert")
+    );
+}
+
+/// `systemd-analyze verify` on a copy of `dest`'s unit (and drop-in folder, when there
+/// is one) in `dir`: (success, stdout + stderr).
+fn verify(dest: &Path, dir: &Path, dropin_extra: &str) -> (bool, String) {
+    // The unit as installed, with ExecStart's program resolved under the scratch root:
+    // verify checks that the program exists and is executable, and /usr/local/bin is
+    // not ours to write. So the test substitutes the path in a copy (systemd-analyze
+    // --root would need the host's targets, e.g. sysinit.target, under the root).
+    let installed =
+        std::fs::read_to_string(dest.join("etc/systemd/system/middleman.service")).unwrap();
+    let bin = dest.join("usr/local/bin/middleman");
+    let text = installed.replace(
+        "ExecStart=/usr/local/bin/middleman ",
+        &format!("ExecStart={} ", bin.display()),
+    );
+    assert_ne!(text, installed);
     std::fs::write(dir.join("middleman.service"), text).unwrap();
+    let dropin = dest.join("etc/systemd/system/middleman.service.d/tls.conf");
+    if dropin.exists() {
+        // Beside the unit, where verify reads drop-ins from.
+        std::fs::create_dir_all(dir.join("middleman.service.d")).unwrap();
+        let text = std::fs::read_to_string(&dropin).unwrap() + dropin_extra;
+        std::fs::write(dir.join("middleman.service.d/tls.conf"), text).unwrap();
+    }
     let out = Command::new("systemd-analyze")
         .args(["verify", "./middleman.service"])
-        .current_dir(&dir)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .output()
         .expect("run systemd-analyze");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), format!("{stdout}{stderr}"))
+}
+
+#[test]
+#[ignore = "needs systemd-analyze (Debian package systemd): run .ci/install-tools.sh"]
+fn systemd_analyze_verify_accepts_the_installed_unit() {
+    if !tools::runs("systemd-analyze", &["--version"]) {
+        tools::require("systemd-analyze verify", &["systemd-analyze".to_owned()]);
+    }
+    for tls in [false, true] {
+        let dest = installed(&format!("deploy-verify-root-{tls}"), tls);
+        let dir = scratch(&format!("deploy-verify-{tls}"));
+        let (ok, out) = verify(&dest, &dir, "");
+        assert!(ok, "systemd-analyze verify failed (tls: {tls}):\n{out}");
+        assert_eq!(out.trim(), "", "systemd-analyze verify warned (tls: {tls})");
+    }
+    // It does read the drop-in: a bad line in it is reported.
+    let dest = installed("deploy-verify-root-bad", true);
+    let dir = scratch("deploy-verify-bad");
+    let (_, out) = verify(&dest, &dir, "NoSuchSetting=1\n");
     assert!(
-        out.status.success(),
-        "systemd-analyze verify failed:\n{stdout}{stderr}"
-    );
-    assert_eq!(
-        format!("{stdout}{stderr}").trim(),
-        "",
-        "systemd-analyze verify warned"
+        out.contains("tls.conf") && out.contains("NoSuchSetting"),
+        "the drop-in was not read:\n{out}"
     );
 }
