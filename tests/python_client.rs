@@ -142,7 +142,13 @@ fn python_client_pytest_suite_passes_against_the_release_binary() {
     // The package is typed (py.typed): it must stay clean under mypy --strict.
     run(
         Command::new(&python)
-            .args(["-m", "mypy", "--strict", "--no-incremental", "src/middleman_client"])
+            .args([
+                "-m",
+                "mypy",
+                "--strict",
+                "--no-incremental",
+                "src/middleman_client",
+            ])
             .current_dir(&pkg),
         "mypy --strict clients/python/src/middleman_client",
     );
