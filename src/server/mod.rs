@@ -25,6 +25,12 @@ mod raw;
 mod running;
 mod ws;
 
+pub mod conn;
+pub mod metrics;
+pub mod request;
+pub mod transport;
+pub mod web;
+
 pub use running::{Running, StopHandle};
 
 use std::io;

@@ -9,10 +9,10 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
 use crate::broker::Keys;
+use crate::config::listen::Listen;
 use crate::config::{parse_bytes, parse_duration, ClusterConfig, Config, Secret};
 use crate::config_file::{self, Effective, Source};
 use crate::protocol::Limits;
-use crate::transport::Listen;
 
 /// Options of the server itself.
 #[derive(Args, Debug, Clone)]

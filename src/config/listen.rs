@@ -1,20 +1,13 @@
-//! Transports: listener URLs (`ws://`, `wss://`, `tcp://`, `unix://`, with `?roles=` and
-//! `?pages=`),
-//! the socket kinds behind them, and TLS driven without blocking on the reactor thread.
+//! Listener URLs (`ws://`, `wss://`, `tcp://`, `unix://`, with `?roles=` and `?pages=`):
+//! what the configuration says a listener is. The transport binds and serves them; the
+//! web pages honour their `pages`.
 
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
-
-use mio::event::Source;
-use mio::net::{TcpStream, UnixStream};
-use mio::{Interest, Registry, Token};
 
 use crate::broker::Role;
-use crate::web::Pages;
 
 /// How messages are framed on a listener's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,254 +195,86 @@ impl FromStr for Listen {
     }
 }
 
-/// A connected socket of either kind.
-#[derive(Debug)]
-pub enum Sock {
-    /// TCP.
-    Tcp(TcpStream),
-    /// Unix-domain stream.
-    Unix(UnixStream),
-}
+/// The plain HTTP pages a listener serves: a set of [`Pages::NAMES`], all by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pages(u8);
 
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.read(buf),
-            Sock::Unix(s) => s.read(buf),
-        }
+impl Default for Pages {
+    fn default() -> Self {
+        Pages::ALL
     }
 }
 
-impl Write for Sock {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.write(buf),
-            Sock::Unix(s) => s.write(buf),
-        }
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.write_vectored(bufs),
-            Sock::Unix(s) => s.write_vectored(bufs),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+impl Pages {
+    /// Page names as written after `?pages=`, and their paths, in display order.
+    pub const NAMES: [(&'static str, &'static str); 6] = [
+        ("healthz", "/healthz"),
+        ("metrics", "/metrics"),
+        ("stats", "/stats"),
+        ("console", "/console"),
+        ("js", "/middleman.js"),
+        ("demo", "/demo"),
+    ];
+    /// Every page (the default).
+    pub const ALL: Pages = Pages((1 << Pages::NAMES.len()) - 1);
+    /// No page: every plain HTTP request answers 404 (`pages=none`).
+    pub const NONE: Pages = Pages(0);
 
-impl Sock {
-    /// Shut down one or both directions.
-    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.shutdown(how),
-            Sock::Unix(s) => s.shutdown(how),
-        }
-    }
-}
-
-impl Source for Sock {
-    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.register(r, t, i),
-            Sock::Unix(s) => s.register(r, t, i),
-        }
-    }
-    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.reregister(r, t, i),
-            Sock::Unix(s) => s.reregister(r, t, i),
-        }
-    }
-    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.deregister(r),
-            Sock::Unix(s) => s.deregister(r),
-        }
-    }
-}
-
-/// Most plaintext rustls may hold for sending; beyond it writes are partial and the rest
-/// stays in the connection's own queue (where the slow-consumer cap counts it).
-const TLS_BUFFER_LIMIT: usize = 64 * 1024;
-
-/// A connection's byte stream: a socket, with TLS on top for `wss://`.
-pub struct Link {
-    /// The socket.
-    pub sock: Sock,
-    tls: Option<Box<rustls::ServerConnection>>,
-}
-
-impl Link {
-    /// A plain link.
-    pub fn plain(sock: Sock) -> Link {
-        Link { sock, tls: None }
-    }
-
-    /// A TLS link (server side).
-    pub fn tls(sock: Sock, config: &Arc<rustls::ServerConfig>) -> io::Result<Link> {
-        let mut conn = rustls::ServerConnection::new(config.clone()).map_err(io::Error::other)?;
-        conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-        Ok(Link {
-            sock,
-            tls: Some(Box::new(conn)),
-        })
-    }
-
-    /// TLS records are waiting to go out on the socket.
-    pub fn tls_pending(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.wants_write())
-    }
-
-    /// Write pending TLS records until the socket would block.
-    pub fn flush_tls(&mut self) -> io::Result<()> {
-        let Some(tls) = self.tls.as_mut() else {
-            return Ok(());
-        };
-        while tls.wants_write() {
-            match tls.write_tls(&mut self.sock) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+    /// Parse a comma-separated list of page names (`none` alone: no page).
+    pub fn parse_list(list: &str) -> Result<Pages, String> {
+        let mut set = 0u8;
+        let mut none = false;
+        let mut any = false;
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            any = true;
+            if name == "none" {
+                none = true;
+                continue;
             }
+            let Some(i) = Pages::NAMES.iter().position(|(n, _)| *n == name) else {
+                let known: Vec<&str> = Pages::NAMES.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "unknown page {name:?} ({}, or none)",
+                    known.join(", ")
+                ));
+            };
+            set |= 1 << i;
         }
-        Ok(())
+        match (any, none, set) {
+            (false, ..) => Err("pages= names no page (use pages=none to serve none)".into()),
+            (_, true, 0) => Ok(Pages::NONE),
+            (_, true, _) => Err("pages=none cannot be combined with page names".into()),
+            _ => Ok(Pages(set)),
+        }
     }
 
-    /// Begin a TLS close (close_notify) after what is queued.
-    pub fn send_close_notify(&mut self) {
-        if let Some(tls) = self.tls.as_mut() {
-            tls.send_close_notify();
-        }
+    /// The names of the pages in the set, in [`Pages::NAMES`] order.
+    pub fn names(self) -> Vec<&'static str> {
+        Pages::NAMES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, (n, _))| *n)
+            .collect()
     }
 
-    /// Shut down the socket.
-    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
-        self.sock.shutdown(how)
+    /// Is the page at `path` in the set? (False for paths that are no page.)
+    pub fn serves(self, path: &str) -> bool {
+        Pages::NAMES
+            .iter()
+            .position(|(_, p)| *p == path)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
     }
 }
 
-impl Read for Link {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(tls) = self.tls.as_mut() else {
-            return self.sock.read(buf);
-        };
-        loop {
-            match tls.reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            // No plaintext buffered: read records from the socket.
-            match tls.read_tls(&mut self.sock) {
-                Ok(0) => return Ok(0),
-                Ok(_) => {
-                    let state = tls.process_new_packets().map_err(|e| {
-                        // Try to tell the peer why (the alert is queued by rustls).
-                        let _ = tls.write_tls(&mut self.sock);
-                        io::Error::new(io::ErrorKind::InvalidData, e)
-                    });
-                    // Handshake replies and alerts go out as soon as they exist.
-                    while tls.wants_write() {
-                        match tls.write_tls(&mut self.sock) {
-                            Ok(_) => {}
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    let state = state?;
-                    if state.peer_has_closed() && state.plaintext_bytes_to_read() == 0 {
-                        return Ok(0);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
+impl std::fmt::Display for Pages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == 0 {
+            f.write_str("none")
+        } else {
+            f.write_str(&self.names().join(","))
         }
     }
-}
-
-impl Write for Link {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[IoSlice::new(buf)])
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        if self.tls.is_none() {
-            return self.sock.write_vectored(bufs);
-        }
-        self.flush_tls()?;
-        let Some(tls) = self.tls.as_mut() else {
-            return Ok(0);
-        };
-        let n = tls.writer().write_vectored(bufs)?;
-        self.flush_tls()?;
-        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
-            // rustls' buffer is at its limit until the socket drains.
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Source for Link {
-    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        self.sock.register(r, t, i)
-    }
-    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        self.sock.reregister(r, t, i)
-    }
-    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
-        self.sock.deregister(r)
-    }
-}
-
-/// Load a PEM certificate chain and private key into a rustls server configuration.
-pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "TLS certificate {}: no certificate found",
-            cert.display()
-        ));
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("TLS key {}: {e}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS certificate/key: {e}"))?;
-    Ok(Arc::new(config))
-}
-
-/// Bind a TCP listener. With `reuse_port`, SO_REUSEPORT is set before the bind so that
-/// several processes can listen on the same address and port (Linux spreads new
-/// connections over them); every one of them must set it.
-pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<mio::net::TcpListener> {
-    if !reuse_port {
-        return mio::net::TcpListener::bind(addr);
-    }
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(mio::net::TcpListener::from_std(s.into()))
 }
 
 #[cfg(test)]
@@ -514,6 +339,26 @@ mod tests {
         ] {
             let e = bad.parse::<Listen>().unwrap_err();
             assert!(e.contains("page"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn pages_parse_display_and_serve() {
+        assert_eq!(Pages::default(), Pages::ALL);
+        assert_eq!(
+            Pages::ALL.to_string(),
+            "healthz,metrics,stats,console,js,demo"
+        );
+        let p = Pages::parse_list("healthz, metrics").unwrap();
+        assert_eq!(p.to_string(), "healthz,metrics");
+        assert!(p.serves("/healthz") && p.serves("/metrics"));
+        assert!(!p.serves("/stats") && !p.serves("/middleman.js") && !p.serves("/x"));
+        assert!(Pages::parse_list("js").unwrap().serves("/middleman.js"));
+        assert_eq!(Pages::parse_list("none").unwrap(), Pages::NONE);
+        assert_eq!(Pages::NONE.to_string(), "none");
+        assert!(!Pages::NONE.serves("/healthz"));
+        for bad in ["", ",", "admin", "healthz,admin", "none,healthz", "HEALTHZ"] {
+            assert!(Pages::parse_list(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -32,6 +32,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod cli;
+
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::io;

@@ -31,10 +31,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::config::listen::Listen;
 use crate::config::{
     is_cluster_name, is_node_name, parse_bytes, parse_duration, parse_nats_url, Config, Secret,
 };
-use crate::transport::Listen;
 
 /// Where an effective value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -925,7 +925,7 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
     let wss = c
         .listeners
         .iter()
-        .any(|l| l.scheme == crate::transport::Scheme::Wss);
+        .any(|l| l.scheme == crate::config::listen::Scheme::Wss);
     if wss && (c.tls_cert.is_none() || c.tls_key.is_none()) {
         return Err(format!(
             "{}: a wss:// listener needs tls_cert and tls_key (--tls-cert, --tls-key)",

@@ -1,12 +1,16 @@
 //! Server configuration: limits, timeouts and keys, with the defaults of PROTOCOL.md.
 
+pub mod args;
+pub mod file;
+pub mod listen;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::broker::Keys;
 use crate::protocol::Limits;
-use crate::transport::Listen;
+use listen::Listen;
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]

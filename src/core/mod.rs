@@ -1,0 +1,7 @@
+//! The pure core, no I/O: the protocol's wire format ([`protocol`]), the routing tables
+//! ([`router`]) and the meaning of each command ([`broker`]). Unit tested, fuzzed and
+//! benchmarked without sockets.
+
+pub mod broker;
+pub mod protocol;
+pub mod router;
