@@ -281,108 +281,207 @@ pub fn load(path: &Path) -> Result<FileConfig, String> {
     parse(&src, path)
 }
 
-/// Parse and check configuration text; `path` names it in errors and anchors relative
-/// `key_file` paths (they are relative to the file's directory).
-pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
-    let name = path.display().to_string();
-    // An error at a place in the file: "file:line:col: key: message" and the line itself.
-    let err_at = |span: Range<usize>, key: Option<&str>, msg: &str| -> String {
-        let (line, col) = line_col(src, span.start);
-        let key = key.map(str::to_owned).or_else(|| key_on_line(src, line));
-        let mut s = format!("{name}:{line}:{col}: ");
+/// The file being parsed, for errors that point into it.
+struct Src<'a> {
+    text: &'a str,
+    name: String,
+}
+
+impl Src<'_> {
+    /// An error at a place in the file: "file:line:col: key: message" and the line itself.
+    fn err_at(&self, span: Range<usize>, key: Option<&str>, msg: &str) -> String {
+        let (line, col) = line_col(self.text, span.start);
+        let key = key
+            .map(str::to_owned)
+            .or_else(|| key_on_line(self.text, line));
+        let mut s = format!("{}:{line}:{col}: ", self.name);
         if let Some(k) = key {
             let _ = write!(s, "{k}: ");
         }
         s.push_str(msg.trim_end());
-        if let Some(text) = src.lines().nth(line - 1) {
+        if let Some(text) = self.text.lines().nth(line - 1) {
             let _ = write!(s, "\n  {line:>4} | {text}");
         }
         s
-    };
-    let raw: RawFile = toml::from_str(src).map_err(|e| match e.span() {
-        Some(span) => err_at(span, None, e.message()),
-        None => format!("{name}: {}", e.message().trim_end()),
-    })?;
-    let line_of = |span: Range<usize>| line_col(src, span.start).0;
+    }
 
-    let mut out = FileConfig {
-        path: path.to_owned(),
-        ..Default::default()
-    };
-    if let Some(l) = raw.listen {
-        let bad = |msg: &str| err_at(l.span(), Some("listen"), msg);
-        let urls: Vec<&str> = match l.get_ref() {
+    fn line_of(&self, span: Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+
+    /// `value` found at `span`, with its line.
+    fn at<T>(&self, span: Range<usize>, value: T) -> At<T> {
+        At {
+            value,
+            line: self.line_of(span),
+        }
+    }
+
+    /// One string or a list of strings, not empty (`what`: the kind of URL, for errors;
+    /// `empty`: what to say of an empty list).
+    fn strings<'v>(
+        &self,
+        v: &'v Spanned<toml::Value>,
+        key: &str,
+        what: &str,
+        empty: &str,
+    ) -> Result<Vec<&'v str>, String> {
+        let bad = |msg: &str| self.err_at(v.span(), Some(key), msg);
+        let list: Vec<&str> = match v.get_ref() {
             toml::Value::String(one) => vec![one.as_str()],
             toml::Value::Array(many) => many
                 .iter()
                 .map(|v| v.as_str().ok_or_else(|| bad("expected a list of strings")))
                 .collect::<Result<_, _>>()?,
-            _ => return Err(bad("expected a listener URL or a list of them")),
+            _ => return Err(bad(&format!("expected {what} or a list of them"))),
         };
-        if urls.is_empty() {
-            return Err(bad("names no listener"));
+        if list.is_empty() {
+            return Err(bad(empty));
         }
+        Ok(list)
+    }
+
+    /// A setting read by `read` from a TOML value, if present.
+    fn value<T>(
+        &self,
+        v: &Option<Spanned<toml::Value>>,
+        key: &str,
+        read: impl FnOnce(&toml::Value) -> Result<T, String>,
+    ) -> Result<Option<At<T>>, String> {
+        let Some(v) = v else { return Ok(None) };
+        let value = read(v.get_ref()).map_err(|e| self.err_at(v.span(), Some(key), &e))?;
+        Ok(Some(self.at(v.span(), value)))
+    }
+
+    fn size(
+        &self,
+        v: &Option<Spanned<toml::Value>>,
+        key: &str,
+    ) -> Result<Option<At<usize>>, String> {
+        self.value(v, key, |v| match v {
+            toml::Value::Integer(n) => usize::try_from(*n).map_err(|_| "negative size".to_owned()),
+            toml::Value::String(s) => parse_bytes(s),
+            other => Err(format!(
+                "expected a size like 1048576 or \"1MiB\", found {}",
+                other.type_str()
+            )),
+        })
+    }
+
+    fn count(
+        &self,
+        v: &Option<Spanned<toml::Value>>,
+        key: &str,
+    ) -> Result<Option<At<usize>>, String> {
+        self.value(v, key, |v| match v {
+            toml::Value::Integer(n) => {
+                usize::try_from(*n).map_err(|_| "negative number".to_owned())
+            }
+            other => Err(format!("expected an integer, found {}", other.type_str())),
+        })
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<toml::Value>>,
+        key: &str,
+    ) -> Result<Option<At<Duration>>, String> {
+        self.value(v, key, |v| match v {
+            toml::Value::Integer(n) => u64::try_from(*n)
+                .map(Duration::from_secs)
+                .map_err(|_| "negative duration".to_owned()),
+            toml::Value::String(s) => parse_duration(s),
+            other => Err(format!(
+                "expected a duration like \"30s\" or \"500ms\", found {}",
+                other.type_str()
+            )),
+        })
+    }
+}
+
+/// Parse and check configuration text; `path` names it in errors and anchors relative
+/// `key_file` paths (they are relative to the file's directory).
+pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
+    let f = Src {
+        text: src,
+        name: path.display().to_string(),
+    };
+    let raw: RawFile = toml::from_str(src).map_err(|e| match e.span() {
+        Some(span) => f.err_at(span, None, e.message()),
+        None => format!("{}: {}", f.name, e.message().trim_end()),
+    })?;
+    let mut out = FileConfig {
+        path: path.to_owned(),
+        ..Default::default()
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    parse_top(&f, &raw, dir, &mut out)?;
+    parse_keys(&f, &raw, dir, &mut out)?;
+    parse_limits(&f, &raw, &mut out)?;
+    parse_cluster(&f, &raw.cluster, dir, &mut out)?;
+    Ok(out)
+}
+
+/// The top-level settings: listeners, TLS files, log level, reuse_port.
+fn parse_top(f: &Src<'_>, raw: &RawFile, dir: &Path, out: &mut FileConfig) -> Result<(), String> {
+    if let Some(l) = &raw.listen {
+        let urls = f.strings(l, "listen", "a listener URL", "names no listener")?;
         let value = urls
             .iter()
             .map(|u| u.parse::<Listen>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&format!("{e} (expected e.g. \"ws://127.0.0.1:8765\")")))?;
-        out.listen = Some(At {
-            value,
-            line: line_of(l.span()),
-        });
+            .map_err(|e| {
+                f.err_at(
+                    l.span(),
+                    Some("listen"),
+                    &format!("{e} (expected e.g. \"ws://127.0.0.1:8765\")"),
+                )
+            })?;
+        out.listen = Some(f.at(l.span(), value));
     }
-    let file_dir = path.parent().unwrap_or(Path::new("."));
     for (name, raw_path, dst) in [
-        ("tls_cert", raw.tls_cert, &mut out.tls_cert),
-        ("tls_key", raw.tls_key, &mut out.tls_key),
+        ("tls_cert", &raw.tls_cert, &mut out.tls_cert),
+        ("tls_key", &raw.tls_key, &mut out.tls_key),
     ] {
         if let Some(p) = raw_path {
             if p.get_ref().trim().is_empty() {
-                return Err(err_at(p.span(), Some(name), "empty path"));
+                return Err(f.err_at(p.span(), Some(name), "empty path"));
             }
-            *dst = Some(At {
-                value: Some(file_dir.join(p.get_ref().trim())),
-                line: line_of(p.span()),
-            });
+            *dst = Some(f.at(p.span(), Some(dir.join(p.get_ref().trim()))));
         }
     }
-    if let Some(l) = raw.log_level {
+    if let Some(l) = &raw.log_level {
         let value = l
             .get_ref()
             .trim()
             .parse::<log::LevelFilter>()
             .map_err(|_| {
-                err_at(
+                f.err_at(
                     l.span(),
                     Some("log_level"),
                     "expected one of off, error, warn, info, debug, trace",
                 )
             })?;
-        out.log_level = Some(At {
-            value,
-            line: line_of(l.span()),
-        });
+        out.log_level = Some(f.at(l.span(), value));
     }
-    if let Some(r) = raw.reuse_port {
-        out.reuse_port = Some(At {
-            value: *r.get_ref(),
-            line: line_of(r.span()),
-        });
+    if let Some(r) = &raw.reuse_port {
+        out.reuse_port = Some(f.at(r.span(), *r.get_ref()));
     }
+    Ok(())
+}
 
-    let dir = path.parent().unwrap_or(Path::new("."));
+/// The `[[keys]]` tables: a key given inline or a file of keys, per role.
+fn parse_keys(f: &Src<'_>, raw: &RawFile, dir: &Path, out: &mut FileConfig) -> Result<(), String> {
     for (i, entry) in raw.keys.iter().enumerate() {
         let here = format!("keys[{i}]");
         let k = entry.get_ref();
-        let line = line_of(entry.span());
         let role = k.role.get_ref().trim();
         let bucket = match role {
             "service" => &mut out.service_keys,
             "client" => &mut out.client_keys,
             "monitor" => &mut out.monitor_keys,
             _ => {
-                return Err(err_at(
+                return Err(f.err_at(
                     k.role.span(),
                     Some(&format!("{here}.role")),
                     "expected \"service\", \"client\" or \"monitor\"",
@@ -393,19 +492,17 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
             (Some(key), None) => {
                 let v = key.get_ref().trim();
                 if v.is_empty() {
-                    return Err(err_at(
-                        key.span(),
-                        Some(&format!("{here}.key")),
-                        "empty key",
-                    ));
+                    return Err(f.err_at(key.span(), Some(&format!("{here}.key")), "empty key"));
                 }
                 bucket.keys.push(v.to_owned());
-                bucket.origins.push(format!("line {}", line_of(key.span())));
+                bucket
+                    .origins
+                    .push(format!("line {}", f.line_of(key.span())));
             }
             (None, Some(file)) => {
                 let p = dir.join(file.get_ref().trim());
                 let text = std::fs::read_to_string(&p).map_err(|e| {
-                    err_at(
+                    f.err_at(
                         file.span(),
                         Some(&format!("{here}.key_file")),
                         &format!("cannot read {}: {e}", p.display()),
@@ -418,12 +515,12 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
                         bucket.origins.push(format!(
                             "key_file {}, line {}",
                             p.display(),
-                            line_of(file.span())
+                            f.line_of(file.span())
                         ));
                     }
                 }
                 if bucket.keys.len() == before {
-                    return Err(err_at(
+                    return Err(f.err_at(
                         file.span(),
                         Some(&format!("{here}.key_file")),
                         &format!(
@@ -434,8 +531,7 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
                 }
             }
             (Some(_), Some(_)) | (None, None) => {
-                let _ = line;
-                return Err(err_at(
+                return Err(f.err_at(
                     entry.span(),
                     Some(&here),
                     "give exactly one of key = \"...\" or key_file = \"path\"",
@@ -443,166 +539,105 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
             }
         }
     }
+    Ok(())
+}
 
-    let size = |v: &Option<Spanned<toml::Value>>, key: &str| -> Result<Option<At<usize>>, String> {
-        let Some(v) = v else { return Ok(None) };
-        let value = match v.get_ref() {
-            toml::Value::Integer(n) => usize::try_from(*n).map_err(|_| "negative size".to_owned()),
-            toml::Value::String(s) => parse_bytes(s),
-            other => Err(format!(
-                "expected a size like 1048576 or \"1MiB\", found {}",
-                other.type_str()
-            )),
-        }
-        .map_err(|e| err_at(v.span(), Some(key), &e))?;
-        Ok(Some(At {
-            value,
-            line: line_of(v.span()),
-        }))
-    };
-    let count =
-        |v: &Option<Spanned<toml::Value>>, key: &str| -> Result<Option<At<usize>>, String> {
-            let Some(v) = v else { return Ok(None) };
-            let value = match v.get_ref() {
-                toml::Value::Integer(n) => {
-                    usize::try_from(*n).map_err(|_| "negative number".to_owned())
-                }
-                other => Err(format!("expected an integer, found {}", other.type_str())),
-            }
-            .map_err(|e| err_at(v.span(), Some(key), &e))?;
-            Ok(Some(At {
-                value,
-                line: line_of(v.span()),
-            }))
-        };
-    let duration =
-        |v: &Option<Spanned<toml::Value>>, key: &str| -> Result<Option<At<Duration>>, String> {
-            let Some(v) = v else { return Ok(None) };
-            let value = match v.get_ref() {
-                toml::Value::Integer(n) => u64::try_from(*n)
-                    .map(Duration::from_secs)
-                    .map_err(|_| "negative duration".to_owned()),
-                toml::Value::String(s) => parse_duration(s),
-                other => Err(format!(
-                    "expected a duration like \"30s\" or \"500ms\", found {}",
-                    other.type_str()
-                )),
-            }
-            .map_err(|e| err_at(v.span(), Some(key), &e))?;
-            Ok(Some(At {
-                value,
-                line: line_of(v.span()),
-            }))
-        };
+/// `[limits]` and `[timeouts]`.
+fn parse_limits(f: &Src<'_>, raw: &RawFile, out: &mut FileConfig) -> Result<(), String> {
     let l = &raw.limits;
-    out.max_message_bytes = size(&l.max_message_bytes, "limits.max_message_bytes")?;
-    out.max_line_bytes = size(&l.max_line_bytes, "limits.max_line_bytes")?;
-    out.max_header_lines = count(&l.max_header_lines, "limits.max_header_lines")?;
-    out.max_connections = count(&l.max_connections, "limits.max_connections")?;
-    out.max_subscriptions = count(&l.max_subscriptions, "limits.max_subscriptions")?;
-    out.max_outbound_bytes = size(&l.max_outbound_bytes, "limits.max_outbound_bytes")?;
-    out.max_read_per_turn = size(&l.max_read_per_turn, "limits.max_read_per_turn")?;
-    out.max_messages_per_turn = count(&l.max_messages_per_turn, "limits.max_messages_per_turn")?;
-    out.max_fragments = count(&l.max_fragments, "limits.max_fragments")?;
-    out.max_key_bytes = size(&l.max_key_bytes, "limits.max_key_bytes")?;
-    out.max_pending_requests = count(&l.max_pending_requests, "limits.max_pending_requests")?;
-    out.max_reqid_bytes = size(&l.max_reqid_bytes, "limits.max_reqid_bytes")?;
-    out.max_handshakes = count(&l.max_handshakes, "limits.max_handshakes")?;
-    out.max_handshakes_per_ip = count(&l.max_handshakes_per_ip, "limits.max_handshakes_per_ip")?;
-    out.max_unanswered_pings = count(&l.max_unanswered_pings, "limits.max_unanswered_pings")?;
+    out.max_message_bytes = f.size(&l.max_message_bytes, "limits.max_message_bytes")?;
+    out.max_line_bytes = f.size(&l.max_line_bytes, "limits.max_line_bytes")?;
+    out.max_header_lines = f.count(&l.max_header_lines, "limits.max_header_lines")?;
+    out.max_connections = f.count(&l.max_connections, "limits.max_connections")?;
+    out.max_subscriptions = f.count(&l.max_subscriptions, "limits.max_subscriptions")?;
+    out.max_outbound_bytes = f.size(&l.max_outbound_bytes, "limits.max_outbound_bytes")?;
+    out.max_read_per_turn = f.size(&l.max_read_per_turn, "limits.max_read_per_turn")?;
+    out.max_messages_per_turn =
+        f.count(&l.max_messages_per_turn, "limits.max_messages_per_turn")?;
+    out.max_fragments = f.count(&l.max_fragments, "limits.max_fragments")?;
+    out.max_key_bytes = f.size(&l.max_key_bytes, "limits.max_key_bytes")?;
+    out.max_pending_requests = f.count(&l.max_pending_requests, "limits.max_pending_requests")?;
+    out.max_reqid_bytes = f.size(&l.max_reqid_bytes, "limits.max_reqid_bytes")?;
+    out.max_handshakes = f.count(&l.max_handshakes, "limits.max_handshakes")?;
+    out.max_handshakes_per_ip =
+        f.count(&l.max_handshakes_per_ip, "limits.max_handshakes_per_ip")?;
+    out.max_unanswered_pings = f.count(&l.max_unanswered_pings, "limits.max_unanswered_pings")?;
     let t = &raw.timeouts;
-    out.handshake_timeout = duration(&t.handshake, "timeouts.handshake")?;
-    out.ping_interval = duration(&t.ping_interval, "timeouts.ping_interval")?;
-    out.idle_timeout = duration(&t.idle, "timeouts.idle")?;
-    out.request_timeout = duration(&t.request, "timeouts.request")?;
-    out.shutdown_grace = duration(&t.shutdown_grace, "timeouts.shutdown_grace")?;
+    out.handshake_timeout = f.duration(&t.handshake, "timeouts.handshake")?;
+    out.ping_interval = f.duration(&t.ping_interval, "timeouts.ping_interval")?;
+    out.idle_timeout = f.duration(&t.idle, "timeouts.idle")?;
+    out.request_timeout = f.duration(&t.request, "timeouts.request")?;
+    out.shutdown_grace = f.duration(&t.shutdown_grace, "timeouts.shutdown_grace")?;
+    Ok(())
+}
 
-    let c = &raw.cluster;
+/// `[cluster]`.
+fn parse_cluster(
+    f: &Src<'_>,
+    c: &RawCluster,
+    dir: &Path,
+    out: &mut FileConfig,
+) -> Result<(), String> {
     if let Some(n) = &c.nats {
-        let bad = |msg: &str| err_at(n.span(), Some("cluster.nats"), msg);
-        let urls: Vec<&str> = match n.get_ref() {
-            toml::Value::String(one) => vec![one.as_str()],
-            toml::Value::Array(many) => many
-                .iter()
-                .map(|v| v.as_str().ok_or_else(|| bad("expected a list of strings")))
-                .collect::<Result<_, _>>()?,
-            _ => return Err(bad("expected a nats-server URL or a list of them")),
-        };
-        if urls.is_empty() {
-            return Err(bad(
-                "names no nats-server (leave nats out for a node on its own)",
-            ));
-        }
+        let urls = f.strings(
+            n,
+            "cluster.nats",
+            "a nats-server URL",
+            "names no nats-server (leave nats out for a node on its own)",
+        )?;
         let mut value = Vec::with_capacity(urls.len());
         for u in urls {
             let u = u.trim();
-            parse_nats_url(u)
-                .map_err(|e| bad(&format!("{e} (expected e.g. \"nats://127.0.0.1:4222\")")))?;
+            parse_nats_url(u).map_err(|e| {
+                f.err_at(
+                    n.span(),
+                    Some("cluster.nats"),
+                    &format!("{e} (expected e.g. \"nats://127.0.0.1:4222\")"),
+                )
+            })?;
             value.push(u.to_owned());
         }
-        out.cluster_nats = Some(At {
-            value,
-            line: line_of(n.span()),
-        });
+        out.cluster_nats = Some(f.at(n.span(), value));
     }
     if let Some(n) = &c.name {
-        out.cluster_name = Some(At {
-            value: n.get_ref().trim().to_owned(),
-            line: line_of(n.span()),
-        });
+        out.cluster_name = Some(f.at(n.span(), n.get_ref().trim().to_owned()));
     }
     if let Some(u) = &c.user {
         let v = u.get_ref().trim();
         if v.is_empty() {
-            return Err(err_at(u.span(), Some("cluster.user"), "empty user"));
+            return Err(f.err_at(u.span(), Some("cluster.user"), "empty user"));
         }
-        out.cluster_user = Some(At {
-            value: Some(v.to_owned()),
-            line: line_of(u.span()),
-        });
+        out.cluster_user = Some(f.at(u.span(), Some(v.to_owned())));
     }
     if let Some(p) = &c.password {
         if p.get_ref().is_empty() {
-            return Err(err_at(p.span(), Some("cluster.password"), "empty password"));
+            return Err(f.err_at(p.span(), Some("cluster.password"), "empty password"));
         }
-        out.cluster_password = Some(At {
-            value: Secret(p.get_ref().clone()),
-            line: line_of(p.span()),
-        });
+        out.cluster_password = Some(f.at(p.span(), Secret(p.get_ref().clone())));
     }
     if let Some(file) = &c.token_file {
         if file.get_ref().trim().is_empty() {
-            return Err(err_at(
-                file.span(),
-                Some("cluster.token_file"),
-                "empty path",
-            ));
+            return Err(f.err_at(file.span(), Some("cluster.token_file"), "empty path"));
         }
         let p = dir.join(file.get_ref().trim());
         let token =
-            read_token(&p).map_err(|e| err_at(file.span(), Some("cluster.token_file"), &e))?;
-        out.cluster_token = Some(At {
-            value: Secret(token),
-            line: line_of(file.span()),
-        });
+            read_token(&p).map_err(|e| f.err_at(file.span(), Some("cluster.token_file"), &e))?;
+        out.cluster_token = Some(f.at(file.span(), Secret(token)));
     }
-    out.cluster_max_pending = size(&c.max_pending, "cluster.max_pending")?;
-    out.cluster_node_timeout = duration(&c.node_timeout, "cluster.node_timeout")?;
+    out.cluster_max_pending = f.size(&c.max_pending, "cluster.max_pending")?;
+    out.cluster_node_timeout = f.duration(&c.node_timeout, "cluster.node_timeout")?;
     if let Some(n) = &c.node_name {
         let v = n.get_ref().trim();
         if !is_node_name(v) {
-            return Err(err_at(
+            return Err(f.err_at(
                 n.span(),
                 Some("cluster.node_name"),
                 &format!("{v:?} is not a node name ({NODE_NAME_RULE})"),
             ));
         }
-        out.cluster_node_name = Some(At {
-            value: Some(v.to_owned()),
-            line: line_of(n.span()),
-        });
+        out.cluster_node_name = Some(f.at(n.span(), Some(v.to_owned())));
     }
-    Ok(out)
+    Ok(())
 }
 
 // ------------------------------------------------------------------ merging
