@@ -103,7 +103,7 @@ fn grants_int_sub_presence_events_and_kick_cross_nodes() {
         assert_eq!(m.header("partial"), None, "{m:?}");
         if m.header("count") == Some("2") {
             assert_eq!(m.header("users"), Some("1"));
-            let mut want = vec![format!("{} bea", client.cid), svc.cid.clone()];
+            let mut want = [format!("{} bea", client.cid), svc.cid.clone()];
             want.sort();
             assert_eq!(m.body, want.join("\r\n"));
             break;
