@@ -111,7 +111,8 @@ fn post_raw(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8])
     bytes.extend_from_slice(body);
     s.write_all(&bytes).unwrap();
     let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("the server answers and closes");
+    s.read_to_end(&mut out)
+        .expect("the server answers and closes");
     parse_reply(&out)
 }
 
@@ -119,7 +120,10 @@ fn post_raw(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8])
 fn post(addr: SocketAddr, path: &str, mm: &[(&str, &str)], body: &[u8]) -> Reply {
     let auth = format!("Bearer {SERVICE_KEY}");
     let len = body.len().to_string();
-    let mut headers = vec![("Authorization", auth.as_str()), ("Content-Length", len.as_str())];
+    let mut headers = vec![
+        ("Authorization", auth.as_str()),
+        ("Content-Length", len.as_str()),
+    ];
     headers.extend_from_slice(mm);
     post_raw(addr, path, &headers, body)
 }
@@ -191,13 +195,20 @@ fn expect_nothing_but_marker(addr: SocketAddr, sub: &mut Peer, topic: &str) {
     let mut svc = Peer::service(addr);
     svc.send("PUB", topic, &[], "marker");
     let m = sub.recv();
-    assert_eq!((m.target.as_str(), m.body.as_str()), (topic, "marker"), "{m:?}");
+    assert_eq!(
+        (m.target.as_str(), m.body.as_str()),
+        (topic, "marker"),
+        "{m:?}"
+    );
 }
 
 fn assert_cid(v: Option<&str>) -> String {
     let cid = v.expect("a cid").to_owned();
     assert!(
-        !cid.is_empty() && cid.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        !cid.is_empty()
+            && cid
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
         "cid {cid:?}"
     );
     cid
@@ -215,7 +226,14 @@ fn curl_pub_is_204_and_delivers_mm_headers_and_the_exact_body() {
     let r = curl_post(
         srv.addr,
         "/api/pub/news%2Feu",
-        &["-H", "MM-Color: blue", "-H", "mm-X-Trace: a b", "-H", "MM-cid: forged"],
+        &[
+            "-H",
+            "MM-Color: blue",
+            "-H",
+            "mm-X-Trace: a b",
+            "-H",
+            "MM-cid: forged",
+        ],
         body,
     );
     assert_eq!(r.status, 204, "{r:?}");
@@ -280,9 +298,8 @@ fn curl_req_is_200_with_the_res_body_and_mm_headers() {
     let srv = TestServer::start();
     let mut resp = responder(srv.addr, "calc");
     let addr = srv.addr;
-    let call = std::thread::spawn(move || {
-        curl_post(addr, "/api/req/calc", &["-H", "MM-Op: add"], b"1 2")
-    });
+    let call =
+        std::thread::spawn(move || curl_post(addr, "/api/req/calc", &["-H", "MM-Op: add"], b"1 2"));
     let req = resp.recv();
     assert_eq!((req.cmd.as_str(), req.target.as_str()), ("REQ", "calc"));
     assert_eq!(req.body, "1 2");
@@ -456,7 +473,11 @@ fn cmd_over_a_socket_every_error_in_order_or_400_for_bad_framing() {
         .collect();
     assert_eq!(
         reasons,
-        ["not permitted over HTTP", "unknown command", "not permitted over HTTP"]
+        [
+            "not permitted over HTTP",
+            "unknown command",
+            "not permitted over HTTP"
+        ]
     );
     assert_eq!(sub.recv().body, "x");
     // A framing violation anywhere: 400, nothing applied.
@@ -578,9 +599,18 @@ fn curl_chunked_is_411_and_expect_100_continue_does_not_stall() {
     assert_eq!(r.status, 411, "{r:?}");
     // curl waits up to 1 s for `100 Continue` before sending the body anyway.
     let t = Instant::now();
-    let r = curl_post(srv.addr, "/api/pub/t", &["-H", "Expect: 100-continue"], b"xyz");
+    let r = curl_post(
+        srv.addr,
+        "/api/pub/t",
+        &["-H", "Expect: 100-continue"],
+        b"xyz",
+    );
     assert_eq!(r.status, 204, "{r:?}");
-    assert!(t.elapsed() < Duration::from_millis(800), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -598,10 +628,19 @@ fn a_stalled_body_is_closed_by_the_handshake_timeout() {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(3), "{took:?}");
-    assert_eq!(String::from_utf8_lossy(&out), "HTTP/1.1 100 Continue\r\n\r\n");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "HTTP/1.1 100 Continue\r\n\r\n"
+    );
     expect_nothing_but_marker(srv.addr, &mut sub, "t");
-    assert_eq!(metrics(srv.addr)["middleman_connections_closed_total{reason=\"timeout\"}"], 1.0);
+    assert_eq!(
+        metrics(srv.addr)["middleman_connections_closed_total{reason=\"timeout\"}"],
+        1.0
+    );
 }
 
 #[test]
@@ -630,7 +669,12 @@ fn a_listener_without_the_service_role_or_the_api_page_answers_404() {
     let r = parse_reply(http_get(addr(0), "GET /api/cmd HTTP/1.1\r\n\r\n").as_bytes());
     assert_eq!((r.status, r.header("Allow")), (405, Some("POST")));
     // A target that is not one (§2): 400.
-    for bad in ["/api/pub/", "/api/pub/a%0db", "/api/req/%zz", "/api/pub/%20x"] {
+    for bad in [
+        "/api/pub/",
+        "/api/pub/a%0db",
+        "/api/req/%zz",
+        "/api/pub/%20x",
+    ] {
         let r = post(addr(0), bad, &[], b"x");
         assert_eq!(r.status, 400, "{bad}: {r:?}");
     }

@@ -395,8 +395,14 @@ mod tests {
             refused("POST /api/req/x?timeout=0 HTTP/1.1\r\nContent-Length: 1\r\n\r\n"),
             400
         );
-        assert_eq!(status(&head("POST /api/x HTTP/1.1\r\n\r\n").unwrap_err()), 404);
-        assert_eq!(status(&head("GET /api/cmd HTTP/1.1\r\n\r\n").unwrap_err()), 405);
+        assert_eq!(
+            status(&head("POST /api/x HTTP/1.1\r\n\r\n").unwrap_err()),
+            404
+        );
+        assert_eq!(
+            status(&head("GET /api/cmd HTTP/1.1\r\n\r\n").unwrap_err()),
+            405
+        );
         assert!(is_api_path("/api") && is_api_path("/api/x") && !is_api_path("/apix"));
     }
 
@@ -404,7 +410,16 @@ mod tests {
     fn targets() {
         assert_eq!(target("SYS%3Ax").unwrap(), b"SYS:x");
         assert_eq!(target("a/b").unwrap(), b"a/b");
-        for bad in ["", "%", "%4", "%zz", "%20a", "a%09", "%7f", &"x".repeat(256)] {
+        for bad in [
+            "",
+            "%",
+            "%4",
+            "%zz",
+            "%20a",
+            "a%09",
+            "%7f",
+            &"x".repeat(256),
+        ] {
             assert!(target(bad).is_err(), "{bad:?}");
         }
         assert!(target(&"x".repeat(255)).is_ok());
@@ -449,14 +464,23 @@ mod tests {
         let a = String::from_utf8(error_answer(&err)).unwrap();
         assert!(a.starts_with("HTTP/1.1 503 "), "{a}");
         assert!(a.ends_with("\r\n\r\nno responder: REQ t\n"), "{a}");
-        let res = Delivered::parse(b"RES t\r\nX-a: 1\r\ncid: c\r\nuid: \r\nReqID: r\r\n\r\nok\r\n.\r\n")
-            .unwrap();
+        let res =
+            Delivered::parse(b"RES t\r\nX-a: 1\r\ncid: c\r\nuid: \r\nReqID: r\r\n\r\nok\r\n.\r\n")
+                .unwrap();
         let a = String::from_utf8(res_answer(&res)).unwrap();
         assert!(a.starts_with("HTTP/1.1 200 OK\r\n"), "{a}");
-        for h in ["MM-X-a: 1\r\n", "MM-cid: c\r\n", "MM-uid: \r\n", "MM-ReqID: r\r\n"] {
+        for h in [
+            "MM-X-a: 1\r\n",
+            "MM-cid: c\r\n",
+            "MM-uid: \r\n",
+            "MM-ReqID: r\r\n",
+        ] {
             assert!(a.contains(h), "{h} in {a}");
         }
-        assert!(a.ends_with("Content-Length: 2\r\n") || a.ends_with("\r\n\r\nok"), "{a}");
+        assert!(
+            a.ends_with("Content-Length: 2\r\n") || a.ends_with("\r\n\r\nok"),
+            "{a}"
+        );
         assert_eq!(error_status(b"request timed out"), 504);
         assert_eq!(error_status(b"responder disconnected"), 503);
         assert_eq!(error_status(b"not permitted"), 403);

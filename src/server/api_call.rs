@@ -230,14 +230,15 @@ impl Server {
                 self.api_finish(id, now);
             }
             Call::Req(t) => {
-                let has_reqid = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(b"ReqID"));
+                let has_reqid = headers
+                    .iter()
+                    .any(|(n, _)| n.eq_ignore_ascii_case(b"ReqID"));
                 let supplied = (!has_reqid).then(|| {
                     self.api_seq += 1;
                     format!("http-{}", self.api_seq)
                 });
                 let extra = supplied.as_ref().map(|r| (&b"ReqID"[..], r.as_bytes()));
-                if let Err(why) = self.api_apply_one(id, b"REQ", &t, &headers, extra, &body, now)
-                {
+                if let Err(why) = self.api_apply_one(id, b"REQ", &t, &headers, extra, &body, now) {
                     return self.api_answer(id, &api::refusal(400, why), now);
                 }
                 // The broker's request timeout ends the request with an error; a

@@ -39,10 +39,14 @@ impl Server {
                     }
                 }
                 Phase::ApiWait => {
-                        if c.api.as_ref().and_then(|a| a.deadline).is_some_and(|d| now >= d) {
-                            expired.push((id, c.phase));
-                        }
+                    if c.api
+                        .as_ref()
+                        .and_then(|a| a.deadline)
+                        .is_some_and(|d| now >= d)
+                    {
+                        expired.push((id, c.phase));
                     }
+                }
                 Phase::Closing => {
                     if c.close_deadline.is_some_and(|d| now >= d) {
                         expired.push((id, c.phase));

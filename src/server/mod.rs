@@ -8,7 +8,8 @@
 //!
 //! Each phase of a connection has its own file, adding to `impl Server`: `accept`
 //! (new connections and the handshake budget), `http` (the request: upgrade, or a plain
-//! HTTP answer), `ws` (WebSocket read turns, the key, messages to the broker), `raw` (the
+//! HTTP answer), `api_call` (an HTTP API call: its body, its broker session, the wait
+//! for a RES), `ws` (WebSocket read turns, the key, messages to the broker), `raw` (the
 //! raw stream transport), `closing` (close frames, lingering, removal), `outbound`
 //! (queues and writes), `housekeeping` (timers and shutdown); beside them `listener`
 //! (bound sockets) and `running` (a server on its own thread). This file holds the
