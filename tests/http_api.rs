@@ -354,6 +354,11 @@ fn req_over_a_socket_is_200() {
     let r = call.join().unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "pong"));
     assert_eq!(r.header("MM-ReqID"), req.header("ReqID"));
+    // The call's session ended with the answer: the responder is the only service.
+    assert_eq!(
+        metrics(srv.addr)["middleman_connections{role=\"service\"}"],
+        1.0
+    );
 }
 
 #[test]
@@ -393,7 +398,7 @@ fn curl_req_timeout_is_504_and_a_late_res_is_dropped() {
     assert_eq!(r.status, 504, "{r:?}");
     assert_eq!(r.text(), "request timed out\n");
     assert!(
-        took >= Duration::from_millis(950) && took < Duration::from_secs(3),
+        took >= Duration::from_millis(1000) && took < Duration::from_secs(2),
         "{took:?}"
     );
     // The session is gone: the late RES is dropped silently (no error to the
@@ -413,6 +418,21 @@ fn req_ended_by_the_broker_request_timeout_is_504() {
     let r = call.join().unwrap();
     assert_eq!(r.status, 504, "{r:?}");
     assert_eq!(r.text(), "request timed out: REQ slow\n");
+}
+
+#[test]
+fn a_waiting_req_is_answered_503_at_shutdown() {
+    let srv = TestServer::start();
+    let mut resp = responder(srv.addr, "slow");
+    let addr = srv.addr;
+    let call = std::thread::spawn(move || post(addr, "/api/req/slow", &[], b"x"));
+    let _req = resp.recv();
+    srv.stop().expect("clean shutdown");
+    let r = call.join().unwrap();
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (503, "server shutting down\n")
+    );
 }
 
 // ---------------------------------------------------------------- cmd

@@ -247,7 +247,9 @@ impl Server {
                 let backstop = self.broker.settings().request_timeout + Duration::from_secs(1);
                 let wait = timeout.map_or(backstop, |t| t.min(backstop));
                 if let Some(a) = self.conns.get_mut(id).and_then(|c| c.api.as_mut()) {
-                    a.deadline = Some(now + wait);
+                    let d = now + wait;
+                    a.deadline = Some(d);
+                    self.api_next_deadline = Some(self.api_next_deadline.map_or(d, |n| n.min(d)));
                 }
                 // An answer already captured (no responder, ...) is sent at the end of
                 // the pass, with any that arrive in the meantime (`finish_api_calls`).
@@ -384,11 +386,28 @@ impl Server {
         }
     }
 
-    /// A waiting `req` whose `?timeout=` (or backstop) has passed: 504, and the session
-    /// goes, so a late RES is dropped.
-    pub(super) fn api_timed_out(&mut self, id: ConnId, now: Instant) {
+    /// The earliest deadline of a waiting call has passed: answer every waiting `req`
+    /// whose `?timeout=` (or backstop) has passed with 504, its session going with it
+    /// so a late RES is dropped, and note the next deadline. A walk over the
+    /// connections, at most once per deadline (as the 250 ms housekeeping walk).
+    pub(super) fn expire_api_calls(&mut self, now: Instant) {
+        let mut next: Option<Instant> = None;
+        let mut due = Vec::new();
+        for (id, c) in self.conns.iter() {
+            if c.phase != Phase::ApiWait {
+                continue;
+            }
+            match c.api.as_ref().and_then(|a| a.deadline) {
+                Some(d) if now >= d => due.push(id),
+                Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
+                None => {}
+            }
+        }
+        self.api_next_deadline = next;
         let resp = api::refusal(504, "request timed out");
-        self.api_answer(id, &resp, now);
+        for id in due {
+            self.api_answer(id, &resp, now);
+        }
     }
 
     /// End the call: the session leaves the broker, the answer is sent, the connection

@@ -38,15 +38,8 @@ impl Server {
                         ping.push(id);
                     }
                 }
-                Phase::ApiWait => {
-                    if c.api
-                        .as_ref()
-                        .and_then(|a| a.deadline)
-                        .is_some_and(|d| now >= d)
-                    {
-                        expired.push((id, c.phase));
-                    }
-                }
+                // Its deadline is kept by `expire_api_calls`, to the millisecond.
+                Phase::ApiWait => {}
                 Phase::Closing => {
                     if c.close_deadline.is_some_and(|d| now >= d) {
                         expired.push((id, c.phase));
@@ -57,7 +50,7 @@ impl Server {
         for (id, phase) in expired {
             match phase {
                 Phase::Http | Phase::ApiBody => self.remove(id, CloseReason::Timeout),
-                Phase::ApiWait => self.api_timed_out(id, now),
+                Phase::ApiWait => {}
                 Phase::AwaitKey | Phase::RawKey => {
                     self.close_with(id, 1008, "handshake timeout", now, CloseReason::Timeout)
                 }

@@ -189,6 +189,8 @@ pub struct Server {
     api_ready: Vec<(ConnId, u64)>,
     /// Counter for the `ReqID`s the HTTP API supplies.
     api_seq: u64,
+    /// The earliest deadline of a waiting HTTP API call, if any.
+    api_next_deadline: Option<Instant>,
 }
 
 impl Server {
@@ -326,6 +328,7 @@ impl Server {
             link,
             api_ready: Vec::new(),
             api_seq: 0,
+            api_next_deadline: None,
             cfg,
         })
     }
@@ -429,6 +432,9 @@ impl Server {
                 self.backplane_tick(now);
             }
             self.finish_api_calls(now);
+            if self.api_next_deadline.is_some_and(|d| now >= d) {
+                self.expire_api_calls(now);
+            }
             self.process_closes(now);
             self.backplane_flush(now);
             self.flush_dirty();
@@ -461,6 +467,9 @@ impl Server {
             next = next.min(d);
         }
         if let Some(d) = self.accept_paused_until {
+            next = next.min(d);
+        }
+        if let Some(d) = self.api_next_deadline {
             next = next.min(d);
         }
         if let Some(d) = self.broker.cluster_wake_at() {
