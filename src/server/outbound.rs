@@ -44,9 +44,7 @@ impl Sink<'_> {
             }
         }
     }
-}
 
-impl Sink<'_> {
     /// An HTTP API call's session receives `pkt`: kept for its answer (at most the
     /// outbound cap in all; past it, dropped), and the call is looked at after the pass.
     fn capture(&mut self, to: ConnId, pkt: &Rc<Packet>) {
