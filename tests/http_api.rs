@@ -699,3 +699,38 @@ fn a_listener_without_the_service_role_or_the_api_page_answers_404() {
         assert_eq!(r.status, 400, "{bad}: {r:?}");
     }
 }
+
+/// §9: `SYS:` targets are reserved, over HTTP too (403 with the error); an HTTP API sender
+/// is a connection of its own but announces no SYS:CONNECT/SYS:DISCONNECT, and its
+/// `cmd` may use version 1.1 commands (`INT SUB` here).
+#[test]
+fn pub_to_sys_is_403_api_senders_make_no_events_and_cmd_takes_int_sub() {
+    let srv = TestServer::start();
+    let mut watch = Peer::service(srv.addr);
+    for t in ["SYS:CONNECT", "SYS:DISCONNECT", "SYS:SUB"] {
+        watch.send("SUB", t, &[], "");
+    }
+    watch.sync();
+    let r = post(srv.addr, "/api/pub/SYS:CONNECT", &[], b"x");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.text().contains("not permitted"), "{r:?}");
+    let mut member = Peer::client(srv.addr);
+    let ev = watch.recv();
+    assert_eq!(ev.target, "SYS:CONNECT");
+    assert_eq!(ev.header("cid"), Some(member.cid.as_str()));
+    let cmd = format!(
+        "INT SUB\r\nforcid: {}\r\ntopic: room\r\n\r\n\r\n.\r\n",
+        member.cid
+    );
+    let r = post(srv.addr, "/api/cmd", &[], cmd.as_bytes());
+    assert_eq!(r.status, 204, "{r:?}");
+    // The only events: the member's SYS:SUB (none for the two HTTP senders).
+    let ev = watch.recv();
+    assert_eq!(ev.target, "SYS:SUB", "{ev:?}");
+    assert_eq!(ev.header("cid"), Some(member.cid.as_str()));
+    assert_eq!(ev.header("topic"), Some("room"));
+    watch.sync();
+    post(srv.addr, "/api/pub/room", &[], b"hi");
+    assert_eq!(member.recv().body, "hi");
+    watch.sync();
+}

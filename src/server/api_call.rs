@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
-use crate::broker::{error_packet, Role};
+use crate::broker::Role;
 use crate::metrics::CloseReason;
 use crate::protocol::{Decoded, Decoder, Packet};
 use crate::router::ConnId;
@@ -23,7 +23,7 @@ use super::request::response;
 use super::{warn_limited, Phase, Server};
 
 /// Error reason for enablements sent through `/api/cmd` (notes-21).
-pub const NOT_OVER_HTTP: &str = "not permitted over HTTP";
+pub const NOT_OVER_HTTP: &str = crate::broker::reason::NOT_PERMITTED_OVER_HTTP;
 
 /// A call in progress on a connection.
 #[derive(Debug)]
@@ -212,7 +212,7 @@ impl Server {
         c.phase = Phase::ApiWait;
         let peer = c.peer.clone();
         self.leave_handshake(id);
-        let cid = self.broker.connect(id, Role::Service);
+        let cid = self.broker.connect_quiet(id);
         let what = match &call {
             Call::Pub(_) => "pub",
             Call::Req(_) => "req",
@@ -319,8 +319,9 @@ impl Server {
         while let Ok(Some(d)) = dec.next() {
             match d {
                 Decoded::Message(m) if matches!(m.cmd, b"ESUB" | b"EPUB" | b"EREQ") => {
-                    let pkt = error_packet(m.cmd, m.target, NOT_OVER_HTTP, m.header("ReqID"));
-                    crate::broker::Outbox::send(&mut sink, id, &Rc::new(pkt));
+                    // Counted in middleman_errors_total like any error.
+                    let reqid = m.header("ReqID");
+                    broker.error_to(&mut sink, id, m.cmd, m.target, NOT_OVER_HTTP, reqid);
                 }
                 Decoded::Message(m) => broker.apply(id, &m, now, &mut sink),
                 Decoded::Malformed(m) => broker.malformed(id, &m, &mut sink),
