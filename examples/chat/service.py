@@ -58,11 +58,13 @@ import middleman_client
 from middleman_client import Client, EventSubscription, Message
 
 HERE = Path(__file__).resolve().parent
+HTML = "text/html; charset=utf-8"
+JS = "text/javascript; charset=utf-8"
 PAGE_FILES: Dict[str, Tuple[Path, str]] = {
-    "/": (HERE / "index.html", "text/html; charset=utf-8"),
-    "/index.html": (HERE / "index.html", "text/html; charset=utf-8"),
-    "/chat.js": (HERE / "chat.js", "text/javascript; charset=utf-8"),
-    "/middleman.js": (HERE.parent.parent / "clients/js/middleman.js", "text/javascript; charset=utf-8"),
+    "/": (HERE / "index.html", HTML),
+    "/index.html": (HERE / "index.html", HTML),
+    "/chat.js": (HERE / "chat.js", JS),
+    "/middleman.js": (HERE.parent.parent / "clients/js/middleman.js", JS),
 }
 #: The server address in index.html, replaced by MM_URL when the service serves the page.
 PAGE_DEFAULT_URL = 'content="ws://127.0.0.1:8765/"'
@@ -137,7 +139,9 @@ class Chat:
             elif (
                 room.invite is not None
                 and cid not in room.members
-                and not hmac.compare_digest((req.header("invite") or "").encode(), room.invite.encode())
+                and not hmac.compare_digest(
+                    (req.header("invite") or "").encode(), room.invite.encode()
+                )
             ):
                 raise Refused("not invited")
             try:
@@ -158,7 +162,12 @@ class Chat:
                 # handled before it was a member.
                 await self.remove(room, cid, "gone", connected=False)
                 raise Refused("gone")
-        info: Dict[str, object] = {"room": room_name, "topic": topic, "nick": nick, "members": members}
+        info: Dict[str, object] = {
+            "room": room_name,
+            "topic": topic,
+            "nick": nick,
+            "members": members,
+        }
         if room.invite is not None:
             info["invite"] = room.invite
         return [], json.dumps(info)
@@ -284,7 +293,13 @@ async def page_server(mm_url: str, addr: str) -> asyncio.Server:
                 + (body if method != "HEAD" else b"")
             )
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
+        except (
+            asyncio.TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+            OSError,
+        ):
             pass
         finally:
             writer.close()
@@ -316,7 +331,11 @@ async def main() -> None:
     if http_addr != "off":
         http = await page_server(url, http_addr)
         host, port = http.sockets[0].getsockname()[:2]
-        print(f"chat: page at http://{host}:{port}/ (add ?key=<client key>)", file=sys.stderr, flush=True)
+        print(
+            f"chat: page at http://{host}:{port}/ (add ?key=<client key>)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"chat: ready on {url} as {client.cid}", file=sys.stderr, flush=True)
     try:
         await asyncio.gather(chat.serve(), watcher)
