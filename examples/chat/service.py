@@ -120,11 +120,12 @@ class Chat:
             raise Refused(f"bad nickname (1-{MAX_NICK} characters)")
         return nick
 
-    async def members_of(self, room: Room) -> List[Dict[str, str]]:
+    async def members_of(self, room: Room) -> Tuple[List[Dict[str, str]], bool]:
         """The connections subscribed to the room's topic, as the server sees them
-        (presence): ``[{"cid": ..., "nick": ...}]``, sorted by cid."""
+        (presence): ``[{"cid": ..., "nick": ...}]``, sorted by cid; and whether the list
+        was cut at the presence limit (1000)."""
         p = await self.client.presence(topic_of(room.name))
-        return [{"cid": m.cid, "nick": m.uid or ""} for m in p.members]
+        return [{"cid": m.cid, "nick": m.uid or ""} for m in p.members], p.truncated
 
     async def join(self, req: Message) -> Answer:
         cid = req.cid or ""
@@ -153,11 +154,11 @@ class Chat:
                 room.members[cid] = nick
                 if new:
                     await self.notice(room, "join", cid, nick)
-                members = await self.members_of(room)
+                members, truncated = await self.members_of(room)
             finally:
                 if not room.members and self.rooms.get(room_name) is room:
                     del self.rooms[room_name]
-            if not any(m["cid"] == cid for m in members):
+            if not truncated and not any(m["cid"] == cid for m in members):
                 # Gone before its subscription was made: its departure may have been
                 # handled before it was a member.
                 await self.remove(room, cid, "gone", connected=False)
@@ -188,7 +189,7 @@ class Chat:
             room = self.rooms.get(room_name)
             if room is None or (req.cid or "") not in room.members:
                 raise Refused("not in the room")
-            members = await self.members_of(room)
+            members, _ = await self.members_of(room)
         return [], json.dumps({"room": room_name, "members": members})
 
     # ---------------------------------------------------------------- rooms
@@ -231,7 +232,11 @@ class Chat:
     # ---------------------------------------------------------------- serving
 
     async def answer(self, req: Message) -> None:
-        handlers = {"chat.join": self.join, "chat.leave": self.leave, "chat.members": self.members}
+        handlers = {
+            "chat.join": self.join,
+            "chat.leave": self.leave,
+            "chat.members": self.members,
+        }
         try:
             headers, body = await handlers[req.target](req)
         except Refused as e:
@@ -239,6 +244,8 @@ class Chat:
         except middleman_client.ServerError as e:
             print(f"chat: {req.target} for {req.cid}: {e}", file=sys.stderr, flush=True)
             headers, body = [("error", e.reason)], ""
+        except ConnectionError:
+            return  # the connection to the server is gone: nobody to answer
         try:
             await self.client.reply(req, body, headers)
         except ConnectionError as e:
