@@ -248,6 +248,25 @@ try {
   ok("alice's logs are exact and she had no error");
   await a.screenshot({ path: screenshot, fullPage: true });
   console.log(`chat-example: ${passed} passed, 0 failed`);
+} catch (e) {
+  // What each page had, for the failure's report.
+  for (const page of context?.pages() ?? []) {
+    const state = await page
+      .evaluate(() => ({
+        cid: window.chat?.cid,
+        status: document.getElementById("status")?.textContent,
+        errors: window.chat?.errors,
+        received: window.chat?.received,
+        logs: [...document.querySelectorAll("section.room")].map((s) => [
+          s.dataset.room,
+          [...s.querySelectorAll(".log li")].map((li) => li.textContent),
+          [...s.querySelectorAll(".members li")].map((li) => li.textContent),
+        ]),
+      }))
+      .catch((err) => `unavailable: ${err.message}`);
+    console.error(`page ${page.url()}: ${JSON.stringify(state)}`);
+  }
+  throw e;
 } finally {
   if (context) await context.close();
   rmSync(userDataDir, { recursive: true, force: true });
