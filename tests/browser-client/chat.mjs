@@ -250,7 +250,7 @@ try {
   console.log(`chat-example: ${passed} passed, 0 failed`);
 } catch (e) {
   // What each page had, for the failure's report.
-  for (const page of context?.pages() ?? []) {
+  for (const page of (context?.pages() ?? []).filter((p) => p.url() !== "about:blank")) {
     const state = await page
       .evaluate(() => ({
         cid: window.chat?.cid,
