@@ -114,9 +114,11 @@ try {
 
   await say(a, "lobby", "hello from alice");
   await waitLine(b, "lobby", "alice: hello from alice");
+  await waitLine(a, "lobby", "alice: hello from alice"); // her own, back from the server
   ok("alice's message reaches bob, under her nickname");
   await say(b, "lobby", "hi alice");
   await waitLine(a, "lobby", "bob: hi alice");
+  await waitLine(b, "lobby", "bob: hi alice");
   ok("bob's answer reaches alice");
 
   // --- a private room: alice creates it, bob joins with the invite code
@@ -167,8 +169,10 @@ try {
 
   await say(a, "private-ab", "secret for bob");
   await waitLine(b, "private-ab", "alice: secret for bob");
+  await waitLine(a, "private-ab", "alice: secret for bob");
   await say(b, "private-ab", "got it");
   await waitLine(a, "private-ab", "bob: got it");
+  await waitLine(b, "private-ab", "bob: got it");
   // A round trip through the server for carol, after bob and alice got both messages.
   await c.evaluate(() => window.chat.mm.request("chat.members", "", { headers: { room: "lobby" } }));
   const carolGot = await c.evaluate(() => window.chat.received.map((m) => m.target));
@@ -190,6 +194,7 @@ try {
   assert.deepEqual(await waitMembers(c, "lobby", ["alice", "bob", "carol"]), ["alice", "bob", "carol"]);
   await say(c, "lobby", "hello both");
   await waitLine(b, "lobby", "carol: hello both");
+  await waitLine(a, "lobby", "carol: hello both");
   ok("carol joins the public lobby and talks there");
   await setStatus(c, "");
   await c.click(`${room("lobby")} .leave`);
@@ -224,8 +229,19 @@ try {
   assert.deepEqual(await waitMembers(a, "lobby", ["alice"]), ["alice"]);
   assert.deepEqual(await waitMembers(a, "private-ab", ["alice"]), ["alice"]);
   ok("bob closes his page: alice sees 'bob left' in both rooms, alone in the lists");
-  const leftReason = await a.getAttribute(`${room("lobby")} .log li:last-child`, "title");
-  console.log(`bob's departure reason: ${leftReason}`);
+  // The notices' reasons: carol by request, bob by SYS:DISCONNECT (his page's socket
+  // closed normally).
+  const reasons = await a.$$eval(`${room("lobby")} .log li.notice`, (els) =>
+    els.map((e) => [e.textContent, e.title]),
+  );
+  assert.deepEqual(reasons, [
+    ["alice joined", ""],
+    ["bob joined", ""],
+    ["carol joined", ""],
+    ["carol left", "left"],
+    ["bob left", "normal"],
+  ]);
+  ok("the leave notices carry their reasons: left (by request), normal (disconnected)");
 
   assert.deepEqual(await log(a, "lobby"), [
     "alice joined",
