@@ -35,11 +35,13 @@ pub enum CloseReason {
     Shutdown,
     /// Dropped unauthenticated to make room for a new handshake (`--max-handshakes`).
     Evicted,
+    /// Closed by a service's `INT KICK` (§9.2).
+    Kicked,
 }
 
 impl CloseReason {
     /// Every reason, in the order of [`Metrics::closed`].
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::Normal,
         CloseReason::Http,
         CloseReason::BadKey,
@@ -51,6 +53,7 @@ impl CloseReason {
         CloseReason::PeerGone,
         CloseReason::Shutdown,
         CloseReason::Evicted,
+        CloseReason::Kicked,
     ];
 
     /// Label value.
@@ -67,6 +70,7 @@ impl CloseReason {
             CloseReason::PeerGone => "peer_gone",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Evicted => "evicted",
+            CloseReason::Kicked => "kicked",
         }
     }
 }
@@ -108,7 +112,7 @@ pub struct Metrics {
     /// Connections refused at the connection limit.
     pub refused: u64,
     /// Connections closed, by [`CloseReason::ALL`] index.
-    pub closed: [u64; 11],
+    pub closed: [u64; 12],
     /// Bytes read from sockets.
     pub bytes_in: u64,
     /// Bytes written to sockets.
@@ -149,7 +153,7 @@ impl Default for Metrics {
         Metrics {
             accepted: 0,
             refused: 0,
-            closed: [0; 11],
+            closed: [0; 12],
             bytes_in: 0,
             bytes_out: 0,
             slow_consumers: 0,
