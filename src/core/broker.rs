@@ -237,6 +237,10 @@ pub struct Stats {
     pub req_responder_gone: u64,
     /// Requests refused because the requester had `max_pending_requests` in flight.
     pub req_too_many: u64,
+    /// Connection events published (§9.4), by event (connect, disconnect, sub, uns).
+    pub events: [u64; 4],
+    /// Presence requests answered: on one node, by every node, partial.
+    pub presence: [u64; 3],
 }
 
 impl Default for Stats {
@@ -252,6 +256,8 @@ impl Default for Stats {
             req_no_responder: 0,
             req_responder_gone: 0,
             req_too_many: 0,
+            events: [0; 4],
+            presence: [0; 3],
         }
     }
 }
@@ -429,6 +435,16 @@ impl Broker {
             if let Some(c) = self.cluster.as_mut() {
                 c.monitors(true);
             }
+        }
+        cid
+    }
+
+    /// [`Broker::connect`] for an HTTP API sender (§8.1): a service connection of its
+    /// own for one request, which produces no connection events.
+    pub fn connect_quiet(&mut self, conn: ConnId) -> String {
+        let cid = self.connect(conn, Role::Service);
+        if let Some(s) = self.sessions.get_mut(conn).and_then(Option::as_mut) {
+            s.quiet = true;
         }
         cid
     }

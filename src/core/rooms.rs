@@ -283,6 +283,7 @@ impl Broker {
         for &to in self.router.subscribers(topic) {
             out.send(to, &pkt);
         }
+        self.stats.events[ev as usize] += 1;
         if let Some(c) = self.cluster.as_mut() {
             if c.remote_events & (1 << ev as u8) != 0 {
                 c.publish_pub(topic, pkt.payload());
@@ -502,6 +503,7 @@ impl Broker {
             .unwrap_or_default();
         let local = self.local_presence(topic, limit, !others.is_empty());
         if others.is_empty() {
+            self.stats.presence[0] += 1;
             return self.presence_answer(
                 from,
                 (reqid.0, reqid.1),
@@ -568,6 +570,7 @@ impl Broker {
             return; // the requester left
         }
         q.lines.sort_unstable();
+        self.stats.presence[if q.partial { 2 } else { 1 }] += 1;
         let users = q.uids.len() + q.users_unlisted;
         let reqid = (&q.reqid.0[..], &q.reqid.1[..]);
         self.presence_answer(

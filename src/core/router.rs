@@ -224,6 +224,8 @@ pub struct Router {
     /// Grants by granting service (a local connection or a stand-in for a service on
     /// another node): (topic, kind, grantee).
     made: HashMap<ConnId, HashSet<(TopicId, Enable, ConnId)>>,
+    /// Grants in force (one per granter and grant), kept as they come and go.
+    total_grants: usize,
 }
 
 impl Router {
@@ -832,6 +834,7 @@ impl Router {
         let list = e.held.entry((id, kind)).or_default();
         let new_key = list.is_empty();
         list.push(granter);
+        self.total_grants += 1;
         if new_key {
             self.topics[id].grants += 1;
         }
@@ -865,19 +868,26 @@ impl Router {
 
     /// Remove `granter` from `grantee`'s holders of (id, kind).
     fn drop_held(&mut self, grantee: ConnId, id: TopicId, kind: Enable, granter: ConnId) {
-        let Some(e) = self.entry(grantee) else {
+        let Some(e) = self.conns.get_mut(grantee).and_then(Option::as_mut) else {
             return;
         };
         let Some(list) = e.held.get_mut(&(id, kind)) else {
             return;
         };
-        remove_one(list, granter);
+        if remove_one(list, granter) {
+            self.total_grants -= 1;
+        }
         if list.is_empty() {
             e.held.remove(&(id, kind));
             if let Some(t) = self.topics.get_mut(id) {
                 t.grants -= 1;
             }
         }
+    }
+
+    /// Grants in force (a running total: O(1)).
+    pub fn total_grants(&self) -> usize {
+        self.total_grants
     }
 
     /// Has `conn` been granted `kind` on `name` by any service?
@@ -954,6 +964,7 @@ impl Router {
         // Grants it made, then grants it held (their granters forget them).
         self.remove_granter(conn);
         for (&(id, kind), granters) in &entry.held {
+            self.total_grants -= granters.len();
             for g in granters {
                 if let Some(m) = self.made.get_mut(g) {
                     m.remove(&(id, kind, conn));
@@ -1033,7 +1044,8 @@ impl Router {
                 }
             }
         }
-        if made != self.made.values().map(HashSet::len).sum::<usize>() {
+        if made != self.made.values().map(HashSet::len).sum::<usize>() || made != self.total_grants
+        {
             return Err("grants made and held differ".into());
         }
         for (id, t) in &self.topics {
