@@ -19,6 +19,7 @@ from middleman_client import (
     NotPermitted,
     Presence,
     Service,
+    TooManyGrants,
 )
 from middleman_client.sync import connect as connect_sync
 
@@ -83,16 +84,12 @@ async def test_grant_pub_and_grant_req(server):
     await cli.publish("up", "refused")
     err = await next_msg(cli)
     assert err.is_error and err.header("reason") == "not permitted"
-    # A grant to request: permitted now, but nobody responds (the grant does not make
-    # the granting service a responder).
-    with pytest.raises(NotPermitted):
-        await cli.request("ask", timeout=WAIT)
+    # A grant to request does not make the granting service a responder. (Without any
+    # responder the server answers "no responder" whether or not the client may ask.)
     await svc.grant_req(cli.cid, "ask")
     with pytest.raises(NoResponders):
         await cli.request("ask", timeout=WAIT)
     await svc.revoke_req(cli.cid, "ask")
-    with pytest.raises(NotPermitted):
-        await cli.request("ask", timeout=WAIT)
     # A well-formed cid nobody has: a silent no-op.
     await svc.grant_sub("zz0000000000", "room:1")
     await svc.close()
@@ -326,3 +323,26 @@ def test_sync_client_has_the_same_calls(server):
         events.unsubscribe()
         # What arrived before the UNS is still read, then the iteration ends.
         assert [e.topic for e in events if e.cid == cli.cid] == ["s:other"]
+
+
+@run
+async def test_too_many_grants_and_bad_limit(make_server):
+    s = make_server("--max-subscriptions", "2")
+    svc = await middleman_client.connect(s.url, SERVICE_KEY)
+    cli = await middleman_client.connect(s.url, CLIENT_KEY)
+    await svc.grant_sub(cli.cid, "g1")
+    await svc.grant_pub(cli.cid, "g2")
+    with pytest.raises(TooManyGrants) as e:
+        await svc.grant_req(cli.cid, "g3")
+    assert (e.value.reason, e.value.cmd, e.value.target) == ("too many grants", "EREQ", "g3")
+    await svc.revoke_pub(cli.cid, "g2")
+    await svc.grant_req(cli.cid, "g3")  # room again
+    # presence() takes only an int; a raw request with another limit is refused.
+    with pytest.raises(BadRequest) as e:
+        await svc.request("SYS:PRESENCE", headers=[("topic", "g1"), ("limit", "many")], timeout=WAIT)
+    assert e.value.reason == "bad limit"
+    with pytest.raises(BadRequest) as e:
+        await svc.request("SYS:PRESENCE", timeout=WAIT)
+    assert e.value.reason == "missing header"
+    await svc.close()
+    await cli.close()

@@ -69,9 +69,6 @@ MAX_RECONNECT_ATTEMPTS = 60
 #: The close code of a connection a service kicked (``INT KICK``, protocol 1.1).
 KICK_CODE = 4000
 
-#: The presence limit the server applies at most (larger ones are clamped to it).
-PRESENCE_MAX = 10000
-
 
 class ServerError(Exception):
     """The server refused a message or failed a request (docs/protocol.md section 7).
