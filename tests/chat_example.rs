@@ -240,7 +240,7 @@ fn chat_example_in_headless_chromium() {
         out.iter()
             .rfind(|l| l.starts_with("chat-example: "))
             .map(String::as_str),
-        Some("chat-example: 18 passed, 0 failed"),
+        Some("chat-example: 19 passed, 0 failed"),
         "{out:?}"
     );
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("{}: {e}", shot.display()));

@@ -70,6 +70,14 @@ async function waitLine(page, name, line) {
   );
 }
 
+/** Wait until the room's log holds `line` `n` times. */
+async function waitLines(page, name, line, n) {
+  await page.waitForFunction(
+    ([sel, l, k]) => [...document.querySelectorAll(sel)].filter((li) => li.textContent === l).length === k,
+    [`${room(name)} .log li`, line, n],
+  );
+}
+
 /** Wait until the room's member list is exactly `want` (in any order); returns it. */
 async function waitMembers(page, name, want) {
   const sorted = [...want].sort();
@@ -221,6 +229,20 @@ try {
   ]);
   ok("after leaving, carol's grants are gone: her PUB and SUB of the lobby are refused");
 
+  // --- carol joins again, then unsubscribes by herself (a plain UNS): the service hears
+  // SYS:UNS, tells the room and withdraws her grants.
+  assert.equal(await join(c, "carol", "lobby"), "joined lobby as carol");
+  assert.deepEqual(await waitMembers(a, "lobby", ["alice", "bob", "carol"]), ["alice", "bob", "carol"]);
+  await c.evaluate(() => window.chat.mm.send("UNS", "room.lobby"));
+  await waitLines(a, "lobby", "carol left", 2);
+  assert.deepEqual(await waitMembers(a, "lobby", ["alice", "bob"]), ["alice", "bob"]);
+  await c.evaluate(() => window.chat.mm.publish("room.lobby", "after my UNS"));
+  await c.waitForFunction(() => window.chat.errors.length >= 4);
+  assert.deepEqual((await c.evaluate(() => window.chat.errors)).slice(3), [
+    { reason: "not permitted", cmd: "PUB", target: "room.lobby" },
+  ]);
+  ok("carol's own UNS: 'carol left' (SYS:UNS), and her grants are withdrawn");
+
   // --- bob closes his page: SYS:DISCONNECT, "bob left" in both rooms
   assert.deepEqual(await b.evaluate(() => window.chat.errors), []);
   await b.close();
@@ -239,9 +261,11 @@ try {
     ["bob joined", ""],
     ["carol joined", ""],
     ["carol left", "left"],
+    ["carol joined", ""],
+    ["carol left", "unsubscribed"],
     ["bob left", "normal"],
   ]);
-  ok("the leave notices carry their reasons: left (by request), normal (disconnected)");
+  ok("the leave notices carry their reasons: left (request), unsubscribed (UNS), normal (closed)");
 
   assert.deepEqual(await log(a, "lobby"), [
     "alice joined",
@@ -250,6 +274,8 @@ try {
     "bob: hi alice",
     "carol joined",
     "carol: hello both",
+    "carol left",
+    "carol joined",
     "carol left",
     "bob left",
   ]);
