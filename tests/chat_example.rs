@@ -3,7 +3,8 @@
 //! library of `clients/python` (which serves the page), and three pages driven by
 //! playwright-core (`tests/browser-client/chat.mjs`): join a room, talk, member lists from
 //! presence, a private room another page cannot join nor read (the server refuses its SUB
-//! and PUB), leaving by request, and "bob left" once bob's page is closed (SYS:DISCONNECT).
+//! and PUB), leaving by request and by a plain UNS (SYS:UNS), and "bob left" once bob's
+//! page is closed (SYS:DISCONNECT).
 //! The service is also checked with `mypy --strict`.
 //!
 //! Needs node, npm, /usr/bin/chromium (or `MM_CHROMIUM`) and python3 with venv (the venv,
