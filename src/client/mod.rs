@@ -4,11 +4,6 @@
 //! receive messages. [`Service`] wraps a client into a responder loop. Everything is
 //! blocking and single-threaded; a [`Closer`] ends a connection from another thread.
 //!
-//! Services also use protocol 1.1 (PROTOCOL.md §9): [`Client::grant`] / [`Client::revoke`]
-//! a [`Right`] for one connection, [`Client::disable`] their own enablements,
-//! [`Client::subscribe_for`], [`Client::kick`], [`Client::presence`] and
-//! [`Client::events`] (read with [`Message::event`]).
-//!
 //! Requests are matched to their answers by `ReqID`: [`Client::request`] returns the `RES`
 //! or the server's error for that request as [`Error::Server`]. Messages that arrive while
 //! a call waits for its answer are kept, in order, for [`Client::recv`].
@@ -34,6 +29,38 @@
 //! assert_eq!((msg.target.as_str(), msg.body_text().as_ref()), ("news", "hello"));
 //! assert_eq!(msg.header("lang"), Some("en"));
 //! assert_eq!(msg.cid(), Some(news.cid())); // set by the server, cannot be forged
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Services also use protocol 1.1 (PROTOCOL.md §9): [`Client::grant`] / [`Client::revoke`]
+//! a [`Right`] for one connection, [`Client::disable`] their own enablements,
+//! [`Client::subscribe_for`], [`Client::kick`], [`Client::presence`] and
+//! [`Client::events`] (read with [`Message::event`]).
+//!
+//! ```
+//! # use middleman::{broker::Keys, Config, Running};
+//! # let server = Running::spawn(Config {
+//! #     listeners: vec!["ws://127.0.0.1:0".parse()?],
+//! #     keys: Keys { service: vec!["svc-key".into()], client: vec!["cli-key".into()], monitor: vec![] },
+//! #     ..Config::default()
+//! # })?;
+//! # let url = format!("ws://{}/", server.addr);
+//! use middleman::client::{Client, Error, EventKind, Right};
+//!
+//! let mut svc = Client::connect(&url, "svc-key")?;
+//! svc.events(&[EventKind::Disconnect])?;
+//! let mut ann = Client::connect(&url, "cli-key")?;
+//! let cid = ann.cid().to_owned();
+//!
+//! svc.grant(&cid, "room.42", Right::Sub)?; // ann alone may subscribe to room.42
+//! ann.subscribe("room.42")?;
+//! let p = svc.presence("room.42", 100)?;
+//! assert_eq!((p.count, p.members[0].cid.as_str()), (1, cid.as_str()));
+//!
+//! svc.kick(&cid, Some("bye"))?;
+//! assert!(matches!(ann.recv(), Err(Error::Closed { code: 4000, .. })));
+//! let ev = svc.recv()?.event().expect("an event");
+//! assert_eq!((ev.kind, ev.reason.as_deref()), (EventKind::Disconnect, Some("kicked")));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

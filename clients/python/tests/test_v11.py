@@ -346,3 +346,27 @@ async def test_too_many_grants_and_bad_limit(make_server):
     assert e.value.reason == "missing header"
     await svc.close()
     await cli.close()
+
+
+@run
+async def test_events_and_disable_survive_a_failover(make_server):
+    s1, s2 = make_server(), make_server()
+    svc = await middleman_client.connect(
+        [s1.url, s2.url], SERVICE_KEY, min_delay=0.05, max_delay=0.2
+    )
+    await svc.enable_sub("kept")
+    await svc.enable_sub("dropped")
+    await svc.disable_sub("dropped")  # not sent again after the failover
+    events = await svc.events("connect")
+    s1.kill()
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(svc.wait_ready(), WAIT)
+    assert svc.url == s2.url
+    cli = await middleman_client.connect(s2.url, CLIENT_KEY, reconnect=False)
+    ev = await next_event(events, cli.cid)  # subscribed again on the second server
+    assert (ev.kind, ev.role) == ("connect", "client")
+    await cli.subscribe("kept")
+    with pytest.raises(NotPermitted):
+        await cli.subscribe("dropped")
+    await cli.close()
+    await svc.close()

@@ -50,7 +50,7 @@ from .client import (
 )
 from .protocol import Headers, Message, ProtocolError, decode, encode
 from .service import Service
-from .system import EVENT_TOPICS, Event, Member, Presence
+from .system import EVENT_TOPICS, Event, Member, Presence, parse_event, parse_presence
 
 __version__ = "0.3.0"
 
@@ -84,5 +84,7 @@ __all__ = [
     "connect",
     "decode",
     "encode",
+    "parse_event",
+    "parse_presence",
     "__version__",
 ]
