@@ -14,6 +14,7 @@ use super::{Phase, Server};
 
 impl Server {
     pub(super) fn housekeeping(&mut self, now: Instant) {
+        self.broker.history_housekeeping(now);
         self.broker.pool.trim();
         self.spent.trim();
         let mut expired = Vec::new();

@@ -272,6 +272,23 @@ impl Server {
             },
             &node_id,
         );
+        if cfg.cluster.is_some() && !cfg.history.rules.is_empty() {
+            // One epoch and one offset sequence per topic cluster-wide (§9.5) needs the
+            // cluster's store (JetStream), which this build does not drive yet.
+            warn!(
+                "[[history]] is ignored in a cluster: history is served on a single node \
+                 only (a cluster keeps it in JetStream, not supported yet)"
+            );
+        } else {
+            broker.set_history(&cfg.history);
+            if !cfg.history.rules.is_empty() {
+                info!(
+                    "history on for {} topic prefix(es), at most {} bytes",
+                    cfg.history.rules.len(),
+                    cfg.history.max_bytes
+                );
+            }
+        }
         let link = cfg.cluster.as_ref().map(|cc| {
             broker.join_cluster(
                 &node_id,
