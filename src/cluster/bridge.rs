@@ -245,7 +245,8 @@ impl Broker {
                 let Some(topic) = c.pub_topic(subject) else {
                     return;
                 };
-                if self.monitors.is_empty() {
+                // Events are not routed messages: monitors get no copies (§9.4).
+                if self.monitors.is_empty() || topic.starts_with(b"SYS:") {
                     return;
                 }
                 let pkt = self.packet_from(payload);
@@ -482,7 +483,8 @@ impl Broker {
             if let Some(c) = to {
                 self.router.set_uid(c, rest);
             }
-        } else if line.first().is_some_and(|c| b"GWIYy".contains(c)) && line.get(1) == Some(&b' ') {
+        } else if line.first().is_some_and(|c| b"GWIYyN".contains(c)) && line.get(1) == Some(&b' ')
+        {
             self.on_rooms_message(line, rest, now, out);
         } else if let Some(node) = line.strip_prefix(b"S ") {
             let node = node.to_vec();
@@ -525,7 +527,10 @@ impl Broker {
                         None => return,
                     }
                 };
-                self.on_remote_grant(id, cid.as_bytes(), kind, on, rest, now, out);
+                let refused = !self.on_remote_grant(id, cid.as_bytes(), kind, on, rest, now, out);
+                if let (true, Some(c)) = (refused, self.cluster.as_mut()) {
+                    c.grant_refused(node.as_bytes(), granter, kind, rest);
+                }
             }
             "W" => {
                 let (Some(node), Some(granter)) = (w.next(), w.next()) else {
@@ -564,6 +569,21 @@ impl Broker {
                         lines: &local.lines,
                     };
                     c.answer_presence(node.as_bytes(), id, part);
+                }
+            }
+            "N" => {
+                // A grant this node's service made was refused there: tell it.
+                let (Some(granter), Some(kind)) = (w.next(), w.next()) else {
+                    return;
+                };
+                let to = self.cids.get(granter).copied();
+                let cmd: &[u8] = match kind {
+                    "p" => b"EPUB",
+                    "s" => b"ESUB",
+                    _ => b"EREQ",
+                };
+                if let Some(to) = to {
+                    self.error_to(out, to, cmd, rest, reason::TOO_MANY_GRANTS, None);
                 }
             }
             "y" => {

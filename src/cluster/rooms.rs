@@ -4,6 +4,8 @@
 //!
 //! - `G <node> <granter cid> <p|s|r> <0|1> <cid>` LF `<topic>`: a grant or withdrawal;
 //! - `W <node> <granter cid>`: that service left, its grants on this node end;
+//! - `N <granter cid> <p|s|r>` LF `<topic>`: a grant of that service was refused (the
+//!   connection holds too many), for it to be told `too many grants`;
 //! - `I <S|U|K> <cid>` LF `<topic or kick reason>`: `INT SUB`/`UNS`/`KICK`;
 //! - `Y <node> <query id> <limit>` LF `<topic>`: a presence question, answered (data) by
 //!   `y <query id> <node>` LF `<count> <users> <n|->` LF n uid lines, then the member
@@ -101,6 +103,15 @@ impl Cluster {
         if self.node_ctl(node, &head, topic) && on {
             self.rooms.sent.entry(from).or_default().insert(node.into());
         }
+    }
+
+    /// A grant from service `granter` on `node` to a connection here was refused (it
+    /// holds too many): that node tells its service (`N <granter cid> <kind>` LF topic).
+    pub fn grant_refused(&mut self, node: &[u8], granter: &str, kind: Enable, topic: &[u8]) {
+        let mut head = format!("N {granter} ").into_bytes();
+        head.push(kind_char(kind));
+        head.push(b'\n');
+        self.node_ctl(node, &head, topic);
     }
 
     /// The local service `conn` (cid `cid`) left: the nodes it granted something to

@@ -355,6 +355,7 @@ impl Broker {
     }
 
     /// A grant or withdrawal from a service on another node (`G`), for `cid` here.
+    /// False if a grant was refused (the connection holds too many).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_remote_grant(
         &mut self,
@@ -365,18 +366,18 @@ impl Broker {
         t: &[u8],
         now: Instant,
         out: &mut impl Outbox,
-    ) {
+    ) -> bool {
         let Whom::Local(to) = self.whom(cid) else {
-            return;
+            return true;
         };
         if on {
             let max = self.settings.max_subscriptions;
-            if self.router.grant(granter, to, t, kind, max).is_err() {
-                log::debug!("grant from another node refused: connection holds too many");
-            }
-        } else if self.router.revoke(granter, to, t, kind) && kind == Enable::Sub {
+            return self.router.grant(granter, to, t, kind, max).is_ok();
+        }
+        if self.router.revoke(granter, to, t, kind) && kind == Enable::Sub {
             self.after_sub_right_lost(to, t, now, out);
         }
+        true
     }
 
     // ------------------------------------------------------------------ INT SUB/UNS/KICK
@@ -493,12 +494,13 @@ impl Broker {
         }
         let limit = match msg.header("limit") {
             None => DEFAULT_PRESENCE_LIMIT,
-            Some((_, l)) => match std::str::from_utf8(l)
-                .ok()
-                .and_then(|l| l.parse::<u64>().ok())
-            {
-                Some(n) => (n as usize).min(MAX_PRESENCE_LIMIT),
-                None => return self.error(out, from, msg, reason::BAD_LIMIT),
+            // Decimal digits only; any number past the most lines listed is that most.
+            Some((_, l)) => match l.iter().all(u8::is_ascii_digit) && !l.is_empty() {
+                true => std::str::from_utf8(l)
+                    .ok()
+                    .and_then(|l| l.parse::<usize>().ok())
+                    .map_or(MAX_PRESENCE_LIMIT, |n| n.min(MAX_PRESENCE_LIMIT)),
+                false => return self.error(out, from, msg, reason::BAD_LIMIT),
             },
         };
         let others = self
