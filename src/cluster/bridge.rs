@@ -73,11 +73,17 @@ impl Broker {
             for (held, kind) in [
                 (!t.epub.is_empty(), Enable::Pub),
                 (!t.esub.is_empty(), Enable::Sub),
-                (!t.responders.is_empty(), Enable::Req),
+                (t.has_responder(), Enable::Req),
             ] {
                 if held {
                     v.push((&t.name[..], kind));
                 }
+            }
+        }
+        // Event topics with subscribers here travel as an ESUB of the event topic.
+        for (i, t) in crate::core::rooms::EVENT_TOPICS.iter().enumerate() {
+            if self.local_events & (1 << i) != 0 {
+                v.push((t, Enable::Sub));
             }
         }
         v
@@ -91,7 +97,7 @@ impl Broker {
             let ids: Vec<_> = self
                 .router
                 .topics_with_ids()
-                .filter(|(_, t)| !t.responders.is_empty())
+                .filter(|(_, t)| t.has_responder())
                 .map(|(id, _)| id)
                 .collect();
             self.send_loads(c, now, true, &ids);
@@ -104,8 +110,7 @@ impl Broker {
         let lines = ids.iter().filter_map(|&id| {
             let t = self.router.topic(id)?;
             let resps = t
-                .responders
-                .iter()
+                .active_responders()
                 .filter_map(|r| Some((self.cid(r.conn)?, r.in_flight)))
                 .collect();
             Some((&t.name[..], resps))
@@ -132,10 +137,12 @@ impl Broker {
     /// announcement held back by the rate limit), if it does.
     pub fn cluster_wake_at(&self) -> Option<Instant> {
         let c = self.cluster.as_ref()?;
+        let presence = c.next_presence_deadline();
         if c.connected && self.router.has_load_changes() {
-            return Some(c.next_load_at().unwrap_or_else(Instant::now));
+            let at = c.next_load_at().unwrap_or_else(Instant::now);
+            return Some(presence.map_or(at, |p| p.min(at)));
         }
-        None
+        presence
     }
 
     /// Shutting down: tell the other nodes this one leaves.
@@ -183,6 +190,7 @@ impl Broker {
             }
             self.fail_forwarded(&r, why, out);
         }
+        self.rooms_housekeeping(now, out);
     }
 
     fn fail_forwarded(&mut self, r: &OutReq, why: &'static str, out: &mut impl Outbox) {
@@ -258,12 +266,15 @@ impl Broker {
             }
             Sid::Inbox => self.on_inbox(subject, payload, no_responders, out),
             Sid::Node => self.on_node_message(payload, reply, now, out),
-            Sid::Ctl => match c.on_ctl(payload, now) {
-                CtlEvent::None => {}
-                CtlEvent::SendState(node) => self.send_state_to(Some(node.as_bytes()), now),
-                CtlEvent::Gone(node) => self.fail_requests_of_node(&node, out),
-                CtlEvent::Collision => self.cluster_rename(now, out),
-            },
+            Sid::Ctl => {
+                match c.on_ctl(payload, now) {
+                    CtlEvent::None => {}
+                    CtlEvent::SendState(node) => self.send_state_to(Some(node.as_bytes()), now),
+                    CtlEvent::Gone(node) => self.fail_requests_of_node(&node, out),
+                    CtlEvent::Collision => self.cluster_rename(now, out),
+                }
+                self.rooms_housekeeping(now, out);
+            }
         }
     }
 
@@ -468,6 +479,11 @@ impl Broker {
             if let Some(s) = to.and_then(|c| self.sessions.get_mut(c).and_then(Option::as_mut)) {
                 s.set_uid(rest);
             }
+            if let Some(c) = to {
+                self.router.set_uid(c, rest);
+            }
+        } else if line.first().is_some_and(|c| b"GWIYy".contains(c)) && line.get(1) == Some(&b' ') {
+            self.on_rooms_message(line, rest, now, out);
         } else if let Some(node) = line.strip_prefix(b"S ") {
             let node = node.to_vec();
             self.send_state_to(Some(&node), now);
@@ -475,6 +491,113 @@ impl Broker {
             if let Some(c) = self.cluster.as_mut() {
                 c.on_ctl(payload, now);
             }
+        }
+    }
+}
+
+impl Broker {
+    /// A version 1.1 message from another node (see `cluster::rooms`).
+    fn on_rooms_message(&mut self, line: &[u8], rest: &[u8], now: Instant, out: &mut impl Outbox) {
+        let Ok(line) = std::str::from_utf8(line) else {
+            return;
+        };
+        let mut w = line.split(' ');
+        let tag = w.next().unwrap_or("");
+        match tag {
+            "G" => {
+                let (Some(node), Some(granter), Some(kind), Some(on), Some(cid)) =
+                    (w.next(), w.next(), w.next(), w.next(), w.next())
+                else {
+                    return;
+                };
+                let Some(kind) = crate::cluster::rooms::kind_from(kind.as_bytes()) else {
+                    return;
+                };
+                let Some(c) = self.cluster.as_mut() else {
+                    return;
+                };
+                let on = on == "1";
+                let id = if on {
+                    c.granter_id(node, granter)
+                } else {
+                    match c.granter_id_if_known(node, granter) {
+                        Some(id) => id,
+                        None => return,
+                    }
+                };
+                self.on_remote_grant(id, cid.as_bytes(), kind, on, rest, now, out);
+            }
+            "W" => {
+                let (Some(node), Some(granter)) = (w.next(), w.next()) else {
+                    return;
+                };
+                let id = self
+                    .cluster
+                    .as_mut()
+                    .and_then(|c| c.granter_gone(node, granter));
+                if let Some(id) = id {
+                    self.router.remove_granter(id);
+                }
+            }
+            "I" => {
+                let (Some(op), Some(cid)) = (w.next(), w.next()) else {
+                    return;
+                };
+                let op = op.as_bytes().first().copied().unwrap_or(0);
+                self.on_remote_int(op, cid.as_bytes(), rest, now, out);
+            }
+            "Y" => {
+                let (Some(node), Some(id), Some(limit)) = (w.next(), w.next(), w.next()) else {
+                    return;
+                };
+                let (Ok(id), Ok(limit)) = (id.parse::<u64>(), limit.parse::<usize>()) else {
+                    return;
+                };
+                let limit = limit.min(crate::core::rooms::MAX_PRESENCE_LIMIT);
+                let local = self.local_presence(rest, limit, true);
+                let uids: Vec<Box<[u8]>> = local.uids.into_iter().collect();
+                if let Some(c) = self.cluster.as_mut() {
+                    let part = crate::cluster::rooms::PresencePart {
+                        count: local.count,
+                        users: local.users,
+                        uids: &uids,
+                        lines: &local.lines,
+                    };
+                    c.answer_presence(node.as_bytes(), id, part);
+                }
+            }
+            "y" => {
+                let (Some(id), Some(node)) = (w.next(), w.next()) else {
+                    return;
+                };
+                let Ok(id) = id.parse::<u64>() else {
+                    return;
+                };
+                let done = self
+                    .cluster
+                    .as_mut()
+                    .and_then(|c| c.on_presence_answer(id, node, rest));
+                if let Some(q) = done {
+                    self.finish_presence(q, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Grants of services on nodes now gone end; presence queries that are complete
+    /// or past their deadline are answered.
+    pub(crate) fn rooms_housekeeping(&mut self, now: Instant, out: &mut impl Outbox) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        let gone = c.take_gone_granters();
+        let done = c.take_finished_presence(now);
+        for id in gone {
+            self.router.remove_granter(id);
+        }
+        for q in done {
+            self.finish_presence(q, out);
         }
     }
 }

@@ -11,4 +11,5 @@ pub mod lanes;
 pub mod link;
 pub mod node;
 pub mod proto;
+pub mod rooms;
 pub mod subject;

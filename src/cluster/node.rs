@@ -340,6 +340,11 @@ pub struct Cluster {
     /// `P.pub.` and `P.inbox.<N>.`, for reading subjects of incoming messages.
     pub_prefix: Box<[u8]>,
     inbox_prefix: Box<[u8]>,
+    /// Event topics (§9.4) some other node has subscribers for (bits as
+    /// `rooms::event_bit`): this node publishes those events.
+    pub remote_events: u8,
+    /// Version 1.1 state shared with other nodes (grants, presence queries).
+    pub(crate) rooms: super::rooms::RoomsState,
 }
 
 fn kind_code(kind: Enable) -> u8 {
@@ -442,6 +447,8 @@ impl Cluster {
             subj: Vec::new(),
             pub_prefix,
             inbox_prefix,
+            remote_events: 0,
+            rooms: Default::default(),
         }
     }
 
@@ -521,6 +528,20 @@ impl Cluster {
 
     fn count_remote(&mut self, key: &(Box<[u8]>, u8)) {
         self.remote_enabled.entry(key.0.clone()).or_insert([0; 3])[kind_slot(key.1)] += 1;
+        self.event_interest(&key.0);
+    }
+
+    /// An `ESUB` of an event topic from another node means it has subscribers of that
+    /// event (no service may send one): keep `remote_events` in step.
+    fn event_interest(&mut self, target: &[u8]) {
+        let bit = crate::core::rooms::event_bit(target);
+        if bit != 0 {
+            if self.remote_enabled(target, Enable::Sub) {
+                self.remote_events |= bit;
+            } else {
+                self.remote_events &= !bit;
+            }
+        }
     }
 
     /// Does any other node have monitors?
@@ -605,7 +626,7 @@ impl Cluster {
 
     /// Publish data (`head` then `payload`) on `subject` with an optional reply subject.
     /// Dropped and counted when disconnected, too large or over the data bound.
-    fn publish_data(
+    pub(crate) fn publish_data(
         &mut self,
         subject: &[u8],
         reply: Option<&[u8]>,
@@ -637,7 +658,7 @@ impl Cluster {
         ok
     }
 
-    fn subject(&mut self, parts: &[&[u8]], token: Option<&[u8]>) -> Vec<u8> {
+    pub(crate) fn subject(&mut self, parts: &[&[u8]], token: Option<&[u8]>) -> Vec<u8> {
         let mut s = std::mem::take(&mut self.subj);
         s.clear();
         s.extend_from_slice(self.settings.name.as_bytes());
@@ -652,7 +673,7 @@ impl Cluster {
         s
     }
 
-    fn done_subject(&mut self, s: Vec<u8>) {
+    pub(crate) fn done_subject(&mut self, s: Vec<u8>) {
         self.subj = s;
     }
 
@@ -663,7 +684,7 @@ impl Cluster {
         ok
     }
 
-    fn node_ctl(&mut self, node: &[u8], head: &[u8], payload: &[u8]) -> bool {
+    pub(crate) fn node_ctl(&mut self, node: &[u8], head: &[u8], payload: &[u8]) -> bool {
         let s = self.subject(&[b"node", node], None);
         let ok = self.publish_ctl(&s, head, payload, Ctl::Other);
         self.done_subject(s);
@@ -1161,6 +1182,7 @@ impl Cluster {
     }
 
     fn forget_node(&mut self, id: &str) {
+        self.rooms.node_gone(id);
         if let Some(n) = self.nodes.remove(id) {
             for key in n.enabled {
                 self.lapse_remote(&key);
@@ -1187,6 +1209,7 @@ impl Cluster {
                 self.remote_enabled.remove(&key.0);
             }
         }
+        self.event_interest(&key.0);
     }
 
     fn heard(&mut self, node: &str, now: Instant) -> &mut Node {

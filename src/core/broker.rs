@@ -18,6 +18,11 @@ use crate::router::{ConnId, Enable, Router, SubError};
 pub trait Outbox {
     /// Queue `pkt` for connection `to`.
     fn send(&mut self, to: ConnId, pkt: &Rc<Packet>);
+    /// Close connection `to` with code 4000 and `reason` (`INT KICK`, §9.2), after what
+    /// is queued for it.
+    fn kick(&mut self, to: ConnId, reason: &str) {
+        let _ = (to, reason);
+    }
 }
 
 impl Outbox for Vec<(ConnId, Rc<Packet>)> {
@@ -169,6 +174,16 @@ pub mod reason {
     pub const TOO_MANY_REQUESTS: &str = "too many requests in flight";
     /// A REQ whose `ReqID` value is longer than `max_reqid_bytes` (not echoed back).
     pub const REQID_TOO_LONG: &str = "ReqID too long";
+    /// A `forcid` that is not a cid (§9).
+    pub const BAD_CID: &str = "bad cid";
+    /// A `topic` header that is not a valid target (§9.2, §9.3).
+    pub const BAD_TOPIC: &str = "bad topic";
+    /// A presence `limit` that is not a number (§9.3).
+    pub const BAD_LIMIT: &str = "bad limit";
+    /// The connection holds as many grants as it may (§9.1).
+    pub const TOO_MANY_GRANTS: &str = "too many grants";
+    /// An enablement sent through `POST /api/cmd` (§8.1).
+    pub const NOT_PERMITTED_OVER_HTTP: &str = "not permitted over HTTP";
     /// Every reason, for metrics.
     pub const ALL: &[&str] = &[
         UNKNOWN_COMMAND,
@@ -186,19 +201,24 @@ pub mod reason {
         UNKNOWN_TARGET,
         TOO_MANY_REQUESTS,
         REQID_TOO_LONG,
+        BAD_CID,
+        BAD_TOPIC,
+        BAD_LIMIT,
+        TOO_MANY_GRANTS,
+        NOT_PERMITTED_OVER_HTTP,
     ];
 }
 
 /// Commands, for counting.
 pub const COMMANDS: &[&str] = &[
-    "SUB", "UNS", "PUB", "REQ", "RES", "EPUB", "ESUB", "EREQ", "INT",
+    "SUB", "UNS", "PUB", "REQ", "RES", "EPUB", "ESUB", "EREQ", "INT", "DPUB", "DSUB", "DREQ",
 ];
 
 /// Counters kept by the broker (plain integers, one thread).
 #[derive(Debug, Clone)]
 pub struct Stats {
     /// Messages received, by command (index into [`COMMANDS`]; last slot: unknown).
-    pub msgs_in: [u64; 10],
+    pub msgs_in: [u64; 13],
     /// Deliveries sent, by command routed (PUB, REQ, RES) and errors.
     pub delivered_pub: u64,
     /// REQ deliveries to responders.
@@ -217,12 +237,16 @@ pub struct Stats {
     pub req_responder_gone: u64,
     /// Requests refused because the requester had `max_pending_requests` in flight.
     pub req_too_many: u64,
+    /// Connection events published (§9.4), by event (connect, disconnect, sub, uns).
+    pub events: [u64; 4],
+    /// Presence requests answered: on one node, by every node, partial.
+    pub presence: [u64; 3],
 }
 
 impl Default for Stats {
     fn default() -> Self {
         Stats {
-            msgs_in: [0; 10],
+            msgs_in: [0; 13],
             delivered_pub: 0,
             delivered_req: 0,
             delivered_res: 0,
@@ -232,6 +256,8 @@ impl Default for Stats {
             req_no_responder: 0,
             req_responder_gone: 0,
             req_too_many: 0,
+            events: [0; 4],
+            presence: [0; 3],
         }
     }
 }
@@ -239,19 +265,25 @@ impl Default for Stats {
 /// Per-connection facts the broker keeps.
 #[derive(Debug, Clone)]
 pub(crate) struct Session {
-    role: Role,
-    cid: Box<str>,
+    pub(crate) role: Role,
+    pub(crate) cid: Box<str>,
+    /// Its uid (empty: none).
+    pub(crate) uid: Box<[u8]>,
+    /// An HTTP API sender (§8.1): no connection events.
+    pub(crate) quiet: bool,
     /// The server's headers on everything this session sends, `cid: ..` and `uid: ..`
     /// encoded once (at the key and at `INT UID`) rather than on every relayed message.
-    relay_tail: Box<[u8]>,
+    pub(crate) relay_tail: Box<[u8]>,
     /// `relay_tail` is valid UTF-8 (the uid came from a service; it may not be).
-    tail_utf8: bool,
+    pub(crate) tail_utf8: bool,
 }
 
 impl Session {
     /// Set the uid (`INT UID`), re-encoding the relayed headers.
     pub(crate) fn set_uid(&mut self, uid: &[u8]) {
+        let quiet = self.quiet;
         *self = Session::new(self.role, &self.cid, uid);
+        self.quiet = quiet;
     }
 
     fn new(role: Role, cid: &str, uid: &[u8]) -> Session {
@@ -261,6 +293,8 @@ impl Session {
         Session {
             role,
             cid: cid.into(),
+            uid: uid.into(),
+            quiet: false,
             tail_utf8: std::str::from_utf8(uid).is_ok(),
             relay_tail: tail.into(),
         }
@@ -289,6 +323,9 @@ pub struct Broker {
     /// Sessions by role (services, monitors, clients), kept as they come and go so
     /// `/metrics` never walks the sessions.
     roles: [usize; 3],
+    /// Event topics (§9.4) with subscribers here: one bit per topic
+    /// ([`crate::core::rooms::event_bit`]).
+    pub(crate) local_events: u8,
     /// Counters.
     pub stats: Stats,
 }
@@ -318,6 +355,7 @@ impl Broker {
             remote_dec: None,
             clock: None,
             roles: [0; 3],
+            local_events: 0,
             stats: Stats::default(),
         }
     }
@@ -364,7 +402,7 @@ impl Broker {
         self.cid_prefix = prefix.to_owned();
     }
 
-    fn session(&self, conn: ConnId) -> Option<&Session> {
+    pub(crate) fn session(&self, conn: ConnId) -> Option<&Session> {
         self.sessions.get(conn).and_then(Option::as_ref)
     }
 
@@ -388,6 +426,8 @@ impl Broker {
         self.sessions[conn] = Some(Session::new(role, &cid, b""));
         self.cids.insert(cid.as_str().into(), conn);
         self.router.add_conn(conn);
+        self.router
+            .set_conn_key(conn, crate::router::cid_key(cid.as_bytes()));
         let private = format!("MSG:{cid}");
         let _ = self.router.subscribe(conn, private.as_bytes(), usize::MAX);
         if role == Role::Monitor {
@@ -399,9 +439,34 @@ impl Broker {
         cid
     }
 
+    /// [`Broker::connect`] for an HTTP API sender (§8.1): a service connection of its
+    /// own for one request, which produces no connection events.
+    pub fn connect_quiet(&mut self, conn: ConnId) -> String {
+        let cid = self.connect(conn, Role::Service);
+        if let Some(s) = self.sessions.get_mut(conn).and_then(Option::as_mut) {
+            s.quiet = true;
+        }
+        cid
+    }
+
     /// Forget a connection: its subscriptions, enablements and requests. Requesters
     /// waiting on it get `responder disconnected`.
     pub fn disconnect(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        self.disconnect_because(conn, "normal", out);
+    }
+
+    /// [`Broker::disconnect`], `why` naming the close reason (as `/metrics` does) for
+    /// the `SYS:DISCONNECT` event (§9.4).
+    pub fn disconnect_because(&mut self, conn: ConnId, why: &str, out: &mut impl Outbox) {
+        if self.session(conn).is_none() {
+            return;
+        }
+        self.emit(
+            crate::core::rooms::Event::Disconnect,
+            conn,
+            Some(why.as_bytes()),
+            out,
+        );
         let Some(session) = self.sessions.get_mut(conn).and_then(Option::take) else {
             return;
         };
@@ -409,9 +474,14 @@ impl Broker {
         self.roles[role_slot(session.role)] -= 1;
         self.monitors.retain(|&m| m != conn);
         let held = self.cluster.is_some().then(|| self.router.held_by(conn));
+        let events = self.router.subscription_count(conn) > 0 && self.local_events != 0;
         let orphaned = self.router.remove_conn(conn);
+        if events {
+            self.refresh_local_events();
+        }
         if let Some(c) = self.cluster.as_mut() {
             c.conn_left(conn);
+            c.granter_left(conn, &session.cid);
         }
         if let Some(held) = held {
             self.cluster_after_leave(held, self.monitors.is_empty());
@@ -482,61 +552,80 @@ impl Broker {
         self.stats.msgs_in[cmd_idx] += 1;
         let service = role.is_service();
         let private = msg.target.starts_with(b"MSG:");
+        let sys = msg.target.starts_with(b"SYS:");
         let t = msg.target;
         match msg.cmd {
             b"SUB" => {
-                if !service && (private || !self.is_enabled(t, Enable::Sub)) {
+                // A topic already held: a no-op, not checked again (§9.1).
+                if self.router.is_subscribed(from, t) {
+                    return;
+                }
+                let allowed = if sys {
+                    service && crate::core::rooms::event_bit(t) != 0
+                } else {
+                    service
+                        || (!private
+                            && (self.is_enabled(t, Enable::Sub)
+                                || self.router.has_grant(from, t, Enable::Sub)))
+                };
+                if !allowed {
                     return self.error(out, from, msg, reason::NOT_PERMITTED);
                 }
-                // The private channel is not counted against the limit.
-                let max = self.settings.max_subscriptions.saturating_add(1);
-                match self.router.subscribe(from, t, max) {
-                    Err(SubError::TooMany) => {
-                        self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS)
-                    }
-                    Ok(true) if !private => {
-                        if let Some(c) = self.cluster.as_mut() {
-                            if self.router.subscribers(t).len() == 1 {
-                                c.interest(t, true, now);
-                            }
-                        }
-                    }
-                    Ok(_) => {}
+                if let Err(SubError::TooMany) = self.subscribe_conn(from, t, now, out) {
+                    self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS)
                 }
             }
             b"UNS" => {
-                if self.router.unsubscribe(from, t) && self.router.subscribers(t).is_empty() {
-                    if let Some(c) = self.cluster.as_mut() {
-                        c.interest(t, false, now);
-                    }
-                }
+                self.unsubscribe_conn(from, t, now, out);
             }
             b"PUB" => {
-                if !service && (private || !self.is_enabled(t, Enable::Pub)) {
+                if sys
+                    || (!service
+                        && (private
+                            || !(self.is_enabled(t, Enable::Pub)
+                                || self.router.has_grant(from, t, Enable::Pub))))
+                {
                     return self.error(out, from, msg, reason::NOT_PERMITTED);
                 }
                 self.publish(from, msg, out);
             }
+            b"REQ" if sys => {
+                if service && t == b"SYS:PRESENCE" {
+                    self.presence_request(from, msg, now, out);
+                } else {
+                    self.error(out, from, msg, reason::NOT_PERMITTED);
+                }
+            }
             b"REQ" => self.request(from, msg, now, out),
             b"RES" => self.respond(from, msg, out),
-            b"EPUB" | b"ESUB" | b"EREQ" => {
-                if !service {
+            b"EPUB" | b"ESUB" | b"EREQ" | b"DPUB" | b"DSUB" | b"DREQ" => {
+                if !service || sys {
                     return self.error(out, from, msg, reason::NOT_PERMITTED);
                 }
-                let kind = match msg.cmd {
-                    b"EPUB" => Enable::Pub,
-                    b"ESUB" => Enable::Sub,
+                let kind = match &msg.cmd[1..] {
+                    b"PUB" => Enable::Pub,
+                    b"SUB" => Enable::Sub,
                     _ => Enable::Req,
                 };
-                let before = self.router.is_enabled(t, kind);
-                self.router.enable(from, t, kind);
-                if !before && self.router.is_enabled(t, kind) {
+                let on = msg.cmd[0] == b'E';
+                if msg.header("forcid").is_some() {
+                    return self.grant_for(from, msg, kind, on, now, out);
+                }
+                if on {
+                    let before = self.router.is_enabled(t, kind);
+                    self.router.enable(from, t, kind);
+                    if !before && self.router.is_enabled(t, kind) {
+                        if let Some(c) = self.cluster.as_mut() {
+                            c.announce(t, kind, true);
+                        }
+                    }
+                } else if self.router.disable(from, t, kind) && !self.router.is_enabled(t, kind) {
                     if let Some(c) = self.cluster.as_mut() {
-                        c.announce(t, kind, true);
+                        c.announce(t, kind, false);
                     }
                 }
             }
-            b"INT" => self.internal(from, msg, out),
+            b"INT" => self.internal(from, msg, now, out),
             _ => self.error(out, from, msg, reason::UNKNOWN_COMMAND),
         }
     }
@@ -724,12 +813,15 @@ impl Broker {
         }
     }
 
-    fn internal(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
+    fn internal(&mut self, from: ConnId, msg: &Message<'_>, now: Instant, out: &mut impl Outbox) {
         if !self.role(from).is_some_and(Role::is_service) {
             return self.error(out, from, msg, reason::NOT_PERMITTED);
         }
-        if msg.target != b"UID" {
-            return self.error(out, from, msg, reason::UNKNOWN_TARGET);
+        match msg.target {
+            b"UID" => {}
+            b"SUB" | b"UNS" => return self.int_sub(from, msg, now, out),
+            b"KICK" => return self.int_kick(from, msg, out),
+            _ => return self.error(out, from, msg, reason::UNKNOWN_TARGET),
         }
         let (Some((_, forcid)), Some((_, setuid))) = (msg.header("forcid"), msg.header("setuid"))
         else {
@@ -751,6 +843,9 @@ impl Broker {
             return self.error(out, from, msg, reason::UNKNOWN_CID);
         };
         session.set_uid(setuid);
+        if let Some(c) = conn {
+            self.router.set_uid(c, setuid);
+        }
     }
 
     fn copy_to_monitors(&self, pkt: &Rc<Packet>, skip: &[ConnId], out: &mut impl Outbox) {
@@ -775,12 +870,18 @@ impl Broker {
         relay_packet(&mut self.pool, Origin::Local(session), msg, drop, extra)
     }
 
-    fn error(&mut self, out: &mut impl Outbox, to: ConnId, msg: &Message<'_>, why: &'static str) {
+    pub(crate) fn error(
+        &mut self,
+        out: &mut impl Outbox,
+        to: ConnId,
+        msg: &Message<'_>,
+        why: &'static str,
+    ) {
         let reqid = msg.header("ReqID");
         self.error_to(out, to, msg.cmd, msg.target, why, reqid);
     }
 
-    fn error_to(
+    pub(crate) fn error_to(
         &mut self,
         out: &mut impl Outbox,
         to: ConnId,

@@ -9,12 +9,13 @@
 //! by tests and fuzzing).
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 // foldhash instead of SipHash: topic look-up is on every PUB/REQ and SipHash was ~7% of
 // server time in the 1-subscriber fan-out profile. Seeds are still random per map; only
 // services can create topics (clients may only use topics a service enabled), so
 // untrusted peers cannot fill these tables with chosen keys.
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use std::time::Instant;
 
 use slab::Slab;
@@ -25,7 +26,7 @@ pub type ConnId = usize;
 pub type TopicId = usize;
 
 /// Which client permission a service granted on a topic (§4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Enable {
     /// `EPUB`: clients may publish.
     Pub,
@@ -42,6 +43,9 @@ pub struct Responder {
     pub conn: ConnId,
     /// Requests delivered to it and not yet ended.
     pub in_flight: u32,
+    /// Withdrawn (`DREQ`) with requests still in flight: it gets no new ones and goes
+    /// when the last one ends.
+    pub retired: bool,
 }
 
 /// One topic (also a request target; the namespaces are shared).
@@ -61,6 +65,14 @@ pub struct Topic {
     rr: usize,
     /// Its responders or their counts changed since [`Router::take_load_changes`].
     load_dirty: bool,
+    /// Per-connection grants (§9.1) on this topic: (connection, kind) pairs granted.
+    grants: u32,
+    /// A private channel (`MSG:`): no presence index.
+    private: bool,
+    /// Subscribers by cid order (presence lists, §9.3); not kept for private channels.
+    by_cid: std::collections::BTreeSet<(u128, ConnId)>,
+    /// Subscribers per non-empty uid (presence's `users`).
+    users: HashMap<Rc<[u8]>, u32>,
 }
 
 impl Topic {
@@ -69,6 +81,17 @@ impl Topic {
             && self.epub.is_empty()
             && self.esub.is_empty()
             && self.responders.is_empty()
+            && self.grants == 0
+    }
+
+    /// Responders that take new requests (not withdrawn).
+    pub fn active_responders(&self) -> impl Iterator<Item = &Responder> {
+        self.responders.iter().filter(|r| !r.retired)
+    }
+
+    /// Does it have a responder that takes new requests?
+    pub fn has_responder(&self) -> bool {
+        self.responders.iter().any(|r| !r.retired)
     }
 }
 
@@ -119,6 +142,12 @@ struct Entry {
     /// Ids of the pending requests delivered to this connection (same scheme,
     /// `Pending::answering_at`).
     answering: Vec<u64>,
+    /// Its cid as a number that sorts like the cid (see [`cid_key`]).
+    key: u128,
+    /// Its uid, when not empty.
+    uid: Option<Rc<[u8]>>,
+    /// Rights granted to it (§9.1): (topic, kind) -> the granting services.
+    held: HashMap<(TopicId, Enable), Vec<ConnId>>,
 }
 
 /// Largest capacity a request index keeps once it is empty again: a connection that
@@ -149,6 +178,36 @@ pub enum SubError {
     TooMany,
 }
 
+/// A grant was refused: the connection holds `max` grants already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyGrants;
+
+/// A topic's presence (§9.3): counts, and the first subscribers in cid order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presence {
+    /// Connections subscribed.
+    pub count: usize,
+    /// Distinct non-empty uids among them.
+    pub users: usize,
+    /// The first `limit` subscribers by cid.
+    pub first: Vec<ConnId>,
+}
+
+/// A number that orders like the cid `cid` (byte order) for cids of up to 24 characters
+/// of `[0-9a-z]`: each character is a base-37 digit (1-36), padded with zeros.
+pub fn cid_key(cid: &[u8]) -> u128 {
+    let mut k: u128 = 0;
+    for i in 0..24 {
+        let d = match cid.get(i) {
+            Some(c @ b'0'..=b'9') => (c - b'0') as u128 + 1,
+            Some(c @ b'a'..=b'z') => (c - b'a') as u128 + 11,
+            _ => 0,
+        };
+        k = k * 37 + d;
+    }
+    k
+}
+
 /// The routing tables.
 #[derive(Debug, Default)]
 pub struct Router {
@@ -162,6 +221,11 @@ pub struct Router {
     /// Topics whose responders changed, when changes are tracked (a cluster node
     /// announces them); each at most once (`Topic::load_dirty`).
     load_changes: Option<Vec<TopicId>>,
+    /// Grants by granting service (a local connection or a stand-in for a service on
+    /// another node): (topic, kind, grantee).
+    made: HashMap<ConnId, HashSet<(TopicId, Enable, ConnId)>>,
+    /// Grants in force (one per granter and grant), kept as they come and go.
+    total_grants: usize,
 }
 
 impl Router {
@@ -255,6 +319,7 @@ impl Router {
         }
         let id = self.topics.insert(Topic {
             name: name.into(),
+            private: name.starts_with(b"MSG:"),
             ..Default::default()
         });
         self.names.insert(name.into(), id);
@@ -283,10 +348,17 @@ impl Router {
         if entry.subs.len() >= max {
             return Err(SubError::TooMany);
         }
+        let (key, uid) = (entry.key, entry.uid.clone());
         let id = self.intern(name);
         let topic = &mut self.topics[id];
         let idx = topic.subs.len() as u32;
         topic.subs.push(conn);
+        if !topic.private {
+            topic.by_cid.insert((key, conn));
+            if let Some(u) = uid {
+                *topic.users.entry(u).or_insert(0) += 1;
+            }
+        }
         self.total_subs += 1;
         if let Some(e) = self.entry(conn) {
             e.subs.insert(id, idx);
@@ -299,17 +371,32 @@ impl Router {
         let Some(id) = self.lookup(name) else {
             return false;
         };
-        let Some(idx) = self.entry(conn).and_then(|e| e.subs.remove(&id)) else {
+        let Some((idx, key, uid)) = self
+            .entry(conn)
+            .and_then(|e| Some((e.subs.remove(&id)?, e.key, e.uid.clone())))
+        else {
             return false;
         };
-        self.remove_sub_at(id, idx as usize);
+        self.remove_sub_at(id, idx as usize, key, uid.as_ref());
         self.release_if_unused(id);
         true
     }
 
-    /// Remove `topic.subs[idx]` in O(1), fixing the index of the one moved into its place.
-    fn remove_sub_at(&mut self, id: TopicId, idx: usize) {
+    /// Remove `topic.subs[idx]` (a connection with sort key `key` and uid `uid`) in O(1),
+    /// fixing the index of the one moved into its place.
+    fn remove_sub_at(&mut self, id: TopicId, idx: usize, key: u128, uid: Option<&Rc<[u8]>>) {
         let topic = &mut self.topics[id];
+        if !topic.private {
+            topic.by_cid.remove(&(key, topic.subs[idx]));
+            if let Some(u) = uid {
+                if let Some(n) = topic.users.get_mut(u) {
+                    *n -= 1;
+                    if *n == 0 {
+                        topic.users.remove(u);
+                    }
+                }
+            }
+        }
         topic.subs.swap_remove(idx);
         self.total_subs -= 1;
         if let Some(&moved) = topic.subs.get(idx) {
@@ -365,10 +452,20 @@ impl Router {
             Enable::Pub => add_once(&mut t.epub, conn),
             Enable::Sub => add_once(&mut t.esub, conn),
             Enable::Req => {
-                if t.responders.iter().any(|r| r.conn == conn) {
-                    false
+                if let Some(r) = t.responders.iter_mut().find(|r| r.conn == conn) {
+                    // A withdrawn responder whose requests are still in flight is
+                    // back; it never left the connection's list.
+                    let back = std::mem::take(&mut r.retired);
+                    if back {
+                        self.load_changed(id);
+                    }
+                    return;
                 } else {
-                    t.responders.push(Responder { conn, in_flight: 0 });
+                    t.responders.push(Responder {
+                        conn,
+                        in_flight: 0,
+                        retired: false,
+                    });
                     true
                 }
             }
@@ -391,7 +488,7 @@ impl Router {
         match kind {
             Enable::Pub => !t.epub.is_empty(),
             Enable::Sub => !t.esub.is_empty(),
-            Enable::Req => !t.responders.is_empty(),
+            Enable::Req => t.has_responder(),
         }
     }
 
@@ -420,17 +517,15 @@ impl Router {
     /// Fewest in flight, ties round-robin from the cursor.
     fn pick(t: &Topic) -> Option<usize> {
         let n = t.responders.len();
-        if n == 0 {
-            return None;
-        }
-        let mut best = t.rr % n;
-        for i in 1..n {
+        let mut best: Option<usize> = None;
+        for i in 0..n {
             let k = (t.rr + i) % n;
-            if t.responders[k].in_flight < t.responders[best].in_flight {
-                best = k;
+            let r = &t.responders[k];
+            if !r.retired && best.is_none_or(|b| r.in_flight < t.responders[b].in_flight) {
+                best = Some(k);
             }
         }
-        Some(best)
+        best
     }
 
     /// [`Router::start_request`], given to `to` if it is one of `name`'s responders
@@ -446,7 +541,7 @@ impl Router {
     ) -> Option<(ConnId, u64)> {
         let id = self.lookup(name)?;
         let t = self.topics.get_mut(id)?;
-        let chosen = to.and_then(|c| t.responders.iter().position(|r| r.conn == c));
+        let chosen = to.and_then(|c| t.responders.iter().position(|r| r.conn == c && !r.retired));
         let best = match chosen {
             Some(k) => k,
             None => {
@@ -554,12 +649,29 @@ impl Router {
     /// End the pending request `rid` (answered, timed out, or a party left).
     pub fn end_request(&mut self, rid: u64) -> Option<Pending> {
         let p = self.pending.remove(&rid)?;
+        let mut retire = None;
         if let Some(t) = self.topics.get_mut(p.topic) {
             if let Some(r) = t.responders.iter_mut().find(|r| r.conn == p.responder) {
                 r.in_flight = r.in_flight.saturating_sub(1);
+                if r.retired && r.in_flight == 0 {
+                    retire = Some(p.responder);
+                }
             }
         }
         self.load_changed(p.topic);
+        if let Some(conn) = retire {
+            // A withdrawn responder's last request ended: it goes now. (While the
+            // connection itself is being removed, its entry is taken and its removal
+            // releases the topic.)
+            if let Some(t) = self.topics.get_mut(p.topic) {
+                t.responders.retain(|r| r.conn != conn);
+            }
+            if let Some(e) = self.entry(conn) {
+                e.enabled
+                    .retain(|&(id, k)| !(id == p.topic && k == Enable::Req));
+                self.release_if_unused(p.topic);
+            }
+        }
         self.remove_rid(p.requester, Side::Asked, p.asked_at);
         self.remove_rid(p.responder, Side::Answering, p.answering_at);
         Some(p)
@@ -579,6 +691,231 @@ impl Router {
     /// The earliest request deadline.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.pending.first_key_value().map(|(_, p)| p.deadline)
+    }
+
+    /// Withdraw `conn`'s own enablement of `name` (`DPUB`/`DSUB`/`DREQ` without
+    /// `forcid`, §9.1). A responder with requests in flight is retired: no new requests,
+    /// the ones in flight may still be answered. False if it had none.
+    pub fn disable(&mut self, conn: ConnId, name: &[u8], kind: Enable) -> bool {
+        let Some(id) = self.lookup(name) else {
+            return false;
+        };
+        let Some(t) = self.topics.get_mut(id) else {
+            return false;
+        };
+        let mut keep = false;
+        let had = match kind {
+            Enable::Pub => remove_one(&mut t.epub, conn),
+            Enable::Sub => remove_one(&mut t.esub, conn),
+            Enable::Req => match t.responders.iter().position(|r| r.conn == conn) {
+                Some(i) if t.responders[i].retired => false,
+                Some(i) if t.responders[i].in_flight > 0 => {
+                    t.responders[i].retired = true;
+                    keep = true;
+                    true
+                }
+                Some(i) => {
+                    t.responders.remove(i);
+                    if t.rr > i {
+                        t.rr -= 1;
+                    }
+                    true
+                }
+                None => false,
+            },
+        };
+        if !had {
+            return false;
+        }
+        if kind == Enable::Req {
+            self.load_changed(id);
+        }
+        if !keep {
+            if let Some(e) = self.entry(conn) {
+                e.enabled.retain(|&(t, k)| !(t == id && k == kind));
+            }
+            self.release_if_unused(id);
+        }
+        true
+    }
+
+    /// Record `conn`'s cid (as [`cid_key`]) for presence's cid order. Before it
+    /// subscribes to anything.
+    pub fn set_conn_key(&mut self, conn: ConnId, key: u128) {
+        if let Some(e) = self.entry(conn) {
+            e.key = key;
+        }
+    }
+
+    /// Set `conn`'s uid (empty: none), moving its weight in every topic's `users`.
+    /// O(its subscriptions).
+    pub fn set_uid(&mut self, conn: ConnId, uid: &[u8]) {
+        let Some(e) = self.conns.get_mut(conn).and_then(Option::as_mut) else {
+            return;
+        };
+        let new: Option<Rc<[u8]>> = (!uid.is_empty()).then(|| uid.into());
+        if e.uid.as_deref() == new.as_deref() {
+            return;
+        }
+        let old = std::mem::replace(&mut e.uid, new.clone());
+        for &id in e.subs.keys() {
+            let Some(t) = self.topics.get_mut(id) else {
+                continue;
+            };
+            if t.private {
+                continue;
+            }
+            if let Some(u) = &old {
+                if let Some(n) = t.users.get_mut(u) {
+                    *n -= 1;
+                    if *n == 0 {
+                        t.users.remove(u);
+                    }
+                }
+            }
+            if let Some(u) = &new {
+                *t.users.entry(u.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// The presence of `name` (§9.3): counts in O(1), the first `limit` subscribers in
+    /// cid order in O(limit).
+    pub fn presence(&self, name: &[u8], limit: usize) -> Presence {
+        let Some(t) = self.lookup(name).and_then(|id| self.topics.get(id)) else {
+            return Presence::default();
+        };
+        if t.private {
+            return Presence::default();
+        }
+        Presence {
+            count: t.subs.len(),
+            users: t.users.len(),
+            first: t.by_cid.iter().take(limit).map(|&(_, c)| c).collect(),
+        }
+    }
+
+    /// The distinct non-empty uids among `name`'s subscribers (O(users): for merging
+    /// presence answers of several nodes).
+    pub fn presence_uids(&self, name: &[u8]) -> foldhash::HashSet<Box<[u8]>> {
+        match self.lookup(name).and_then(|id| self.topics.get(id)) {
+            Some(t) => t.users.keys().map(|u| Box::<[u8]>::from(&u[..])).collect(),
+            None => Default::default(),
+        }
+    }
+
+    /// `granter` grants `grantee` the right `kind` on `name` (§9.1). `Ok(false)` if it
+    /// had granted it already or the grantee is unknown; refused when the grantee holds
+    /// `max` grants. `granter` need not be a registered connection (a service on another
+    /// node stands in as an id of its own).
+    pub fn grant(
+        &mut self,
+        granter: ConnId,
+        grantee: ConnId,
+        name: &[u8],
+        kind: Enable,
+        max: usize,
+    ) -> Result<bool, TooManyGrants> {
+        let existing = self.lookup(name);
+        let Some(e) = self.entry(grantee) else {
+            return Ok(false);
+        };
+        if let Some(list) = existing.and_then(|id| e.held.get(&(id, kind))) {
+            if list.contains(&granter) {
+                return Ok(false);
+            }
+        } else if e.held.len() >= max {
+            return Err(TooManyGrants);
+        }
+        let id = self.intern(name);
+        let Some(e) = self.entry(grantee) else {
+            return Ok(false);
+        };
+        let list = e.held.entry((id, kind)).or_default();
+        let new_key = list.is_empty();
+        list.push(granter);
+        self.total_grants += 1;
+        if new_key {
+            self.topics[id].grants += 1;
+        }
+        self.made
+            .entry(granter)
+            .or_default()
+            .insert((id, kind, grantee));
+        Ok(true)
+    }
+
+    /// `granter` withdraws its grant of `kind` on `name` to `grantee`. True if it had
+    /// made it.
+    pub fn revoke(&mut self, granter: ConnId, grantee: ConnId, name: &[u8], kind: Enable) -> bool {
+        let Some(id) = self.lookup(name) else {
+            return false;
+        };
+        let made = self
+            .made
+            .get_mut(&granter)
+            .is_some_and(|m| m.remove(&(id, kind, grantee)));
+        if !made {
+            return false;
+        }
+        if self.made.get(&granter).is_some_and(HashSet::is_empty) {
+            self.made.remove(&granter);
+        }
+        self.drop_held(grantee, id, kind, granter);
+        self.release_if_unused(id);
+        true
+    }
+
+    /// Remove `granter` from `grantee`'s holders of (id, kind).
+    fn drop_held(&mut self, grantee: ConnId, id: TopicId, kind: Enable, granter: ConnId) {
+        let Some(e) = self.conns.get_mut(grantee).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(list) = e.held.get_mut(&(id, kind)) else {
+            return;
+        };
+        if remove_one(list, granter) {
+            self.total_grants -= 1;
+        }
+        if list.is_empty() {
+            e.held.remove(&(id, kind));
+            if let Some(t) = self.topics.get_mut(id) {
+                t.grants -= 1;
+            }
+        }
+    }
+
+    /// Grants in force (a running total: O(1)).
+    pub fn total_grants(&self) -> usize {
+        self.total_grants
+    }
+
+    /// Has `conn` been granted `kind` on `name` by any service?
+    pub fn has_grant(&self, conn: ConnId, name: &[u8], kind: Enable) -> bool {
+        match (self.lookup(name), self.conns.get(conn)) {
+            (Some(id), Some(Some(e))) => e.held.contains_key(&(id, kind)),
+            _ => false,
+        }
+    }
+
+    /// Number of grants `conn` holds ((topic, kind) pairs).
+    pub fn grant_count(&self, conn: ConnId) -> usize {
+        match self.conns.get(conn) {
+            Some(Some(e)) => e.held.len(),
+            _ => 0,
+        }
+    }
+
+    /// Every grant `granter` made ends (it left, or its node is gone). O(its grants).
+    /// Subscriptions made under them stay (§9.1).
+    pub fn remove_granter(&mut self, granter: ConnId) {
+        let Some(made) = self.made.remove(&granter) else {
+            return;
+        };
+        for (id, kind, grantee) in made {
+            self.drop_held(grantee, id, kind, granter);
+            self.release_if_unused(id);
+        }
     }
 
     /// The names of the topics `conn` subscribes and the enablements it made (the
@@ -622,7 +959,24 @@ impl Router {
             }
         }
         for (&id, &idx) in &entry.subs {
-            self.remove_sub_at(id, idx as usize);
+            self.remove_sub_at(id, idx as usize, entry.key, entry.uid.as_ref());
+        }
+        // Grants it made, then grants it held (their granters forget them).
+        self.remove_granter(conn);
+        for (&(id, kind), granters) in &entry.held {
+            self.total_grants -= granters.len();
+            for g in granters {
+                if let Some(m) = self.made.get_mut(g) {
+                    m.remove(&(id, kind, conn));
+                    if m.is_empty() {
+                        self.made.remove(g);
+                    }
+                }
+            }
+            if let Some(t) = self.topics.get_mut(id) {
+                t.grants -= 1;
+            }
+            self.release_if_unused(id);
         }
         for &(id, kind) in &entry.enabled {
             if let Some(t) = self.topics.get_mut(id) {
@@ -671,6 +1025,53 @@ impl Router {
                 if self.topics.get(id).and_then(|t| t.subs.get(i as usize)) != Some(&c) {
                     return Err(format!("conn {c} sub {id}@{i} not in topic"));
                 }
+            }
+        }
+        let mut grants: HashMap<TopicId, u32> = HashMap::default();
+        let mut made = 0;
+        for (c, e) in self.conns.iter().enumerate() {
+            let Some(e) = e else { continue };
+            for (&(id, kind), granters) in &e.held {
+                *grants.entry(id).or_default() += 1;
+                if granters.is_empty() {
+                    return Err(format!("conn {c} holds an empty grant"));
+                }
+                for g in granters {
+                    made += 1;
+                    if !self.made.get(g).is_some_and(|m| m.contains(&(id, kind, c))) {
+                        return Err(format!("conn {c} holds a grant {g} did not make"));
+                    }
+                }
+            }
+        }
+        if made != self.made.values().map(HashSet::len).sum::<usize>() || made != self.total_grants
+        {
+            return Err("grants made and held differ".into());
+        }
+        for (id, t) in &self.topics {
+            if grants.get(&id).copied().unwrap_or(0) != t.grants {
+                return Err(format!("topic {id} grant count {} is wrong", t.grants));
+            }
+            if t.private {
+                continue;
+            }
+            if t.by_cid.len() != t.subs.len() {
+                return Err(format!("topic {id} cid index differs from its subscribers"));
+            }
+            let mut users: HashMap<&[u8], u32> = HashMap::default();
+            for &c in &t.subs {
+                if let Some(Some(e)) = self.conns.get(c) {
+                    if !t.by_cid.contains(&(e.key, c)) {
+                        return Err(format!("topic {id} sub {c} not in its cid index"));
+                    }
+                    if let Some(u) = &e.uid {
+                        *users.entry(u).or_default() += 1;
+                    }
+                }
+            }
+            if users.len() != t.users.len() || users.iter().any(|(u, n)| t.users.get(*u) != Some(n))
+            {
+                return Err(format!("topic {id} users differ"));
             }
         }
         let subs: usize = self.topics.iter().map(|(_, t)| t.subs.len()).sum();
@@ -761,6 +1162,16 @@ impl Router {
             }
         }
         Ok(())
+    }
+}
+
+fn remove_one(v: &mut Vec<ConnId>, c: ConnId) -> bool {
+    match v.iter().position(|&x| x == c) {
+        Some(i) => {
+            v.remove(i);
+            true
+        }
+        None => false,
     }
 }
 

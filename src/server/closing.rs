@@ -1,6 +1,7 @@
 //! Closing: closes decided during the pass, the close frame (or last line), lingering
 //! until flushed, and removal.
 
+use std::borrow::Cow;
 use std::io::{self, Read};
 use std::rc::Rc;
 use std::time::Instant;
@@ -17,12 +18,12 @@ use super::{warn_limited, Conn, Phase, Server, CLOSE_LINGER};
 
 /// A close decided during the pass, carried out after it. The generation makes sure it
 /// reaches the connection it was meant for, not a later one in the same slab slot.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Close {
     id: ConnId,
     gen: u64,
     code: u16,
-    reason: &'static str,
+    reason: Cow<'static, str>,
     why: CloseReason,
 }
 
@@ -32,10 +33,11 @@ pub(super) fn stop_queueing(
     id: ConnId,
     c: &mut Conn,
     code: u16,
-    reason: &'static str,
+    reason: impl Into<Cow<'static, str>>,
     why: CloseReason,
 ) {
     c.slow = true;
+    let reason = reason.into();
     closes.push(Close {
         id,
         gen: c.gen,
@@ -52,7 +54,7 @@ impl Server {
         &mut self,
         id: ConnId,
         code: u16,
-        reason: &'static str,
+        reason: &str,
         now: Instant,
         why: CloseReason,
     ) {
@@ -85,7 +87,7 @@ impl Server {
         } else if let Some(ws) = c.ws.as_mut() {
             let frame = CloseFrame {
                 code: CloseCode::from(code),
-                reason: reason.into(),
+                reason: reason.to_owned().into(),
             };
             let _ = ws.close(
                 &mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes),
@@ -109,7 +111,7 @@ impl Server {
         c.close_deadline = Some(deadline);
         self.mark_dirty(id);
         let (broker, mut sink) = self.split();
-        broker.disconnect(id, &mut sink);
+        broker.disconnect_because(id, why.name(), &mut sink);
     }
 
     pub(super) fn read_closing(&mut self, id: ConnId) {
@@ -152,7 +154,7 @@ impl Server {
             if cl.why == CloseReason::PeerGone {
                 self.remove(cl.id, cl.why);
             } else {
-                self.close_with(cl.id, cl.code, cl.reason, now, cl.why);
+                self.close_with(cl.id, cl.code, &cl.reason, now, cl.why);
             }
         }
     }
@@ -166,7 +168,7 @@ impl Server {
         let _ = self.poll.registry().deregister(&mut c.link);
         {
             let (broker, mut sink) = self.split();
-            broker.disconnect(id, &mut sink);
+            broker.disconnect_because(id, why.name(), &mut sink);
         }
         self.metrics.count_close(why);
         debug!(
@@ -208,7 +210,7 @@ mod tests {
             id,
             gen,
             code: 1008,
-            reason: "slow consumer",
+            reason: "slow consumer".into(),
             why: CloseReason::SlowConsumer,
         });
         s.remove(id, CloseReason::PeerGone);

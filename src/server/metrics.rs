@@ -35,11 +35,13 @@ pub enum CloseReason {
     Shutdown,
     /// Dropped unauthenticated to make room for a new handshake (`--max-handshakes`).
     Evicted,
+    /// Closed by a service's `INT KICK` (§9.2).
+    Kicked,
 }
 
 impl CloseReason {
     /// Every reason, in the order of [`Metrics::closed`].
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::Normal,
         CloseReason::Http,
         CloseReason::BadKey,
@@ -51,6 +53,7 @@ impl CloseReason {
         CloseReason::PeerGone,
         CloseReason::Shutdown,
         CloseReason::Evicted,
+        CloseReason::Kicked,
     ];
 
     /// Label value.
@@ -67,6 +70,7 @@ impl CloseReason {
             CloseReason::PeerGone => "peer_gone",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Evicted => "evicted",
+            CloseReason::Kicked => "kicked",
         }
     }
 }
@@ -108,7 +112,7 @@ pub struct Metrics {
     /// Connections refused at the connection limit.
     pub refused: u64,
     /// Connections closed, by [`CloseReason::ALL`] index.
-    pub closed: [u64; 11],
+    pub closed: [u64; 12],
     /// Bytes read from sockets.
     pub bytes_in: u64,
     /// Bytes written to sockets.
@@ -149,7 +153,7 @@ impl Default for Metrics {
         Metrics {
             accepted: 0,
             refused: 0,
-            closed: [0; 11],
+            closed: [0; 12],
             bytes_in: 0,
             bytes_out: 0,
             slow_consumers: 0,
@@ -278,6 +282,15 @@ impl Metrics {
                 ("too_many_in_flight", st.req_too_many),
             ],
             slow_consumers: self.slow_consumers,
+            grants: router.total_grants() as u64,
+            events: ["connect", "disconnect", "sub", "uns"]
+                .into_iter()
+                .zip(st.events)
+                .collect(),
+            presence: ["local", "cluster", "partial"]
+                .into_iter()
+                .zip(st.presence)
+                .collect(),
             errors: reason::ALL.iter().copied().zip(st.errors).collect(),
             http_requests: self.http_requests,
             loop_iterations: self.loop_iterations,
@@ -400,6 +413,12 @@ pub struct Snapshot {
     pub requests: Vec<(&'static str, u64)>,
     /// Slow consumers cut off.
     pub slow_consumers: u64,
+    /// Per-connection grants in force (§9.1).
+    pub grants: u64,
+    /// Connection events published (§9.4), by event.
+    pub events: Vec<(&'static str, u64)>,
+    /// Presence requests answered (§9.3), by scope (`local`, `cluster`, `partial`).
+    pub presence: Vec<(&'static str, u64)>,
     /// Errors sent, by reason.
     pub errors: Vec<(&'static str, u64)>,
     /// Plain HTTP requests answered.
@@ -581,6 +600,24 @@ impl Snapshot {
             &one(self.slow_consumers),
         );
         metric(
+            "middleman_grants",
+            "gauge",
+            "Per-connection grants in force (ESUB/EPUB/EREQ with forcid).",
+            &one(self.grants),
+        );
+        metric(
+            "middleman_events_total",
+            "counter",
+            "Connection events published (SYS:CONNECT, SYS:DISCONNECT, SYS:SUB, SYS:UNS), by event.",
+            &by("event", &self.events),
+        );
+        metric(
+            "middleman_presence_requests_total",
+            "counter",
+            "Presence requests answered, by scope (local: one node; cluster: every node answered; partial: one did not in time).",
+            &by("scope", &self.presence),
+        );
+        metric(
             "middleman_errors_total",
             "counter",
             "Protocol errors sent, by reason.",
@@ -711,6 +748,9 @@ impl Snapshot {
             "pending_requests": self.pending_requests,
             "requests_total": obj(&self.requests),
             "slow_consumers_total": self.slow_consumers,
+            "grants": self.grants,
+            "events_total": obj(&self.events),
+            "presence_requests_total": obj(&self.presence),
             "errors_total": obj(&self.errors),
             "http_requests_total": self.http_requests,
             "loop_iterations_total": self.loop_iterations,

@@ -81,6 +81,19 @@ impl Outbox for Sink<'_> {
             self.write_now(to);
         }
     }
+
+    fn kick(&mut self, to: ConnId, reason: &str) {
+        let Some(c) = self.conns.get_mut(to) else {
+            return;
+        };
+        if !c.accepts_data() {
+            return;
+        }
+        // After what is queued: the close frame follows the messages already sent.
+        c.slow = true;
+        let why = CloseReason::Kicked;
+        stop_queueing(self.closes, to, c, 4000, reason.to_owned(), why);
+    }
 }
 
 impl Server {

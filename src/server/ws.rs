@@ -311,6 +311,8 @@ impl Server {
             sink.send(id, &Rc::new(Packet::raw(b"MM OK")));
             sink.send(id, &Rc::new(Packet::raw(cid.as_bytes())));
         }
+        let (broker, mut sink) = self.split();
+        broker.connected(id, &mut sink);
         self.leave_handshake(id);
     }
 }
