@@ -69,6 +69,19 @@ fn await_route(publisher: &mut Peer, sub: &mut Peer, topic: &str) {
     }
 }
 
+/// Read `p`'s messages on `topic` up to the end marker of [`await_route`] (a subscriber
+/// on the publisher's side receives the probes too).
+fn skip_to_end(p: &mut Peer, topic: &str) {
+    loop {
+        let m = p.recv();
+        assert_eq!(m.target, topic, "{m:?}");
+        if m.body == "probe-end" {
+            return;
+        }
+        assert_eq!(m.body, "probe", "{m:?}");
+    }
+}
+
 /// A service on node `from` sends `PUB MSG:<cid>` with `marker`; the next message `p`
 /// receives must be that marker (nothing published before it reached `p`).
 fn next_is_marker(svc: &mut Peer, p: &mut Peer, marker: &str) {
@@ -94,12 +107,14 @@ fn a_grant_to_a_connection_on_another_node_and_its_withdrawal() {
     let nats = NatsServer::start();
     let n = cluster(&nats, "g1", 2, &[]);
     let mut svc = Peer::service(n[0].addr);
+    let mut sa = Peer::service(n[0].addr);
     let mut cb = Peer::client(n[1].addr);
     let mut other = Peer::client(n[1].addr);
     for_cid(&mut svc, "ESUB", "room", &cb.cid);
     for_cid(&mut svc, "EPUB", "room", &cb.cid);
-    svc.send("SUB", "room", &[], "");
+    sa.send("SUB", "room", &[], "");
     svc.sync();
+    sa.sync();
     until(10, "the grant from A applies on B", || {
         !sub_refused(&mut cb, "room")
     });
@@ -109,21 +124,25 @@ fn a_grant_to_a_connection_on_another_node_and_its_withdrawal() {
     );
     other.send("PUB", "room", &[], "x");
     expect_error(&mut other, "PUB", "room", "not permitted");
+    // Routes both ways (the probes also reach the publisher's node's subscriber).
     await_route(&mut svc, &mut cb, "room");
+    skip_to_end(&mut sa, "room");
+    await_route(&mut cb, &mut sa, "room");
+    skip_to_end(&mut cb, "room");
     // cb publishes on B: the service on A and cb itself receive it.
     cb.send("PUB", "room", &[], "from b");
-    expect_pub(&mut svc, "room", "from b", &cb.cid.clone());
     let cbcid = cb.cid.clone();
+    expect_pub(&mut sa, "room", "from b", &cbcid);
     expect_pub(&mut cb, "room", "from b", &cbcid);
     // DSUB forcid from A: cb is unsubscribed before A's next PUB reaches B.
     for_cid(&mut svc, "DSUB", "room", &cb.cid);
     svc.send("PUB", "room", &[], "after");
-    let svccid = svc.cid.clone();
-    expect_pub(&mut svc, "room", "after", &svccid);
+    expect_pub(&mut sa, "room", "after", &svc.cid);
     next_is_marker(&mut svc, &mut cb, "marker");
     quiet(&mut cb, "unsubscribed by DSUB forcid from another node");
     assert!(sub_refused(&mut cb, "room"), "the grant is withdrawn");
     quiet(&mut other, "never subscribed");
+    quiet(&mut sa, "nothing else");
 }
 
 /// §9.1: a grant ends when its service leaves (existing subscriptions stay, new SUB/PUB
@@ -243,6 +262,43 @@ fn int_sub_uns_and_kick_reach_a_connection_on_another_node() {
     svc.send("INT", "KICK", &[("forcid", &cb2.cid)], "");
     assert_eq!(cb2.recv_close(), (4000, "kicked".to_owned()));
     quiet(&mut svc, "no error");
+    // A well-formed cid connected nowhere in the cluster: silent (§9 preamble).
+    let ghost = "zz00000000000000";
+    for cmd in ["ESUB", "EPUB", "EREQ", "DSUB", "DPUB", "DREQ"] {
+        for_cid(&mut svc, cmd, "room", ghost);
+    }
+    int_sub(&mut svc, "SUB", ghost, "room");
+    int_sub(&mut svc, "UNS", ghost, "room");
+    svc.send("INT", "KICK", &[("forcid", ghost)], "");
+    std::thread::sleep(Duration::from_millis(300));
+    quiet(&mut svc, "unknown cid: silent");
+}
+
+/// notes-21: "`too many grants`: a connection already holds `max_subscriptions` grants;
+/// the error goes to the granting service, the grant is not made" — the granting service
+/// on another node than the connection.
+#[test]
+#[ignore = "needs nats-server (Debian package nats-server): run .ci/install-tools.sh"]
+fn too_many_grants_for_a_connection_on_another_node_goes_back_to_the_granting_service() {
+    let nats = NatsServer::start();
+    let n = cluster(&nats, "i2", 2, &["--max-subscriptions", "2"]);
+    let mut svc = Peer::service(n[0].addr);
+    let mut cb = Peer::client(n[1].addr);
+    for t in ["a", "b"] {
+        for_cid(&mut svc, "ESUB", t, &cb.cid);
+    }
+    svc.sync();
+    until(10, "the grants apply on B", || !sub_refused(&mut cb, "b"));
+    assert!(!sub_refused(&mut cb, "a"));
+    quiet(&mut svc, "two grants fit");
+    for_cid(&mut svc, "ESUB", "c", &cb.cid);
+    let e = read_for(&mut svc, Duration::from_secs(3));
+    let refused = sub_refused(&mut cb, "c");
+    assert!(
+        e.len() == 1 && refused,
+        "one error back to the granting service (got {e:?}), the grant not made (SUB c refused: {refused})"
+    );
+    assert_error(&e[0], "ESUB", "c", "too many grants");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -499,22 +555,34 @@ fn a_subscriber_on_one_node_receives_the_events_of_another() {
     // INT SUB from A for the connection on B: the event comes from B.
     int_sub(&mut svc_a, "SUB", &cb.cid, "hall");
     ev("SYS:SUB", &cb.cid, "hall", &mut w);
-    // A service on B: its events follow its commands in order.
-    sb.send_raw(
-        &(wire("SUB", "x", &[], "") + &wire("SUB", "y", &[], "") + &wire("UNS", "x", &[], "")),
-    );
-    for (t, topic) in [("SYS:SUB", "x"), ("SYS:SUB", "y"), ("SYS:UNS", "x")] {
+    // A service on B: its events follow its commands in order, its PUBs included.
+    w.send("SUB", "mark", &[], "");
+    drain(&mut w); // its own SYS:SUB mark
+    await_route(&mut sb, &mut w, "mark");
+    let mut raw = wire("SUB", "x", &[], "");
+    raw += &wire("PUB", "mark", &[], "1");
+    raw += &wire("SUB", "y", &[], "");
+    raw += &wire("UNS", "x", &[], "");
+    raw += &wire("PUB", "mark", &[], "2");
+    sb.send_raw(&raw);
+    let sbcid = sb.cid.clone();
+    let sev = |w: &mut Peer, t: &str, topic: &str| {
         expect_event(
-            &mut w,
+            w,
             t,
             &[
-                ("cid", &sb.cid),
+                ("cid", &sbcid),
                 ("uid", ""),
                 ("role", "service"),
                 ("topic", topic),
             ],
         );
-    }
+    };
+    sev(&mut w, "SYS:SUB", "x");
+    expect_pub(&mut w, "mark", "1", &sbcid);
+    sev(&mut w, "SYS:SUB", "y");
+    sev(&mut w, "SYS:UNS", "x");
+    expect_pub(&mut w, "mark", "2", &sbcid);
     let cid = cb.cid.clone();
     leave(cb);
     expect_event(

@@ -215,6 +215,42 @@ fn dreq_without_forcid_leaves_other_responders() {
     quiet(&mut r1, "no request reaches a withdrawn responder");
 }
 
+/// §9.1: "without `forcid`, its own enablement of t for all clients": a plain DSUB /
+/// DPUB / DREQ leaves the sender's grants to single connections standing.
+#[test]
+fn a_withdrawal_without_forcid_leaves_the_senders_grants() {
+    let s = Server::start(&[]);
+    let mut svc = Peer::service(s.addr);
+    let mut c1 = Peer::client(s.addr);
+    let mut c2 = Peer::client(s.addr);
+    for cmd in ["ESUB", "EPUB"] {
+        svc.send(cmd, "room", &[], "");
+        for_cid(&mut svc, cmd, "room", &c1.cid);
+    }
+    svc.send("EREQ", "ask", &[], "");
+    for_cid(&mut svc, "EREQ", "ask", &c1.cid);
+    for cmd in ["DSUB", "DPUB"] {
+        svc.send(cmd, "room", &[], "");
+    }
+    svc.send("DREQ", "ask", &[], "");
+    svc.sync();
+    // c2 had only the global enablements.
+    c2.send("SUB", "room", &[], "");
+    expect_error(&mut c2, "SUB", "room", "not permitted");
+    c2.send("PUB", "room", &[], "");
+    expect_error(&mut c2, "PUB", "room", "not permitted");
+    c2.send("REQ", "ask", &[("ReqID", "r2")], "");
+    expect_req_refused(&mut c2, "ask", "r2");
+    // c1's grants stand.
+    accepted(&mut c1, "SUB", "room");
+    c1.send("PUB", "room", &[], "mine");
+    let c1cid = c1.cid.clone();
+    expect_pub(&mut c1, "room", "mine", &c1cid);
+    c1.send("REQ", "ask", &[("ReqID", "r1")], "");
+    let e = expect_error(&mut c1, "REQ", "ask", "no responder");
+    assert_eq!(e.header("ReqID"), Some("r1"));
+}
+
 /// §9.1: "Withdrawing the last right a connection had to subscribe to t (by `DSUB` with
 /// `forcid` ...) also unsubscribes it from t." At once: a PUB sent right after the DSUB
 /// does not reach it.
@@ -361,6 +397,43 @@ fn forcid_of_a_departed_or_unknown_connection_is_a_silent_noop() {
     }
 }
 
+/// §9.1: a grant and a global enablement are separate rights: the enablement lapsing
+/// (its service leaves) leaves the grant; a service withdraws only what it enabled (a
+/// DSUB forcid from a service that made no grant takes nothing away).
+#[test]
+fn a_service_withdraws_only_its_own_grants_and_rights_are_independent() {
+    let s = Server::start(&[]);
+    let mut granter = Peer::service(s.addr);
+    let mut enabler = Peer::service(s.addr);
+    let mut stranger = Peer::service(s.addr);
+    let mut c1 = Peer::client(s.addr);
+    let mut c2 = Peer::client(s.addr);
+    for_cid(&mut granter, "ESUB", "room", &c1.cid);
+    for_cid(&mut granter, "EPUB", "room", &c1.cid);
+    enabler.send("ESUB", "room", &[], "");
+    enabler.sync();
+    granter.sync();
+    accepted(&mut c1, "SUB", "room");
+    accepted(&mut c2, "SUB", "room");
+    // A service that granted nothing withdraws nothing.
+    for cmd in ["DSUB", "DPUB"] {
+        for_cid(&mut stranger, cmd, "room", &c1.cid);
+    }
+    stranger.send("DSUB", "room", &[], "");
+    quiet(&mut stranger, "nothing to withdraw: silent");
+    c1.send("PUB", "room", &[], "still granted");
+    let c1cid = c1.cid.clone();
+    expect_pub(&mut c1, "room", "still granted", &c1cid);
+    expect_pub(&mut c2, "room", "still granted", &c1cid);
+    // The global enablement lapses: c1's grant stands, c2 has no right any more.
+    leave_confirmed(enabler, &mut stranger);
+    c1.send("UNS", "room", &[], "");
+    accepted(&mut c1, "SUB", "room");
+    c2.send("UNS", "room", &[], "");
+    c2.send("SUB", "room", &[], "");
+    expect_error(&mut c2, "SUB", "room", "not permitted");
+}
+
 /// §9.1: "A `SUB` of a topic the connection already holds is a no-op, not checked again."
 #[test]
 fn sub_of_a_held_topic_is_a_noop_not_checked_again() {
@@ -488,6 +561,60 @@ fn int_kick_closes_with_4000_and_kicked_and_is_counted() {
     until(5, "three kicks counted", || {
         closed(s.addr, "kicked") == before + 3.0
     });
+}
+
+/// §9.2 on a raw stream (README, The raw stream protocol: "Where WebSocket would send a
+/// close frame ..., the server sends a last message `PUB ERROR` with `cmd: CLOSE`,
+/// `target: <the close code>`, `reason: <why>`, then closes"): a kicked raw connection
+/// gets `target: 4000`, `reason: kicked`.
+#[test]
+fn int_kick_of_a_raw_stream_connection_ends_with_close_4000() {
+    use std::io::{Read, Write};
+    let p = common::proc::Proc::start(&server_args(&["--listen", "tcp://127.0.0.1:0"]), &[]);
+    let line = p.wait_line("listening on ws://");
+    let tcp: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tcp://"))
+        .expect("a tcp:// listener")
+        .parse()
+        .unwrap();
+    let s = Server::from_proc(p);
+    let mut svc = Peer::service(s.addr);
+    let mut raw = std::net::TcpStream::connect(tcp).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    raw.write_all(format!("{CLIENT_KEY}\r\n").as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // "MM OK", the cid, then (after the kick) the last message and EOF.
+    while got.iter().filter(|&&b| b == b'\n').count() < 2 {
+        let n = raw.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8(got.clone()).unwrap();
+    let mut lines = text.split("\r\n");
+    assert_eq!(lines.next(), Some("MM OK"));
+    let cid = lines.next().unwrap().to_owned();
+    let rest = got[text.find(&cid).unwrap() + cid.len() + 2..].to_vec();
+    svc.send("INT", "KICK", &[("forcid", &cid)], "");
+    let mut all = rest;
+    loop {
+        let n = raw.read(&mut buf).expect("read until EOF");
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+    }
+    let m = parse_one(&all);
+    assert_eq!(
+        (m.cmd.as_str(), m.target.as_str()),
+        ("PUB", "ERROR"),
+        "{m:?}"
+    );
+    assert_eq!(m.header("cmd"), Some("CLOSE"), "{m:?}");
+    assert_eq!(m.header("target"), Some("4000"), "{m:?}");
+    assert_eq!(m.header("reason"), Some("kicked"), "{m:?}");
 }
 
 /// §9.2: "`reason: <text>` (cut to 120 bytes at a UTF-8 character boundary)".
@@ -668,6 +795,37 @@ fn presence_limit_truncates_and_limit_zero_gives_the_counts_alone() {
     for limit in ["0", "5"] {
         let m = presence(&mut svc, "nobody", "n", &[("limit", limit)]);
         assert_presence(&m, &[("ReqID", "n"), ("count", "0"), ("users", "0")], &[]);
+    }
+}
+
+/// notes-21: "`bad limit`: presence `limit` that is not a decimal integer; values above
+/// 10000 are clamped to 10000": a decimal integer of any size is clamped, leading zeros
+/// are still decimal.
+#[test]
+fn presence_limit_of_any_size_is_clamped_not_refused() {
+    let s = Server::start(&[]);
+    let mut svc = Peer::service(s.addr);
+    let cs: Vec<Peer> = (0..3).map(|_| Peer::client(s.addr)).collect();
+    for c in &cs {
+        int_sub(&mut svc, "SUB", &c.cid, "room");
+    }
+    svc.sync();
+    let members: Vec<(&str, &str)> = cs.iter().map(|c| (c.cid.as_str(), "")).collect();
+    let want = expected_lines(&members);
+    let m = presence(&mut svc, "room", "z", &[("limit", "002")]);
+    assert_presence(
+        &m,
+        &[
+            ("ReqID", "z"),
+            ("count", "3"),
+            ("users", "0"),
+            ("truncated", "true"),
+        ],
+        &want[..2],
+    );
+    for huge in ["18446744073709551616", "99999999999999999999999999999999"] {
+        let m = presence(&mut svc, "room", "h", &[("limit", huge)]);
+        assert_presence(&m, &[("ReqID", "h"), ("count", "3"), ("users", "0")], &want);
     }
 }
 
@@ -876,6 +1034,142 @@ fn no_event_for_private_channel_noop_sub_uns_or_subscriptions_ended_by_disconnec
     );
 }
 
+/// Every `middleman_connections_closed_total` counter, by its `reason` label.
+fn closes(addr: std::net::SocketAddr) -> std::collections::HashMap<String, f64> {
+    metrics(addr)
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let r = k.strip_prefix("middleman_connections_closed_total{reason=\"")?;
+            let r = r.strip_suffix("\"}")?;
+            // Each GET /metrics is itself a connection closed as `http`.
+            (r != "http").then(|| (r.to_owned(), v))
+        })
+        .collect()
+}
+
+/// §9.4: SYS:DISCONNECT carries "`reason` for DISCONNECT (the closed-connection reason of
+/// `/metrics`)": for each way a connection ends, the event's reason is the label of the
+/// counter that close incremented (notes-21 names `normal` and `kicked`).
+#[test]
+fn disconnect_reason_is_the_close_reason_counted_in_metrics() {
+    let s = Server::start(&["--max-line-bytes", "1KiB"]);
+    let mut w = watcher(s.addr);
+    let mut svc = Peer::service(s.addr);
+    drain(&mut w);
+    // The watcher and the service must stay: they keep reading (answering pings).
+    type Ender = Box<dyn Fn(&mut Peer, Peer)>;
+    let cases: Vec<(&str, Option<&str>, Ender)> = vec![
+        (
+            "close handshake",
+            Some("normal"),
+            Box::new(|_svc: &mut Peer, c: Peer| leave(c)),
+        ),
+        (
+            "kick",
+            Some("kicked"),
+            Box::new(|svc: &mut Peer, mut c: Peer| {
+                svc.send("INT", "KICK", &[("forcid", &c.cid)], "");
+                let _ = c.recv_close();
+            }),
+        ),
+        (
+            "reset without a close frame",
+            None,
+            Box::new(|_svc: &mut Peer, c: Peer| {
+                set_linger_reset(c.ws.get_ref());
+                drop(c);
+            }),
+        ),
+        (
+            "unparsable first line (close 1002)",
+            None,
+            Box::new(|_svc: &mut Peer, mut c: Peer| {
+                c.send_raw("NOSPACE\r\n");
+                assert_eq!(c.recv_close().0, 1002);
+            }),
+        ),
+        (
+            "line over the limit (close 1009)",
+            None,
+            Box::new(|_svc: &mut Peer, mut c: Peer| {
+                c.send_raw(&format!("PUB {}\r\n", "x".repeat(2000)));
+                assert_eq!(c.recv_close().0, 1009);
+            }),
+        ),
+    ];
+    for (what, name, end) in cases {
+        let c = Peer::client(s.addr);
+        let cid = c.cid.clone();
+        expect_event(
+            &mut w,
+            "SYS:CONNECT",
+            &[("cid", &cid), ("uid", ""), ("role", "client")],
+        );
+        let before = closes(s.addr);
+        end(&mut svc, c);
+        let m = w.recv();
+        let mut counted = String::new();
+        until(5, "the close counted", || {
+            let after = closes(s.addr);
+            let grew: Vec<&String> = after
+                .iter()
+                .filter(|(k, v)| **v > before.get(*k).copied().unwrap_or(0.0))
+                .map(|(k, _)| k)
+                .collect();
+            if grew.len() == 1 {
+                counted = grew[0].clone();
+            }
+            grew.len() == 1
+        });
+        if let Some(n) = name {
+            assert_eq!(counted, n, "{what}: counted as");
+        }
+        assert_event(
+            &m,
+            "SYS:DISCONNECT",
+            &[
+                ("cid", &cid),
+                ("uid", ""),
+                ("role", "client"),
+                ("reason", &counted),
+            ],
+        );
+        eprintln!("{what}: reason {counted}");
+    }
+    quiet(&mut w, "one event each");
+    // Idle: a connection that neither sends nor answers pings, on a server with short
+    // timeouts; the watcher keeps reading (answering pings) meanwhile.
+    let s = Server::start(&["--idle-timeout", "1s", "--ping-interval", "300ms"]);
+    let mut w = watcher(s.addr);
+    let c = Peer::client(s.addr);
+    let before = closes(s.addr);
+    let got = read_for(&mut w, std::time::Duration::from_millis(3000));
+    let after = closes(s.addr);
+    let grew: Vec<&String> = after
+        .iter()
+        .filter(|(k, v)| **v > before.get(*k).copied().unwrap_or(0.0))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(grew.len(), 1, "one close counted: {after:?}");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_event(
+        &got[0],
+        "SYS:CONNECT",
+        &[("cid", &c.cid), ("uid", ""), ("role", "client")],
+    );
+    assert_event(
+        &got[1],
+        "SYS:DISCONNECT",
+        &[
+            ("cid", &c.cid),
+            ("uid", ""),
+            ("role", "client"),
+            ("reason", grew[0]),
+        ],
+    );
+    eprintln!("idle: reason {}", grew[0]);
+}
+
 /// §9.4: "A service's events follow the connection's own commands in order": a watcher
 /// sees them interleaved with that connection's PUBs exactly as sent.
 #[test]
@@ -884,8 +1178,7 @@ fn events_follow_the_connections_commands_in_order() {
     let mut svc = Peer::service(s.addr);
     let mut w = watcher(s.addr);
     w.send("SUB", "mark", &[], "");
-    w.sync();
-    drain(&mut w);
+    drain(&mut w); // its own SYS:SUB mark
     let mut raw = String::new();
     for (cmd, t, body) in [
         ("SUB", "a", ""),
@@ -982,19 +1275,35 @@ fn a_slow_event_subscriber_is_cut_as_a_slow_consumer() {
         svc.sync();
     }
     assert_eq!(closed(s.addr, "slow_consumer"), before + 1.0);
-    // The watcher gets what was queued before the cap, then the close.
+    // The watcher gets what was queued before the cap, then the close frame if it reads
+    // all of that within the server's close linger (2 s; a debug build reading megabytes
+    // of events from the kernel buffers may not), else the server hangs up.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let close = loop {
-        assert!(std::time::Instant::now() < deadline, "no close frame");
-        match w.ws.read().expect("read") {
-            tungstenite::Message::Close(f) => break f.expect("a close frame with a code"),
-            _ => continue,
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watcher was not closed"
+        );
+        match w.ws.read() {
+            Ok(tungstenite::Message::Close(f)) => {
+                let f = f.expect("a close frame with a code");
+                assert_eq!(
+                    (u16::from(f.code), f.reason.as_str()),
+                    (1008, "slow consumer")
+                );
+                break;
+            }
+            Ok(tungstenite::Message::Text(t)) => {
+                let m = parse_one(t.as_bytes());
+                assert!(m.target.starts_with("SYS:"), "{m:?}");
+            }
+            Ok(_) => continue,
+            Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )) => break,
+            Err(e) => panic!("watcher: {e}"),
         }
-    };
-    assert_eq!(
-        (u16::from(close.code), close.reason.as_str()),
-        (1008, "slow consumer")
-    );
+    }
     // The service was not slowed or cut.
     svc.send("SUB", "still-here", &[], "");
     svc.send("PUB", "still-here", &[], "yes");

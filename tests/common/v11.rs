@@ -268,9 +268,21 @@ pub fn read_for(p: &mut Peer, d: Duration) -> Vec<Msg> {
         p.ws.get_mut()
             .set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .unwrap();
-        match super::next_data(&mut p.ws) {
-            Ok(d) => got.push(super::parse_one(&d)),
-            Err(_) => break,
+        // One frame at a time (pings included), so the deadline is checked between them.
+        match p.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => got.push(super::parse_one(t.as_bytes())),
+            Ok(tungstenite::Message::Binary(b)) => got.push(super::parse_one(&b)),
+            Ok(tungstenite::Message::Close(f)) => panic!("{} closed: {f:?}", p.cid),
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("{}: {e}", p.cid),
         }
     }
     p.ws.get_mut().set_read_timeout(Some(WAIT)).unwrap();
