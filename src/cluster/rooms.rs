@@ -244,6 +244,11 @@ impl Cluster {
             };
             q.lines.push((cid.into(), uid.into()));
         }
+        // Only the first `limit` lines of all nodes are ever listed: keep no more.
+        if q.lines.len() > 2 * q.limit.max(1) {
+            q.lines.sort_unstable();
+            q.lines.truncate(q.limit);
+        }
         if q.waiting.is_empty() {
             return self.rooms.queries.remove(&id);
         }

@@ -34,6 +34,9 @@ pub const DEFAULT_PRESENCE_LIMIT: usize = 1000;
 /// Largest presence body (lines past it are cut, `truncated: true`): within the default
 /// message size, so a service never gets an answer it could not have been sent.
 pub const MAX_PRESENCE_BODY: usize = 1 << 20;
+/// Presence questions a node waits on at once (each holds up to `limit` lines and the
+/// uids of every node); one more is refused `too many requests in flight`.
+pub const MAX_PRESENCE_QUERIES: usize = 256;
 /// Longest kick reason, in bytes (cut at a character boundary).
 pub const MAX_KICK_REASON: usize = 120;
 
@@ -501,6 +504,14 @@ impl Broker {
             .filter(|c| c.connected)
             .map(|c| c.node_ids())
             .unwrap_or_default();
+        if !others.is_empty()
+            && self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.presence_pending() >= MAX_PRESENCE_QUERIES)
+        {
+            return self.error(out, from, msg, reason::TOO_MANY_REQUESTS);
+        }
         let local = self.local_presence(topic, limit, !others.is_empty());
         if others.is_empty() {
             self.stats.presence[0] += 1;

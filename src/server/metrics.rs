@@ -291,6 +291,24 @@ impl Metrics {
                 .into_iter()
                 .zip(st.presence)
                 .collect(),
+            stored: broker.history.as_ref().map_or([0; 3], |h| {
+                let (t, m, b) = h.totals();
+                [t as u64, m as u64, b as u64]
+            }),
+            history_stored: broker.history.as_ref().map_or(0, |h| h.stats.stored),
+            history_evicted: crate::core::history::EVICTION_CAUSES
+                .into_iter()
+                .zip(broker.history.as_ref().map_or([0; 3], |h| h.stats.evicted))
+                .collect(),
+            recoveries: ["recovered", "not_recovered", "last"]
+                .into_iter()
+                .zip(
+                    broker
+                        .history
+                        .as_ref()
+                        .map_or([0; 3], |h| h.stats.recoveries),
+                )
+                .collect(),
             errors: reason::ALL.iter().copied().zip(st.errors).collect(),
             http_requests: self.http_requests,
             loop_iterations: self.loop_iterations,
@@ -419,6 +437,14 @@ pub struct Snapshot {
     pub events: Vec<(&'static str, u64)>,
     /// Presence requests answered (§9.3), by scope (`local`, `cluster`, `partial`).
     pub presence: Vec<(&'static str, u64)>,
+    /// History (§9.5): topics with history, messages and bytes stored.
+    pub stored: [u64; 3],
+    /// Messages stored in history since start.
+    pub history_stored: u64,
+    /// History evictions, by cause (size, ttl, bytes).
+    pub history_evicted: Vec<(&'static str, u64)>,
+    /// Recoveries (`SUB` with `since`), by outcome.
+    pub recoveries: Vec<(&'static str, u64)>,
     /// Errors sent, by reason.
     pub errors: Vec<(&'static str, u64)>,
     /// Plain HTTP requests answered.
@@ -618,6 +644,42 @@ impl Snapshot {
             &by("scope", &self.presence),
         );
         metric(
+            "middleman_history_topics",
+            "gauge",
+            "Topics with stored history.",
+            &one(self.stored[0]),
+        );
+        metric(
+            "middleman_history_messages",
+            "gauge",
+            "Messages stored in history.",
+            &one(self.stored[1]),
+        );
+        metric(
+            "middleman_history_bytes",
+            "gauge",
+            "Bytes stored in history (the relayed messages).",
+            &one(self.stored[2]),
+        );
+        metric(
+            "middleman_history_stored_total",
+            "counter",
+            "Messages stored in history.",
+            &one(self.history_stored),
+        );
+        metric(
+            "middleman_history_evictions_total",
+            "counter",
+            "Messages evicted from history, by cause (size, ttl, bytes).",
+            &by("cause", &self.history_evicted),
+        );
+        metric(
+            "middleman_recoveries_total",
+            "counter",
+            "SUB with since, by outcome (recovered, not_recovered, last).",
+            &by("outcome", &self.recoveries),
+        );
+        metric(
             "middleman_errors_total",
             "counter",
             "Protocol errors sent, by reason.",
@@ -751,6 +813,14 @@ impl Snapshot {
             "grants": self.grants,
             "events_total": obj(&self.events),
             "presence_requests_total": obj(&self.presence),
+            "history": {
+                "topics": self.stored[0],
+                "messages": self.stored[1],
+                "bytes": self.stored[2],
+                "stored_total": self.history_stored,
+                "evictions_total": obj(&self.history_evicted),
+                "recoveries_total": obj(&self.recoveries),
+            },
             "errors_total": obj(&self.errors),
             "http_requests_total": self.http_requests,
             "loop_iterations_total": self.loop_iterations,
