@@ -472,6 +472,19 @@ fn presence_is_partial_when_a_node_does_not_answer_within_one_second() {
         took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
         "answered after {took:?} (1 s wait for the silent node)"
     );
+    // Both flags, in the order of notes-21 (truncated, then partial).
+    let m = presence(&mut req, "room", "part0", &[("limit", "0")]);
+    assert_presence(
+        &m,
+        &[
+            ("ReqID", "part0"),
+            ("count", "1"),
+            ("users", "0"),
+            ("truncated", "true"),
+            ("partial", "true"),
+        ],
+        &[],
+    );
     n[2].signal(libc::SIGCONT);
     // Resumed, C answers again (its late answer to "part" is not delivered twice).
     until(10, "C answers again", || {
@@ -498,7 +511,8 @@ fn presence_is_partial_when_a_node_does_not_answer_within_one_second() {
 #[ignore = "needs nats-server (Debian package nats-server): run .ci/install-tools.sh"]
 fn a_subscriber_on_one_node_receives_the_events_of_another() {
     let nats = NatsServer::start();
-    let n = cluster(&nats, "e1", 2, &[]);
+    let n = cluster(&nats, "e1", 2, &["--monitor-key", MONITOR_KEY]);
+    let mut mon = Peer::monitor(n[0].addr);
     let mut w = watcher(n[0].addr);
     let mut svc_a = Peer::service(n[0].addr);
     // Wait until B knows A's interest in the event topics: connect probes on B until
@@ -555,6 +569,12 @@ fn a_subscriber_on_one_node_receives_the_events_of_another() {
     // INT SUB from A for the connection on B: the event comes from B.
     int_sub(&mut svc_a, "SUB", &cb.cid, "hall");
     ev("SYS:SUB", &cb.cid, "hall", &mut w);
+    // DSUB forcid from A of the last right to a topic: SYS:UNS from B (notes-21).
+    for_cid(&mut svc_a, "ESUB", "granted", &cb.cid);
+    int_sub(&mut svc_a, "SUB", &cb.cid, "granted");
+    ev("SYS:SUB", &cb.cid, "granted", &mut w);
+    for_cid(&mut svc_a, "DSUB", "granted", &cb.cid);
+    ev("SYS:UNS", &cb.cid, "granted", &mut w);
     // A service on B: its events follow its commands in order, its PUBs included.
     w.send("SUB", "mark", &[], "");
     drain(&mut w); // its own SYS:SUB mark
@@ -596,5 +616,12 @@ fn a_subscriber_on_one_node_receives_the_events_of_another() {
         ],
     );
     quiet(&mut w, "no SYS:UNS hall at the disconnect");
+    // The monitor on A had copies of the PUBs (probes, marks), none of the events.
+    let copies = drain(&mut mon);
+    assert!(
+        copies.iter().all(|m| !m.target.starts_with("SYS:")),
+        "monitors get no copies of events: {copies:?}"
+    );
+    assert!(copies.iter().any(|m| m.target == "mark"), "{copies:?}");
     drop(probes);
 }
