@@ -261,6 +261,16 @@ fn int_sub_uns_and_kick_reach_a_connection_on_another_node() {
     let mut cb2 = Peer::client(n[1].addr);
     svc.send("INT", "KICK", &[("forcid", &cb2.cid)], "");
     assert_eq!(cb2.recv_close(), (4000, "kicked".to_owned()));
+    // The reason cut to 120 bytes at a character boundary (é straddles byte 120).
+    let mut cb3 = Peer::client(n[1].addr);
+    let long = format!("{}é and more", "a".repeat(119));
+    svc.send(
+        "INT",
+        "KICK",
+        &[("forcid", &cb3.cid), ("reason", &long)],
+        "",
+    );
+    assert_eq!(cb3.recv_close(), (4000, "a".repeat(119)));
     quiet(&mut svc, "no error");
     // A well-formed cid connected nowhere in the cluster: silent (§9 preamble).
     let ghost = "zz00000000000000";
