@@ -249,3 +249,68 @@ fn nothing_lost_or_doubled_at_the_switch_while_publishing() {
     assert_eq!(bodies, expect, "every message once, in order");
     assert!(offsets.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// A flood of unique history topics (100k topics x 10 messages) under a 16 MiB cap: the
+/// stored bytes stay under the cap (plus the eighth a flood may pass it by between two
+/// housekeeping passes), the process's memory with them, and the evictions are counted.
+#[test]
+fn a_flood_of_unique_history_topics_stays_under_the_byte_cap() {
+    use common::proc::{rss_kib, Proc, SERVER_ARGS};
+    let dir = std::env::temp_dir().join(format!("mm-history-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("h.toml");
+    std::fs::write(
+        &file,
+        "[limits]\nmax_history_bytes = \"16MiB\"\n\n[[history]]\nprefix = \"m.\"\nsize = 10\nttl = \"1h\"\n",
+    )
+    .unwrap();
+    let mut args: Vec<&str> = SERVER_ARGS.to_vec();
+    let path = file.display().to_string();
+    args.extend(["--config", &path]);
+    let srv = Proc::start(&args, &[]);
+    let addr = srv.addr();
+    let mut p = Peer::service(addr);
+    let body = "x".repeat(64);
+    let send_topics = |p: &mut Peer, from: usize, to: usize| {
+        for chunk in (from..to).collect::<Vec<_>>().chunks(200) {
+            let mut raw = String::with_capacity(200 * 10 * 100);
+            for t in chunk {
+                for _ in 0..10 {
+                    raw.push_str(&wire("PUB", &format!("m.{t}"), &[], &body));
+                }
+            }
+            p.send_raw(&raw);
+        }
+        p.sync();
+    };
+    // A first 20k topics (the cap is reached), then the baseline.
+    send_topics(&mut p, 0, 20_000);
+    let pid = srv.child.id();
+    let before = rss_kib(pid, "VmRSS:");
+    send_topics(&mut p, 20_000, 100_000);
+    let after = rss_kib(pid, "VmRSS:");
+    let m = metrics(addr);
+    let cap = 16.0 * 1024.0 * 1024.0;
+    eprintln!(
+        "100k topics x 10: RSS {before} -> {after} KiB, history {} bytes in {} messages of {} topics, {} evicted by the cap",
+        m["middleman_history_bytes"],
+        m["middleman_history_messages"],
+        m["middleman_history_topics"],
+        m["middleman_history_evictions_total{cause=\"bytes\"}"]
+    );
+    assert!(m["middleman_history_bytes"] <= cap * 1.125);
+    assert_eq!(m["middleman_history_stored_total"], 1_000_000.0);
+    let evicted = m["middleman_history_evictions_total{cause=\"bytes\"}"];
+    assert_eq!(
+        m["middleman_history_messages"]
+            + evicted
+            + m["middleman_history_evictions_total{cause=\"size\"}"],
+        1_000_000.0,
+        "every message stored is still there or counted as evicted"
+    );
+    assert!(evicted > 800_000.0, "{evicted}");
+    // 80k more topics than the baseline, and the process grew by far less than their
+    // 800k messages would take: the cap held.
+    assert!(after < before + 24 * 1024, "RSS {before} -> {after} KiB");
+    let _ = std::fs::remove_dir_all(&dir);
+}

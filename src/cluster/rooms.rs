@@ -227,7 +227,7 @@ impl Cluster {
         let mut w = head.split(' ');
         let count: usize = w.next()?.parse().ok()?;
         let users: usize = w.next()?.parse().ok()?;
-        q.count += count;
+        q.count = q.count.saturating_add(count);
         match w.next()?.parse::<usize>() {
             Ok(n) => {
                 for _ in 0..n {
@@ -235,7 +235,7 @@ impl Cluster {
                     q.uids.insert(u.into());
                 }
             }
-            Err(_) => q.users_unlisted += users,
+            Err(_) => q.users_unlisted = q.users_unlisted.saturating_add(users),
         }
         for l in lines.filter(|l| !l.is_empty()) {
             let (cid, uid) = match memchr::memchr(b' ', l) {

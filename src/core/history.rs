@@ -47,6 +47,16 @@ impl Default for HistorySettings {
     }
 }
 
+/// Memory a stored message costs beyond its packet's heap bytes (the `Rc` and packet
+/// headers, its ring slot), counted against the byte cap.
+pub const MESSAGE_OVERHEAD: usize = 96;
+/// Memory a topic with history costs beyond its name (its map entry, ring and index).
+pub const TOPIC_OVERHEAD: usize = 160;
+
+fn cost(p: &Packet) -> usize {
+    p.capacity() + MESSAGE_OVERHEAD
+}
+
 /// Why stored messages went.
 pub const EVICTION_CAUSES: [&str; 3] = ["size", "ttl", "bytes"];
 
@@ -174,11 +184,19 @@ impl History {
             return;
         };
         let size = r.size;
+        if size == 0 {
+            // Nothing kept: the offset is used up all the same.
+            self.seq = self.seq.max(offset);
+            return;
+        }
         let key: Rc<[u8]> = match self.topics.get_key_value(topic) {
             Some((k, _)) => k.clone(),
             None => topic.into(),
         };
         let whole_lost = self.whole_lost;
+        if !self.topics.contains_key(topic) {
+            self.bytes += TOPIC_OVERHEAD + topic.len();
+        }
         let log = self.topics.entry(key.clone()).or_insert(TopicLog {
             last: 0,
             lost_upto: whole_lost,
@@ -187,16 +205,12 @@ impl History {
         });
         log.last = offset;
         self.seq = self.seq.max(offset);
-        if size == 0 {
-            log.lost_upto = offset;
-            return;
-        }
         let fronts = &mut self.fronts[log.rule];
         if log.ring.is_empty() {
             fronts.insert(offset, key.clone());
         }
         log.ring.push_back((offset, now, pkt.clone()));
-        self.bytes += pkt.payload().len();
+        self.bytes += cost(pkt);
         self.messages += 1;
         self.stats.stored += 1;
         while log.ring.len() > size {
@@ -204,13 +218,31 @@ impl History {
                 break;
             };
             log.lost_upto = o;
-            self.bytes -= p.payload().len();
+            self.bytes -= cost(&p);
             self.messages -= 1;
             self.stats.evicted[0] += 1;
             fronts.remove(&o);
             if let Some((next, ..)) = log.ring.front() {
                 fronts.insert(*next, key.clone());
             }
+        }
+        // The housekeeping pass keeps the cap; a flood between two passes may pass it by
+        // an eighth at most, then the oldest go at once.
+        if self.bytes > self.max_bytes + self.max_bytes / 8 {
+            self.enforce_cap();
+        }
+    }
+
+    /// Evict the oldest messages (any rule) until under the byte cap.
+    fn enforce_cap(&mut self) {
+        while self.bytes > self.max_bytes {
+            let oldest = (0..self.rules.len())
+                .filter_map(|r| self.fronts[r].first_key_value().map(|(o, _)| (*o, r)))
+                .min();
+            let Some((_, rule)) = oldest else {
+                break;
+            };
+            self.evict_oldest(rule, 2);
         }
     }
 
@@ -231,15 +263,7 @@ impl History {
                 self.evict_oldest(rule, 1);
             }
         }
-        while self.bytes > self.max_bytes {
-            let oldest = (0..self.rules.len())
-                .filter_map(|r| self.fronts[r].first_key_value().map(|(o, _)| (*o, r)))
-                .min();
-            let Some((_, rule)) = oldest else {
-                break;
-            };
-            self.evict_oldest(rule, 2);
-        }
+        self.enforce_cap();
     }
 
     /// Evict the oldest stored message under `rule`; its topic goes whole if empty.
@@ -252,7 +276,7 @@ impl History {
         };
         if let Some((o, _, p)) = log.ring.pop_front() {
             log.lost_upto = o;
-            self.bytes -= p.payload().len();
+            self.bytes -= cost(&p);
             self.messages -= 1;
             self.stats.evicted[cause] += 1;
         }
@@ -263,6 +287,7 @@ impl History {
             None => {
                 let last = log.last;
                 self.topics.remove(&topic);
+                self.bytes -= TOPIC_OVERHEAD + topic.len();
                 self.whole_lost = self.whole_lost.max(last);
             }
         }
@@ -466,7 +491,8 @@ mod tests {
             assert_eq!(o, i);
             h.store(b"h.a", 0, o, &pkt(&format!("m{i}")), now);
         }
-        assert_eq!(h.totals(), (1, 3, 6));
+        let c = cost(&pkt("m1"));
+        assert_eq!(h.totals(), (1, 3, 3 * c + TOPIC_OVERHEAD + 3));
         // Another topic's offsets come from the same sequence.
         assert_eq!(h.next_offset(), 6);
         match h.recover(b"h.a", "E1", 2) {
@@ -495,19 +521,21 @@ mod tests {
 
     #[test]
     fn ttl_and_byte_cap_evict_oldest_first_and_topics_go_whole() {
-        let mut h = History::new(&settings(10, 5, 10), "E1");
+        let c = cost(&pkt("aaaa"));
+        let topics = 2 * TOPIC_OVERHEAD + 3 + 8;
+        let mut h = History::new(&settings(10, 5, 2 * c + topics), "E1");
         let t0 = Instant::now();
         h.store(b"h.a", 0, 1, &pkt("aaaa"), t0);
         h.store(b"h.long.b", 1, 1, &pkt("bbbb"), t0 + Duration::from_secs(1));
         h.store(b"h.a", 0, 2, &pkt("cccc"), t0 + Duration::from_secs(2));
         h.housekeeping(t0 + Duration::from_secs(2));
-        // 12 bytes > 10: the oldest (h.a offset 1) goes.
-        assert_eq!(h.totals(), (2, 2, 8));
+        // Three messages do not fit: the oldest (h.a offset 1) goes.
+        assert_eq!(h.totals(), (2, 2, 2 * c + topics));
         assert_eq!(h.stats.evicted, [0, 0, 1]);
         h.housekeeping(t0 + Duration::from_secs(8));
         // h.a's last message is past its 5 s ttl: gone, and the topic with it; h.long.b
         // lives 1000 s.
-        assert_eq!(h.totals(), (1, 1, 4));
+        assert_eq!(h.totals(), (1, 1, c + TOPIC_OVERHEAD + 8));
         assert_eq!(h.stats.evicted, [0, 1, 1]);
         // h.a was evicted whole: a position from before cannot be recovered, and if it
         // is published again, its offsets still grow.

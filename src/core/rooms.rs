@@ -284,7 +284,10 @@ impl Broker {
             b.extend_from_slice(b"\r\n\r\n.\r\n");
         });
         for &to in self.router.subscribers(topic) {
-            out.send(to, &pkt);
+            // A connection leaving is not told of its own departure.
+            if !(ev == Event::Disconnect && to == conn) {
+                out.send(to, &pkt);
+            }
         }
         self.stats.events[ev as usize] += 1;
         if let Some(c) = self.cluster.as_mut() {
@@ -582,7 +585,7 @@ impl Broker {
         }
         q.lines.sort_unstable();
         self.stats.presence[if q.partial { 2 } else { 1 }] += 1;
-        let users = q.uids.len() + q.users_unlisted;
+        let users = q.uids.len().saturating_add(q.users_unlisted);
         let reqid = (&q.reqid.0[..], &q.reqid.1[..]);
         self.presence_answer(
             q.requester,
@@ -656,7 +659,11 @@ pub(crate) struct LocalPresence {
     pub lines: Vec<Member>,
 }
 
+/// Kick `to` with `why` as the close reason: text, at most [`MAX_KICK_REASON`] bytes
+/// (bytes that are not UTF-8 become U+FFFD, then the whole is cut again at a character
+/// boundary).
 fn kick(out: &mut impl Outbox, to: ConnId, why: &[u8]) {
     let why = String::from_utf8_lossy(why);
-    out.kick(to, &why);
+    let why = cut_utf8(why.as_bytes(), MAX_KICK_REASON);
+    out.kick(to, std::str::from_utf8(why).unwrap_or("kicked"));
 }

@@ -658,7 +658,7 @@ impl Snapshot {
         metric(
             "middleman_history_bytes",
             "gauge",
-            "Bytes stored in history (the relayed messages).",
+            "Memory held by history: the relayed messages and their bookkeeping, as counted against max_history_bytes.",
             &one(self.stored[2]),
         );
         metric(
