@@ -145,6 +145,55 @@ fn a_grant_to_a_connection_on_another_node_and_its_withdrawal() {
     quiet(&mut sa, "nothing else");
 }
 
+/// §9.1 cluster-wide: DSUB / DPUB / DREQ without forcid from a service on A withdraw its
+/// enablements on B too, and DREQ ends its role as responder for requests from B.
+#[test]
+#[ignore = "needs nats-server (Debian package nats-server): run .ci/install-tools.sh"]
+fn withdrawals_without_forcid_hold_on_another_node() {
+    let nats = NatsServer::start();
+    let n = cluster(&nats, "g4", 2, &[]);
+    let mut svc = Peer::service(n[0].addr);
+    let mut cb = Peer::client(n[1].addr);
+    let mut sb = Peer::service(n[1].addr);
+    svc.send("ESUB", "room", &[], "");
+    svc.send("EPUB", "lobby", &[], "");
+    svc.send("EREQ", "ask", &[], "");
+    svc.sync();
+    until(10, "the enablements from A hold on B", || {
+        !sub_refused(&mut cb, "room") && !pub_refused(&mut cb, "lobby")
+    });
+    // A request from B reaches the responder on A.
+    until(10, "the responder on A known on B", || {
+        sb.send("REQ", "ask", &[("ReqID", "probe")], "");
+        let got = read_for(&mut svc, Duration::from_millis(100));
+        if let Some(req) = got.first() {
+            let rid = req.header("rid").unwrap().to_owned();
+            svc.send("RES", "ask", &[("rid", &rid)], "ok");
+            let res = sb.recv();
+            assert_eq!(res.cmd, "RES", "{res:?}");
+            true
+        } else {
+            let e = sb.recv();
+            assert_eq!(e.header("reason"), Some("no responder"), "{e:?}");
+            false
+        }
+    });
+    svc.send("DSUB", "room", &[], "");
+    svc.send("DPUB", "lobby", &[], "");
+    svc.send("DREQ", "ask", &[], "");
+    svc.sync();
+    until(10, "the withdrawals reach B", || {
+        sub_refused(&mut cb, "room") && pub_refused(&mut cb, "lobby")
+    });
+    until(10, "no responder for requests from B", || {
+        sb.send("REQ", "ask", &[("ReqID", "after")], "");
+        let m = sb.recv();
+        assert_eq!(m.target, "ERROR", "{m:?}");
+        m.header("reason") == Some("no responder")
+    });
+    quiet(&mut svc, "no request reaches the withdrawn responder");
+}
+
 /// §9.1: a grant ends when its service leaves (existing subscriptions stay, new SUB/PUB
 /// refused) — the service on another node, which leaves normally.
 #[test]

@@ -434,6 +434,40 @@ fn a_service_withdraws_only_its_own_grants_and_rights_are_independent() {
     expect_error(&mut c2, "SUB", "room", "not permitted");
 }
 
+/// §9.1: "A grant lasts until the service that made it withdraws it or leaves, or the
+/// connection leaves" — seen in `middleman_grants` (README: grants in force), which
+/// returns to 0 either way, and a repeated grant is the same grant.
+#[test]
+fn grants_in_force_end_with_the_grantee_or_the_granter() {
+    let s = Server::start(&[]);
+    let grants = || common::cluster::metric(s.addr, "middleman_grants");
+    let mut svc = Peer::service(s.addr);
+    let mut other = Peer::service(s.addr);
+    let c1 = Peer::client(s.addr);
+    let c2 = Peer::client(s.addr);
+    assert_eq!(grants(), 0.0);
+    for cmd in ["ESUB", "EPUB", "EREQ"] {
+        for_cid(&mut svc, cmd, "room", &c1.cid);
+    }
+    for_cid(&mut svc, "ESUB", "room", &c1.cid);
+    for_cid(&mut svc, "ESUB", "room", &c2.cid);
+    for_cid(&mut other, "ESUB", "room", &c2.cid);
+    svc.sync();
+    other.sync();
+    assert_eq!(
+        grants(),
+        5.0,
+        "3 to c1 (a repeat is the same grant), 2 to c2"
+    );
+    leave(c1);
+    until(5, "c1's grants end with it", || grants() == 2.0);
+    leave_confirmed(svc, &mut other);
+    until(5, "svc's grants end with it", || grants() == 1.0);
+    for_cid(&mut other, "DSUB", "room", &c2.cid);
+    other.sync();
+    assert_eq!(grants(), 0.0);
+}
+
 /// §9.1: "A `SUB` of a topic the connection already holds is a no-op, not checked again."
 #[test]
 fn sub_of_a_held_topic_is_a_noop_not_checked_again() {
