@@ -347,3 +347,4 @@ pub fn set_linger_reset(s: &TcpStream) {
 pub mod cluster;
 pub mod nats;
 pub mod proc;
+pub mod v11;
