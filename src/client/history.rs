@@ -143,28 +143,30 @@ impl Client {
 
     /// Reconnect (same URL, same key, a new [`Client::cid`]) after the connection was
     /// lost, and subscribe again to every topic this client subscribed to: history topics
-    /// with `since` the last message handed out by [`Client::recv`], so the application
-    /// reads every message once, in order. Returns the server's [`Recovery`] for each of
-    /// them (`recovered: false`: the messages missed are lost). Messages of those topics
-    /// received but not handed out yet are dropped (the replay brings them again); other
-    /// kept messages stay. Enablements (`ESUB`, ...) are not sent again.
+    /// with `since` the last message received (kept for [`Client::recv`] or handed out),
+    /// so the application reads every message once, in order. Returns the server's
+    /// [`Recovery`] for each of them (`recovered: false`: the messages missed are lost).
+    /// Messages received but not handed out yet stay for `recv`. Enablements (`ESUB`,
+    /// ...) are not sent again.
     pub fn resume(&mut self) -> Result<Vec<Recovery>> {
         let mut fresh = Client::connect(&self.url, &self.key)?;
-        // What was received but not handed out: history messages come again.
         let mut kept = std::mem::take(&mut self.inbox);
         kept.extend(self.decoded.drain(..));
-        let positions = std::mem::take(&mut self.positions);
-        kept.retain(|m| {
-            !(m.cmd == "PUB" && positions.contains_key(&m.target) && m.position().is_some())
-        });
+        // Where each topic resumes: after the last message received.
+        let mut since = self.positions.clone();
+        for m in &kept {
+            if let (true, Some(p)) = (m.cmd == "PUB", m.position()) {
+                since.insert(m.target.clone(), p);
+            }
+        }
         fresh.inbox = kept;
-        fresh.positions = positions;
+        fresh.positions = std::mem::take(&mut self.positions);
         fresh.next_id = self.next_id;
         let subs = std::mem::take(&mut self.subs);
         let mut recoveries = Vec::new();
         let mut result = Ok(());
         for topic in &subs {
-            let r = match fresh.positions.get(topic).cloned() {
+            let r = match since.remove(topic) {
                 Some(p) => fresh
                     .subscribe_since(topic, &Since::After(p))
                     .map(|r| recoveries.push(r)),
