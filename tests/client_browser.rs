@@ -13,7 +13,7 @@
 
 mod common;
 mod tools;
-use common::{config, CLIENT_KEY, SERVICE_KEY};
+use common::{CLIENT_KEY, SERVICE_KEY};
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use middleman::client::{Client, Closer, Error};
+use middleman::core::history::{HistoryRule, HistorySettings};
 use middleman::transport::Listen;
 use middleman::{Config, Running};
 
@@ -78,6 +79,20 @@ fn service(addr: SocketAddr) -> (Closer, JoinHandle<Result<(), Error>>) {
         }
     });
     (closer, t)
+}
+
+/// The tests' configuration, with history for topics `js.hist*` (node.mjs resumes one).
+fn config() -> Config {
+    let mut cfg = common::config();
+    cfg.history = HistorySettings {
+        rules: vec![HistoryRule {
+            prefix: "js.hist".into(),
+            size: 1000,
+            ttl: Duration::from_secs(600),
+        }],
+        max_bytes: 16 << 20,
+    };
+    cfg
 }
 
 fn start(cfg: Config) -> Running {
@@ -255,7 +270,8 @@ fn node_major() -> Option<u32> {
 
 /// The same client file in Node (`tests/browser-client/node.mjs`): the checks shared with
 /// the page (subscribe confirmation, respond, binary bodies), the `WebSocket` option, a
-/// server restart (re-subscription, EREQ sent again) and a refused connection.
+/// socket closed mid-stream on a history topic (resumed with `since`: every message once,
+/// in order), a server restart (re-subscription, EREQ sent again) and a refused connection.
 /// Node 22 has a global WebSocket; Node 20 needs `--experimental-websocket`, passed here.
 #[test]
 #[ignore = "needs node 20 or later: run .ci/install-tools.sh"]
@@ -287,7 +303,7 @@ fn js_client_in_node() {
     );
     assert_eq!(
         out_lines.last().map(String::as_str),
-        Some("node-client: 13 passed, 0 failed"),
+        Some("node-client: 14 passed, 0 failed"),
         "{out_lines:?}"
     );
     setup.stop();

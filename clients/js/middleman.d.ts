@@ -19,10 +19,40 @@ export type WebSocketConstructor = new (url: string) => object;
 /** The function subscribe() returns: call it to unsubscribe (the promise resolves once the
  *  server processed the UNS, never rejects); await it for the server's answer to the SUB
  *  (rejects with a MiddlemanError such as "not permitted"). */
-export interface Subscription extends PromiseLike<{ topic: string; unsubscribe: Subscription }> {
+export interface Subscription extends PromiseLike<Subscribed> {
   (): Promise<void>;
-  catch<T = never>(onrejected?: ((reason: MiddlemanError) => T | PromiseLike<T>) | null): Promise<{ topic: string; unsubscribe: Subscription } | T>;
-  finally(onfinally?: (() => void) | null): Promise<{ topic: string; unsubscribe: Subscription }>;
+  catch<T = never>(onrejected?: ((reason: MiddlemanError) => T | PromiseLike<T>) | null): Promise<Subscribed | T>;
+  finally(onfinally?: (() => void) | null): Promise<Subscribed>;
+}
+
+/** What an awaited subscription resolves with; `recovery`: the server's answer to a
+ *  subscription with `since` (null without one). */
+export interface Subscribed {
+  topic: string;
+  unsubscribe: Subscription;
+  readonly recovery: Recovery | null;
+}
+
+/** A place in a history topic (protocol 9.5): the `epoch` and `offset` headers of a
+ *  message (offset: a decimal u64, kept as a string). */
+export interface Position {
+  epoch: string;
+  offset: string;
+}
+
+/** The server's SYS:RECOVERY: `recovered` false means the messages missed are lost
+ *  (reload the topic's state); epoch/offset: where the topic stands (null: no history). */
+export interface Recovery {
+  topic: string;
+  recovered: boolean;
+  epoch: string | null;
+  offset: string | null;
+}
+
+export interface SubscribeOptions {
+  /** "last" (the newest stored message), "<epoch>:<offset>" or a Position: receive the
+   *  stored messages after it first, then SYS:RECOVERY (onrecovery), then live ones. */
+  since?: string | Position;
 }
 
 /** The function respond() returns: call it to stop answering (DREQ); await it for the
@@ -171,7 +201,12 @@ export class Middleman {
   /** Subscribe; returns a function that removes this subscription, which is also a
    *  promise of the server's answer. Without `cb`, the topic's messages go to onmessage.
    *  A refusal goes to onerror only when nobody awaits (then/catch) the subscription. */
-  subscribe(topic: string, cb?: (msg: Message) => void): Subscription;
+  subscribe(topic: string, cb?: ((msg: Message) => void) | null, options?: SubscribeOptions): Subscription;
+  /** Each SYS:RECOVERY (answer to a subscription with `since`, also after a reconnect,
+   *  where history topics resume after the last message received). */
+  onrecovery: ((info: Recovery) => void) | null;
+  /** The position of the last message received per subscribed history topic. */
+  positions(): { [topic: string]: Position };
   /** Answer requests for `target` (services): EREQ, then a RES echoing `rid` per REQ with
    *  what the handler returns. A handler that throws still answers: an empty body with the
    *  header `error: <message>`, and the error goes to onerror (or console.error). */

@@ -29,7 +29,12 @@
 // server's reason. SUB and EREQ are confirmed by a probe sent after them (see
 // _scheduleProbe). After a lost connection the client reconnects with exponential backoff
 // and jitter, authenticates again (a new cid), re-subscribes every topic and sends its
-// EREQs again.
+// EREQs again. History topics (protocol 9.5) resume by themselves: the client remembers
+// the `epoch`/`offset` of the last message received per topic and re-subscribes with
+// `since`, so the messages missed arrive first, in order, once each; the server's
+// SYS:RECOVERY goes to `onrecovery({ topic, recovered, epoch, offset })` (recovered false:
+// they are lost, reload from your database). mm.subscribe(t, cb, { since: "last" }) asks
+// for stored messages explicitly; mm.positions() tells where each topic stands.
 
 const MAX_TARGET = 255;
 const utf8 = new TextEncoder();
@@ -352,13 +357,18 @@ export class Middleman {
     this.onopen = null;
     /** Called when a connection ends: ({ code, reason, reconnecting }). */
     this.onclose = null;
+    /** Called with the server's answer to a subscription with `since` (PUB SYS:RECOVERY,
+     *  not handed to subscribers): ({ topic, recovered, epoch, offset }); `recovered:
+     *  false` means the messages missed are lost: reload the topic's state. */
+    this.onrecovery = null;
     this._key = key;
     this._reconnect = options.reconnect !== false;
     this._minDelay = options.minDelayMs ?? 250;
     this._maxDelay = options.maxDelayMs ?? 10000;
     this._maxQueue = options.maxQueue ?? 1000;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    this._subs = new Map(); // topic -> { entries: Set of { cb }, confirmed, handled, ready }
+    // topic -> { entries: Set of { cb }, confirmed, handled, ready, since, position, recovery }
+    this._subs = new Map();
     this._responders = new Map(); // target -> { handler, confirmed, handled, ready }
     this._enabled = new Map(); // "EPUB topic" -> { cmd, target, ... }: re-sent on reconnect
     this._stopped = new Set(); // targets whose responder stopped (see respond)
@@ -398,17 +408,19 @@ export class Middleman {
    * server's MiddlemanError ("not permitted", ...) when it refuses it. A refusal goes to
    * `onerror` only when nobody awaits the subscription.
    */
-  subscribe(topic, cb) {
+  subscribe(topic, cb, options = {}) {
     checkTarget(topic);
-    if (cb !== undefined && typeof cb !== "function") {
+    if (cb !== undefined && cb !== null && typeof cb !== "function") {
       throw new TypeError("middleman: the subscribe callback must be a function");
     }
+    let since = options.since ?? null;
+    if (since !== null && typeof since === "object") since = `${since.epoch}:${since.offset}`;
     let rec = this._subs.get(topic);
     if (!rec) {
-      rec = { entries: new Set(), confirmed: false, handled: false, ready: null };
+      rec = { entries: new Set(), confirmed: false, handled: false, ready: null, since, position: null, recovery: null };
       this._subs.set(topic, rec);
       try {
-        this._want("SUB", topic, rec);
+        this._want("SUB", topic, rec, this._sinceHeaders(rec));
       } catch (e) {
         this._subs.delete(topic); // closed, or the send queue is full
         throw e;
@@ -424,7 +436,42 @@ export class Middleman {
       this._stopRetry(topic);
       return this._withdraw("UNS", topic);
     };
-    return thenable(off, rec, { topic, unsubscribe: off });
+    const value = { topic, unsubscribe: off };
+    // Not enumerable: the resolved value looks as before (e.g. in JSON).
+    Object.defineProperty(value, "recovery", { get: () => rec.recovery });
+    return thenable(off, rec, value);
+  }
+
+  /** The position ({ epoch, offset }) of the last message received per subscribed history
+   *  topic (or the one the last recovery reported): where a reconnect resumes from. */
+  positions() {
+    const out = {};
+    for (const [topic, rec] of this._subs) if (rec.position) out[topic] = { ...rec.position };
+    return out;
+  }
+
+  /** The `since` header a (re)subscription of `rec` sends: after the last message
+   *  received, else the one asked for at first. */
+  _sinceHeaders(rec) {
+    if (rec.position) return [["since", `${rec.position.epoch}:${rec.position.offset}`]];
+    if (rec.since !== null && !rec.confirmed) return [["since", rec.since]];
+    return [];
+  }
+
+  _recovered(m) {
+    const topic = m.header("topic") ?? "";
+    const epoch = m.header("epoch") ?? null;
+    const offset = m.header("offset") ?? null;
+    const info = { topic, recovered: m.header("recovered") === "true", epoch, offset };
+    const rec = this._subs.get(topic);
+    if (rec) {
+      rec.recovery = info;
+      rec.position = epoch !== null && offset !== null ? { epoch, offset } : null;
+    }
+    if (this.onrecovery) this.onrecovery(info);
+    else if (!info.recovered) {
+      console.warn(`middleman: messages of ${topic} missed while disconnected are lost`);
+    }
   }
 
   /**
@@ -748,7 +795,8 @@ export class Middleman {
         // Only a subscription the server took before is retried when refused now; one
         // still waiting for its first answer is confirmed or refused below.
         if (rec.confirmed) this._resubscribing.set(topic, { attempt: 0, timer: null });
-        this._ws.send(encode("SUB", topic, [], ""));
+        // A history topic resumes after the last message received.
+        this._ws.send(encode("SUB", topic, this._sinceHeaders(rec), ""));
       }
       for (const target of this._responders.keys()) this._ws.send(encode("EREQ", target, [], ""));
     }
@@ -839,7 +887,16 @@ export class Middleman {
         return;
       }
     }
+    if (m.cmd === "PUB" && m.target === "SYS:RECOVERY") {
+      this._recovered(m);
+      return;
+    }
     const rec = m.cmd === "PUB" ? this._subs.get(m.target) : undefined;
+    if (rec) {
+      const epoch = m.header("epoch");
+      const offset = m.header("offset");
+      if (epoch != null && offset != null) rec.position = { epoch, offset };
+    }
     const cbs = rec ? [...rec.entries].filter((e) => e.cb) : [];
     if (cbs.length > 0) {
       for (const { cb } of cbs) {
@@ -862,7 +919,7 @@ export class Middleman {
     retry.timer = setTimeout(() => {
       retry.timer = null;
       if (this._state === "open" && this._subs.has(topic)) {
-        this._ws.send(encode("SUB", topic, [], ""));
+        this._ws.send(encode("SUB", topic, this._sinceHeaders(this._subs.get(topic)), ""));
       }
     }, delay);
   }

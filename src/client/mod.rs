@@ -65,12 +65,14 @@
 //! ```
 
 pub mod cli;
+mod history;
 mod system;
 
+pub use history::{Position, Recovery, Since};
 pub use system::{Event, EventKind, Member, Presence, Right, KICK_CODE, PRESENCE_MAX};
 
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -352,6 +354,12 @@ pub struct Client {
     dead: Option<(u16, String)>,
     closer: Closer,
     out: Vec<u8>,
+    /// For [`Client::resume`]: where and how it connected, and its subscriptions.
+    url: String,
+    key: String,
+    subs: Vec<String>,
+    /// The position of the last message handed out per history topic.
+    positions: HashMap<String, Position>,
 }
 
 impl std::fmt::Debug for Client {
@@ -430,6 +438,10 @@ impl Client {
                 flag: Arc::new(AtomicBool::new(false)),
             },
             out: Vec::new(),
+            url: url.to_owned(),
+            key: key.to_owned(),
+            subs: Vec::new(),
+            positions: HashMap::new(),
         })
     }
 
@@ -446,11 +458,17 @@ impl Client {
     /// Subscribe to `topic`. Returns once the server has taken it; a refusal (a client
     /// key on a topic no service enabled with `ESUB`) is [`Error::Server`].
     pub fn subscribe(&mut self, topic: &str) -> Result<()> {
-        self.confirmed("SUB", topic, &[], b"")
+        self.confirmed("SUB", topic, &[], b"")?;
+        if !self.subs.iter().any(|t| t == topic) {
+            self.positions.remove(topic); // a new subscription starts from now
+        }
+        self.subscribed(topic);
+        Ok(())
     }
 
     /// Unsubscribe from `topic` (never refused; returns once the server has taken it).
     pub fn unsubscribe(&mut self, topic: &str) -> Result<()> {
+        self.unsubscribed(topic);
         self.confirmed("UNS", topic, &[], b"")
     }
 
@@ -543,12 +561,12 @@ impl Client {
     /// not tied to a call come here too (see [`Message::error`]).
     pub fn recv(&mut self) -> Result<Message> {
         if let Some(m) = self.inbox.pop_front() {
-            return Ok(m);
+            return Ok(self.hand_out(m));
         }
         loop {
             if let Some(Incoming::Msg(m)) = self.read_event(None)? {
                 if let Some(m) = self.fresh(m) {
-                    return Ok(m);
+                    return Ok(self.hand_out(m));
                 }
             }
         }
@@ -557,14 +575,14 @@ impl Client {
     /// Like [`Client::recv`], waiting at most `timeout`; `Ok(None)` when nothing came.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Message>> {
         if let Some(m) = self.inbox.pop_front() {
-            return Ok(Some(m));
+            return Ok(Some(self.hand_out(m)));
         }
         let deadline = Instant::now() + timeout;
         loop {
             match self.read_event(Some(deadline))? {
                 Some(Incoming::Msg(m)) => {
                     if let Some(m) = self.fresh(m) {
-                        return Ok(Some(m));
+                        return Ok(Some(self.hand_out(m)));
                     }
                 }
                 Some(Incoming::Pong(_)) => {}

@@ -70,6 +70,58 @@ try {
   if (bad !== "bad key") throw new Error(`a wrong key: ${bad}`);
   ok("a wrong key is refused");
 
+  // History (protocol 9.5): the client's socket is closed mid-stream (not the client);
+  // it reconnects, re-subscribes with since, and the application sees every message
+  // once, in order; SYS:RECOVERY goes to onrecovery, not to the subscription.
+  const hopts = { reconnect: true, minDelayMs: 20, maxDelayMs: 200 };
+  const hsvc = await lib.connect(url, serviceKey, hopts);
+  open.push(hsvc);
+  await hsvc.enableSubscribe("js.hist.seq");
+  const hcli = await lib.connect(url, clientKey, hopts);
+  open.push(hcli);
+  const seen = [];
+  const recoveries = [];
+  hcli.onrecovery = (r) => recoveries.push(r);
+  const hsub = await hcli.subscribe("js.hist.seq", (m) => {
+    if (m.header("epoch") == null || m.header("offset") == null) throw new Error("no position");
+    seen.push(Number(m.body));
+    if (seen.length === 20) hcli._ws.close(); // the socket only: the client reconnects
+  });
+  if (hsub.recovery !== null) throw new Error(`a plain SUB got a recovery: ${JSON.stringify(hsub.recovery)}`);
+  const hcid = hcli.cid;
+  const total = 200;
+  let publishedWhenClosed = -1;
+  for (let i = 0; i < total; i++) {
+    hsvc.publish("js.hist.seq", String(i));
+    if (seen.length >= 20 && publishedWhenClosed < 0) publishedWhenClosed = i;
+    await sleep(3);
+  }
+  const hdeadline = Date.now() + 10000;
+  while (seen.length < total && Date.now() < hdeadline) await sleep(20);
+  await sleep(200); // nothing more, nor twice
+  const want = Array.from({ length: total }, (_, i) => i);
+  if (JSON.stringify(seen) !== JSON.stringify(want)) throw new Error(`history resume: ${JSON.stringify(seen)}`);
+  if (hcli.cid === hcid) throw new Error("the client did not reconnect");
+  if (publishedWhenClosed < 0 || publishedWhenClosed >= total - 20) {
+    throw new Error(`not closed mid-stream (${publishedWhenClosed})`);
+  }
+  const pos = hcli.positions()["js.hist.seq"];
+  if (recoveries.length !== 1 || !recoveries[0].recovered || recoveries[0].topic !== "js.hist.seq") {
+    throw new Error(`recoveries: ${JSON.stringify(recoveries)}`);
+  }
+  if (!pos || !/^[0-9A-Za-z]+$/.test(pos.epoch) || pos.epoch !== recoveries[0].epoch) {
+    throw new Error(`positions: ${JSON.stringify(hcli.positions())}`);
+  }
+  // Subscribing with since explicitly: the newest stored message, then recovered true.
+  const last = [];
+  const lsub = await hsvc.subscribe("js.hist.seq", (m) => last.push(m.body), { since: "last" });
+  if (!lsub.recovery || !lsub.recovery.recovered || JSON.stringify(last) !== JSON.stringify([String(total - 1)])) {
+    throw new Error(`since last: ${JSON.stringify(last)} ${JSON.stringify(lsub.recovery)}`);
+  }
+  hsvc.close();
+  hcli.close();
+  ok("history: a socket closed mid-stream resumes with since, every message once, in order");
+
   // Reconnect across a server restart: the client subscribes again and the JS service
   // sends its EREQ again (a client may only request a target while an EREQ is in force).
   const opts = { reconnect: true, minDelayMs: 100, maxDelayMs: 1000 };

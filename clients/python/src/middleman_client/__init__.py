@@ -24,6 +24,10 @@ subscribed and follow connection events (protocol 1.1)::
         print(ev.cid, ev.reason)
     await svc.kick(cid, "bye")                          # the client sees Kicked (close 4000)
 
+History topics (protocol 9.5) resume by themselves after a reconnect (``since`` the last
+message received); ``on_recovery_failed=`` is told when the missed messages are lost, and
+``subscribe(topic, since="last")`` (or a Position) asks for stored messages explicitly.
+
 See ``Service`` for writing services, and ``middleman_client.sync`` for a blocking API.
 """
 
@@ -40,9 +44,12 @@ from .client import (
     Kicked,
     NoResponders,
     NotPermitted,
+    Position,
+    Recovery,
     RequestTimedOut,
     ResponderDisconnected,
     ServerError,
+    SinceLike,
     Subscription,
     TooManyGrants,
     TooManyRequests,
@@ -52,7 +59,7 @@ from .protocol import Headers, Message, ProtocolError, decode, encode
 from .service import Service
 from .system import EVENT_TOPICS, Event, Member, Presence, parse_event, parse_presence
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "EVENT_TOPICS",
@@ -72,12 +79,15 @@ __all__ = [
     "Message",
     "NoResponders",
     "NotPermitted",
+    "Position",
     "Presence",
     "ProtocolError",
+    "Recovery",
     "RequestTimedOut",
     "ResponderDisconnected",
     "ServerError",
     "Service",
+    "SinceLike",
     "Subscription",
     "TooManyGrants",
     "TooManyRequests",

@@ -15,6 +15,7 @@ from typing import (
     Dict,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     Set,
@@ -50,12 +51,57 @@ __all__ = [
     "EventSubscription",
     "KICK_CODE",
     "HeadersLike",
+    "Position",
+    "Recovery",
+    "SinceLike",
 ]
 
 log = logging.getLogger("middleman_client")
 
 #: Headers to send: pairs (order and spelling kept) or a mapping.
 HeadersLike = Union[Sequence[Tuple[str, str]], Mapping[str, str], None]
+
+
+class Position(NamedTuple):
+    """A place in a history topic (protocol 9.5): the ``epoch`` and ``offset`` headers
+    of a message. ``str(pos)`` is ``<epoch>:<offset>``, the value of a ``since``."""
+
+    epoch: str
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.offset}"
+
+    @classmethod
+    def of(cls, m: "Message") -> Optional["Position"]:
+        """The position a message carries (``epoch`` and ``offset`` headers), or None."""
+        epoch, offset = m.header("epoch"), m.header("offset")
+        if epoch is None or offset is None or not offset.isdigit():
+            return None
+        return cls(epoch, int(offset))
+
+
+#: Where ``subscribe(topic, since=...)`` resumes: ``"last"``, ``"<epoch>:<offset>"``, a
+#: :class:`Position` or an ``(epoch, offset)`` pair.
+SinceLike = Union[str, Position, Tuple[str, int]]
+
+
+class Recovery(NamedTuple):
+    """What the server said after a subscription with ``since`` (``PUB SYS:RECOVERY``).
+
+    ``recovered`` is True when every message missed was replayed (they came before this);
+    False when they are lost (a new epoch, or no longer kept): reload the topic's state
+    from your own database. ``position`` is where the topic stands now (None for a topic
+    the server keeps no history of).
+    """
+
+    topic: str
+    recovered: bool
+    position: Optional[Position]
+
+    @classmethod
+    def of(cls, m: "Message") -> "Recovery":
+        return cls(m.header("topic") or "", m.header("recovered") == "true", Position.of(m))
 
 #: How long a confirmed command (SUB, EPUB, ...) waits for the server to take it.
 SYNC_TIMEOUT = 10.0
@@ -170,6 +216,8 @@ _ERRORS: Dict[str, Type[ServerError]] = {
     "bad limit": BadRequest,
     "missing header": BadRequest,
     "missing ReqID": BadRequest,
+    "bad since": BadRequest,
+    "already subscribed": BadRequest,
     "too many grants": TooManyGrants,
     "no responder": NoResponders,
     "request timed out": RequestTimedOut,
@@ -189,6 +237,7 @@ def _error_from(m: Message) -> ServerError:
 OnDisconnect = Callable[["ConnectionLost"], object]
 OnReconnect = Callable[[], object]
 OnError = Callable[[Exception], object]
+OnRecoveryFailed = Callable[[Recovery], object]
 
 
 def _pairs(headers: HeadersLike) -> Headers:
@@ -247,6 +296,19 @@ class Subscription:
     def active(self) -> bool:
         """Whether the subscription is in force (not unsubscribed, client not closed)."""
         return not self._ended
+
+    @property
+    def position(self) -> Optional[Position]:
+        """The position of the last message of a history topic received (or the one
+        the server reported in its last recovery), None if none: where the client
+        resumes from (``since``) after a reconnect."""
+        return self.client._positions.get(self.topic)
+
+    @property
+    def recovery(self) -> Optional[Recovery]:
+        """The server's last answer to a subscription with ``since`` to this topic
+        (``subscribe(topic, since=...)`` or a resubscription after a reconnect)."""
+        return self.client._recoveries.get(self.topic)
 
     def __aiter__(self) -> "Subscription":
         self._claim()
@@ -359,6 +421,7 @@ async def connect(
     on_disconnect: Optional[OnDisconnect] = None,
     on_reconnect: Optional[OnReconnect] = None,
     on_error: Optional[OnError] = None,
+    on_recovery_failed: Optional[OnRecoveryFailed] = None,
     **ws_options: Any,
 ) -> "Client":
     """Connect to a server, authenticate with ``key`` and return the client once the
@@ -386,6 +449,16 @@ async def connect(
     re-established, and with errors that have no call to be raised from (a refused
     re-subscription, an undecodable message, giving up reconnecting, buffered messages
     dropped). Other keyword arguments go to ``websockets.asyncio.client.connect``.
+
+    History topics (protocol 9.5): the client remembers the position (``epoch`` and
+    ``offset`` headers) of the last message received on each subscribed topic that has
+    them, and after a reconnect subscribes again with ``since`` that position, so the
+    messages missed meanwhile arrive first, in order, once each. The server's
+    ``SYS:RECOVERY`` answer is not handed to the application as a message; when it says
+    the missed messages are lost (``recovered: false``: the server restarted, or no
+    longer keeps them), ``on_recovery_failed(recovery)`` is called with a
+    :class:`Recovery` (topic, current position): reload that topic's state from your
+    own database. Without the callback, a warning is logged.
     """
     client = Client(
         urls,
@@ -399,6 +472,7 @@ async def connect(
         on_disconnect=on_disconnect,
         on_reconnect=on_reconnect,
         on_error=on_error,
+        on_recovery_failed=on_recovery_failed,
         ws_options=ws_options,
     )
     await client._start()
@@ -428,6 +502,7 @@ class Client:
         on_disconnect: Optional[OnDisconnect] = None,
         on_reconnect: Optional[OnReconnect] = None,
         on_error: Optional[OnError] = None,
+        on_recovery_failed: Optional[OnRecoveryFailed] = None,
         ws_options: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.urls: List[str] = [urls] if isinstance(urls, str) else list(urls)
@@ -450,6 +525,7 @@ class Client:
         self.on_disconnect = on_disconnect
         self.on_reconnect = on_reconnect
         self.on_error = on_error
+        self.on_recovery_failed = on_recovery_failed
         self._ws_options: Dict[str, Any] = {
             "max_size": None,  # the server enforces its own message limit
             "compression": None,
@@ -471,6 +547,10 @@ class Client:
         # Subscription objects per topic, and those that claim their topic's messages.
         self._sub_objs: Dict[str, List[Subscription]] = {}
         self._claimers: Dict[str, List[Subscription]] = {}
+        # History topics: the position of the last message received per topic, and the
+        # server's last SYS:RECOVERY per topic.
+        self._positions: Dict[str, Position] = {}
+        self._recoveries: Dict[str, Recovery] = {}
         # Messages published while disconnected, in order, and their size.
         self._outbox: Deque[bytes] = collections.deque()
         self._outbox_bytes = 0
@@ -603,6 +683,16 @@ class Client:
         return self._connected.is_set() and not self._closed
 
     @property
+    def positions(self) -> Dict[str, Position]:
+        """The position of the last message received per subscribed history topic (a
+        copy): where the client resumes from after a reconnect."""
+        return {t: p for t, p in self._positions.items() if t in self._subs}
+
+    def _since(self, topic: str) -> Optional[Headers]:
+        pos = self._positions.get(topic)
+        return None if pos is None else [("since", str(pos))]
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes that ``publish`` buffered while disconnected, not sent yet."""
         return self._outbox_bytes
@@ -729,7 +819,8 @@ class Client:
                 for cmd, target in self._enabled:
                     await ws.send(encode(cmd, target))
                 for topic in self._subs:
-                    await ws.send(encode("SUB", topic))
+                    # A history topic resumes after the last message received.
+                    await ws.send(encode("SUB", topic, self._since(topic)))
                 while self._outbox:
                     data = self._outbox[0]
                     await ws.send(data)
@@ -783,7 +874,7 @@ class Client:
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
             try:
-                await self._confirmed("SUB", topic)
+                await self._confirmed("SUB", topic, self._since(topic))
                 break
             except ServerError as e:
                 error = e
@@ -834,12 +925,36 @@ class Client:
                 fut.set_result(m)
             return  # a late answer to a request that timed out is dropped
         elif m.cmd == "PUB":
+            if m.target == "SYS:RECOVERY":
+                self._recovery(m)
+                return
+            pos = Position.of(m)
+            if pos is not None:
+                self._positions[m.target] = pos
             claimers = self._claimers.get(m.target)
             if claimers:
                 for sub in claimers:
                     sub._queue.put_nowait(m)
                 return
         self._inbox.put_nowait(m)
+
+    def _recovery(self, m: Message) -> None:
+        rec = Recovery.of(m)
+        self._recoveries[rec.topic] = rec
+        if rec.position is None:
+            self._positions.pop(rec.topic, None)
+        else:
+            self._positions[rec.topic] = rec.position
+        if not rec.recovered:
+            if self.on_recovery_failed is None:
+                log.warning(
+                    "middleman_client: messages of %s missed while disconnected are lost "
+                    "(now at %s)",
+                    rec.topic,
+                    rec.position,
+                )
+            else:
+                self._fire(self.on_recovery_failed, rec)
 
     def _claim(self, sub: Subscription) -> None:
         """``sub`` starts reading: its topic's messages go to it, those waiting unread in
@@ -928,12 +1043,28 @@ class Client:
         if watch.error is not None:
             raise watch.error
 
-    async def subscribe(self, topic: str) -> Subscription:
+    async def subscribe(self, topic: str, since: Optional[SinceLike] = None) -> Subscription:
         """Subscribe to ``topic``; returns once the server has taken it, with a
         :class:`Subscription` to read the topic's messages from (or ignore, and read them
-        from the client-wide iterator). Raises NotPermitted if refused."""
+        from the client-wide iterator). Raises NotPermitted if refused.
+
+        ``since`` (a history topic, protocol 9.5): ``"last"`` (the newest message kept),
+        or a position (a :class:`Position`, ``(epoch, offset)`` or ``"<epoch>:<offset>"``)
+        to receive the messages after it first. The server's answer is
+        ``sub.recovery`` once this returns; ``recovered: false`` also goes to
+        ``on_recovery_failed``. Raises BadRequest for ``bad since`` or ``already
+        subscribed``.
+        """
         check_target(topic)
-        await self._confirmed("SUB", topic)
+        headers: Optional[Headers] = None
+        if since is not None:
+            if isinstance(since, tuple):
+                since = Position(str(since[0]), int(since[1]))
+            headers = [("since", str(since))]
+        if topic not in self._subs:  # a new subscription starts from now, or since
+            self._positions.pop(topic, None)
+            self._recoveries.pop(topic, None)
+        await self._confirmed("SUB", topic, headers)
         self._subs[topic] = None
         sub = Subscription(self, topic)
         self._sub_objs.setdefault(topic, []).append(sub)
@@ -948,6 +1079,8 @@ class Client:
         try:
             await self._confirmed("UNS", topic)
         finally:
+            self._positions.pop(topic, None)
+            self._recoveries.pop(topic, None)
             # What the server sent before it took the UNS still goes to the subscriptions.
             self._claimers.pop(topic, None)
             for sub in self._sub_objs.pop(topic, []):

@@ -8,7 +8,7 @@
         print(news.recv(timeout=5).text)        # or: for msg in news: ...
         print(c.request("time", timeout=5).text)
 
-Callbacks (``on_disconnect``, ``on_reconnect``, ``on_error``) run on the client's own
+Callbacks (``on_disconnect``, ``on_reconnect``, ``on_error``, ``on_recovery_failed``) run on the client's own
 thread: keep them short.
 """
 
@@ -16,10 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Coroutine, Iterator, Optional, Sequence, TypeVar, Union
+from typing import Any, Coroutine, Dict, Iterator, Optional, Sequence, TypeVar, Union
 
 from . import client as _client
-from .client import Client, ConnectionLost, EventSubscription, HeadersLike, Subscription
+from .client import (
+    Client,
+    ConnectionLost,
+    EventSubscription,
+    HeadersLike,
+    Position,
+    Recovery,
+    SinceLike,
+    Subscription,
+)
 from .protocol import Body, Message
 from .system import Event, Presence
 
@@ -40,6 +49,16 @@ class SyncSubscription:
     @property
     def active(self) -> bool:
         return self._sub.active
+
+    @property
+    def position(self) -> Optional[Position]:
+        """See :attr:`middleman_client.Subscription.position`."""
+        return self._sub.position
+
+    @property
+    def recovery(self) -> Optional[Recovery]:
+        """See :attr:`middleman_client.Subscription.recovery`."""
+        return self._sub.recovery
 
     def recv(self, timeout: Optional[float] = None) -> Message:
         """The topic's next message; TimeoutError after ``timeout`` seconds,
@@ -176,8 +195,12 @@ class SyncClient:
         """The asyncio client underneath (its loop runs on another thread)."""
         return self._client
 
-    def subscribe(self, topic: str) -> SyncSubscription:
-        return SyncSubscription(self, self._run(self._client.subscribe(topic)))
+    @property
+    def positions(self) -> Dict[str, Position]:
+        return self._client.positions
+
+    def subscribe(self, topic: str, since: Optional[SinceLike] = None) -> SyncSubscription:
+        return SyncSubscription(self, self._run(self._client.subscribe(topic, since)))
 
     def unsubscribe(self, topic: str) -> None:
         self._run(self._client.unsubscribe(topic))
