@@ -186,7 +186,10 @@ fn a_service_churning_distinct_topics_under_heavy_data_stays_bounded_and_heard()
     let published = publishing.join().unwrap();
     let received = reading.join().unwrap();
     assert!(topics >= 10_000, "only {topics} topics churned");
-    assert!(published >= 10_000, "only {published} messages published");
+    // A floor for the load, not a speed figure: 8 KiB messages at 10-13k in 6 s on an
+    // idle machine (debug build), about 8k with the other core busy; that the data lane
+    // was full is asserted below (buffer_full drops).
+    assert!(published >= 4_096, "only {published} messages published");
     assert!(received > 0, "nothing crossed");
     let m = metrics(a.addr);
     let dropped = |r: &str| {

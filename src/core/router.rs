@@ -69,8 +69,10 @@ pub struct Topic {
     grants: u32,
     /// A private channel (`MSG:`): no presence index.
     private: bool,
-    /// Presence (§9.3), while it has subscribers; never for private channels. Boxed:
-    /// the topic table stays compact for the walks over it (`/stats`).
+    /// Presence (§9.3), from its second subscriber on until it has none (one subscriber
+    /// is its own index: a topic churned by one connection allocates nothing for it);
+    /// never for private channels. Boxed: the topic table stays compact for the walks
+    /// over it (`/stats`).
     presence: Option<Box<PresenceIndex>>,
 }
 
@@ -377,10 +379,27 @@ impl Router {
         let idx = topic.subs.len() as u32;
         topic.subs.push(conn);
         if !topic.private {
-            let p = topic.presence.get_or_insert_with(Default::default);
-            p.by_cid.insert((key, conn));
-            if let Some(u) = uid {
-                p.add_user(&u);
+            match topic.presence.as_mut() {
+                Some(p) => {
+                    p.by_cid.insert((key, conn));
+                    if let Some(u) = uid {
+                        p.add_user(&u);
+                    }
+                }
+                None if topic.subs.len() >= 2 => {
+                    // The second subscriber: the index is built (from both).
+                    let mut p = Box::<PresenceIndex>::default();
+                    for &c in &topic.subs {
+                        if let Some(Some(e)) = self.conns.get(c) {
+                            p.by_cid.insert((e.key, c));
+                            if let Some(u) = &e.uid {
+                                p.add_user(u);
+                            }
+                        }
+                    }
+                    topic.presence = Some(p);
+                }
+                None => {}
             }
         }
         self.total_subs += 1;
@@ -415,6 +434,8 @@ impl Router {
             if let Some(u) = uid {
                 p.remove_user(u);
             }
+            // Kept down to one subscriber (a topic whose second member comes and goes
+            // does not rebuild it each time), dropped with the last.
             if p.by_cid.is_empty() {
                 topic.presence = None;
             }
@@ -800,7 +821,19 @@ impl Router {
             return Presence::default();
         };
         let Some(p) = t.presence.as_ref() else {
-            return Presence::default();
+            // At most one subscriber, its own index (none on a private channel).
+            if t.private {
+                return Presence::default();
+            }
+            let uid = t
+                .subs
+                .first()
+                .and_then(|&c| self.conns.get(c)?.as_ref()?.uid.as_ref());
+            return Presence {
+                count: t.subs.len(),
+                users: usize::from(uid.is_some()),
+                first: t.subs.iter().take(limit).copied().collect(),
+            };
         };
         Presence {
             count: t.subs.len(),
@@ -816,6 +849,12 @@ impl Router {
             Some(Topic {
                 presence: Some(p), ..
             }) => p.users.keys().map(|u| Box::<[u8]>::from(&u[..])).collect(),
+            Some(t) if !t.private => t
+                .subs
+                .iter()
+                .filter_map(|&c| self.conns.get(c)?.as_ref()?.uid.as_deref())
+                .map(Box::<[u8]>::from)
+                .collect(),
             _ => Default::default(),
         }
     }
@@ -1075,7 +1114,10 @@ impl Router {
                 continue;
             }
             let Some(p) = t.presence.as_ref() else {
-                return Err(format!("topic {id} has no presence index"));
+                if t.subs.len() > 1 {
+                    return Err(format!("topic {id} has no presence index"));
+                }
+                continue;
             };
             if p.by_cid.len() != t.subs.len() {
                 return Err(format!("topic {id} cid index differs from its subscribers"));
