@@ -345,6 +345,10 @@ impl Broker {
         now: Instant,
         out: &mut impl Outbox,
     ) {
+        // A private channel is not held by a right (clients may not SUB it at all).
+        if t.starts_with(b"MSG:") {
+            return;
+        }
         let client = self.role(conn).is_some_and(|r| !r.is_service());
         if client
             && !self.router.has_grant(conn, t, Enable::Sub)
@@ -454,11 +458,14 @@ impl Broker {
         let Whom::Local(to) = self.whom(cid) else {
             return;
         };
+        // What the sending node checked is checked again: a peer cannot take a private
+        // channel away or subscribe anyone to a reserved target.
+        let topic_ok = is_target(arg) && !arg.starts_with(b"SYS:") && !arg.starts_with(b"MSG:");
         match op {
-            b'S' if is_target(arg) && self.subscribe_conn(to, arg, now, out).is_err() => {
+            b'S' if topic_ok && self.subscribe_conn(to, arg, now, out).is_err() => {
                 log::debug!("INT SUB from another node refused: too many subscriptions");
             }
-            b'U' => {
+            b'U' if topic_ok => {
                 self.unsubscribe_conn(to, arg, now, out);
             }
             b'K' => kick(out, to, cut_utf8(arg, MAX_KICK_REASON)),
