@@ -17,7 +17,7 @@
 //! goes to a live connection, only for a service's `INT KICK`, with a reason of at most
 //! 120 bytes; grants and subscriptions stay within `max_subscriptions`; every `PUB t`
 //! goes to a subscriber of t (or, not for `SYS:` events, a monitor); `SYS:SUB/UNS` never
-//! name a `MSG:` or `SYS:` topic; a presence answer goes to its asker, lists at most
+//! name a `MSG:` or `SYS:` topic; every connection keeps its `MSG:<cid>`; a presence answer goes to its asker, lists at most
 //! `limit` lines in cid order, and counts the topic's subscribers.
 #![no_main]
 
@@ -252,6 +252,9 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Out::default();
     // The last cid each slot had (a gone cid stays well-formed but unknown).
     let mut cids: Vec<Option<String>> = vec![None; CONNS];
+    // A connection may `UNS` its own `MSG:<cid>` (§3 allows UNS of anything); then, and
+    // only then, it may lack it.
+    let mut own_uns = [false; CONNS];
     for op in data.chunks(4) {
         let [kind, a, b, c] = [
             op[0],
@@ -267,7 +270,8 @@ fuzz_target!(|data: &[u8]| {
                 pub_step = v11_step(
                     &mut broker,
                     &mut connected,
-                    &mut cids,
+                    &cids,
+                    &mut own_uns,
                     &mut out,
                     now,
                     [kind, a, b, c],
@@ -276,6 +280,7 @@ fuzz_target!(|data: &[u8]| {
             0 if !connected[conn] => {
                 let role = [Role::Service, Role::Client, Role::Monitor][b as usize % 3];
                 cids[conn] = Some(broker.connect(conn, role));
+                own_uns[conn] = false;
                 connected[conn] = true;
                 broker.connected(conn, &mut out);
                 for (to, p) in &out.sent {
@@ -299,6 +304,9 @@ fuzz_target!(|data: &[u8]| {
                 }
                 if cmd == "INT" && c & 0x80 != 0 {
                     target = "UID".into();
+                }
+                if cmd == "UNS" && target.strip_prefix("MSG:") == broker.cid(conn) {
+                    own_uns[conn] = true;
                 }
                 let mut raw = format!("{cmd} {target}\r\n");
                 // "r0".."r99" fit the 3-byte limit, "r100".."r255" do not.
@@ -420,6 +428,14 @@ fuzz_target!(|data: &[u8]| {
             if !up {
                 assert_eq!((asked, broker.router().answering_count(c)), (0, 0));
             }
+            if let Some(cid) = broker.cid(c).filter(|_| !own_uns[c]) {
+                // Nothing a connection sends ends another's (or its own) private channel.
+                let private = format!("MSG:{cid}");
+                assert!(
+                    broker.router().is_subscribed(c, private.as_bytes()),
+                    "{private} lost"
+                );
+            }
             assert!(
                 broker.router().grant_count(c) <= MAX_SUBS,
                 "conn {c}: too many grants"
@@ -530,7 +546,8 @@ fn carry_out_kicks(broker: &mut Broker, connected: &mut [bool], out: &mut Out) {
 fn v11_step(
     broker: &mut Broker,
     connected: &mut [bool],
-    cids: &mut [Option<String>],
+    cids: &[Option<String>],
+    own_uns: &mut [bool],
     out: &mut Out,
     now: Instant,
     [kind, a, b, c]: [u8; 4],
@@ -594,6 +611,10 @@ fn v11_step(
         // A 1.1 command.
         2 | 3 if connected[conn] => {
             let m = cmd11(broker, cids, x, b, c);
+            let own = broker.cid(conn).map(|c| format!("MSG:{c}").into_bytes());
+            if m.cmd == "UNS" && own.as_ref() == Some(&m.topic) {
+                own_uns[conn] = true;
+            }
             let service = broker.role(conn).is_some_and(Role::is_service);
             let grants_before: Vec<usize> =
                 (0..CONNS).map(|i| broker.router().grant_count(i)).collect();
