@@ -5,7 +5,8 @@
 # each with the reason). Idempotent: what is already there is kept. Debian, as root.
 #
 #   Debian packages  chromium (browser tests), nodejs + npm, python3 + python3-venv
-#                    (Python client), systemd (systemd-analyze), nats-server
+#                    (Python client), systemd (systemd-analyze), nats-server,
+#                    curl (tests/http_api.rs)
 #   npm              playwright-core in tests/browser-client and tests/browser-console,
 #                    exactly as their package-lock.json files pin it (npm ci)
 #   crates.io        cargo-fuzz, pinned below
@@ -34,6 +35,7 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ "${#need[@]}" -gt 0 ]; then
   say "apt-get install ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -43,7 +45,7 @@ else
   say "Debian packages present"
 fi
 [ -x /usr/bin/chromium ] || die "/usr/bin/chromium missing after install"
-for t in node npm python3 systemd-analyze nats-server; do
+for t in node npm python3 systemd-analyze nats-server curl; do
   command -v "$t" >/dev/null 2>&1 || die "$t missing after install"
 done
 python3 -c 'import venv, ensurepip' || die "python3 cannot create a venv with pip"

@@ -49,6 +49,15 @@ websocket {
 }
 EOF
 
+# History (PROTOCOL.md §9.5) for the hist* rows' topics only; every other row's topic
+# pays the prefix check and nothing else.
+cat > "$OUT/mm.toml" <<EOF
+[[history]]
+prefix = "hist."
+size = 1000
+ttl = "1h"
+EOF
+
 MM_PID=""
 NATS_PID=""
 stop_servers() {
@@ -63,7 +72,7 @@ trap stop_servers EXIT
 
 start_servers() {
     "$BIN" --listen "127.0.0.1:$MM_PORT" --service-key "$KEY" --client-key "c-$KEY" \
-        --max-connections 20000 --log-level warn > "$OUT/mm.log" 2>&1 &
+        --max-connections 20000 --log-level warn --config "$OUT/mm.toml" > "$OUT/mm.log" 2>&1 &
     MM_PID=$!
     nats-server -c "$OUT/nats.conf" > "$OUT/nats.log" 2>&1 &
     NATS_PID=$!
@@ -162,6 +171,10 @@ for RUN in $(seq 1 "$RUNS"); do
     floor lat1_10k --subs 1 --rate 10000 --duration "$DUR"
     floor lat1000_100 --subs 1000 --rate 100 --duration "$DUR" --threads 2
     both reqres100x16x2 reqres --requesters 100 --window 16 --responders 2 --duration "$DUR"
+    # History: the same fan-out to a topic that keeps history (each PUB stored with
+    # offset and epoch), middleman only, beside its plain rows above.
+    one hist64_1 mm fanout --subs 1 --size 64 --duration "$DUR" --subject hist.b
+    one hist64_100 mm fanout --subs 100 --size 64 --duration "$DUR" --threads 2 --subject hist.b
     stop_servers
 done
 {
@@ -211,6 +224,20 @@ for row, label, key in thr:
     ratio = f"{m / n:.2f}x" if n and n == n and m == m else "n/a"
     print(f"| {row} | {shape(r)} | {label} | {cell(r.get('mm', []), key, 'M')} | {cell(r.get('nats', []), key, 'M')} | {ratio} |")
 
+print()
+print("History (middleman only): the same window256 fan-out to a topic with a `[[history]]` rule")
+print("(size 1000), beside the plain row of the same rounds; 'history / plain' is the ratio of")
+print("deliveries per server CPU-second (1.00x: a history PUB costs what a plain one does).")
+print()
+print("| row | scenario | plain | history | history / plain |")
+print("|---|---|---|---|---|")
+for hist, plain, label in (("hist64_1", "fanout64_1", "fan-out 64 B, 1 subscriber"),
+                           ("hist64_100", "fanout64_100", "fan-out 64 B, 100 subscribers")):
+    key = "deliveries_per_server_cpu_s"
+    h, p = rows.get(hist, {}).get("mm", []), rows.get(plain, {}).get("mm", [])
+    mh, mp = med(h, key), med(p, key)
+    ratio = f"{mh / mp:.2f}x" if mh == mh and mp == mp and mp else "n/a"
+    print(f"| {hist} | {label} | {cell(p, key, 'M')} | {cell(h, key, 'M')} | {ratio} |")
 print()
 print("Fixed load: the server's CPU use (fraction of one core; nats-server may use both) and")
 print("end-to-end latency at an offered rate; 'held' says whether every round achieved it (>= 98%).")

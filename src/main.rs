@@ -34,6 +34,10 @@ enum Cmd {
     Req(cli::ReqArgs),
     /// Answer requests for a target (a responder for trying things out).
     Reply(cli::ReplyArgs),
+    /// Show who is subscribed to a topic (a service key; protocol 1.1).
+    Presence(cli::PresenceArgs),
+    /// Close a connection by its cid, with code 4000 (a service key; protocol 1.1).
+    Kick(cli::KickArgs),
     /// Load tool: measure a running server (middleman or nats-server) over WebSocket.
     Bench(middleman::bench::Args),
 }
@@ -52,6 +56,8 @@ fn main() -> ExitCode {
             Cmd::Pub(a) => cli::publish(a),
             Cmd::Req(a) => cli::request(a),
             Cmd::Reply(a) => cli::reply(a),
+            Cmd::Presence(a) => cli::presence(a),
+            Cmd::Kick(a) => cli::kick(a),
             Cmd::Bench(args) => middleman::bench::run(args),
         };
     }

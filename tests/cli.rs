@@ -455,3 +455,95 @@ fn body_from_stdin() {
     );
     assert_eq!(finish(reply).0, 0);
 }
+
+#[test]
+fn presence_lists_who_is_subscribed() {
+    let srv = TestServer::start();
+    let mut svc = Client::connect(&srv.url(), SERVICE_KEY).unwrap();
+    let a = Client::connect(&srv.url(), CLIENT_KEY).unwrap();
+    let b = Client::connect(&srv.url(), CLIENT_KEY).unwrap();
+    svc.set_uid(a.cid(), "alice").unwrap();
+    svc.subscribe_for(a.cid(), "room").unwrap();
+    svc.subscribe_for(b.cid(), "room").unwrap();
+    let mut lines = [format!("{} alice", a.cid()), b.cid().to_owned()];
+    lines.sort();
+    let (code, out, err) = run(&srv, SERVICE_KEY, &["presence", "room"]);
+    assert_eq!(
+        (code, out),
+        (
+            0,
+            format!("count: 2\tusers: 1\n{}\n{}\n", lines[0], lines[1])
+        ),
+        "{err}"
+    );
+    let (code, out, _) = run(&srv, SERVICE_KEY, &["presence", "room", "--limit", "1"]);
+    assert_eq!(
+        (code, out),
+        (
+            0,
+            format!("count: 2\tusers: 1\ttruncated: true\n{}\n", lines[0])
+        )
+    );
+    let (code, out, _) = run(&srv, SERVICE_KEY, &["presence", "nobody"]);
+    assert_eq!((code, out.as_str()), (0, "count: 0\tusers: 0\n"));
+    let (code, out, err) = run(&srv, CLIENT_KEY, &["presence", "room"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (1, "", "middleman: not permitted: REQ SYS:PRESENCE\n")
+    );
+    let (code, _, _) = run(&srv, SERVICE_KEY, &["presence", "room", "--limit", "x"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn kick_closes_a_connection_with_4000() {
+    let srv = TestServer::start();
+    let mut c = Client::connect(&srv.url(), CLIENT_KEY).unwrap();
+    let cid = c.cid().to_owned();
+    assert_eq!(
+        run(&srv, SERVICE_KEY, &["kick", &cid, "--reason", "go away"]),
+        (0, "".into(), "".into())
+    );
+    match c.recv_timeout(WAIT) {
+        Err(middleman::client::Error::Closed { code, reason }) => {
+            assert_eq!((code, reason.as_str()), (4000, "go away"))
+        }
+        other => panic!("expected the kick, got {other:?}"),
+    }
+    // Gone already: no error. Not a cid, or a client key: refused (exit 1).
+    assert_eq!(run(&srv, SERVICE_KEY, &["kick", &cid]).0, 0);
+    let (code, _, err) = run(&srv, SERVICE_KEY, &["kick", "NOT-A-CID"]);
+    assert_eq!((code, err.as_str()), (1, "middleman: bad cid: INT KICK\n"));
+    let (code, _, err) = run(&srv, CLIENT_KEY, &["kick", &cid]);
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "middleman: not permitted: INT KICK\n")
+    );
+}
+
+#[test]
+fn sub_prints_connection_events_with_their_headers() {
+    let srv = TestServer::start();
+    let mut sub = Bg::spawn(&srv, SERVICE_KEY, &["sub", "SYS:DISCONNECT", "-n", "1"]);
+    sub.wait_err("middleman: subscribed to SYS:DISCONNECT as ");
+    let mut svc = Client::connect(&srv.url(), SERVICE_KEY).unwrap();
+    let c = Client::connect(&srv.url(), CLIENT_KEY).unwrap();
+    let cid = c.cid().to_owned();
+    svc.set_uid(&cid, "u-1").unwrap();
+    svc.kick(&cid, Some("spam")).unwrap();
+    let (code, out, err) = finish(sub);
+    assert_eq!(
+        (code, out),
+        (
+            0,
+            format!("SYS:DISCONNECT\tcid: {cid}\tuid: u-1\trole: client\treason: kicked\n")
+        ),
+        "{err}"
+    );
+    // A client key may not.
+    let (code, _, err) = run(&srv, CLIENT_KEY, &["sub", "SYS:DISCONNECT"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "middleman: not permitted: SUB SYS:DISCONNECT\n")
+    );
+}

@@ -2,7 +2,8 @@
 //! (`tests/browser-client/run.mjs`), against an in-process server answered by a Rust
 //! service on the client library: subscribe, publish, request, `no responder`, and a
 //! server restart on the same port (reconnect and re-subscribe); the checks shared with
-//! Node (tests/browser-client/checks.mjs: subscribe confirmation, respond, binary bodies);
+//! Node (tests/browser-client/checks.mjs: subscribe confirmation, respond, binary bodies,
+//! and protocol 1.1: grants, disable*, subscribeFor, presence, kick, events);
 //! and the `/demo` page's forms. `js_client_in_node` runs the same client in Node.
 //!
 //! Needs node, npm and /usr/bin/chromium (or `MM_CHROMIUM`), so a plain `cargo test` lists
@@ -227,7 +228,7 @@ fn browser_client_in_headless_chromium() {
     );
     assert_eq!(
         out_lines.last().map(String::as_str),
-        Some("browser-client: 16 passed, 0 failed"),
+        Some("browser-client: 19 passed, 0 failed"),
         "{out_lines:?}"
     );
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("{}: {e}", shot.display()));
@@ -286,7 +287,7 @@ fn js_client_in_node() {
     );
     assert_eq!(
         out_lines.last().map(String::as_str),
-        Some("node-client: 10 passed, 0 failed"),
+        Some("node-client: 13 passed, 0 failed"),
         "{out_lines:?}"
     );
     setup.stop();

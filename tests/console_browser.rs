@@ -117,6 +117,9 @@ fn console_shows_the_server_live_in_chromium() {
             c.send("REQ", "clock", &[("ReqID", "1")], "");
             let req = svc.recv();
             assert_eq!(req.header("ReqID"), Some("1"));
+            // One per-connection grant (version 1.1), shown under Rooms and history.
+            svc.send("EPUB", "granted", &[("forcid", &c.cid)], "");
+            svc.sync();
         }
         let stop = stop.clone();
         drainers.push(std::thread::spawn(move || {
@@ -181,6 +184,8 @@ fn console_shows_the_server_live_in_chromium() {
     assert_eq!(after["service"], "1", "{after}");
     assert_eq!(after["client"], "3", "{after}");
     assert_eq!(after["pending"], "1", "{after}");
+    assert_eq!(after["grants"], "1", "{after}");
+    assert_eq!(after["hist_topics"], "0", "{after}");
     assert_eq!(after["busiest"][0], serde_json::json!(["load-topic", "3"]));
     assert_eq!(after["chart_changed"], true);
     assert!(after["chart_points"].as_u64().unwrap() >= 2, "{after}");

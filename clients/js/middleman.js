@@ -1,4 +1,5 @@
-// middleman.js: a browser (and Node) client for middleman servers (protocol version 1).
+// middleman.js: a browser (and Node) client for middleman servers (protocol version 1 and
+// the 1.1 additions: grants, server-side subscriptions, kicks, presence, events).
 // An ES module with no dependencies; the server serves it at GET /middleman.js.
 //
 //   import { connect } from "/middleman.js";
@@ -10,7 +11,13 @@
 //   const res = await mm.request("time", "", { headers: {}, timeoutMs: 5000 });
 //   mm.respond("time", (req) => ({ body: "12:00", headers: { Zone: "UTC" } })); // services
 //   mm.onerror = (err) => console.warn(err.reason, err.cmd, err.target);
+//   mm.onclose = ({ code, reason }) => code === 4000 && console.log("kicked:", reason);
 //   mm.close();
+//
+// Services (protocol 1.1): await mm.grantSub(cid, "room:1"); await mm.subscribeFor(cid, t);
+//   const { count, users, members } = await mm.presence("room:1", { limit: 100 });
+//   const off = mm.events(["disconnect"], (ev) => console.log(ev.cid, ev.uid, ev.reason));
+//   await mm.kick(cid, "bye");
 //
 // Node 22 and later have a global WebSocket; Node 20 needs `node --experimental-websocket`,
 // or pass a constructor: connect(url, key, { WebSocket }) (e.g. from the `ws` package).
@@ -33,6 +40,70 @@ const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
 /** The command of the probe that confirms SUB/EREQ: unknown to the server, so it always
  *  answers with an error, after the errors of everything sent before it (section 4). */
 const PROBE_CMD = "SYNC";
+/** The close code of a connection a service kicked (INT KICK, protocol 1.1). */
+export const KICK_CODE = 4000;
+/** The event topics (protocol 1.1) by kind. */
+export const EVENT_TOPICS = Object.freeze({
+  connect: "SYS:CONNECT",
+  disconnect: "SYS:DISCONNECT",
+  sub: "SYS:SUB",
+  uns: "SYS:UNS",
+});
+const EVENT_KINDS = new Map(Object.entries(EVENT_TOPICS).map(([k, t]) => [t, k]));
+
+/** The topics of `kinds` ("connect", "disconnect", "sub", "uns" or the topics themselves);
+ *  all four when none is given. */
+function eventTopics(kinds) {
+  if (kinds == null) kinds = [];
+  if (typeof kinds === "string") kinds = [kinds];
+  const out = [];
+  for (const k of kinds) {
+    const key = String(k).toLowerCase().replace(/^sys:/, "");
+    const topic = Object.hasOwn(EVENT_TOPICS, key) ? EVENT_TOPICS[key] : undefined;
+    if (!topic) throw new TypeError(`middleman: unknown event kind ${JSON.stringify(k)}`);
+    if (!out.includes(topic)) out.push(topic);
+  }
+  return out.length > 0 ? out : Object.values(EVENT_TOPICS);
+}
+
+/** A connection event from its message (PUB SYS:CONNECT|DISCONNECT|SUB|UNS), or null
+ *  (exported for tests). */
+export function parseEvent(m) {
+  const kind = m.cmd === "PUB" ? EVENT_KINDS.get(m.target) : undefined;
+  if (!kind) return null;
+  return {
+    kind,
+    cid: m.header("cid") ?? "",
+    uid: m.header("uid") ?? "",
+    role: m.header("role") ?? "",
+    topic: kind === "sub" || kind === "uns" ? (m.header("topic") ?? null) : null,
+    reason: kind === "disconnect" ? (m.header("reason") ?? null) : null,
+    message: m,
+  };
+}
+
+/** The answer to REQ SYS:PRESENCE as { count, users, members: [{ cid, uid }], truncated,
+ *  partial } (exported for tests). */
+export function parsePresence(m) {
+  const num = (name) => {
+    const v = Number.parseInt(m.header(name) ?? "", 10);
+    return Number.isFinite(v) ? v : 0;
+  };
+  const members = [];
+  for (const raw of m.body.split("\n")) {
+    const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
+    if (line === "") continue;
+    const sp = line.indexOf(" ");
+    members.push(sp < 0 ? { cid: line, uid: "" } : { cid: line.slice(0, sp), uid: line.slice(sp + 1) });
+  }
+  return {
+    count: num("count"),
+    users: num("users"),
+    members,
+    truncated: m.header("truncated") === "true",
+    partial: m.header("partial") === "true",
+  };
+}
 
 /** An error reported by the server (PUB ERROR) or by this client. */
 export class MiddlemanError extends Error {
@@ -289,6 +360,7 @@ export class Middleman {
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this._subs = new Map(); // topic -> { entries: Set of { cb }, confirmed, handled, ready }
     this._responders = new Map(); // target -> { handler, confirmed, handled, ready }
+    this._enabled = new Map(); // "EPUB topic" -> { cmd, target, ... }: re-sent on reconnect
     this._stopped = new Set(); // targets whose responder stopped (see respond)
     // SUB/EREQ waiting for the server: { cmd, target, rec, sent, probe, resolve, reject }
     this._confirms = [];
@@ -439,6 +511,149 @@ export class Middleman {
     this._send(encode(cmd, target, headerPairs(headers), body));
   }
 
+  // ------------------------------------------------------- protocol 1.1 (services)
+  // Each of these returns a promise-like (then/catch/finally) that resolves once the
+  // server has taken the command and rejects with its MiddlemanError ("not permitted",
+  // "bad cid", "bad topic", "too many grants", ...); a refusal goes to onerror only when
+  // nobody awaits it.
+
+  /** Let clients publish to `topic` (EPUB); sent again after a reconnect. */
+  enablePublish(topic) {
+    return this._enable("EPUB", topic);
+  }
+
+  /** Let clients subscribe to `topic` (ESUB); sent again after a reconnect. */
+  enableSubscribe(topic) {
+    return this._enable("ESUB", topic);
+  }
+
+  /** Withdraw this service's EPUB of `topic` (DPUB). */
+  disablePublish(topic) {
+    return this._disable("DPUB", topic);
+  }
+
+  /** Withdraw this service's ESUB of `topic` (DSUB); existing subscriptions stay. */
+  disableSubscribe(topic) {
+    return this._disable("DSUB", topic);
+  }
+
+  /** Withdraw this service's EREQ of `target` (DREQ): it is no longer a responder for it
+   *  (a respond() handler for it stops too). */
+  disableRequests(target) {
+    if (this._responders.has(target)) {
+      this._responders.delete(target);
+      this._stopped.add(target);
+    }
+    return this._disable("DREQ", target);
+  }
+
+  /** Let connection `cid` alone subscribe to `topic` (ESUB with forcid). The grant lasts
+   *  until revoked or either connection leaves (not made again after a reconnect). */
+  grantSub(cid, topic) {
+    return this._command("ESUB", topic, [["forcid", cid]]);
+  }
+
+  /** Let connection `cid` alone publish to `topic` (EPUB with forcid). */
+  grantPub(cid, topic) {
+    return this._command("EPUB", topic, [["forcid", cid]]);
+  }
+
+  /** Let connection `cid` alone request `target` (EREQ with forcid; this does not make
+   *  this connection a responder). */
+  grantReq(cid, target) {
+    return this._command("EREQ", target, [["forcid", cid]]);
+  }
+
+  /** Withdraw grantSub (DSUB with forcid): if it was the connection's last right to
+   *  subscribe to `topic`, it is unsubscribed. */
+  revokeSub(cid, topic) {
+    return this._command("DSUB", topic, [["forcid", cid]]);
+  }
+
+  /** Withdraw grantPub (DPUB with forcid). */
+  revokePub(cid, topic) {
+    return this._command("DPUB", topic, [["forcid", cid]]);
+  }
+
+  /** Withdraw grantReq (DREQ with forcid). */
+  revokeReq(cid, target) {
+    return this._command("DREQ", target, [["forcid", cid]]);
+  }
+
+  /** Subscribe connection `cid` to `topic` (INT SUB); it is not told. */
+  subscribeFor(cid, topic) {
+    return this._command("INT", "SUB", [["forcid", cid], ["topic", topic]]);
+  }
+
+  /** Unsubscribe connection `cid` from `topic` (INT UNS). */
+  unsubscribeFor(cid, topic) {
+    return this._command("INT", "UNS", [["forcid", cid], ["topic", topic]]);
+  }
+
+  /** Close connection `cid` with code 4000 and `reason` (INT KICK; "kicked" when
+   *  omitted; the server cuts it to 120 bytes). A cid that is not connected: no-op. */
+  kick(cid, reason) {
+    const headers = [["forcid", cid]];
+    if (reason != null) headers.push(["reason", reason]);
+    return this._command("INT", "KICK", headers);
+  }
+
+  /**
+   * Who is subscribed to `topic` (REQ SYS:PRESENCE): resolves with { count, users,
+   * members: [{ cid, uid }], truncated, partial }, at most `limit` members (default 1000;
+   * 0: the counts alone; the server caps it at 10000), sorted by cid. Rejects like
+   * request().
+   */
+  presence(topic, { limit = 1000, timeoutMs = 30000 } = {}) {
+    if (!Number.isSafeInteger(limit) || limit < 0) {
+      return Promise.reject(new TypeError(`middleman: limit must be an integer >= 0, not ${limit}`));
+    }
+    return this.request("SYS:PRESENCE", "", {
+      headers: [
+        ["topic", String(topic)],
+        ["limit", String(limit)],
+      ],
+      timeoutMs,
+    }).then(parsePresence);
+  }
+
+  /**
+   * Connection events (services): `cb(event)` gets { kind, cid, uid, role, topic, reason,
+   * message } for each event of `kinds` ("connect", "disconnect", "sub", "uns", or their
+   * topics; all four when omitted: events(cb) works too). Returns a function that
+   * unsubscribes from them, which is also a promise-like that resolves once the server
+   * took every SUB and rejects with the first refusal. Sent again after a reconnect.
+   */
+  events(kinds, cb) {
+    if (typeof kinds === "function" && cb === undefined) {
+      cb = kinds;
+      kinds = undefined;
+    }
+    if (typeof cb !== "function") throw new TypeError("middleman: events needs a callback");
+    const topics = eventTopics(kinds);
+    const subs = [];
+    const onMsg = (m) => {
+      const ev = parseEvent(m);
+      if (ev) cb(ev);
+    };
+    try {
+      for (const t of topics) subs.push(this.subscribe(t, onMsg));
+    } catch (e) {
+      for (const off of subs) off();
+      throw e;
+    }
+    const off = () => Promise.all(subs.map((f) => f())).then(() => undefined);
+    const all = () =>
+      Promise.all(subs.map((sub) => new Promise((resolve, reject) => sub.then(resolve, reject)))).then(() => ({
+        topics,
+        unsubscribe: off,
+      }));
+    off.then = (ok, fail) => all().then(ok, fail);
+    off.catch = (fail) => off.then(undefined, fail);
+    off.finally = (f) => off.then().finally(f);
+    return off;
+  }
+
   /** Close for good: pending requests are rejected, no reconnect. */
   close() {
     if (this._closed) return;
@@ -525,6 +740,10 @@ export class Middleman {
     this._attempt = 0;
     this._everOpen = true;
     if (reconnected) {
+      // Enablements first, so this service's own clients may subscribe again.
+      for (const rec of this._enabled.values()) {
+        this._ws.send(encode(rec.cmd, rec.target, [], ""));
+      }
       for (const [topic, rec] of this._subs) {
         // Only a subscription the server took before is retried when refused now; one
         // still waiting for its first answer is confirmed or refused below.
@@ -565,7 +784,11 @@ export class Middleman {
       if (c) {
         // The refusal of a SUB/EREQ still waiting: errors come in the order of the
         // commands, so it is the oldest one waiting for that target.
-        if (this._current(c)) (c.cmd === "SUB" ? this._subs : this._responders).delete(c.target);
+        if (c.kind !== "cmd" && this._current(c)) {
+          if (c.cmd === "SUB") this._subs.delete(c.target);
+          else if (c.cmd === "EREQ") this._responders.delete(c.target);
+          else this._enabled.delete(`${c.cmd} ${c.target}`);
+        }
         this._settle(c, err);
         if (!c.rec.handled) this._report(err);
         return;
@@ -656,12 +879,21 @@ export class Middleman {
     for (const topic of [...this._resubscribing.keys()]) this._stopRetry(topic);
     // The server forgot the requests this connection sent.
     this._failPending((p) => p.sent, "connection lost");
-    // Commands waiting for confirmation are sent again after the reconnect.
-    for (const c of this._confirms) {
+    // Commands waiting for confirmation are sent again after the reconnect; a protocol
+    // 1.1 command already sent is not (the server forgot what it did), so it fails.
+    for (const c of [...this._confirms]) {
+      if (c.kind === "cmd" && c.sent) {
+        this._settle(c, new MiddlemanError("connection lost", { cmd: c.cmd, target: c.target }));
+        if (!c.rec.handled) this._report(new MiddlemanError("connection lost", { cmd: c.cmd, target: c.target }));
+        continue;
+      }
       c.sent = false;
       c.probe = null;
     }
     const badKey = code === 1008 && reason === "bad key";
+    // A kicked connection (close 4000) does not come back on its own: a service wants it
+    // gone. onclose tells the app ({ code: 4000, reason, reconnecting: false }).
+    const kicked = code === KICK_CODE;
     if (!this._everOpen) {
       this._closed = true;
       this._failPending(() => true, "connection lost");
@@ -672,7 +904,7 @@ export class Middleman {
       return;
     }
     if (this._closed) return;
-    const reconnecting = this._reconnect && !badKey;
+    const reconnecting = this._reconnect && !badKey && !kicked;
     if (this.onclose) this.onclose({ code, reason, reconnecting });
     if (!reconnecting) {
       this._closed = true;
@@ -700,16 +932,47 @@ export class Middleman {
     }
   }
 
-  /** Send `cmd target` (SUB, EREQ, UNS, DREQ) and arrange for its confirmation
-   *  (rec.ready). */
-  _want(cmd, target, rec) {
-    const c = { cmd, target, rec, sent: false, probe: null, resolve: null, reject: null };
+  /** A confirmed command of protocol 1.1 (grants, INT SUB/UNS/KICK, D*): a promise-like
+   *  of the server's answer. Queued while disconnected, like publish. */
+  _command(cmd, target, headers) {
+    checkTarget(target);
+    const pairs = headerPairs(headers);
+    const rec = { handled: false, ready: null };
+    this._want(cmd, target, rec, pairs, "cmd");
+    return thenable({}, rec, undefined);
+  }
+
+  _enable(cmd, topic) {
+    checkTarget(topic);
+    const key = `${cmd} ${topic}`;
+    const rec = { cmd, target: topic, handled: false, ready: null };
+    this._enabled.set(key, rec);
+    try {
+      this._want(cmd, topic, rec);
+    } catch (e) {
+      this._enabled.delete(key);
+      throw e;
+    }
+    return thenable({}, rec, undefined);
+  }
+
+  _disable(cmd, topic) {
+    checkTarget(topic);
+    this._enabled.delete(`E${cmd.slice(1)} ${topic}`);
+    return this._command(cmd, topic, []);
+  }
+
+  /** Send `cmd target` (SUB, EREQ, UNS, DREQ; with `kind` "cmd" any other) and arrange
+   *  for its confirmation (rec.ready). Kind "sub" is not sent from the queue after a
+   *  reconnect (it is sent again from this._subs, _responders or _enabled). */
+  _want(cmd, target, rec, headers = [], kind = "sub") {
+    const c = { cmd, target, rec, kind, sent: false, probe: null, resolve: null, reject: null };
     rec.ready = new Promise((resolve, reject) => {
       c.resolve = resolve;
       c.reject = reject;
     });
     rec.ready.catch(() => {}); // not an unhandled rejection when nobody awaits it
-    this._send(encode(cmd, target, [], ""), null, "sub");
+    this._send(encode(cmd, target, headers, ""), null, kind);
     this._confirms.push(c);
     if (this._state === "open") {
       c.sent = true;
@@ -726,8 +989,11 @@ export class Middleman {
     return rec.ready;
   }
 
-  /** Whether `c` still belongs to the live subscription / responder of its target. */
+  /** Whether `c` still belongs to the live subscription / responder / enablement of its
+   *  target, or is a command still queued to be sent. */
   _current(c) {
+    if (c.kind === "cmd") return true;
+    if (c.cmd === "EPUB" || c.cmd === "ESUB") return this._enabled.get(`${c.cmd} ${c.target}`) === c.rec;
     const map = c.cmd === "SUB" ? this._subs : c.cmd === "EREQ" ? this._responders : null;
     return map != null && map.get(c.target) === c.rec;
   }

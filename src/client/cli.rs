@@ -1,7 +1,11 @@
-//! The command-line client: `middleman sub|pub|req|reply`, on [`crate::client`].
+//! The command-line client: `middleman sub|pub|req|reply|presence|kick`, on
+//! [`crate::client`].
 //!
 //! Output is one message per line on stdout: the body, or with `-v` the command and
-//! target, each header and the body, separated by tabs. Backslash, tab, CR, LF, other
+//! target, each header and the body, separated by tabs. A connection event (`sub
+//! SYS:CONNECT`, `SYS:DISCONNECT`, `SYS:SUB`, `SYS:UNS`; a service key) has an empty body,
+//! so its line is the topic and the headers: `SYS:DISCONNECT<TAB>cid: ...<TAB>uid:
+//! ...<TAB>role: client<TAB>reason: kicked`. Backslash, tab, CR, LF, other
 //! control characters and invalid UTF-8 are escaped (`\\`, `\t`, `\r`, `\n`, `\xNN`), so
 //! a line is always exactly one message. Diagnostics go to stderr.
 //!
@@ -16,7 +20,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::client::{Client, Error, Message};
+use crate::client::{Client, Error, Message, PRESENCE_MAX};
 use crate::config::parse_duration;
 
 /// Exit code: the server refused the command or failed the request.
@@ -111,6 +115,30 @@ pub struct ReplyArgs {
     /// Print the command, target and headers of each request too.
     #[arg(long, short)]
     pub verbose: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `middleman presence TOPIC [--limit N]`
+#[derive(Args, Debug, Clone)]
+pub struct PresenceArgs {
+    /// The topic (needs a service key).
+    pub topic: String,
+    /// List at most this many connections (0: the counts alone; at most 10000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=PRESENCE_MAX as u64))]
+    pub limit: u64,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `middleman kick CID [--reason R]`
+#[derive(Args, Debug, Clone)]
+pub struct KickArgs {
+    /// The connection id to close (needs a service key).
+    pub cid: String,
+    /// The close reason the connection sees (default `kicked`; cut to 120 bytes).
+    #[arg(long)]
+    pub reason: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -219,6 +247,50 @@ pub fn reply(a: ReplyArgs) -> ExitCode {
     })
 }
 
+/// Run `presence`: a first line `count: N<TAB>users: M` (with `<TAB>truncated: true`
+/// and `<TAB>partial: true` when so), then one line per connection, `<cid> <uid>` or
+/// `<cid>`, sorted by cid.
+pub fn presence(a: PresenceArgs) -> ExitCode {
+    run(&a.conn, |key| {
+        let mut c = connect(&a.conn, key)?;
+        let p = c.presence(&a.topic, a.limit as usize)?;
+        let mut out = format!("count: {}\tusers: {}", p.count, p.users);
+        if p.truncated {
+            out.push_str("\ttruncated: true");
+        }
+        if p.partial {
+            out.push_str("\tpartial: true");
+        }
+        out.push('\n');
+        for m in &p.members {
+            let mut line = m.cid.clone();
+            if !m.uid.is_empty() {
+                line.push(' ');
+                line.push_str(&m.uid);
+            }
+            escape_into(&mut out, line.as_bytes());
+            out.push('\n');
+        }
+        let mut stdout = io::stdout().lock();
+        let _ = stdout
+            .write_all(out.as_bytes())
+            .and_then(|()| stdout.flush());
+        let _ = c.close();
+        Ok(())
+    })
+}
+
+/// Run `kick`: close that connection (code 4000); exit 0 once the server took it (a
+/// cid that is not connected is no error), 1 if it refused (`bad cid`, `not permitted`).
+pub fn kick(a: KickArgs) -> ExitCode {
+    run(&a.conn, |key| {
+        let mut c = connect(&a.conn, key)?;
+        c.kick(&a.cid, a.reason.as_deref())?;
+        let _ = c.close();
+        Ok(())
+    })
+}
+
 /// Run a command with the key (checked first, before stdin is read), and report its
 /// error on one line. Connection failures name the URL ([`Error::Connect`] happens only
 /// while connecting to it).
@@ -268,9 +340,19 @@ fn print(m: &Message, verbose: bool) -> bool {
         .is_ok()
 }
 
-/// The output line for `m`, with its line break.
+/// The output line for `m`, with its line break. A connection event's line, not verbose,
+/// is its topic and headers (it has no body).
 pub fn format_line(m: &Message, verbose: bool) -> String {
     let mut s = String::new();
+    if !verbose && m.event().is_some() {
+        escape_into(&mut s, m.target.as_bytes());
+        for (n, v) in &m.headers {
+            s.push('\t');
+            escape_into(&mut s, format!("{n}: {v}").as_bytes());
+        }
+        s.push('\n');
+        return s;
+    }
     if verbose {
         escape_into(&mut s, format!("{} {}", m.cmd, m.target).as_bytes());
         for (n, v) in &m.headers {
@@ -322,6 +404,29 @@ mod tests {
         assert_eq!(
             format_line(&m, true),
             "PUB t\ta: 1\\t2\tcid: x\tx\\\\y\\r\\nz\\x01\\xff\n"
+        );
+    }
+
+    #[test]
+    fn event_lines() {
+        let m = Message {
+            cmd: "PUB".into(),
+            target: "SYS:DISCONNECT".into(),
+            headers: vec![
+                ("cid".into(), "x1".into()),
+                ("uid".into(), "".into()),
+                ("role".into(), "client".into()),
+                ("reason".into(), "kicked".into()),
+            ],
+            body: Vec::new(),
+        };
+        assert_eq!(
+            format_line(&m, false),
+            "SYS:DISCONNECT\tcid: x1\tuid: \trole: client\treason: kicked\n"
+        );
+        assert_eq!(
+            format_line(&m, true),
+            "PUB SYS:DISCONNECT\tcid: x1\tuid: \trole: client\treason: kicked\t\n"
         );
     }
 

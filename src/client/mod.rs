@@ -31,8 +31,43 @@
 //! assert_eq!(msg.cid(), Some(news.cid())); // set by the server, cannot be forged
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! Services also use protocol 1.1 (PROTOCOL.md §9): [`Client::grant`] / [`Client::revoke`]
+//! a [`Right`] for one connection, [`Client::disable`] their own enablements,
+//! [`Client::subscribe_for`], [`Client::kick`], [`Client::presence`] and
+//! [`Client::events`] (read with [`Message::event`]).
+//!
+//! ```
+//! # use middleman::{broker::Keys, Config, Running};
+//! # let server = Running::spawn(Config {
+//! #     listeners: vec!["ws://127.0.0.1:0".parse()?],
+//! #     keys: Keys { service: vec!["svc-key".into()], client: vec!["cli-key".into()], monitor: vec![] },
+//! #     ..Config::default()
+//! # })?;
+//! # let url = format!("ws://{}/", server.addr);
+//! use middleman::client::{Client, Error, EventKind, Right};
+//!
+//! let mut svc = Client::connect(&url, "svc-key")?;
+//! svc.events(&[EventKind::Disconnect])?;
+//! let mut ann = Client::connect(&url, "cli-key")?;
+//! let cid = ann.cid().to_owned();
+//!
+//! svc.grant(&cid, "room.42", Right::Sub)?; // ann alone may subscribe to room.42
+//! ann.subscribe("room.42")?;
+//! let p = svc.presence("room.42", 100)?;
+//! assert_eq!((p.count, p.members[0].cid.as_str()), (1, cid.as_str()));
+//!
+//! svc.kick(&cid, Some("bye"))?;
+//! assert!(matches!(ann.recv(), Err(Error::Closed { code: 4000, .. })));
+//! let ev = svc.recv()?.event().expect("an event");
+//! assert_eq!((ev.kind, ev.reason.as_deref()), (EventKind::Disconnect, Some("kicked")));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod cli;
+mod system;
+
+pub use system::{Event, EventKind, Member, Presence, Right, KICK_CODE, PRESENCE_MAX};
 
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
@@ -276,7 +311,7 @@ impl Closer {
     }
 }
 
-enum Event {
+enum Incoming {
     Msg(Message),
     Pong(Vec<u8>),
 }
@@ -483,7 +518,7 @@ impl Client {
         let deadline = Instant::now() + timeout;
         loop {
             match self.read_event(Some(deadline)) {
-                Ok(Some(Event::Msg(m))) => {
+                Ok(Some(Incoming::Msg(m))) => {
                     if m.cmd == "RES" && m.header("ReqID") == Some(id.as_str()) {
                         return Ok(m);
                     }
@@ -494,7 +529,7 @@ impl Client {
                     }
                     self.stash(m);
                 }
-                Ok(Some(Event::Pong(_))) => {}
+                Ok(Some(Incoming::Pong(_))) => {}
                 Ok(None) => {
                     self.abandoned.insert(id);
                     return Err(Error::Timeout);
@@ -511,7 +546,7 @@ impl Client {
             return Ok(m);
         }
         loop {
-            if let Some(Event::Msg(m)) = self.read_event(None)? {
+            if let Some(Incoming::Msg(m)) = self.read_event(None)? {
                 if let Some(m) = self.fresh(m) {
                     return Ok(m);
                 }
@@ -527,12 +562,12 @@ impl Client {
         let deadline = Instant::now() + timeout;
         loop {
             match self.read_event(Some(deadline))? {
-                Some(Event::Msg(m)) => {
+                Some(Incoming::Msg(m)) => {
                     if let Some(m) = self.fresh(m) {
                         return Ok(Some(m));
                     }
                 }
-                Some(Event::Pong(_)) => {}
+                Some(Incoming::Pong(_)) => {}
                 None => return Ok(None),
             }
         }
@@ -661,9 +696,9 @@ impl Client {
         let mut found = None;
         loop {
             match self.read_event(Some(deadline))? {
-                Some(Event::Pong(p)) if p == token => return Ok(found),
-                Some(Event::Pong(_)) => {}
-                Some(Event::Msg(m)) => {
+                Some(Incoming::Pong(p)) if p == token => return Ok(found),
+                Some(Incoming::Pong(_)) => {}
+                Some(Incoming::Msg(m)) => {
                     if let (Some((cmd, target)), Some(e)) = (watch, m.error()) {
                         if found.is_none() && e.cmd == cmd && e.target == target {
                             found = Some(e);
@@ -721,10 +756,10 @@ impl Client {
     }
 
     /// The next message or pong, or `None` at the deadline.
-    fn read_event(&mut self, deadline: Option<Instant>) -> Result<Option<Event>> {
+    fn read_event(&mut self, deadline: Option<Instant>) -> Result<Option<Incoming>> {
         loop {
             if let Some(m) = self.decoded.pop_front() {
-                return Ok(Some(Event::Msg(m)));
+                return Ok(Some(Incoming::Msg(m)));
             }
             self.alive()?;
             let timeout = match deadline {
@@ -743,7 +778,7 @@ impl Client {
             let data = match self.ws.read() {
                 Ok(WsMessage::Text(t)) => t.as_bytes().to_vec(),
                 Ok(WsMessage::Binary(b)) => b.to_vec(),
-                Ok(WsMessage::Pong(p)) => return Ok(Some(Event::Pong(p.to_vec()))),
+                Ok(WsMessage::Pong(p)) => return Ok(Some(Incoming::Pong(p.to_vec()))),
                 Ok(WsMessage::Ping(_) | WsMessage::Frame(_)) => continue,
                 Ok(WsMessage::Close(frame)) => {
                     let (code, reason) = frame

@@ -374,7 +374,7 @@ impl Broker {
                 Origin::Remote,
                 msg,
                 &[b"rid"],
-                Some((b"rid", rid_text)),
+                &[(b"rid", rid_text)],
             );
             out.send(responder, &pkt);
             b.stats.delivered_req += 1;
@@ -438,7 +438,7 @@ impl Broker {
                     Origin::Remote,
                     msg,
                     &[b"rid", b"reqid"],
-                    Some((&r.reqid_name, &r.reqid_value)),
+                    &[(&r.reqid_name, &r.reqid_value)],
                 );
                 out.send(r.requester, &pkt);
                 b.stats.delivered_res += 1;

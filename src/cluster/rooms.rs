@@ -227,7 +227,7 @@ impl Cluster {
         let mut w = head.split(' ');
         let count: usize = w.next()?.parse().ok()?;
         let users: usize = w.next()?.parse().ok()?;
-        q.count += count;
+        q.count = q.count.saturating_add(count);
         match w.next()?.parse::<usize>() {
             Ok(n) => {
                 for _ in 0..n {
@@ -235,7 +235,7 @@ impl Cluster {
                     q.uids.insert(u.into());
                 }
             }
-            Err(_) => q.users_unlisted += users,
+            Err(_) => q.users_unlisted = q.users_unlisted.saturating_add(users),
         }
         for l in lines.filter(|l| !l.is_empty()) {
             let (cid, uid) = match memchr::memchr(b' ', l) {
@@ -243,6 +243,11 @@ impl Cluster {
                 None => (l, &[][..]),
             };
             q.lines.push((cid.into(), uid.into()));
+        }
+        // Only the first `limit` lines of all nodes are ever listed: keep no more.
+        if q.lines.len() > 2 * q.limit.max(1) {
+            q.lines.sort_unstable();
+            q.lines.truncate(q.limit);
         }
         if q.waiting.is_empty() {
             return self.rooms.queries.remove(&id);

@@ -229,6 +229,7 @@ impl ServeArgs {
             handle_signals: true,
             cluster: Some(self.cluster_settings()).filter(|c| !c.urls.is_empty()),
             reuse_port: self.reuse_port,
+            history: Default::default(),
         }
     }
 }

@@ -78,6 +78,16 @@ struct RawFile {
     timeouts: RawTimeouts,
     #[serde(default)]
     cluster: RawCluster,
+    #[serde(default)]
+    history: Vec<Spanned<RawHistory>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    prefix: Spanned<String>,
+    size: Option<Spanned<toml::Value>>,
+    ttl: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +116,7 @@ struct RawLimits {
     max_handshakes: Option<Spanned<toml::Value>>,
     max_handshakes_per_ip: Option<Spanned<toml::Value>>,
     max_unanswered_pings: Option<Spanned<toml::Value>>,
+    max_history_bytes: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -202,6 +213,10 @@ pub struct FileConfig {
     pub max_handshakes_per_ip: Option<At<usize>>,
     /// `[limits] max_unanswered_pings`.
     pub max_unanswered_pings: Option<At<usize>>,
+    /// `[limits] max_history_bytes`.
+    pub max_history_bytes: Option<At<usize>>,
+    /// `[[history]]` tables, in file order (line of the first).
+    pub history: Option<At<Vec<crate::core::history::HistoryRule>>>,
     /// `[timeouts] handshake`.
     pub handshake_timeout: Option<At<Duration>>,
     /// `[timeouts] ping_interval`.
@@ -419,6 +434,7 @@ pub fn parse(src: &str, path: &Path) -> Result<FileConfig, String> {
     parse_keys(&f, &raw, dir, &mut out)?;
     parse_limits(&f, &raw, &mut out)?;
     parse_cluster(&f, &raw.cluster, dir, &mut out)?;
+    parse_history(&f, &raw, &mut out)?;
     Ok(out)
 }
 
@@ -571,6 +587,55 @@ fn parse_limits(f: &Src<'_>, raw: &RawFile, out: &mut FileConfig) -> Result<(), 
     Ok(())
 }
 
+/// Messages a `[[history]]` table keeps per topic unless it says (`size`).
+pub const DEFAULT_HISTORY_SIZE: usize = 100;
+/// How long unless it says (`ttl`).
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(3600);
+
+/// `[[history]]` tables and `[limits] max_history_bytes`.
+fn parse_history(f: &Src<'_>, raw: &RawFile, out: &mut FileConfig) -> Result<(), String> {
+    out.max_history_bytes = f.size(&raw.limits.max_history_bytes, "limits.max_history_bytes")?;
+    let mut rules: Vec<crate::core::history::HistoryRule> = Vec::new();
+    for h in &raw.history {
+        let h = h.get_ref();
+        let prefix = h.prefix.get_ref();
+        let bad = |msg: &str| f.err_at(h.prefix.span(), Some("history.prefix"), msg);
+        if prefix.is_empty() || prefix.len() > 255 || prefix.bytes().any(|b| b < 0x20 || b == 0x7f)
+        {
+            return Err(bad(
+                "expected a topic prefix (1 to 255 bytes, no control character)",
+            ));
+        }
+        if prefix.starts_with("MSG:") || prefix.starts_with("SYS:") {
+            return Err(bad("MSG: and SYS: targets keep no history"));
+        }
+        if rules.iter().any(|r| r.prefix == *prefix) {
+            return Err(bad("this prefix has a [[history]] table already"));
+        }
+        let size = f.count(&h.size, "history.size")?;
+        if let (Some(v), Some(at)) = (&h.size, &size) {
+            if at.value == 0 {
+                return Err(f.err_at(v.span(), Some("history.size"), "expected at least 1"));
+            }
+        }
+        let ttl = f.duration(&h.ttl, "history.ttl")?;
+        if let (Some(v), Some(at)) = (&h.ttl, &ttl) {
+            if at.value.is_zero() {
+                return Err(f.err_at(v.span(), Some("history.ttl"), "expected more than 0s"));
+            }
+        }
+        rules.push(crate::core::history::HistoryRule {
+            prefix: prefix.clone(),
+            size: size.map_or(DEFAULT_HISTORY_SIZE, |a| a.value),
+            ttl: ttl.map_or(DEFAULT_HISTORY_TTL, |a| a.value),
+        });
+    }
+    if let Some(first) = raw.history.first() {
+        out.history = Some(f.at(first.span(), rules));
+    }
+    Ok(())
+}
+
 /// `[cluster]`.
 fn parse_cluster(
     f: &Src<'_>,
@@ -698,6 +763,15 @@ pub fn merge(
                 _ => sources.push(($name, src)),
             }
         }};
+    }
+    // History has no command-line flag: the file or the default.
+    if let Some(at) = &f.history {
+        cfg.history.rules = at.value.clone();
+        sources.push(("history", Source::File(at.line)));
+    }
+    if let Some(at) = &f.max_history_bytes {
+        cfg.history.max_bytes = at.value;
+        sources.push(("limits.max_history_bytes", Source::File(at.line)));
     }
     take!("listen", "listen", f.listen, cfg.listeners);
     take!("tls_cert", "tls_cert", f.tls_cert, cfg.tls_cert);
@@ -1157,6 +1231,12 @@ pub fn render(eff: &Effective) -> String {
         }
     }
     let _ = writeln!(s, "\n[limits]");
+    line(
+        &mut s,
+        "limits.max_history_bytes",
+        "max_history_bytes",
+        show_bytes(c.history.max_bytes),
+    );
     for (name, key, v) in [
         (
             "limits.max_message_bytes",
@@ -1302,6 +1382,20 @@ pub fn render(eff: &Effective) -> String {
                 line(&mut s, "cluster.node_name", "node_name", format!("{n:?}"));
             }
         }
+    }
+    if c.history.rules.is_empty() {
+        let _ = writeln!(s, "\n# [[history]]: none (no topic keeps history)");
+    }
+    for r in &c.history.rules {
+        let _ = writeln!(s, "\n[[history]]");
+        line(&mut s, "history", "prefix", format!("{:?}", r.prefix));
+        line(&mut s, "history", "size", r.size.to_string());
+        line(
+            &mut s,
+            "history",
+            "ttl",
+            format!("\"{}\"", show_duration(r.ttl)),
+        );
     }
     s
 }
@@ -1650,6 +1744,60 @@ mod tests {
         assert!(printed.contains("reuse_port = false"), "{printed}");
         assert!(!printed.contains("\n[cluster]"), "{printed}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn history_tables_defaults_and_errors() {
+        use crate::core::history::HistoryRule;
+        let f = parse_str(
+            "[limits]\nmax_history_bytes = \"8MiB\"\n\n[[history]]\nprefix = \"chat.\"\n\
+             size = 500\nttl = \"10m\"\n\n[[history]]\nprefix = \"feed.\"\n",
+        )
+        .unwrap();
+        assert_eq!(f.max_history_bytes.map(|a| a.value), Some(8 << 20));
+        let h = f.history.unwrap();
+        assert_eq!(h.line, 4);
+        assert_eq!(
+            h.value,
+            [
+                HistoryRule {
+                    prefix: "chat.".into(),
+                    size: 500,
+                    ttl: Duration::from_secs(600)
+                },
+                HistoryRule {
+                    prefix: "feed.".into(),
+                    size: DEFAULT_HISTORY_SIZE,
+                    ttl: DEFAULT_HISTORY_TTL
+                }
+            ]
+        );
+        for (src, want) in [
+            (
+                "[[history]]\nprefix = \"\"\n",
+                "test.toml:2:10: history.prefix: expected a topic prefix",
+            ),
+            (
+                "[[history]]\nprefix = \"MSG:\"\n",
+                "test.toml:2:10: history.prefix: MSG: and SYS:",
+            ),
+            (
+                "[[history]]\nprefix = \"a\"\nsize = 0\n",
+                "test.toml:3:8: history.size: expected at least 1",
+            ),
+            (
+                "[[history]]\nprefix = \"a\"\nttl = \"soon\"\n",
+                "test.toml:3:7: history.ttl: ",
+            ),
+            (
+                "[[history]]\nprefix = \"a\"\n[[history]]\nprefix = \"a\"\n",
+                "test.toml:4:10: history.prefix: this prefix has",
+            ),
+            ("[[history]]\nsize = 3\n", "test.toml:1:1: "),
+        ] {
+            let e = parse_str(src).unwrap_err();
+            assert!(e.starts_with(want), "{src:?}: {e}");
+        }
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl FromStr for Listen {
 
     /// `ws://HOST:PORT` (also plain `HOST:PORT`), `wss://HOST:PORT`, `tcp://HOST:PORT`,
     /// `unix:///path`, each optionally followed by `?roles=service,monitor,client` and/or
-    /// `pages=healthz,metrics,stats,console,js,demo` (or `pages=none`), joined by `&`.
+    /// `pages=healthz,metrics,stats,console,js,demo,api` (or `pages=none`), joined by `&`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         let (rest, query) = match s.split_once('?') {
@@ -207,13 +207,16 @@ impl Default for Pages {
 
 impl Pages {
     /// Page names as written after `?pages=`, and their paths, in display order.
-    pub const NAMES: [(&'static str, &'static str); 6] = [
+    /// `api` is the HTTP API for services (`/api/...`, PROTOCOL.md §8.1), served only
+    /// where the listener also admits the service role.
+    pub const NAMES: [(&'static str, &'static str); 7] = [
         ("healthz", "/healthz"),
         ("metrics", "/metrics"),
         ("stats", "/stats"),
         ("console", "/console"),
         ("js", "/middleman.js"),
         ("demo", "/demo"),
+        ("api", "/api"),
     ];
     /// Every page (the default).
     pub const ALL: Pages = Pages((1 << Pages::NAMES.len()) - 1);
@@ -256,6 +259,11 @@ impl Pages {
             .filter(|(i, _)| self.0 & (1 << i) != 0)
             .map(|(_, (n, _))| *n)
             .collect()
+    }
+
+    /// Is the HTTP API (`api`, every path under `/api/`) in the set?
+    pub fn serves_api(self) -> bool {
+        self.serves("/api")
     }
 
     /// Is the page at `path` in the set? (False for paths that are no page.)
@@ -327,7 +335,7 @@ mod tests {
         assert_eq!(l.pages, Pages::NONE);
         assert_eq!(l.to_string(), "tcp://127.0.0.1:3?pages=none");
         // Every page named is the same as no option.
-        let l: Listen = "ws://127.0.0.1:4?pages=demo,js,console,stats,metrics,healthz"
+        let l: Listen = "ws://127.0.0.1:4?pages=api,demo,js,console,stats,metrics,healthz"
             .parse()
             .unwrap();
         assert_eq!(l.to_string(), "ws://127.0.0.1:4");
@@ -347,13 +355,15 @@ mod tests {
         assert_eq!(Pages::default(), Pages::ALL);
         assert_eq!(
             Pages::ALL.to_string(),
-            "healthz,metrics,stats,console,js,demo"
+            "healthz,metrics,stats,console,js,demo,api"
         );
         let p = Pages::parse_list("healthz, metrics").unwrap();
         assert_eq!(p.to_string(), "healthz,metrics");
         assert!(p.serves("/healthz") && p.serves("/metrics"));
         assert!(!p.serves("/stats") && !p.serves("/middleman.js") && !p.serves("/x"));
         assert!(Pages::parse_list("js").unwrap().serves("/middleman.js"));
+        assert!(Pages::parse_list("api").unwrap().serves_api());
+        assert!(Pages::ALL.serves_api() && !p.serves_api() && !Pages::NONE.serves_api());
         assert_eq!(Pages::parse_list("none").unwrap(), Pages::NONE);
         assert_eq!(Pages::NONE.to_string(), "none");
         assert!(!Pages::NONE.serves("/healthz"));

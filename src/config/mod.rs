@@ -68,6 +68,8 @@ pub struct Config {
     /// Listen with SO_REUSEPORT, so several middleman processes can share a port
     /// (Linux spreads new connections over them).
     pub reuse_port: bool,
+    /// History (`[[history]]` tables, `[limits] max_history_bytes`; PROTOCOL.md §9.5).
+    pub history: crate::core::history::HistorySettings,
 }
 
 /// Joining a cluster through nats-server (`--cluster`).
@@ -265,6 +267,7 @@ impl Default for Config {
             handle_signals: false,
             cluster: None,
             reuse_port: false,
+            history: Default::default(),
         }
     }
 }

@@ -184,6 +184,10 @@ pub mod reason {
     pub const TOO_MANY_GRANTS: &str = "too many grants";
     /// An enablement sent through `POST /api/cmd` (§8.1).
     pub const NOT_PERMITTED_OVER_HTTP: &str = "not permitted over HTTP";
+    /// A `since` header that does not parse (§9.5).
+    pub const BAD_SINCE: &str = "bad since";
+    /// A `SUB` with `since` of a topic the connection holds (§9.5).
+    pub const ALREADY_SUBSCRIBED: &str = "already subscribed";
     /// Every reason, for metrics.
     pub const ALL: &[&str] = &[
         UNKNOWN_COMMAND,
@@ -206,6 +210,8 @@ pub mod reason {
         BAD_LIMIT,
         TOO_MANY_GRANTS,
         NOT_PERMITTED_OVER_HTTP,
+        BAD_SINCE,
+        ALREADY_SUBSCRIBED,
     ];
 }
 
@@ -237,6 +243,10 @@ pub struct Stats {
     pub req_responder_gone: u64,
     /// Requests refused because the requester had `max_pending_requests` in flight.
     pub req_too_many: u64,
+    /// Connection events published (§9.4), by event (connect, disconnect, sub, uns).
+    pub events: [u64; 4],
+    /// Presence requests answered: on one node, by every node, partial.
+    pub presence: [u64; 3],
 }
 
 impl Default for Stats {
@@ -252,6 +262,8 @@ impl Default for Stats {
             req_no_responder: 0,
             req_responder_gone: 0,
             req_too_many: 0,
+            events: [0; 4],
+            presence: [0; 3],
         }
     }
 }
@@ -320,6 +332,8 @@ pub struct Broker {
     /// Event topics (§9.4) with subscribers here: one bit per topic
     /// ([`crate::core::rooms::event_bit`]).
     pub(crate) local_events: u8,
+    /// Stored history (§9.5), when a `[[history]]` rule is configured.
+    pub history: Option<Box<crate::core::history::History>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -350,6 +364,7 @@ impl Broker {
             clock: None,
             roles: [0; 3],
             local_events: 0,
+            history: None,
             stats: Stats::default(),
         }
     }
@@ -429,6 +444,16 @@ impl Broker {
             if let Some(c) = self.cluster.as_mut() {
                 c.monitors(true);
             }
+        }
+        cid
+    }
+
+    /// [`Broker::connect`] for an HTTP API sender (§8.1): a service connection of its
+    /// own for one request, which produces no connection events.
+    pub fn connect_quiet(&mut self, conn: ConnId) -> String {
+        let cid = self.connect(conn, Role::Service);
+        if let Some(s) = self.sessions.get_mut(conn).and_then(Option::as_mut) {
+            s.quiet = true;
         }
         cid
     }
@@ -540,8 +565,18 @@ impl Broker {
         let t = msg.target;
         match msg.cmd {
             b"SUB" => {
-                // A topic already held: a no-op, not checked again (§9.1).
+                let since = msg.header("since").map(|(_, v)| v);
+                let since = match since.map(crate::core::history::parse_since) {
+                    Some(None) => return self.error(out, from, msg, reason::BAD_SINCE),
+                    Some(Some(s)) => Some(s),
+                    None => None,
+                };
+                // A topic already held: a no-op, not checked again (§9.1); with `since`,
+                // an error (§9.5).
                 if self.router.is_subscribed(from, t) {
+                    if since.is_some() {
+                        self.error(out, from, msg, reason::ALREADY_SUBSCRIBED);
+                    }
                     return;
                 }
                 let allowed = if sys {
@@ -554,6 +589,12 @@ impl Broker {
                 };
                 if !allowed {
                     return self.error(out, from, msg, reason::NOT_PERMITTED);
+                }
+                if let Some(since) = since {
+                    if self.router.subscription_count(from) > self.settings.max_subscriptions {
+                        return self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS);
+                    }
+                    self.recover(from, t, since, out);
                 }
                 if let Err(SubError::TooMany) = self.subscribe_conn(from, t, now, out) {
                     self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS)
@@ -571,7 +612,7 @@ impl Broker {
                 {
                     return self.error(out, from, msg, reason::NOT_PERMITTED);
                 }
-                self.publish(from, msg, out);
+                self.publish(from, msg, now, out);
             }
             b"REQ" if sys => {
                 if service && t == b"SYS:PRESENCE" {
@@ -614,23 +655,33 @@ impl Broker {
         }
     }
 
-    fn publish(&mut self, from: ConnId, msg: &Message<'_>, out: &mut impl Outbox) {
+    fn publish(&mut self, from: ConnId, msg: &Message<'_>, now: Instant, out: &mut impl Outbox) {
+        // A history topic (§9.5): stored with `offset` and `epoch`, whoever listens.
+        let kept = self.history.as_ref().and_then(|h| h.rule_for(msg.target));
         // One topic look-up per message: the subscriber list is borrowed from the
         // router while the packet is built from the session (disjoint fields).
         let topic = self.router.lookup(msg.target);
         let subs: &[ConnId] = topic
             .and_then(|id| self.router.topic(id))
             .map_or(&[], |t| &t.subs);
-        if subs.is_empty() && self.monitors.is_empty() && self.cluster.is_none() {
+        if subs.is_empty() && self.monitors.is_empty() && self.cluster.is_none() && kept.is_none() {
             return;
         }
-        let pkt = relay_packet(
-            &mut self.pool,
-            Origin::Local(self.sessions.get(from).and_then(Option::as_ref)),
-            msg,
-            &[],
-            None,
-        );
+        let session = Origin::Local(self.sessions.get(from).and_then(Option::as_ref));
+        let pkt = match (kept, self.history.as_mut()) {
+            (Some(rule), Some(h)) => {
+                let offset = h.next_offset();
+                let mut digits = [0u8; 20];
+                let text = fmt_u64(offset, &mut digits);
+                let extra: [(&[u8], &[u8]); 2] =
+                    [(b"offset", text), (b"epoch", h.epoch().as_bytes())];
+                let pkt =
+                    relay_packet(&mut self.pool, session, msg, &[b"offset", b"epoch"], &extra);
+                h.store(msg.target, rule, offset, &pkt, now);
+                pkt
+            }
+            _ => relay_packet(&mut self.pool, session, msg, &[], &[]),
+        };
         for &s in subs {
             out.send(s, &pkt);
         }
@@ -697,7 +748,7 @@ impl Broker {
         };
         let mut digits = [0; 20];
         let rid_text = fmt_u64(rid, &mut digits);
-        let pkt = self.relay_packet(from, msg, &[b"rid"], Some((b"rid", rid_text)));
+        let pkt = self.relay_packet(from, msg, &[b"rid"], &[(b"rid", rid_text)]);
         out.send(responder, &pkt);
         self.stats.delivered_req += 1;
         self.copy_to_monitors(&pkt, &[responder], out);
@@ -737,7 +788,7 @@ impl Broker {
         let Some((id, reply)) = c.start_out_request(r, max) else {
             return false;
         };
-        let pkt = self.relay_packet(from, msg, &[b"rid"], None);
+        let pkt = self.relay_packet(from, msg, &[b"rid"], &[]);
         let Some(c) = self.cluster.as_mut() else {
             return false;
         };
@@ -775,7 +826,7 @@ impl Broker {
         if p.requester == REMOTE {
             // Taken from another node: the answer goes back to it, which sets the
             // requester's ReqID.
-            let pkt = self.relay_packet(from, msg, &[b"rid", b"reqid"], None);
+            let pkt = self.relay_packet(from, msg, &[b"rid", b"reqid"], &[]);
             self.answer_remote(rid, pkt.payload());
             self.copy_to_monitors(&pkt, &[], out);
             if let Some(c) = self.cluster.as_mut() {
@@ -787,7 +838,7 @@ impl Broker {
             from,
             msg,
             &[b"rid", b"reqid"],
-            Some((p.reqid_name(), p.reqid_value())),
+            &[(p.reqid_name(), p.reqid_value())],
         );
         out.send(p.requester, &pkt);
         self.stats.delivered_res += 1;
@@ -848,7 +899,7 @@ impl Broker {
         from: ConnId,
         msg: &Message<'_>,
         drop: &[&[u8]],
-        extra: Option<(&[u8], &[u8])>,
+        extra: &[(&[u8], &[u8])],
     ) -> Rc<Packet> {
         let session = self.sessions.get(from).and_then(Option::as_ref);
         relay_packet(&mut self.pool, Origin::Local(session), msg, drop, extra)
@@ -899,7 +950,7 @@ pub(crate) fn relay_packet(
     origin: Origin<'_>,
     msg: &Message<'_>,
     drop: &[&[u8]],
-    extra: Option<(&[u8], &[u8])>,
+    extra: &[(&[u8], &[u8])],
 ) -> Rc<Packet> {
     let (tail, tail_utf8, local): (&[u8], bool, bool) = match origin {
         Origin::Local(Some(s)) => (&s.relay_tail, s.tail_utf8, true),
@@ -914,7 +965,10 @@ pub(crate) fn relay_packet(
             .headers()
             .map(|(n, v)| n.len() + v.len() + 4)
             .sum::<usize>()
-        + extra.map_or(0, |(n, v)| n.len() + v.len() + 4)
+        + extra
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum::<usize>()
         + tail.len()
         + msg.body.len()
         + msg.body.len() / 32
@@ -923,7 +977,9 @@ pub(crate) fn relay_packet(
     // at ASCII bytes), with server headers that are UTF-8 too: no second check.
     let utf8 = msg.utf8
         && tail_utf8
-        && extra.is_none_or(|(n, v)| n.is_ascii() && std::str::from_utf8(v).is_ok());
+        && extra
+            .iter()
+            .all(|(n, v)| n.is_ascii() && std::str::from_utf8(v).is_ok());
     pool.build(hint, utf8, |b| {
         b.extend_from_slice(msg.cmd);
         b.push(b' ');
@@ -937,7 +993,7 @@ pub(crate) fn relay_packet(
                 push_header(b, name, value);
             }
         }
-        if let Some((n, v)) = extra {
+        for (n, v) in extra {
             push_header(b, n, v);
         }
         b.extend_from_slice(tail);

@@ -3,6 +3,7 @@
 //! benchmarked without sockets.
 
 pub mod broker;
+pub mod history;
 pub mod protocol;
 pub mod rooms;
 pub mod router;

@@ -34,6 +34,9 @@ pub const DEFAULT_PRESENCE_LIMIT: usize = 1000;
 /// Largest presence body (lines past it are cut, `truncated: true`): within the default
 /// message size, so a service never gets an answer it could not have been sent.
 pub const MAX_PRESENCE_BODY: usize = 1 << 20;
+/// Presence questions a node waits on at once (each holds up to `limit` lines and the
+/// uids of every node); one more is refused `too many requests in flight`.
+pub const MAX_PRESENCE_QUERIES: usize = 256;
 /// Longest kick reason, in bytes (cut at a character boundary).
 pub const MAX_KICK_REASON: usize = 120;
 
@@ -281,8 +284,12 @@ impl Broker {
             b.extend_from_slice(b"\r\n\r\n.\r\n");
         });
         for &to in self.router.subscribers(topic) {
-            out.send(to, &pkt);
+            // A connection leaving is not told of its own departure.
+            if !(ev == Event::Disconnect && to == conn) {
+                out.send(to, &pkt);
+            }
         }
+        self.stats.events[ev as usize] += 1;
         if let Some(c) = self.cluster.as_mut() {
             if c.remote_events & (1 << ev as u8) != 0 {
                 c.publish_pub(topic, pkt.payload());
@@ -500,8 +507,17 @@ impl Broker {
             .filter(|c| c.connected)
             .map(|c| c.node_ids())
             .unwrap_or_default();
+        if !others.is_empty()
+            && self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.presence_pending() >= MAX_PRESENCE_QUERIES)
+        {
+            return self.error(out, from, msg, reason::TOO_MANY_REQUESTS);
+        }
         let local = self.local_presence(topic, limit, !others.is_empty());
         if others.is_empty() {
+            self.stats.presence[0] += 1;
             return self.presence_answer(
                 from,
                 (reqid.0, reqid.1),
@@ -568,7 +584,8 @@ impl Broker {
             return; // the requester left
         }
         q.lines.sort_unstable();
-        let users = q.uids.len() + q.users_unlisted;
+        self.stats.presence[if q.partial { 2 } else { 1 }] += 1;
+        let users = q.uids.len().saturating_add(q.users_unlisted);
         let reqid = (&q.reqid.0[..], &q.reqid.1[..]);
         self.presence_answer(
             q.requester,
@@ -642,7 +659,11 @@ pub(crate) struct LocalPresence {
     pub lines: Vec<Member>,
 }
 
+/// Kick `to` with `why` as the close reason: text, at most [`MAX_KICK_REASON`] bytes
+/// (bytes that are not UTF-8 become U+FFFD, then the whole is cut again at a character
+/// boundary).
 fn kick(out: &mut impl Outbox, to: ConnId, why: &[u8]) {
     let why = String::from_utf8_lossy(why);
-    out.kick(to, &why);
+    let why = cut_utf8(why.as_bytes(), MAX_KICK_REASON);
+    out.kick(to, std::str::from_utf8(why).unwrap_or("kicked"));
 }

@@ -69,10 +69,33 @@ pub struct Topic {
     grants: u32,
     /// A private channel (`MSG:`): no presence index.
     private: bool,
-    /// Subscribers by cid order (presence lists, §9.3); not kept for private channels.
+    /// Presence (§9.3), while it has subscribers; never for private channels. Boxed:
+    /// the topic table stays compact for the walks over it (`/stats`).
+    presence: Option<Box<PresenceIndex>>,
+}
+
+/// A topic's subscribers as presence needs them.
+#[derive(Debug, Default)]
+struct PresenceIndex {
+    /// Subscribers in cid order (presence lines).
     by_cid: std::collections::BTreeSet<(u128, ConnId)>,
     /// Subscribers per non-empty uid (presence's `users`).
     users: HashMap<Rc<[u8]>, u32>,
+}
+
+impl PresenceIndex {
+    fn add_user(&mut self, u: &Rc<[u8]>) {
+        *self.users.entry(u.clone()).or_insert(0) += 1;
+    }
+
+    fn remove_user(&mut self, u: &Rc<[u8]>) {
+        if let Some(n) = self.users.get_mut(u) {
+            *n -= 1;
+            if *n == 0 {
+                self.users.remove(u);
+            }
+        }
+    }
 }
 
 impl Topic {
@@ -224,6 +247,8 @@ pub struct Router {
     /// Grants by granting service (a local connection or a stand-in for a service on
     /// another node): (topic, kind, grantee).
     made: HashMap<ConnId, HashSet<(TopicId, Enable, ConnId)>>,
+    /// Grants in force (one per granter and grant), kept as they come and go.
+    total_grants: usize,
 }
 
 impl Router {
@@ -352,9 +377,10 @@ impl Router {
         let idx = topic.subs.len() as u32;
         topic.subs.push(conn);
         if !topic.private {
-            topic.by_cid.insert((key, conn));
+            let p = topic.presence.get_or_insert_with(Default::default);
+            p.by_cid.insert((key, conn));
             if let Some(u) = uid {
-                *topic.users.entry(u).or_insert(0) += 1;
+                p.add_user(&u);
             }
         }
         self.total_subs += 1;
@@ -384,15 +410,13 @@ impl Router {
     /// fixing the index of the one moved into its place.
     fn remove_sub_at(&mut self, id: TopicId, idx: usize, key: u128, uid: Option<&Rc<[u8]>>) {
         let topic = &mut self.topics[id];
-        if !topic.private {
-            topic.by_cid.remove(&(key, topic.subs[idx]));
+        if let Some(p) = topic.presence.as_mut() {
+            p.by_cid.remove(&(key, topic.subs[idx]));
             if let Some(u) = uid {
-                if let Some(n) = topic.users.get_mut(u) {
-                    *n -= 1;
-                    if *n == 0 {
-                        topic.users.remove(u);
-                    }
-                }
+                p.remove_user(u);
+            }
+            if p.by_cid.is_empty() {
+                topic.presence = None;
             }
         }
         topic.subs.swap_remove(idx);
@@ -757,22 +781,14 @@ impl Router {
         }
         let old = std::mem::replace(&mut e.uid, new.clone());
         for &id in e.subs.keys() {
-            let Some(t) = self.topics.get_mut(id) else {
+            let Some(p) = self.topics.get_mut(id).and_then(|t| t.presence.as_mut()) else {
                 continue;
             };
-            if t.private {
-                continue;
-            }
             if let Some(u) = &old {
-                if let Some(n) = t.users.get_mut(u) {
-                    *n -= 1;
-                    if *n == 0 {
-                        t.users.remove(u);
-                    }
-                }
+                p.remove_user(u);
             }
             if let Some(u) = &new {
-                *t.users.entry(u.clone()).or_insert(0) += 1;
+                p.add_user(u);
             }
         }
     }
@@ -783,13 +799,13 @@ impl Router {
         let Some(t) = self.lookup(name).and_then(|id| self.topics.get(id)) else {
             return Presence::default();
         };
-        if t.private {
+        let Some(p) = t.presence.as_ref() else {
             return Presence::default();
-        }
+        };
         Presence {
             count: t.subs.len(),
-            users: t.users.len(),
-            first: t.by_cid.iter().take(limit).map(|&(_, c)| c).collect(),
+            users: p.users.len(),
+            first: p.by_cid.iter().take(limit).map(|&(_, c)| c).collect(),
         }
     }
 
@@ -797,8 +813,10 @@ impl Router {
     /// presence answers of several nodes).
     pub fn presence_uids(&self, name: &[u8]) -> foldhash::HashSet<Box<[u8]>> {
         match self.lookup(name).and_then(|id| self.topics.get(id)) {
-            Some(t) => t.users.keys().map(|u| Box::<[u8]>::from(&u[..])).collect(),
-            None => Default::default(),
+            Some(Topic {
+                presence: Some(p), ..
+            }) => p.users.keys().map(|u| Box::<[u8]>::from(&u[..])).collect(),
+            _ => Default::default(),
         }
     }
 
@@ -832,6 +850,7 @@ impl Router {
         let list = e.held.entry((id, kind)).or_default();
         let new_key = list.is_empty();
         list.push(granter);
+        self.total_grants += 1;
         if new_key {
             self.topics[id].grants += 1;
         }
@@ -865,19 +884,26 @@ impl Router {
 
     /// Remove `granter` from `grantee`'s holders of (id, kind).
     fn drop_held(&mut self, grantee: ConnId, id: TopicId, kind: Enable, granter: ConnId) {
-        let Some(e) = self.entry(grantee) else {
+        let Some(e) = self.conns.get_mut(grantee).and_then(Option::as_mut) else {
             return;
         };
         let Some(list) = e.held.get_mut(&(id, kind)) else {
             return;
         };
-        remove_one(list, granter);
+        if remove_one(list, granter) {
+            self.total_grants -= 1;
+        }
         if list.is_empty() {
             e.held.remove(&(id, kind));
             if let Some(t) = self.topics.get_mut(id) {
                 t.grants -= 1;
             }
         }
+    }
+
+    /// Grants in force (a running total: O(1)).
+    pub fn total_grants(&self) -> usize {
+        self.total_grants
     }
 
     /// Has `conn` been granted `kind` on `name` by any service?
@@ -954,6 +980,7 @@ impl Router {
         // Grants it made, then grants it held (their granters forget them).
         self.remove_granter(conn);
         for (&(id, kind), granters) in &entry.held {
+            self.total_grants -= granters.len();
             for g in granters {
                 if let Some(m) = self.made.get_mut(g) {
                     m.remove(&(id, kind, conn));
@@ -1033,23 +1060,30 @@ impl Router {
                 }
             }
         }
-        if made != self.made.values().map(HashSet::len).sum::<usize>() {
+        if made != self.made.values().map(HashSet::len).sum::<usize>() || made != self.total_grants
+        {
             return Err("grants made and held differ".into());
         }
         for (id, t) in &self.topics {
             if grants.get(&id).copied().unwrap_or(0) != t.grants {
                 return Err(format!("topic {id} grant count {} is wrong", t.grants));
             }
-            if t.private {
+            if t.private || t.subs.is_empty() {
+                if t.presence.is_some() {
+                    return Err(format!("topic {id} keeps a presence index it needs not"));
+                }
                 continue;
             }
-            if t.by_cid.len() != t.subs.len() {
+            let Some(p) = t.presence.as_ref() else {
+                return Err(format!("topic {id} has no presence index"));
+            };
+            if p.by_cid.len() != t.subs.len() {
                 return Err(format!("topic {id} cid index differs from its subscribers"));
             }
             let mut users: HashMap<&[u8], u32> = HashMap::default();
             for &c in &t.subs {
                 if let Some(Some(e)) = self.conns.get(c) {
-                    if !t.by_cid.contains(&(e.key, c)) {
+                    if !p.by_cid.contains(&(e.key, c)) {
                         return Err(format!("topic {id} sub {c} not in its cid index"));
                     }
                     if let Some(u) = &e.uid {
@@ -1057,7 +1091,7 @@ impl Router {
                     }
                 }
             }
-            if users.len() != t.users.len() || users.iter().any(|(u, n)| t.users.get(*u) != Some(n))
+            if users.len() != p.users.len() || users.iter().any(|(u, n)| p.users.get(*u) != Some(n))
             {
                 return Err(format!("topic {id} users differ"));
             }

@@ -145,6 +145,7 @@ impl Server {
                 peer_eof: false,
                 close_reason: CloseReason::Normal,
                 who: None,
+                api: None,
             });
             self.hs.count += 1;
             if let Some(ip) = ip {

@@ -14,6 +14,7 @@ use super::{Phase, Server};
 
 impl Server {
     pub(super) fn housekeeping(&mut self, now: Instant) {
+        self.broker.history_housekeeping(now);
         self.broker.pool.trim();
         self.spent.trim();
         let mut expired = Vec::new();
@@ -21,7 +22,7 @@ impl Server {
         for (id, c) in self.conns.iter_mut() {
             c.out.trim();
             match c.phase {
-                Phase::Http | Phase::AwaitKey | Phase::RawKey => {
+                Phase::Http | Phase::ApiBody | Phase::AwaitKey | Phase::RawKey => {
                     if now.duration_since(c.created) >= self.cfg.handshake_timeout {
                         expired.push((id, c.phase));
                     }
@@ -38,6 +39,8 @@ impl Server {
                         ping.push(id);
                     }
                 }
+                // Its deadline is kept by `expire_api_calls`, to the millisecond.
+                Phase::ApiWait => {}
                 Phase::Closing => {
                     if c.close_deadline.is_some_and(|d| now >= d) {
                         expired.push((id, c.phase));
@@ -47,7 +50,8 @@ impl Server {
         }
         for (id, phase) in expired {
             match phase {
-                Phase::Http => self.remove(id, CloseReason::Timeout),
+                Phase::Http | Phase::ApiBody => self.remove(id, CloseReason::Timeout),
+                Phase::ApiWait => {}
                 Phase::AwaitKey | Phase::RawKey => {
                     self.close_with(id, 1008, "handshake timeout", now, CloseReason::Timeout)
                 }
@@ -94,7 +98,11 @@ impl Server {
         let ids: Vec<(ConnId, Phase)> = self.conns.iter().map(|(id, c)| (id, c.phase)).collect();
         for (id, phase) in ids {
             match phase {
-                Phase::Http => self.remove(id, CloseReason::Shutdown),
+                Phase::Http | Phase::ApiBody => self.remove(id, CloseReason::Shutdown),
+                Phase::ApiWait => {
+                    let resp = super::api::refusal(503, "server shutting down");
+                    self.api_answer(id, &resp, now);
+                }
                 Phase::Closing => {
                     if let Some(c) = self.conns.get_mut(id) {
                         c.close_deadline = c.close_deadline.map(|d| d.min(deadline));

@@ -12,6 +12,7 @@ use crate::metrics::CloseReason;
 use crate::router::ConnId;
 use crate::web;
 
+use super::api;
 use super::{warn_limited, Phase, Server, CLOSE_LINGER, HTTP_READ_CAP};
 
 impl Server {
@@ -78,7 +79,10 @@ impl Server {
                 }
                 self.read_ws(id, now);
             }
-            Request::Plain { method, path } => {
+            Request::Plain { path, consumed, .. } if api::is_api_path(&path) => {
+                self.start_api(id, consumed, now);
+            }
+            Request::Plain { method, path, .. } => {
                 let resp = self.plain_http(id, &method, &path);
                 self.metrics.http_requests += 1;
                 self.http_close(id, &resp, now, CloseReason::Http);
@@ -111,7 +115,7 @@ impl Server {
     }
 
     /// Queue an HTTP response and hang up after it is written.
-    fn http_close(&mut self, id: ConnId, resp: &[u8], now: Instant, why: CloseReason) {
+    pub(super) fn http_close(&mut self, id: ConnId, resp: &[u8], now: Instant, why: CloseReason) {
         if let Some(c) = self.conns.get_mut(id) {
             c.http_buf = Vec::new();
             c.out.push_bytes(resp);

@@ -282,6 +282,33 @@ impl Metrics {
                 ("too_many_in_flight", st.req_too_many),
             ],
             slow_consumers: self.slow_consumers,
+            grants: router.total_grants() as u64,
+            events: ["connect", "disconnect", "sub", "uns"]
+                .into_iter()
+                .zip(st.events)
+                .collect(),
+            presence: ["local", "cluster", "partial"]
+                .into_iter()
+                .zip(st.presence)
+                .collect(),
+            stored: broker.history.as_ref().map_or([0; 3], |h| {
+                let (t, m, b) = h.totals();
+                [t as u64, m as u64, b as u64]
+            }),
+            history_stored: broker.history.as_ref().map_or(0, |h| h.stats.stored),
+            history_evicted: crate::core::history::EVICTION_CAUSES
+                .into_iter()
+                .zip(broker.history.as_ref().map_or([0; 3], |h| h.stats.evicted))
+                .collect(),
+            recoveries: ["recovered", "not_recovered", "last"]
+                .into_iter()
+                .zip(
+                    broker
+                        .history
+                        .as_ref()
+                        .map_or([0; 3], |h| h.stats.recoveries),
+                )
+                .collect(),
             errors: reason::ALL.iter().copied().zip(st.errors).collect(),
             http_requests: self.http_requests,
             loop_iterations: self.loop_iterations,
@@ -404,6 +431,20 @@ pub struct Snapshot {
     pub requests: Vec<(&'static str, u64)>,
     /// Slow consumers cut off.
     pub slow_consumers: u64,
+    /// Per-connection grants in force (§9.1).
+    pub grants: u64,
+    /// Connection events published (§9.4), by event.
+    pub events: Vec<(&'static str, u64)>,
+    /// Presence requests answered (§9.3), by scope (`local`, `cluster`, `partial`).
+    pub presence: Vec<(&'static str, u64)>,
+    /// History (§9.5): topics with history, messages and bytes stored.
+    pub stored: [u64; 3],
+    /// Messages stored in history since start.
+    pub history_stored: u64,
+    /// History evictions, by cause (size, ttl, bytes).
+    pub history_evicted: Vec<(&'static str, u64)>,
+    /// Recoveries (`SUB` with `since`), by outcome.
+    pub recoveries: Vec<(&'static str, u64)>,
     /// Errors sent, by reason.
     pub errors: Vec<(&'static str, u64)>,
     /// Plain HTTP requests answered.
@@ -585,6 +626,60 @@ impl Snapshot {
             &one(self.slow_consumers),
         );
         metric(
+            "middleman_grants",
+            "gauge",
+            "Per-connection grants in force (ESUB/EPUB/EREQ with forcid).",
+            &one(self.grants),
+        );
+        metric(
+            "middleman_events_total",
+            "counter",
+            "Connection events published (SYS:CONNECT, SYS:DISCONNECT, SYS:SUB, SYS:UNS), by event.",
+            &by("event", &self.events),
+        );
+        metric(
+            "middleman_presence_requests_total",
+            "counter",
+            "Presence requests answered, by scope (local: one node; cluster: every node answered; partial: one did not in time).",
+            &by("scope", &self.presence),
+        );
+        metric(
+            "middleman_history_topics",
+            "gauge",
+            "Topics with stored history.",
+            &one(self.stored[0]),
+        );
+        metric(
+            "middleman_history_messages",
+            "gauge",
+            "Messages stored in history.",
+            &one(self.stored[1]),
+        );
+        metric(
+            "middleman_history_bytes",
+            "gauge",
+            "Memory held by history: the relayed messages and their bookkeeping, as counted against max_history_bytes.",
+            &one(self.stored[2]),
+        );
+        metric(
+            "middleman_history_stored_total",
+            "counter",
+            "Messages stored in history.",
+            &one(self.history_stored),
+        );
+        metric(
+            "middleman_history_evictions_total",
+            "counter",
+            "Messages evicted from history, by cause (size, ttl, bytes).",
+            &by("cause", &self.history_evicted),
+        );
+        metric(
+            "middleman_recoveries_total",
+            "counter",
+            "SUB with since, by outcome (recovered, not_recovered, last).",
+            &by("outcome", &self.recoveries),
+        );
+        metric(
             "middleman_errors_total",
             "counter",
             "Protocol errors sent, by reason.",
@@ -715,6 +810,17 @@ impl Snapshot {
             "pending_requests": self.pending_requests,
             "requests_total": obj(&self.requests),
             "slow_consumers_total": self.slow_consumers,
+            "grants": self.grants,
+            "events_total": obj(&self.events),
+            "presence_requests_total": obj(&self.presence),
+            "history": {
+                "topics": self.stored[0],
+                "messages": self.stored[1],
+                "bytes": self.stored[2],
+                "stored_total": self.history_stored,
+                "evictions_total": obj(&self.history_evicted),
+                "recoveries_total": obj(&self.recoveries),
+            },
             "errors_total": obj(&self.errors),
             "http_requests_total": self.http_requests,
             "loop_iterations_total": self.loop_iterations,

@@ -8,13 +8,15 @@
 //!
 //! Each phase of a connection has its own file, adding to `impl Server`: `accept`
 //! (new connections and the handshake budget), `http` (the request: upgrade, or a plain
-//! HTTP answer), `ws` (WebSocket read turns, the key, messages to the broker), `raw` (the
+//! HTTP answer), `api_call` (an HTTP API call: its body, its broker session, the wait
+//! for a RES), `ws` (WebSocket read turns, the key, messages to the broker), `raw` (the
 //! raw stream transport), `closing` (close frames, lingering, removal), `outbound`
 //! (queues and writes), `housekeeping` (timers and shutdown); beside them `listener`
 //! (bound sockets) and `running` (a server on its own thread). This file holds the
 //! constants, the connection state, and the loop with its token dispatch.
 
 mod accept;
+mod api_call;
 mod backplane;
 mod closing;
 mod housekeeping;
@@ -25,6 +27,7 @@ mod raw;
 mod running;
 mod ws;
 
+pub mod api;
 pub mod conn;
 pub mod metrics;
 pub mod request;
@@ -83,6 +86,11 @@ const HTTP_READ_CAP: usize = crate::http::MAX_REQUEST + 4096;
 enum Phase {
     /// Reading the HTTP request.
     Http,
+    /// An HTTP API call (§8.1) accepted: reading its body.
+    ApiBody,
+    /// An HTTP API call in progress: its broker session is open and what the broker
+    /// delivers to it is captured (`Conn::api`), not framed, until the answer is sent.
+    ApiWait,
     /// Upgraded; waiting for the API key.
     AwaitKey,
     /// Raw stream transport; waiting for the key line.
@@ -140,6 +148,8 @@ struct Conn {
     /// Role and cid once authenticated, for the close log line (the broker forgets the
     /// session as soon as closing begins).
     who: Option<Box<str>>,
+    /// The HTTP API call this connection carries (phases `ApiBody`, `ApiWait`).
+    api: Option<Box<api_call::ApiCall>>,
 }
 
 impl Conn {
@@ -175,6 +185,12 @@ pub struct Server {
     metrics: Metrics,
     /// The connection to nats-server, when the server is a cluster node.
     link: Option<NatsLink>,
+    /// HTTP API calls the broker delivered something to this pass, (id, generation).
+    api_ready: Vec<(ConnId, u64)>,
+    /// Counter for the `ReqID`s the HTTP API supplies.
+    api_seq: u64,
+    /// The earliest deadline of a waiting HTTP API call, if any.
+    api_next_deadline: Option<Instant>,
 }
 
 impl Server {
@@ -256,6 +272,23 @@ impl Server {
             },
             &node_id,
         );
+        if cfg.cluster.is_some() && !cfg.history.rules.is_empty() {
+            // One epoch and one offset sequence per topic cluster-wide (§9.5) needs the
+            // cluster's store (JetStream), which this build does not drive yet.
+            warn!(
+                "[[history]] is ignored in a cluster: history is served on a single node \
+                 only (a cluster keeps it in JetStream, not supported yet)"
+            );
+        } else {
+            broker.set_history(&cfg.history);
+            if !cfg.history.rules.is_empty() {
+                info!(
+                    "history on for {} topic prefix(es), at most {} bytes",
+                    cfg.history.rules.len(),
+                    cfg.history.max_bytes
+                );
+            }
+        }
         let link = cfg.cluster.as_ref().map(|cc| {
             broker.join_cluster(
                 &node_id,
@@ -310,6 +343,9 @@ impl Server {
             next_tick: Instant::now() + TICK,
             metrics: Metrics::default(),
             link,
+            api_ready: Vec::new(),
+            api_seq: 0,
+            api_next_deadline: None,
             cfg,
         })
     }
@@ -412,6 +448,10 @@ impl Server {
                 self.housekeeping(now);
                 self.backplane_tick(now);
             }
+            self.finish_api_calls(now);
+            if self.api_next_deadline.is_some_and(|d| now >= d) {
+                self.expire_api_calls(now);
+            }
             self.process_closes(now);
             self.backplane_flush(now);
             self.flush_dirty();
@@ -446,6 +486,9 @@ impl Server {
         if let Some(d) = self.accept_paused_until {
             next = next.min(d);
         }
+        if let Some(d) = self.api_next_deadline {
+            next = next.min(d);
+        }
         if let Some(d) = self.broker.cluster_wake_at() {
             next = next.min(d);
         }
@@ -469,6 +512,7 @@ impl Server {
                 max_out: self.cfg.max_outbound_bytes,
                 bytes_out: &mut self.metrics.bytes_out,
                 spent: &mut self.spent,
+                api_ready: &mut self.api_ready,
             },
             self.link.as_mut(),
             self.poll.registry(),
@@ -491,6 +535,8 @@ impl Server {
         };
         match c.phase {
             Phase::Http => self.read_http(id, now),
+            Phase::ApiBody => self.read_api_body(id, now),
+            Phase::ApiWait => self.read_api_wait(id, now),
             Phase::RawKey => self.read_raw_key(id, now),
             Phase::Open | Phase::Echo if c.framing == Framing::Raw => self.read_raw(id, now),
             Phase::AwaitKey | Phase::Open | Phase::Echo => self.read_ws(id, now),

@@ -22,6 +22,8 @@ pub(super) struct Sink<'a> {
     pub(super) max_out: usize,
     pub(super) bytes_out: &'a mut u64,
     pub(super) spent: &'a mut Spent,
+    /// HTTP API calls that were delivered something (see `api_call.rs`).
+    pub(super) api_ready: &'a mut Vec<(ConnId, u64)>,
 }
 
 impl Sink<'_> {
@@ -42,6 +44,20 @@ impl Sink<'_> {
             }
         }
     }
+
+    /// An HTTP API call's session receives `pkt`: kept for its answer (at most the
+    /// outbound cap in all; past it, dropped), and the call is looked at after the pass.
+    fn capture(&mut self, to: ConnId, pkt: &Rc<Packet>) {
+        let Some(c) = self.conns.get_mut(to) else {
+            return;
+        };
+        let gen = c.gen;
+        if let Some(api) = c.api.as_mut() {
+            if api.keep(pkt, self.max_out) {
+                self.api_ready.push((to, gen));
+            }
+        }
+    }
 }
 
 impl Outbox for Sink<'_> {
@@ -50,6 +66,9 @@ impl Outbox for Sink<'_> {
             return;
         };
         if !c.accepts_data() {
+            if c.phase == Phase::ApiWait {
+                self.capture(to, pkt);
+            }
             return;
         }
         if c.out.len() + c.out.packet_len(pkt) > self.max_out {

@@ -24,6 +24,8 @@ pub enum Request {
         method: String,
         /// The path, without the query string.
         path: String,
+        /// Length of the request head (a body, if any, follows).
+        consumed: usize,
     },
     /// Malformed, too large, or an upgrade missing what RFC 6455 requires.
     Bad(&'static str),
@@ -66,7 +68,11 @@ pub fn parse(buf: &[u8]) -> Request {
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
     if !has_token("Upgrade", "websocket") {
-        return Request::Plain { method, path };
+        return Request::Plain {
+            method,
+            path,
+            consumed,
+        };
     }
     if method != "GET" || req.version != Some(1) {
         return Request::Bad("upgrade must be GET over HTTP/1.1");
@@ -100,20 +106,52 @@ pub fn upgrade_response(accept: &str) -> Vec<u8> {
 
 /// A complete response that closes the connection.
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    response_with(status, content_type, &[], body)
+}
+
+/// A complete response that closes the connection, with `extra` header lines (names
+/// and values as given; the caller makes sure they are valid field names and values).
+/// A 204 has neither body nor `Content-Length` (RFC 9110 §8.6).
+pub fn response_with(
+    status: u16,
+    content_type: &str,
+    extra: &[(&[u8], &[u8])],
+    body: &[u8],
+) -> Vec<u8> {
     let text = match status {
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Error",
     };
-    let mut out = format!(
-        "HTTP/1.1 {status} {text}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(body);
+    let mut out = format!("HTTP/1.1 {status} {text}\r\n").into_bytes();
+    if status != 204 {
+        out.extend_from_slice(
+            format!(
+                "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    for (name, value) in extra {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Cache-Control: no-store\r\nConnection: close\r\n\r\n");
+    if status != 204 {
+        out.extend_from_slice(body);
+    }
     out
 }
 
@@ -137,7 +175,8 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             parse(b"GET /healthz?x=1 HTTP/1.1\r\n\r\n"),
             Request::Plain {
                 method: "GET".into(),
-                path: "/healthz".into()
+                path: "/healthz".into(),
+                consumed: 29,
             }
         );
         assert!(matches!(parse(b"\x00\x01garbage\r\n\r\n"), Request::Bad(_)));

@@ -9,6 +9,7 @@
 //! | `GET /console` | a self-contained live page that polls `/stats` once a second |
 //! | `GET /middleman.js` | the browser client (embedded) |
 //! | `GET /demo` | the chat demo page (embedded) |
+//! | `POST /api/...` | the HTTP API for services (`api.rs`, `api_call.rs`; not answered here) |
 //!
 //! A listener may serve only some of them (`?pages=` on its URL, see [`Pages`]); the
 //! others answer 404 there, like any unknown path.

@@ -189,7 +189,7 @@ impl Server {
                 c.backlog = true;
                 self.drain_decoder(id, now, budget)
             }
-            Phase::Http | Phase::RawKey | Phase::Closing => false,
+            Phase::Http | Phase::ApiBody | Phase::ApiWait | Phase::RawKey | Phase::Closing => false,
         }
     }
 

@@ -129,6 +129,120 @@ export async function sharedChecks(lib, url, clientKey, serviceKey) {
     eq(errors, [], "no client errors");
     eq(svcErrors, [], "no service errors");
     passed.push("binary bodies round trip byte for byte (publish, JS and Rust responders)");
+
+    // Protocol 1.1 (services): grants to one connection, their withdrawal, disable*.
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const until = async (what, pred) => {
+      const end = Date.now() + WAIT;
+      while (!pred()) {
+        if (Date.now() > end) throw new Error(`${what}: not within ${WAIT} ms`);
+        await sleep(20);
+      }
+    };
+    const other = await connect(url, clientKey, { reconnect: false });
+    try {
+      await svc.grantSub(cli.cid, "js.g");
+      await cli.subscribe("js.g");
+      eq(await outcome(other.subscribe("js.g")), refused("js.g"), "a grant is for that connection alone");
+      eq((await svc.presence("js.g")).count, 1, "subscribed with the grant");
+      await svc.revokeSub(cli.cid, "js.g");
+      eq((await svc.presence("js.g")).count, 0, "revoking the last right unsubscribes");
+      const up = [];
+      await svc.subscribe("js.up", (m) => up.push([m.body, m.cid]));
+      await svc.grantPub(cli.cid, "js.up");
+      cli.publish("js.up", "granted");
+      await until("the granted publish", () => up.length === 1);
+      eq(up, [["granted", cli.cid]], "a granted publish");
+      await svc.revokePub(cli.cid, "js.up");
+      cli.publish("js.up", "revoked");
+      await outcome(cli.subscribe("secret-e")); // a barrier: refused after the PUB's error
+      eq(errors, ["client: not permitted PUB js.up"], "a revoked publish is refused");
+      errors.length = 0;
+      await svc.grantReq(cli.cid, "js.ask");
+      eq((await outcome(cli.request("js.ask", "", { timeoutMs: WAIT }))).reason, "no responder", "a granted request");
+      await svc.revokeReq(cli.cid, "js.ask");
+      await svc.enableSubscribe("js.open");
+      await other.subscribe("js.open");
+      await svc.disableSubscribe("js.open");
+      eq(await outcome(cli.subscribe("js.open")), refused("js.open"), "after disableSubscribe");
+      await svc.enablePublish("js.in");
+      await svc.disablePublish("js.in");
+      await svc.respond("js.d", () => "d");
+      await svc.disableRequests("js.d");
+      eq((await outcome(svc.request("js.d", "", { timeoutMs: WAIT }))).reason, "no responder", "after disableRequests");
+      const badCid = await outcome(svc.grantSub("Not A Cid", "js.g"));
+      eq([badCid.reason, badCid.cmd, badCid.target], ["bad cid", "ESUB", "js.g"], "a forcid that is no cid");
+      await svc.grantSub("zz0000000000", "js.g"); // not connected: a silent no-op
+      eq(await outcome(cli.grantSub(svc.cid, "x")), { ok: false, middleman: true, reason: "not permitted", cmd: "ESUB", target: "x" }, "a client's grant");
+      eq([errors, svcErrors], [[], []], "no unexpected errors");
+      passed.push("grants, revokes and disable* (protocol 1.1)");
+
+      // subscribeFor / unsubscribeFor, presence, kick.
+      svc.send("INT", "UID", "", { forcid: other.cid, setuid: "olga" }); // not confirmed: the next call is
+      await svc.subscribeFor(other.cid, "js.p");
+      await svc.subscribeFor(cli.cid, "js.p");
+      const members = [
+        { cid: other.cid, uid: "olga" },
+        { cid: cli.cid, uid: "" },
+      ].sort((x, y) => (x.cid < y.cid ? -1 : 1));
+      eq(await svc.presence("js.p"), { count: 2, users: 1, members, truncated: false, partial: false }, "presence");
+      eq(await svc.presence("js.p", { limit: 1 }), { count: 2, users: 1, members: members.slice(0, 1), truncated: true, partial: false }, "presence with a limit");
+      const seenP = [];
+      cli.onmessage = (m) => seenP.push(m.body);
+      svc.publish("js.p", "server-side");
+      await until("a message on the server-side subscription", () => seenP.length === 1);
+      cli.onmessage = null;
+      await svc.unsubscribeFor(other.cid, "js.p");
+      eq((await svc.presence("js.p", { limit: 0 })).count, 1, "after unsubscribeFor");
+      eq((await outcome(cli.presence("js.p"))).reason, "not permitted", "a client's presence");
+      const badTopic = await outcome(svc.subscribeFor(cli.cid, "SYS:CONNECT"));
+      eq([badTopic.reason, badTopic.cmd, badTopic.target], ["not permitted", "INT", "SUB"], "subscribeFor a SYS: topic");
+      const k = await connect(url, clientKey, { reconnect: true, minDelayMs: 20, maxDelayMs: 50 });
+      const closes = [];
+      k.onclose = (info) => closes.push(info);
+      await svc.kick(k.cid, "bye now");
+      await until("the kick", () => closes.length === 1);
+      eq(closes, [{ code: 4000, reason: "bye now", reconnecting: false }], "a kicked client's onclose");
+      await sleep(200);
+      eq(k.connected, false, "a kicked client does not reconnect");
+      k.close();
+      passed.push("subscribeFor, presence, kick (close 4000 reaches onclose, no reconnect)");
+
+      // Events.
+      const evs = [];
+      const gone = [];
+      const offEv = svc.events((ev) => evs.push(ev));
+      await offEv;
+      const offGone = svc.events(["disconnect"], (ev) => gone.push(ev));
+      await offGone;
+      const e2 = await connect(url, clientKey, { reconnect: false });
+      const e2cid = e2.cid;
+      await svc.subscribeFor(e2cid, "js.e");
+      await svc.unsubscribeFor(e2cid, "js.e");
+      e2.close();
+      await until("the disconnect event", () => gone.some((ev) => ev.cid === e2cid));
+      const about = (list) => list.filter((ev) => ev.cid === e2cid).map((ev) => [ev.kind, ev.uid, ev.role, ev.topic, ev.reason]);
+      eq(
+        about(evs),
+        [
+          ["connect", "", "client", null, null],
+          ["sub", "", "client", "js.e", null],
+          ["uns", "", "client", "js.e", null],
+          ["disconnect", "", "client", null, "normal"],
+        ],
+        "events of every kind",
+      );
+      eq(about(gone), [["disconnect", "", "client", null, "normal"]], "events of one kind");
+      eq(evs[0].message.target, "SYS:CONNECT", "the event's message");
+      await offEv();
+      await offGone();
+      const cliEv = await outcome(cli.events(() => {}));
+      eq([cliEv.reason, cliEv.cmd], ["not permitted", "SUB"], "a client's events");
+      eq([errors, svcErrors], [[], []], "no unexpected errors");
+      passed.push("events: connect, sub, uns, disconnect with their headers");
+    } finally {
+      other.close();
+    }
   } finally {
     cli.close();
     svc.close();

@@ -144,7 +144,7 @@ try {
     [wsUrl, key, serviceKey],
   );
   for (const name of shared) check(name, () => {});
-  check("every shared check ran", () => assert.equal(shared.length, 4));
+  check("every shared check ran", () => assert.equal(shared.length, 7));
 
   // The demo page: only the login form before joining, only the message form after.
   const demo = await context.newPage();

@@ -1,4 +1,4 @@
-"""middleman_client: a Python client for middleman servers (protocol version 1).
+"""middleman_client: a Python client for middleman servers (protocol version 1 and 1.1).
 
 ::
 
@@ -14,50 +14,77 @@
     async for msg in client:                            # everything no subscription claims
         print(msg.cmd, msg.target, msg.headers, msg.body)
 
+Services also grant rights to single connections, subscribe and kick them, ask who is
+subscribed and follow connection events (protocol 1.1)::
+
+    await svc.grant_sub(cid, "room:42")                 # revoke_sub, grant_pub, grant_req...
+    await svc.subscribe_for(cid, "room:42")             # unsubscribe_for
+    p = await svc.presence("room:42")                   # Presence(count, users, members...)
+    async for ev in await svc.events("disconnect"):     # Event(kind, cid, uid, role, ...)
+        print(ev.cid, ev.reason)
+    await svc.kick(cid, "bye")                          # the client sees Kicked (close 4000)
+
 See ``Service`` for writing services, and ``middleman_client.sync`` for a blocking API.
 """
 
 from .client import (
+    KICK_CODE,
     AuthError,
     BadKey,
+    BadRequest,
     BufferFull,
     Client,
     ConnectionLost,
+    EventSubscription,
     HeadersLike,
+    Kicked,
     NoResponders,
     NotPermitted,
     RequestTimedOut,
     ResponderDisconnected,
     ServerError,
     Subscription,
+    TooManyGrants,
     TooManyRequests,
     connect,
 )
 from .protocol import Headers, Message, ProtocolError, decode, encode
 from .service import Service
+from .system import EVENT_TOPICS, Event, Member, Presence, parse_event, parse_presence
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
+    "EVENT_TOPICS",
+    "KICK_CODE",
     "AuthError",
     "BadKey",
+    "BadRequest",
     "BufferFull",
     "Client",
     "ConnectionLost",
+    "Event",
+    "EventSubscription",
     "Headers",
     "HeadersLike",
+    "Kicked",
+    "Member",
     "Message",
     "NoResponders",
     "NotPermitted",
+    "Presence",
     "ProtocolError",
     "RequestTimedOut",
     "ResponderDisconnected",
     "ServerError",
     "Service",
     "Subscription",
+    "TooManyGrants",
     "TooManyRequests",
     "connect",
     "decode",
     "encode",
+    "parse_event",
+    "parse_presence",
     "__version__",
 ]

@@ -28,6 +28,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from .protocol import Body, Headers, Message, ProtocolError, check_target, decode, encode
+from .system import Event, Presence, event_topics, parse_event, parse_presence
 
 __all__ = [
     "Client",
@@ -35,6 +36,8 @@ __all__ = [
     "connect",
     "ServerError",
     "NotPermitted",
+    "BadRequest",
+    "TooManyGrants",
     "NoResponders",
     "RequestTimedOut",
     "ResponderDisconnected",
@@ -42,7 +45,10 @@ __all__ = [
     "AuthError",
     "BadKey",
     "ConnectionLost",
+    "Kicked",
     "BufferFull",
+    "EventSubscription",
+    "KICK_CODE",
     "HeadersLike",
 ]
 
@@ -59,6 +65,9 @@ PENDING_BYTES_LIMIT = 2 * 1024 * 1024
 
 #: Default number of failed connection attempts in a row before the client gives up.
 MAX_RECONNECT_ATTEMPTS = 60
+
+#: The close code of a connection a service kicked (``INT KICK``, protocol 1.1).
+KICK_CODE = 4000
 
 
 class ServerError(Exception):
@@ -86,6 +95,17 @@ class ServerError(Exception):
 class NotPermitted(ServerError):
     """``not permitted``: this connection's role may not do that (e.g. subscribe to a
     topic no service enabled, or request a target nobody enabled)."""
+
+
+class BadRequest(ServerError):
+    """The server could not take the command as given: ``bad cid`` (a ``forcid`` that is
+    not a connection id), ``bad topic``, ``bad limit``, ``missing header``, ``missing
+    ReqID``."""
+
+
+class TooManyGrants(ServerError):
+    """``too many grants``: the connection granted to already holds as many grants as
+    the server allows; this grant was not made."""
 
 
 class NoResponders(ServerError):
@@ -123,6 +143,11 @@ class ConnectionLost(ConnectionError):
         self.code = code
 
 
+class Kicked(ConnectionLost):
+    """A service kicked this connection (``INT KICK``): close code 4000, ``reason`` the
+    service's reason (``kicked`` by default). The client does not reconnect after it."""
+
+
 class BufferFull(ConnectionError):
     """``publish`` while disconnected: the buffer of messages waiting for the connection
     to come back is full (``pending_bytes_limit``), and no room was made in time."""
@@ -139,6 +164,13 @@ class BufferFull(ConnectionError):
 
 _ERRORS: Dict[str, Type[ServerError]] = {
     "not permitted": NotPermitted,
+    "not permitted over HTTP": NotPermitted,
+    "bad cid": BadRequest,
+    "bad topic": BadRequest,
+    "bad limit": BadRequest,
+    "missing header": BadRequest,
+    "missing ReqID": BadRequest,
+    "too many grants": TooManyGrants,
     "no responder": NoResponders,
     "request timed out": RequestTimedOut,
     "responder disconnected": ResponderDisconnected,
@@ -246,6 +278,72 @@ class Subscription:
     def __repr__(self) -> str:
         state = "active" if self.active else "ended"
         return f"<middleman_client.Subscription {self.topic!r} {state}>"
+
+
+class EventSubscription:
+    """Connection events (protocol 1.1, services only), returned by
+    :meth:`Client.events`::
+
+        events = await client.events("connect", "disconnect")
+        async for ev in events:        # Event(kind, cid, uid, role, topic, reason)
+            print(ev.kind, ev.cid, ev.uid, ev.role, ev.reason)
+        await events.unsubscribe()     # UNS of its topics; ends the iteration
+
+    Events of all its topics arrive in one stream, in the order the server sent them.
+    Like a :class:`Subscription` it claims its topics once read; unsubscribing any of
+    them (here or with :meth:`Client.unsubscribe`) ends it. After a reconnect the topics
+    are subscribed again (events that happened meanwhile are not replayed).
+    """
+
+    def __init__(self, client: "Client", subs: List[Subscription]) -> None:
+        self.client = client
+        self.topics: Tuple[str, ...] = tuple(s.topic for s in subs)
+        self._subs = subs
+        # One queue for every topic, so events keep the order they arrived in.
+        self._queue: "asyncio.Queue[Optional[Message]]" = asyncio.Queue()
+        for sub in subs:
+            sub._queue = self._queue
+
+    @property
+    def active(self) -> bool:
+        """Whether every topic is still subscribed."""
+        return all(s.active for s in self._subs)
+
+    def __aiter__(self) -> "EventSubscription":
+        for sub in self._subs:
+            sub._claim()
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.recv()
+        except ConnectionLost:
+            if all(s._end is None for s in self._subs):
+                raise StopAsyncIteration from None
+            raise
+
+    async def recv(self) -> Event:
+        """The next event. Raises ConnectionLost once the subscription has ended."""
+        for sub in self._subs:
+            sub._claim()
+        while True:
+            m = await self._queue.get()
+            if m is None:
+                self._queue.put_nowait(None)  # every later call ends too
+                end = next((s._end for s in self._subs if s._end is not None), None)
+                raise end or ConnectionLost("unsubscribed")
+            ev = parse_event(m)
+            if ev is not None:
+                return ev
+
+    async def unsubscribe(self) -> None:
+        """Unsubscribe from every topic of this subscription."""
+        for topic in self.topics:
+            await self.client.unsubscribe(topic)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "ended"
+        return f"<middleman_client.EventSubscription {' '.join(self.topics)} {state}>"
 
 
 async def connect(
@@ -557,7 +655,7 @@ class Client:
             reason = f"connection lost: {e!r}"
         if self._closed:
             return
-        self._lost(ConnectionLost(reason, code))
+        self._lost(Kicked(reason, code) if code == KICK_CODE else ConnectionLost(reason, code))
 
     def _lost(self, why: ConnectionLost) -> None:
         self._connected.clear()
@@ -567,7 +665,8 @@ class Client:
         # The server forgot this connection's requests and subscriptions.
         self._fail_pending(why)
         self._fire(self.on_disconnect, why)
-        if self._reconnect and why.code != 1008:
+        # A refused key, and a kick (a service wants this connection gone), end it.
+        if self._reconnect and why.code not in (1008, KICK_CODE):
             log.info("middleman_client: %s; reconnecting", why)
             self._spawn(self._reconnect_loop())
             return
@@ -967,6 +1066,110 @@ class Client:
     async def set_uid(self, cid: str, uid: str) -> None:
         """Tag the later messages of connection ``cid`` with ``uid: <uid>`` (services)."""
         await self._confirmed("INT", "UID", [("forcid", cid), ("setuid", uid)])
+
+    # ------------------------------------------------------------ protocol 1.1 (services)
+
+    async def _disable(self, cmd: str, target: str) -> None:
+        check_target(target)
+        self._enabled.pop(("E" + cmd[1:], target), None)  # not restored after a reconnect
+        await self._confirmed(cmd, target)
+
+    async def disable_pub(self, topic: str) -> None:
+        """Withdraw this service's ``enable_pub(topic)``: DPUB (protocol 1.1)."""
+        await self._disable("DPUB", topic)
+
+    async def disable_sub(self, topic: str) -> None:
+        """Withdraw this service's ``enable_sub(topic)``: DSUB (protocol 1.1). Existing
+        subscriptions stay."""
+        await self._disable("DSUB", topic)
+
+    async def disable_req(self, target: str) -> None:
+        """Withdraw this service's ``enable_req(target)``: DREQ (protocol 1.1). It is no
+        longer a responder for ``target``; requests in flight may still be answered."""
+        await self._disable("DREQ", target)
+
+    async def _for(self, cmd: str, cid: str, target: str) -> None:
+        check_target(target)
+        await self._confirmed(cmd, target, [("forcid", cid)])
+
+    async def grant_pub(self, cid: str, topic: str) -> None:
+        """Let connection ``cid`` (only) publish to ``topic``: EPUB with ``forcid``. The
+        grant lasts until revoked, or until either connection leaves (it is not made
+        again after this client reconnects). Raises BadRequest (``bad cid``),
+        TooManyGrants, NotPermitted."""
+        await self._for("EPUB", cid, topic)
+
+    async def grant_sub(self, cid: str, topic: str) -> None:
+        """Let connection ``cid`` (only) subscribe to ``topic``: ESUB with ``forcid``."""
+        await self._for("ESUB", cid, topic)
+
+    async def grant_req(self, cid: str, target: str) -> None:
+        """Let connection ``cid`` (only) request ``target``: EREQ with ``forcid`` (this
+        does not make this service a responder)."""
+        await self._for("EREQ", cid, target)
+
+    async def revoke_pub(self, cid: str, topic: str) -> None:
+        """Withdraw ``grant_pub(cid, topic)``: DPUB with ``forcid``."""
+        await self._for("DPUB", cid, topic)
+
+    async def revoke_sub(self, cid: str, topic: str) -> None:
+        """Withdraw ``grant_sub(cid, topic)``: DSUB with ``forcid``. If that was the
+        connection's last right to ``topic``, it is unsubscribed from it."""
+        await self._for("DSUB", cid, topic)
+
+    async def revoke_req(self, cid: str, target: str) -> None:
+        """Withdraw ``grant_req(cid, target)``: DREQ with ``forcid``."""
+        await self._for("DREQ", cid, target)
+
+    async def subscribe_for(self, cid: str, topic: str) -> None:
+        """Subscribe connection ``cid`` to ``topic`` (``INT SUB``); it is not told. An
+        unknown or departed cid is a silent no-op; ``bad cid`` / ``bad topic`` raise
+        BadRequest, a ``SYS:``/``MSG:`` topic NotPermitted."""
+        await self._confirmed("INT", "SUB", [("forcid", cid), ("topic", topic)])
+
+    async def unsubscribe_for(self, cid: str, topic: str) -> None:
+        """Unsubscribe connection ``cid`` from ``topic`` (``INT UNS``)."""
+        await self._confirmed("INT", "UNS", [("forcid", cid), ("topic", topic)])
+
+    async def kick(self, cid: str, reason: Optional[str] = None) -> None:
+        """Close connection ``cid`` (``INT KICK``): close code 4000 with ``reason`` (the
+        server cuts it to 120 bytes; ``kicked`` when None). A departed cid: no-op."""
+        headers = [("forcid", cid)]
+        if reason is not None:
+            headers.append(("reason", reason))
+        await self._confirmed("INT", "KICK", headers)
+
+    async def presence(
+        self, topic: str, limit: int = 1000, *, timeout: Optional[float] = 30.0
+    ) -> Presence:
+        """Who is subscribed to ``topic`` (``REQ SYS:PRESENCE``, services only): the
+        counts and at most ``limit`` members (0: counts only; the server caps it at
+        10000). Raises NotPermitted, BadRequest, TimeoutError like :meth:`request`."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, not {limit!r}")
+        res = await self.request(
+            "SYS:PRESENCE", b"", [("topic", topic), ("limit", str(limit))], timeout
+        )
+        return parse_presence(topic, res)
+
+    async def events(self, *kinds: str) -> EventSubscription:
+        """Subscribe to connection events (services only): ``kinds`` among
+        ``connect``, ``disconnect``, ``sub``, ``uns`` (or the topics ``SYS:CONNECT``...),
+        all four when none is given. Returns once the server has taken the
+        subscriptions; iterate the result for :class:`Event` values."""
+        topics = event_topics(kinds)
+        subs: List[Subscription] = []
+        try:
+            for t in topics:
+                subs.append(await self.subscribe(t))
+        except BaseException:
+            for sub in subs:  # all or nothing
+                try:
+                    await self.unsubscribe(sub.topic)
+                except Exception:
+                    pass
+            raise
+        return EventSubscription(self, subs)
 
     async def send(
         self, cmd: str, target: str, body: Body = b"", headers: HeadersLike = None

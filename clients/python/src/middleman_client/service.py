@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Set, Tuple, TypeVar
 
 from .client import Client, HeadersLike
 from .protocol import Body, Message
+from .system import Event, event_topics, parse_event
 
 __all__ = ["Service", "Reply"]
 
@@ -18,6 +19,7 @@ log = logging.getLogger("middleman_client")
 Reply = Union[Body, Tuple[HeadersLike, Body], None]
 Responder = Callable[[Message], Union[Reply, Awaitable[Reply]]]
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
+EventHandler = Callable[[Event], Union[None, Awaitable[None]]]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -34,9 +36,14 @@ class Service:
         async def chat(msg):
             print(msg.header("Name"), msg.text)
 
+        @service.on_event("disconnect")       # protocol 1.1; no kinds: all four
+        async def gone(ev):
+            print(ev.cid, ev.uid, ev.reason)
+
         await service.run()
 
-    ``run()`` registers every responder (EREQ) and subscribes every subscriber's topic,
+    ``run()`` registers every responder (EREQ), subscribes every subscriber's topic and
+    the event topics of every event handler,
     then handles messages until the connection ends. Each request is answered in its own
     task, so a slow handler does not hold up others; published messages are handed to
     their subscriber one at a time, in order. A responder that raises gets an answer with
@@ -48,6 +55,8 @@ class Service:
         self.client = client
         self.responders: Dict[str, Responder] = {}
         self.subscribers: Dict[str, Handler] = {}
+        #: Event handlers by event topic (``SYS:CONNECT`` ...).
+        self.event_handlers: Dict[str, EventHandler] = {}
         #: Called with every message no responder or subscriber takes.
         self.on_message: Optional[Handler] = None
         self._tasks: Set["asyncio.Task[None]"] = set()
@@ -70,6 +79,18 @@ class Service:
 
         return register
 
+    def on_event(self, *kinds: str) -> Callable[[F], F]:
+        """Decorator: call the handler with every :class:`Event` of ``kinds``
+        (``connect``, ``disconnect``, ``sub``, ``uns``; all four when none is given)."""
+        topics = event_topics(kinds)
+
+        def register(fn: F) -> F:
+            for t in topics:
+                self.event_handlers[t] = fn
+            return fn
+
+        return register
+
     async def run(self) -> None:
         """Register, then serve until the client is closed (returns) or the connection is
         lost for good (raises ConnectionLost)."""
@@ -77,9 +98,15 @@ class Service:
             await self.client.enable_req(name)
         for topic in self.subscribers:
             await self.client.subscribe(topic)
+        for topic in self.event_handlers:
+            if topic not in self.subscribers:
+                await self.client.subscribe(topic)
         try:
             async for msg in self.client:
-                if msg.cmd == "REQ" and msg.target in self.responders:
+                ev = parse_event(msg) if msg.target in self.event_handlers else None
+                if ev is not None:
+                    await self._call_event(self.event_handlers[msg.target], ev)
+                elif msg.cmd == "REQ" and msg.target in self.responders:
                     t = asyncio.ensure_future(self._answer(self.responders[msg.target], msg))
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
@@ -100,6 +127,14 @@ class Service:
                 await r
         except Exception:
             log.exception("middleman_client: handler for %s %s failed", msg.cmd, msg.target)
+
+    async def _call_event(self, fn: EventHandler, ev: Event) -> None:
+        try:
+            r = fn(ev)
+            if inspect.isawaitable(r):
+                await r
+        except Exception:
+            log.exception("middleman_client: handler for %s events failed", ev.kind)
 
     async def _answer(self, fn: Responder, req: Message) -> None:
         headers: HeadersLike = None

@@ -19,10 +19,11 @@ import threading
 from typing import Any, Coroutine, Iterator, Optional, Sequence, TypeVar, Union
 
 from . import client as _client
-from .client import Client, ConnectionLost, HeadersLike, Subscription
+from .client import Client, ConnectionLost, EventSubscription, HeadersLike, Subscription
 from .protocol import Body, Message
+from .system import Event, Presence
 
-__all__ = ["SyncClient", "SyncSubscription", "connect"]
+__all__ = ["SyncClient", "SyncSubscription", "SyncEvents", "connect"]
 
 T = TypeVar("T")
 
@@ -68,6 +69,47 @@ class SyncSubscription:
 
     def __repr__(self) -> str:
         return repr(self._sub).replace("Subscription", "SyncSubscription", 1)
+
+
+class SyncEvents:
+    """A :class:`middleman_client.EventSubscription`, blocking: ``for ev in events``,
+    ``events.recv(timeout=...)``, ``events.unsubscribe()``."""
+
+    def __init__(self, owner: "SyncClient", events: EventSubscription) -> None:
+        self._owner = owner
+        self._events = events
+        self.topics = events.topics
+
+    @property
+    def active(self) -> bool:
+        return self._events.active
+
+    def recv(self, timeout: Optional[float] = None) -> Event:
+        """The next event; TimeoutError after ``timeout`` seconds, ConnectionLost once
+        the subscription has ended."""
+
+        async def get() -> Event:
+            return await asyncio.wait_for(self._events.recv(), timeout)
+
+        try:
+            return self._owner._run(get())
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no event within {timeout}s") from None
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            try:
+                yield self.recv()
+            except ConnectionLost:
+                if all(s._end is None for s in self._events._subs):
+                    return
+                raise
+
+    def unsubscribe(self) -> None:
+        self._owner._run(self._events.unsubscribe())
+
+    def __repr__(self) -> str:
+        return repr(self._events).replace("EventSubscription", "SyncEvents", 1)
 
 
 class SyncClient:
@@ -173,6 +215,50 @@ class SyncClient:
 
     def set_uid(self, cid: str, uid: str) -> None:
         self._run(self._client.set_uid(cid, uid))
+
+    def disable_pub(self, topic: str) -> None:
+        self._run(self._client.disable_pub(topic))
+
+    def disable_sub(self, topic: str) -> None:
+        self._run(self._client.disable_sub(topic))
+
+    def disable_req(self, target: str) -> None:
+        self._run(self._client.disable_req(target))
+
+    def grant_pub(self, cid: str, topic: str) -> None:
+        self._run(self._client.grant_pub(cid, topic))
+
+    def grant_sub(self, cid: str, topic: str) -> None:
+        self._run(self._client.grant_sub(cid, topic))
+
+    def grant_req(self, cid: str, target: str) -> None:
+        self._run(self._client.grant_req(cid, target))
+
+    def revoke_pub(self, cid: str, topic: str) -> None:
+        self._run(self._client.revoke_pub(cid, topic))
+
+    def revoke_sub(self, cid: str, topic: str) -> None:
+        self._run(self._client.revoke_sub(cid, topic))
+
+    def revoke_req(self, cid: str, target: str) -> None:
+        self._run(self._client.revoke_req(cid, target))
+
+    def subscribe_for(self, cid: str, topic: str) -> None:
+        self._run(self._client.subscribe_for(cid, topic))
+
+    def unsubscribe_for(self, cid: str, topic: str) -> None:
+        self._run(self._client.unsubscribe_for(cid, topic))
+
+    def kick(self, cid: str, reason: Optional[str] = None) -> None:
+        self._run(self._client.kick(cid, reason))
+
+    def presence(
+        self, topic: str, limit: int = 1000, *, timeout: Optional[float] = 30.0
+    ) -> Presence:
+        return self._run(self._client.presence(topic, limit, timeout=timeout))
+
+    def events(self, *kinds: str) -> SyncEvents:
+        return SyncEvents(self, self._run(self._client.events(*kinds)))
 
     def recv(self, timeout: Optional[float] = None) -> Message:
         """The next message; TimeoutError after ``timeout`` seconds, ConnectionLost once
