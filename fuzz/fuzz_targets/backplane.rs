@@ -7,15 +7,25 @@
 //! another node included), every packet goes to a connected connection, and the bytes
 //! waiting for nats-server stay within the bound, control lane (heartbeats, interest
 //! changes, announcements) included.
+//!
+//! Protocol 1.1 across nodes: nats-server also brings `G` (grant/withdrawal), `W` (a
+//! granter left), `I S|U|K`, `Y` (presence question) and `y` (presence answer), well
+//! formed and garbled, and event interest (`E .. s 1 SYS:..`); local commands byte 0x80
+//! and above are the 1.1 commands whose `forcid` names a cid here, on another node heard
+//! (`node021`), on a node never heard, or no cid at all, and presence while another node
+//! is known (a `Y` sent, its `y` awaited). The outbox records kicks; a kick goes to a
+//! connected connection with a reason of at most 120 bytes, and is carried out as the
+//! reactor does.
 #![no_main]
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use middleman::broker::{Broker, Role, Settings};
+use middleman::broker::{Broker, Outbox, Role, Settings};
 use middleman::cluster::node::ClusterSettings;
 use middleman::cluster::proto::{Headers, Msg};
+use middleman::core::rooms::MAX_KICK_REASON;
 use middleman::protocol::{Decoded, Decoder, Limits, Packet};
 use middleman::router::ConnId;
 
@@ -26,8 +36,34 @@ const TOPICS: [&str; 3] = ["a", "b", "MSG:fuzz011"];
 const CMDS: [&str; 9] = [
     "SUB", "UNS", "PUB", "REQ", "RES", "EPUB", "ESUB", "EREQ", "INT",
 ];
+/// Version 1.1 local commands (op byte 0x80 and above): the first line, then `forcid`
+/// when the command takes one.
+const CMDS11: [&str; 15] = [
+    "ESUB a",
+    "EPUB a",
+    "EREQ a",
+    "DSUB a",
+    "DPUB a",
+    "DREQ a",
+    "INT SUB",
+    "INT UNS",
+    "INT KICK",
+    "REQ SYS:PRESENCE",
+    "SUB SYS:SUB",
+    "SUB SYS:DISCONNECT",
+    "SUB SYS:CONNECT",
+    "UNS SYS:SUB",
+    "SUB a",
+];
+/// Who a `forcid` names: a cid on node02 (heard once its heartbeat came), cids here, a
+/// node never heard, not a cid.
+const WHOM: [&str; 6] = ["node021", "fuzz011", "fuzz012", "zzzz991", "Bad!", "node02"];
+/// FINDING (reported, not asserted): `I U <cid>` LF `MSG:<cid>` from a peer unsubscribes
+/// the connection from its own private channel, and `I S` subscribes it to any target
+/// (another's `MSG:`, a `SYS:` event topic): `on_remote_int` does not refuse what the
+/// sending node's `INT SUB/UNS` refuses. The template below sends the first.
 /// Payload templates for backplane messages; `{}` takes fuzzed bytes.
-const PAYLOADS: [&str; 21] = [
+const PAYLOADS: [&str; 40] = [
     "H node02 {} 1 0 5 -",
     "H node02 1 0 {} 5 name-{}",
     "H fuzz01 0 0 0 {} -",
@@ -49,6 +85,28 @@ const PAYLOADS: [&str; 21] = [
     "Q node02 9 * a\nREQ a\r\nReqID: x\r\ncid: node021\r\nuid: \r\n\r\n{}\r\n.\r\n",
     "Q {} 1 {} {}\n{}",
     "REQ a\r\nReqID: {}\r\ncid: node021\r\nuid: \r\n\r\nq\r\n.\r\n",
+    // Version 1.1 (cluster/rooms.rs), on this node's subject.
+    "G node02 node02s s 1 fuzz01{}\n{}",
+    "G node02 node02s {} {} {}\n{}",
+    "G node02 node02s p 0 fuzz011\na",
+    "G {} {} r 1 fuzz011\n{}",
+    "W node02 node02s",
+    "W {} {}",
+    "I S fuzz01{}\n{}",
+    "I {} fuzz011\n{}",
+    "I K fuzz01{}\n{}",
+    "I U fuzz011\nMSG:fuzz011",
+    "Y node02 {} {}\n{}",
+    "Y node02 7 3\na",
+    "Y {} 1 99999999999999999999\na",
+    "y {} node02\n{} {} {}\n{}\n{}",
+    // Counts at the top of usize: summed without overflow (fuzz finding, fixed in
+    // e617ef2).
+    "y 0 node02\n18446744073709551615 18446744073709551615 -\n",
+    "y {} node02\n3 2 2\nu1\nu2\nnode021 u1\nnode022 u2\nnode023\n",
+    "y 0 node02\n1 1 99999999999\n{}",
+    "E node02 {} s 1 SYS:{}",
+    "G node02 {}",
 ];
 const SUBJECTS: [&str; 9] = [
     "mm.pub.a",
@@ -77,6 +135,58 @@ impl<'a> Input<'a> {
         let (b, rest) = self.data.split_at(n);
         self.data = rest;
         b
+    }
+}
+
+/// A version 1.1 command (`sel`: op byte less 0x80); `extra` (fuzzed) is the presence
+/// `limit` (as digits) or the kick `reason`.
+fn command11(sel: u8, extra: &[u8]) -> Vec<u8> {
+    let cmd = CMDS11[sel as usize % CMDS11.len()];
+    let whom = WHOM[sel as usize / CMDS11.len() % WHOM.len()];
+    let mut m = format!("{cmd}\r\n").into_bytes();
+    if !cmd.contains("SYS:") && cmd != "SUB a" {
+        m.extend_from_slice(format!("forcid: {whom}\r\n").as_bytes());
+    }
+    if cmd.starts_with("INT") || cmd.starts_with("REQ") {
+        m.extend_from_slice(b"topic: a\r\n");
+    }
+    if cmd.starts_with("REQ") {
+        m.extend_from_slice(b"ReqID: p\r\n");
+        if !extra.is_empty() {
+            m.extend_from_slice(b"limit: ");
+            m.extend(extra.iter().map(|b| b'0' + b % 10));
+            m.extend_from_slice(b"\r\n");
+        }
+    }
+    if cmd == "INT KICK" && !extra.is_empty() {
+        m.extend_from_slice(b"reason: ");
+        m.extend_from_slice(extra);
+        m.extend_from_slice(b"\r\n");
+    }
+    m.extend_from_slice(b"\r\n\r\n.\r\n");
+    m
+}
+
+/// Packets, and kicks (which the harness carries out as the reactor does).
+#[derive(Default)]
+struct Out {
+    sent: Vec<(ConnId, Rc<Packet>)>,
+    kicks: Vec<(ConnId, String)>,
+}
+
+impl Outbox for Out {
+    fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
+        self.sent.push((to, pkt.clone()));
+    }
+    fn kick(&mut self, to: ConnId, reason: &str) {
+        self.kicks.push((to, reason.to_owned()));
+    }
+}
+
+impl Out {
+    fn clear(&mut self) {
+        self.sent.clear();
+        self.kicks.clear();
     }
 }
 
@@ -114,7 +224,7 @@ fuzz_target!(|data: &[u8]| {
     let mut now = Instant::now();
     broker.cluster_connected(now, 1024);
     let mut connected = [false; CONNS];
-    let mut out: Vec<(ConnId, Rc<Packet>)> = Vec::new();
+    let mut out = Out::default();
     let mut input = Input { data };
     let mut steps = 0;
     while let Some(kind) = input.byte() {
@@ -130,6 +240,7 @@ fuzz_target!(|data: &[u8]| {
                 let role = [Role::Service, Role::Client, Role::Monitor][a as usize / CONNS % 3];
                 broker.connect(conn, role);
                 connected[conn] = true;
+                broker.connected(conn, &mut out);
             }
             1 if connected[conn] => {
                 broker.disconnect(conn, &mut out);
@@ -145,7 +256,11 @@ fuzz_target!(|data: &[u8]| {
                 let cmd = CMDS[b as usize % CMDS.len()];
                 let target = TOPICS[b as usize / CMDS.len() % TOPICS.len()];
                 let reqid = input.bytes(10);
-                let wire = command(cmd, target, reqid, a);
+                let wire = if b >= 0x80 {
+                    command11(b - 0x80, reqid)
+                } else {
+                    command(cmd, target, reqid, a)
+                };
                 let mut dec = Decoder::new(Limits::default());
                 dec.feed(&wire);
                 if let Ok(Some(Decoded::Message(m))) = dec.next() {
@@ -206,11 +321,29 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => {}
         }
+        for (to, why) in std::mem::take(&mut out.kicks) {
+            assert!(
+                to < CONNS && connected[to],
+                "a kick for {to}, not connected"
+            );
+            assert!(
+                why.len() <= MAX_KICK_REASON,
+                "kick reason of {} bytes",
+                why.len()
+            );
+            // The reactor closes it (4000) and forgets it.
+            broker.disconnect_because(to, "kicked", &mut out);
+            connected[to] = false;
+            assert!(out.kicks.is_empty(), "a disconnect kicked someone");
+        }
         if let Err(e) = broker.router().check_invariants() {
             panic!("invariant broken: {e}");
         }
-        for (to, _) in &out {
-            assert!(*to < CONNS && connected[*to], "a packet for {to}, not connected");
+        for (to, _) in &out.sent {
+            assert!(
+                *to < CONNS && connected[*to],
+                "a packet for {to}, not connected"
+            );
         }
         let c = broker.cluster.as_mut().expect("joined");
         // The output is written by the reactor; here it is taken away every step, as a
