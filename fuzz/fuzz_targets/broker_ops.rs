@@ -38,12 +38,11 @@ const CMDS: [&str; 10] = [
     "SUB", "UNS", "PUB", "REQ", "RES", "EPUB", "ESUB", "EREQ", "INT", "FOO",
 ];
 const MAX_SUBS: usize = 4;
-/// FINDING (reported, not fixed here): `ESUB MSG:<cid>` + `forcid: <cid>` and then the
-/// same `DSUB` unsubscribe the client from its own private channel: the withdrawal of
-/// its last SUB right on `MSG:<cid>` goes through `after_sub_right_lost`, which does not
-/// spare `MSG:`. While true, a `DSUB` of `MSG:<cid>` excuses that connection from the
-/// "keeps its `MSG:<cid>`" check.
-const KNOWN_DSUB_ENDS_PRIVATE: bool = true;
+/// FINDING (fixed): `ESUB MSG:<cid>` + `forcid: <cid>` and then the same `DSUB` used to
+/// unsubscribe the client from its own private channel (`after_sub_right_lost` did not
+/// spare `MSG:`). Kept as a switch for bisecting: while true, a `DSUB` of `MSG:<cid>`
+/// excuses that connection from the "keeps its `MSG:<cid>`" check.
+const KNOWN_DSUB_ENDS_PRIVATE: bool = false;
 /// Version 1.1 commands (first line without the target, which follows when not given).
 const CMDS11: [&str; 13] = [
     "ESUB",
