@@ -677,7 +677,11 @@ impl Broker {
                     [(b"offset", text), (b"epoch", h.epoch().as_bytes())];
                 let pkt =
                     relay_packet(&mut self.pool, session, msg, &[b"offset", b"epoch"], &extra);
-                h.store(msg.target, rule, offset, &pkt, now);
+                // The packet `size` pushed out goes back to the pool: a full history
+                // costs no allocation per message.
+                if let Some(old) = h.store(msg.target, rule, offset, &pkt, now) {
+                    self.pool.give(old);
+                }
                 pkt
             }
             _ => relay_packet(&mut self.pool, session, msg, &[], &[]),

@@ -101,6 +101,8 @@ pub struct History {
     topics: HashMap<Rc<[u8]>, TopicLog>,
     /// Per rule, the topics by the offset of their oldest stored message (one entry per
     /// topic with something stored; offsets grow with time, so the first is the oldest).
+    /// A key may be older than its topic's front (the front went for `size` since): it
+    /// is corrected when it comes first, so storing into a full ring touches no index.
     fronts: Vec<BTreeMap<u64, Rc<[u8]>>>,
     bytes: usize,
     messages: usize,
@@ -179,15 +181,13 @@ impl History {
         offset: u64,
         pkt: &Rc<Packet>,
         now: Instant,
-    ) {
-        let Some(r) = self.rules.get(rule) else {
-            return;
-        };
+    ) -> Option<Rc<Packet>> {
+        let r = self.rules.get(rule)?;
         let size = r.size;
         if size == 0 {
             // Nothing kept: the offset is used up all the same.
             self.seq = self.seq.max(offset);
-            return;
+            return None;
         }
         let key: Rc<[u8]> = match self.topics.get_key_value(topic) {
             Some((k, _)) => k.clone(),
@@ -213,6 +213,7 @@ impl History {
         self.bytes += cost(pkt);
         self.messages += 1;
         self.stats.stored += 1;
+        let mut dropped = None;
         while log.ring.len() > size {
             let Some((o, _, p)) = log.ring.pop_front() else {
                 break;
@@ -221,23 +222,22 @@ impl History {
             self.bytes -= cost(&p);
             self.messages -= 1;
             self.stats.evicted[0] += 1;
-            fronts.remove(&o);
-            if let Some((next, ..)) = log.ring.front() {
-                fronts.insert(*next, key.clone());
-            }
+            dropped = Some(p);
         }
         // The housekeeping pass keeps the cap; a flood between two passes may pass it by
         // an eighth at most, then the oldest go at once.
         if self.bytes > self.max_bytes + self.max_bytes / 8 {
             self.enforce_cap();
         }
+        // The packet `size` pushed out, for the caller's pool.
+        dropped
     }
 
     /// Evict the oldest messages (any rule) until under the byte cap.
     fn enforce_cap(&mut self) {
         while self.bytes > self.max_bytes {
             let oldest = (0..self.rules.len())
-                .filter_map(|r| self.fronts[r].first_key_value().map(|(o, _)| (*o, r)))
+                .filter_map(|r| self.first_front(r).map(|o| (o, r)))
                 .min();
             let Some((_, rule)) = oldest else {
                 break;
@@ -251,13 +251,17 @@ impl History {
     pub fn housekeeping(&mut self, now: Instant) {
         for rule in 0..self.rules.len() {
             let ttl = self.rules[rule].ttl;
-            while let Some((_, topic)) = self.fronts[rule].first_key_value() {
-                let expired = self
-                    .topics
-                    .get(topic)
-                    .and_then(|l| l.ring.front())
-                    .is_none_or(|(_, at, _)| now.saturating_duration_since(*at) >= ttl);
-                if !expired {
+            while let Some((&key, topic)) = self.fronts[rule].first_key_value() {
+                let front = self.topics.get(topic).and_then(|l| l.ring.front());
+                let (at, stale) = match front {
+                    Some((o, at, _)) => (*at, *o != key),
+                    None => (now, false),
+                };
+                if stale {
+                    self.correct_front(rule);
+                    continue;
+                }
+                if now.saturating_duration_since(at) < ttl {
                     break;
                 }
                 self.evict_oldest(rule, 1);
@@ -266,8 +270,34 @@ impl History {
         self.enforce_cap();
     }
 
-    /// Evict the oldest stored message under `rule`; its topic goes whole if empty.
+    /// The offset of the oldest message stored under `rule` (its index's first entry,
+    /// corrected if stale).
+    fn first_front(&mut self, rule: usize) -> Option<u64> {
+        loop {
+            let (&key, topic) = self.fronts[rule].first_key_value()?;
+            match self.topics.get(topic).and_then(|l| l.ring.front()) {
+                Some((o, ..)) if *o != key => self.correct_front(rule),
+                _ => return Some(key),
+            }
+        }
+    }
+
+    /// The first entry of `rule`'s index is stale: move it to its topic's front.
+    fn correct_front(&mut self, rule: usize) {
+        let Some((_, topic)) = self.fronts[rule].pop_first() else {
+            return;
+        };
+        if let Some((o, ..)) = self.topics.get(&topic).and_then(|l| l.ring.front()) {
+            self.fronts[rule].insert(*o, topic);
+        }
+    }
+
+    /// Evict the oldest stored message under `rule` (correcting stale index entries on
+    /// the way); its topic goes whole if empty.
     fn evict_oldest(&mut self, rule: usize, cause: usize) {
+        if self.first_front(rule).is_none() {
+            return;
+        }
         let Some((_, topic)) = self.fronts[rule].pop_first() else {
             return;
         };

@@ -354,6 +354,21 @@ impl PacketPool {
         pkt
     }
 
+    /// Take back one packet someone let go of (history's oldest), if nobody else holds
+    /// it and the pool has room; else it is freed.
+    pub fn give(&mut self, p: std::rc::Rc<Packet>) {
+        let cap = p.capacity();
+        if !p.is_verbatim()
+            && held_by_nobody_else(&p)
+            && cap <= POOL_PACKET_MAX
+            && self.free.len() < FREE_SLOTS
+            && self.bytes + cap <= POOL_BYTES
+        {
+            self.bytes += cap;
+            self.free.push(p);
+        }
+    }
+
     /// Take the packets the queues let go of this pass, within the pool's bounds (the
     /// rest are freed). `spent` is left empty.
     pub fn recycle(&mut self, spent: &mut Spent) {
