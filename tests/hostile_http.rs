@@ -38,7 +38,7 @@ fn busy(m: &HashMap<String, f64>) -> f64 {
 /// connection. (Before the running totals and the cache, each `/stats` walked every
 /// topic three times: 79% of a core for one peer in a loop.)
 #[test]
-fn stats_with_200k_topics_costs_under_1ms_per_request() {
+fn stats_with_200k_topics_costs_under_2ms_per_request() {
     let srv = TestServer::start();
     let mut svc = Peer::service(srv.addr);
     // 200k topics, enabled in batches of 5,000 per WebSocket message; 1,000 of them also
@@ -98,9 +98,13 @@ fn stats_with_200k_topics_costs_under_1ms_per_request() {
         healthz_wall.as_secs_f64() * 1e3 / REQUESTS as f64,
         stats_wall.as_secs_f64() * 1e3 / stats_n as f64,
     );
-    assert!(stats_ms < 1.0, "/stats costs {stats_ms:.3} ms per request");
+    // Loop time, not CPU time: alone (debug build) /stats measures 0.5-0.6 ms and /metrics
+    // 0.3-0.6 ms, while the whole suite runs beside it on both cores 1.0-1.1 ms. The
+    // bound is there to catch a walk of the 200k topics per request, not to time the
+    // rendering, so it leaves room for a busy machine.
+    assert!(stats_ms < 2.0, "/stats costs {stats_ms:.3} ms per request");
     assert!(
-        metrics_ms < 1.0,
+        metrics_ms < 2.0,
         "/metrics costs {metrics_ms:.3} ms per request"
     );
     // Every one of those was answered (and counted).
