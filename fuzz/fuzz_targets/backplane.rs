@@ -18,16 +18,15 @@
 //! reactor does.
 #![no_main]
 
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use middleman::broker::{Broker, Outbox, Role, Settings};
+use middleman::broker::{Broker, Role, Settings};
 use middleman::cluster::node::ClusterSettings;
 use middleman::cluster::proto::{Headers, Msg};
 use middleman::core::rooms::MAX_KICK_REASON;
-use middleman::protocol::{Decoded, Decoder, Limits, Packet};
-use middleman::router::ConnId;
+use middleman::protocol::{Decoded, Decoder, Limits};
+use middleman_fuzz::Out;
 
 const CONNS: usize = 5;
 const NODE: &str = "fuzz01";
@@ -165,29 +164,6 @@ fn command11(sel: u8, extra: &[u8]) -> Vec<u8> {
     }
     m.extend_from_slice(b"\r\n\r\n.\r\n");
     m
-}
-
-/// Packets, and kicks (which the harness carries out as the reactor does).
-#[derive(Default)]
-struct Out {
-    sent: Vec<(ConnId, Rc<Packet>)>,
-    kicks: Vec<(ConnId, String)>,
-}
-
-impl Outbox for Out {
-    fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
-        self.sent.push((to, pkt.clone()));
-    }
-    fn kick(&mut self, to: ConnId, reason: &str) {
-        self.kicks.push((to, reason.to_owned()));
-    }
-}
-
-impl Out {
-    fn clear(&mut self) {
-        self.sent.clear();
-        self.kicks.clear();
-    }
 }
 
 fn command(cmd: &str, target: &str, reqid: &[u8], rid: u8) -> Vec<u8> {

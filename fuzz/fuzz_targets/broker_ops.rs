@@ -21,14 +21,14 @@
 //! `limit` lines in cid order, and counts the topic's subscribers.
 #![no_main]
 
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use middleman::broker::{reason, Broker, Outbox, Role, Settings};
+use middleman::broker::{reason, Broker, Role, Settings};
 use middleman::core::rooms::{MAX_KICK_REASON, MAX_PRESENCE_LIMIT};
-use middleman::protocol::{Decoded, Decoder, Limits, Packet};
+use middleman::protocol::{Decoded, Decoder, Limits};
 use middleman::router::{ConnId, Enable};
+use middleman_fuzz::Out;
 
 const CONNS: usize = 6;
 const MAX_PENDING: usize = 2;
@@ -82,29 +82,6 @@ const LIMITS: [&str; 10] = [
     "",
 ];
 const CLOSE_REASONS: [&str; 6] = ["normal", "idle", "kicked", "slow_consumer", "peer_gone", ""];
-
-/// What the broker hands out: packets, and kicks (which the reactor carries out).
-#[derive(Default)]
-struct Out {
-    sent: Vec<(ConnId, Rc<Packet>)>,
-    kicks: Vec<(ConnId, String)>,
-}
-
-impl Outbox for Out {
-    fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
-        self.sent.push((to, pkt.clone()));
-    }
-    fn kick(&mut self, to: ConnId, reason: &str) {
-        self.kicks.push((to, reason.to_owned()));
-    }
-}
-
-impl Out {
-    fn clear(&mut self) {
-        self.sent.clear();
-        self.kicks.clear();
-    }
-}
 
 /// The value of header `name` in a packet (first occurrence).
 fn header<'a>(payload: &'a [u8], name: &str) -> Option<&'a [u8]> {

@@ -108,7 +108,15 @@ fuzz_target!(|data: &[u8]| {
                 break;
             }
             let msgs_before = budget.msgs;
-            match ws_step(&mut ws, &mut sock, &mut out, &mut rx, &mut scan, max_frames, &mut budget) {
+            match ws_step(
+                &mut ws,
+                &mut sock,
+                &mut out,
+                &mut rx,
+                &mut scan,
+                max_frames,
+                &mut budget,
+            ) {
                 Step::Msg(Message::Text(t)) => {
                     dec.feed(t.as_bytes());
                     backlog = true;
@@ -128,8 +136,14 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         let read = sock.taken - taken_before;
-        assert!(read <= bytes_per_turn, "read {read} bytes in a turn of {bytes_per_turn}");
-        assert!(handled <= msgs_per_turn, "{handled} messages in a turn of {msgs_per_turn}");
+        assert!(
+            read <= bytes_per_turn,
+            "read {read} bytes in a turn of {bytes_per_turn}"
+        );
+        assert!(
+            handled <= msgs_per_turn,
+            "{handled} messages in a turn of {msgs_per_turn}"
+        );
         assert_eq!(rx, sock.taken as u64);
         if done || (sock.data.is_empty() && !backlog) {
             return;

@@ -6,8 +6,39 @@
 //! - first byte 0x80 or above: small limits taken from the first 4 bytes, the stream is
 //!   the rest. This makes the line, message and header-count limits easy to reach.
 
+use std::rc::Rc;
+
+use middleman::broker::Outbox;
 use middleman::protocol::decode::{MAX_CMD, MAX_TARGET};
-use middleman::protocol::{Decoded, Decoder, Limits, Message};
+use middleman::protocol::{Decoded, Decoder, Limits, Message, Packet};
+use middleman::router::ConnId;
+
+/// What the broker hands the reactor: packets, and kicks (which the harnesses carry out
+/// as the reactor does).
+#[derive(Default)]
+pub struct Out {
+    /// Packets, in order, with their receivers.
+    pub sent: Vec<(ConnId, Rc<Packet>)>,
+    /// Kicks, in order: (connection, close reason).
+    pub kicks: Vec<(ConnId, String)>,
+}
+
+impl Outbox for Out {
+    fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
+        self.sent.push((to, pkt.clone()));
+    }
+    fn kick(&mut self, to: ConnId, reason: &str) {
+        self.kicks.push((to, reason.to_owned()));
+    }
+}
+
+impl Out {
+    /// Forget what was recorded.
+    pub fn clear(&mut self) {
+        self.sent.clear();
+        self.kicks.clear();
+    }
+}
 
 /// Split the input into decoder limits and the byte stream (see the module docs).
 pub fn limits_and_stream(data: &[u8]) -> (Limits, &[u8]) {
