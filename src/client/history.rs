@@ -114,8 +114,11 @@ impl Client {
             .iter()
             .rposition(|m| m.recovery().is_some_and(|r| r.topic == topic))
             .ok_or_else(|| Error::Protocol(format!("no SYS:RECOVERY for SUB {topic}")))?;
-        let rec = self.inbox.remove(i).and_then(|m| m.recovery());
-        let rec = rec.expect("a recovery");
+        let rec = self
+            .inbox
+            .remove(i)
+            .and_then(|m| m.recovery())
+            .ok_or_else(|| Error::Protocol(format!("no SYS:RECOVERY for SUB {topic}")))?;
         match &rec.position {
             // Lost: resume from where the topic stands now.
             Some(p) if !rec.recovered => {
