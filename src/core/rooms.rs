@@ -468,7 +468,7 @@ impl Broker {
             b'U' if topic_ok => {
                 self.unsubscribe_conn(to, arg, now, out);
             }
-            b'K' => kick(out, to, cut_utf8(arg, MAX_KICK_REASON)),
+            b'K' => kick(out, to, arg),
             _ => {}
         }
     }
@@ -502,13 +502,13 @@ impl Broker {
         let limit = match msg.header("limit") {
             None => DEFAULT_PRESENCE_LIMIT,
             // Decimal digits only; any number past the most lines listed is that most.
-            Some((_, l)) => match l.iter().all(u8::is_ascii_digit) && !l.is_empty() {
-                true => std::str::from_utf8(l)
+            Some((_, l)) if !l.is_empty() && l.iter().all(u8::is_ascii_digit) => {
+                std::str::from_utf8(l)
                     .ok()
                     .and_then(|l| l.parse::<usize>().ok())
-                    .map_or(MAX_PRESENCE_LIMIT, |n| n.min(MAX_PRESENCE_LIMIT)),
-                false => return self.error(out, from, msg, reason::BAD_LIMIT),
-            },
+                    .map_or(MAX_PRESENCE_LIMIT, |n| n.min(MAX_PRESENCE_LIMIT))
+            }
+            Some(_) => return self.error(out, from, msg, reason::BAD_LIMIT),
         };
         let others = self
             .cluster

@@ -237,6 +237,12 @@ fn held_by_nobody_else(p: &std::rc::Rc<Packet>) -> bool {
     std::rc::Rc::strong_count(p) == 1 && std::rc::Rc::weak_count(p) == 0
 }
 
+/// May the pool keep `p` for reuse? Nobody else holds it, it is a message (not
+/// verbatim bytes) and not larger than a pooled packet may be.
+fn poolable(p: &std::rc::Rc<Packet>) -> bool {
+    !p.is_verbatim() && held_by_nobody_else(p) && p.capacity() <= POOL_PACKET_MAX
+}
+
 /// Packets the outbound queues let go of during a pass (each held by nobody else),
 /// kept for [`PacketPool::recycle`] at the end of the pass. Bounded in count and in
 /// bytes (the pool's bounds): past either, packets are freed as before.
@@ -253,12 +259,7 @@ impl Spent {
     /// trimmed cost idle connections memory.
     pub fn offer(&mut self, p: std::rc::Rc<Packet>) {
         let cap = p.capacity();
-        if !p.is_verbatim()
-            && held_by_nobody_else(&p)
-            && cap <= POOL_PACKET_MAX
-            && self.pkts.len() < FREE_SLOTS
-            && self.bytes + cap <= POOL_BYTES
-        {
+        if poolable(&p) && self.pkts.len() < FREE_SLOTS && self.bytes + cap <= POOL_BYTES {
             self.bytes += cap;
             self.pkts.push(p);
         }
@@ -358,12 +359,7 @@ impl PacketPool {
     /// it and the pool has room; else it is freed.
     pub fn give(&mut self, p: std::rc::Rc<Packet>) {
         let cap = p.capacity();
-        if !p.is_verbatim()
-            && held_by_nobody_else(&p)
-            && cap <= POOL_PACKET_MAX
-            && self.free.len() < FREE_SLOTS
-            && self.bytes + cap <= POOL_BYTES
-        {
+        if poolable(&p) && self.free.len() < FREE_SLOTS && self.bytes + cap <= POOL_BYTES {
             self.bytes += cap;
             self.free.push(p);
         }
