@@ -159,6 +159,7 @@ impl Broker {
             c.max_payload = max_payload;
             c.monitors(monitors);
             c.on_connected(now);
+            c.js_connected(now);
         }
         self.send_state_to(None, now);
     }
@@ -191,6 +192,7 @@ impl Broker {
             self.fail_forwarded(&r, why, out);
         }
         self.rooms_housekeeping(now, out);
+        self.js_housekeeping(now, out);
     }
 
     fn fail_forwarded(&mut self, r: &OutReq, why: &'static str, out: &mut impl Outbox) {
@@ -266,6 +268,9 @@ impl Broker {
                 }
             }
             Sid::Inbox => self.on_inbox(subject, payload, no_responders, out),
+            Sid::JsApi => self.on_js_api(msg, now, out),
+            Sid::JsLive(gen) => self.on_js_live(gen, msg, now, out),
+            Sid::JsRec(id) => self.on_js_rec(id, msg, now, out),
             Sid::Node => self.on_node_message(payload, reply, now, out),
             Sid::Ctl => {
                 match c.on_ctl(payload, now) {

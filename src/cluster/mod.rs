@@ -7,6 +7,7 @@
 //! to nats-server, driven by the server's event loop.
 
 pub mod bridge;
+pub mod history;
 pub mod lanes;
 pub mod link;
 pub mod node;

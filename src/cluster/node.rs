@@ -134,6 +134,12 @@ pub enum Sid {
     MonPub,
     /// `P.mon`: REQ and RES of other nodes, for the local monitors.
     Mon,
+    /// `P.js.<N>.api.>`: JetStream API answers and publish acks (cluster history).
+    JsApi,
+    /// `P.js.<N>.live.<gen>`: the live history consumer of generation `gen`.
+    JsLive(u64),
+    /// `P.js.<N>.rec.<id>`: recovery `id`'s consumer.
+    JsRec(u64),
 }
 
 /// Another node as `/stats` shows it.
@@ -302,7 +308,7 @@ pub struct Cluster {
     /// The nats-server address in use or last tried (set by the link).
     pub peer: String,
     next_sid: u64,
-    sids: HashMap<u64, Sid>,
+    pub(crate) sids: HashMap<u64, Sid>,
     /// Subjects subscribed on the backplane (SUB written) and their sids.
     pub_sids: HashMap<Box<[u8]>, u64>,
     /// Subjects to subscribe (not written yet) and to unsubscribe (when due).
@@ -345,6 +351,8 @@ pub struct Cluster {
     pub remote_events: u8,
     /// Version 1.1 state shared with other nodes (grants, presence queries).
     pub(crate) rooms: super::rooms::RoomsState,
+    /// History kept in JetStream (§9.5), when `[[history]]` tables are configured.
+    pub js: Option<Box<super::history::Js>>,
 }
 
 fn kind_code(kind: Enable) -> u8 {
@@ -449,6 +457,7 @@ impl Cluster {
             inbox_prefix,
             remote_events: 0,
             rooms: Default::default(),
+            js: None,
         }
     }
 
@@ -549,7 +558,7 @@ impl Cluster {
         self.nodes.values().any(|n| n.monitors)
     }
 
-    fn sid_for(&mut self, sid: Sid) -> u64 {
+    pub(crate) fn sid_for(&mut self, sid: Sid) -> u64 {
         let id = self.next_sid;
         self.next_sid += 1;
         self.sids.insert(id, sid);
@@ -565,7 +574,7 @@ impl Cluster {
 
     /// Write the SUB of `sid` on the control lane (only while connected: everything is
     /// subscribed again on connect).
-    fn write_sub(&mut self, sid: u64) {
+    pub(crate) fn write_sub(&mut self, sid: u64) {
         if !self.connected {
             return;
         }
@@ -581,6 +590,10 @@ impl Cluster {
             Sid::Ctl => self.subject(&[b"ctl"], None),
             Sid::MonPub => self.subject(&[b"pub", b">"], None),
             Sid::Mon => self.subject(&[b"mon"], None),
+            Sid::JsApi | Sid::JsLive(_) | Sid::JsRec(_) => match self.js_sub_subject(&kind) {
+                Some(s) => s,
+                None => return,
+            },
         };
         self.lanes.push_ctl(|b| {
             let _ = proto::sub(b, &subj, None, sid);
@@ -588,7 +601,7 @@ impl Cluster {
         self.done_subject(subj);
     }
 
-    fn write_unsub(&mut self, sid: u64) {
+    pub(crate) fn write_unsub(&mut self, sid: u64) {
         if self.connected {
             self.lanes.push_ctl(|b| proto::unsub(b, sid, None));
         }
@@ -1117,6 +1130,7 @@ impl Cluster {
     /// subject is to be subscribed again (within the budget) once it is back.
     pub fn on_disconnected(&mut self, now: Instant) {
         self.connected = false;
+        self.js_disconnected();
         self.lanes.clear();
         let subscribed: Vec<Box<[u8]>> = self.pub_sids.drain().map(|(t, _)| t).collect();
         self.sids.retain(|_, s| !matches!(s, Sid::Pub(_)));

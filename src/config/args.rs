@@ -188,6 +188,7 @@ impl ServeArgs {
             max_pending: self.cluster_max_pending,
             node_timeout: self.cluster_node_timeout,
             node_name: given(&self.cluster_node_name).map(|n| n.trim().to_owned()),
+            history_storage: Default::default(),
         }
     }
 

@@ -140,6 +140,7 @@ struct RawCluster {
     max_pending: Option<Spanned<toml::Value>>,
     node_timeout: Option<Spanned<toml::Value>>,
     node_name: Option<Spanned<String>>,
+    history_storage: Option<Spanned<String>>,
 }
 
 // ------------------------------------------------------------------ parsed file
@@ -241,6 +242,8 @@ pub struct FileConfig {
     pub cluster_max_pending: Option<At<usize>>,
     /// `[cluster] node_timeout`.
     pub cluster_node_timeout: Option<At<Duration>>,
+    /// `[cluster] history_storage`.
+    pub cluster_history_storage: Option<At<crate::cluster::history::Storage>>,
     /// `[cluster] node_name` (trimmed, checked).
     pub cluster_node_name: Option<At<Option<String>>>,
 }
@@ -691,6 +694,21 @@ fn parse_cluster(
     }
     out.cluster_max_pending = f.size(&c.max_pending, "cluster.max_pending")?;
     out.cluster_node_timeout = f.duration(&c.node_timeout, "cluster.node_timeout")?;
+    if let Some(v) = &c.history_storage {
+        use crate::cluster::history::Storage;
+        let storage = match v.get_ref().trim() {
+            "memory" => Storage::Memory,
+            "file" => Storage::File,
+            other => {
+                return Err(f.err_at(
+                    v.span(),
+                    Some("cluster.history_storage"),
+                    &format!("{other:?} is not \"memory\" or \"file\""),
+                ))
+            }
+        };
+        out.cluster_history_storage = Some(f.at(v.span(), storage));
+    }
     if let Some(n) = &c.node_name {
         let v = n.get_ref().trim();
         if !is_node_name(v) {
@@ -935,6 +953,11 @@ pub fn merge(
         f.cluster_node_name,
         cl.node_name
     );
+    // Like history, file only.
+    if let Some(at) = &f.cluster_history_storage {
+        cl.history_storage = at.value;
+        sources.push(("cluster.history_storage", Source::File(at.line)));
+    }
     cfg.cluster = Some(cl).filter(|c| !c.urls.is_empty());
     // Keys, per role: the command line or environment replaces the file's keys of that role.
     let mut origins: [(&'static str, Vec<String>); 3] =
@@ -1381,6 +1404,12 @@ pub fn render(eff: &Effective) -> String {
             if let Some(n) = &cl.node_name {
                 line(&mut s, "cluster.node_name", "node_name", format!("{n:?}"));
             }
+            line(
+                &mut s,
+                "cluster.history_storage",
+                "history_storage",
+                format!("\"{}\"", cl.history_storage.name()),
+            );
         }
     }
     if c.history.rules.is_empty() {

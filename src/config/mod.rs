@@ -94,6 +94,8 @@ pub struct ClusterConfig {
     /// A name for people (`--cluster-node-name`), shown beside the node's id in `/stats`
     /// and `/console`: 1 to 64 of `A-Z a-z 0-9 . _ -` ([`is_node_name`]).
     pub node_name: Option<String>,
+    /// Where JetStream keeps the cluster's history (`[cluster] history_storage`).
+    pub history_storage: crate::cluster::history::Storage,
 }
 
 impl Default for ClusterConfig {
@@ -108,6 +110,7 @@ impl Default for ClusterConfig {
             max_pending: 64 << 20,
             node_timeout: Duration::from_secs(3),
             node_name: None,
+            history_storage: Default::default(),
         }
     }
 }

@@ -594,6 +594,14 @@ impl Broker {
                     if self.router.subscription_count(from) > self.settings.max_subscriptions {
                         return self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS);
                     }
+                    if self.cluster_keeps(t) {
+                        // In a cluster the recovery waits for JetStream: the subscription
+                        // is made now and its live messages held until it ends.
+                        if let Err(SubError::TooMany) = self.subscribe_conn(from, t, now, out) {
+                            return self.error(out, from, msg, reason::TOO_MANY_SUBSCRIPTIONS);
+                        }
+                        return self.cluster_recover(from, t, since, now, out);
+                    }
                     self.recover(from, t, since, out);
                 }
                 if let Err(SubError::TooMany) = self.subscribe_conn(from, t, now, out) {
@@ -656,6 +664,9 @@ impl Broker {
     }
 
     fn publish(&mut self, from: ConnId, msg: &Message<'_>, now: Instant, out: &mut impl Outbox) {
+        if self.cluster.as_ref().is_some_and(|c| c.js.is_some()) && self.cluster_keeps(msg.target) {
+            return self.publish_cluster_history(from, msg, now, out);
+        }
         // A history topic (§9.5): stored with `offset` and `epoch`, whoever listens.
         let kept = self.history.as_ref().and_then(|h| h.rule_for(msg.target));
         // One topic look-up per message: the subscriber list is borrowed from the

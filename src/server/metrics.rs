@@ -248,6 +248,7 @@ impl Metrics {
             COMMANDS.iter().copied().zip(st.msgs_in).collect();
         msgs_in.push(("other", st.msgs_in[COMMANDS.len()]));
         let router = broker.router();
+        let js = broker.cluster.as_ref().and_then(|c| c.js.as_deref());
         Snapshot {
             version: env!("CARGO_PKG_VERSION"),
             uptime: self.started.elapsed(),
@@ -291,24 +292,40 @@ impl Metrics {
                 .into_iter()
                 .zip(st.presence)
                 .collect(),
-            stored: broker.history.as_ref().map_or([0; 3], |h| {
-                let (t, m, b) = h.totals();
-                [t as u64, m as u64, b as u64]
-            }),
-            history_stored: broker.history.as_ref().map_or(0, |h| h.stats.stored),
+            stored: match (broker.history.as_ref(), js) {
+                (Some(h), _) => {
+                    let (t, m, b) = h.totals();
+                    [t as u64, m as u64, b as u64]
+                }
+                (None, Some(js)) => [js.stats.subjects, js.stats.messages, js.stats.bytes],
+                _ => [0; 3],
+            },
+            history_stored: match (broker.history.as_ref(), js) {
+                (Some(h), _) => h.stats.stored,
+                (None, Some(js)) => js.stats.writes_ok,
+                _ => 0,
+            },
             history_evicted: crate::core::history::EVICTION_CAUSES
                 .into_iter()
                 .zip(broker.history.as_ref().map_or([0; 3], |h| h.stats.evicted))
                 .collect(),
             recoveries: ["recovered", "not_recovered", "last"]
                 .into_iter()
-                .zip(
-                    broker
-                        .history
-                        .as_ref()
-                        .map_or([0; 3], |h| h.stats.recoveries),
-                )
+                .zip(match (broker.history.as_ref(), js) {
+                    (Some(h), _) => h.stats.recoveries,
+                    (None, Some(js)) => js.stats.recoveries,
+                    _ => [0; 3],
+                })
                 .collect(),
+            jetstream: js.map(|js| JetStreamSnap {
+                ready: js.ready(),
+                stream: js.stream().to_owned(),
+                storage: js.storage().name(),
+                epoch: js.epoch().map(str::to_owned),
+                writes_failed: js.stats.writes_failed,
+                consumer_restarts: js.stats.restarts,
+                recoveries_in_flight: js.recoveries_in_flight() as u64,
+            }),
             errors: reason::ALL.iter().copied().zip(st.errors).collect(),
             http_requests: self.http_requests,
             loop_iterations: self.loop_iterations,
@@ -445,6 +462,8 @@ pub struct Snapshot {
     pub history_evicted: Vec<(&'static str, u64)>,
     /// Recoveries (`SUB` with `since`), by outcome.
     pub recoveries: Vec<(&'static str, u64)>,
+    /// Cluster history in JetStream, when configured.
+    pub jetstream: Option<JetStreamSnap>,
     /// Errors sent, by reason.
     pub errors: Vec<(&'static str, u64)>,
     /// Plain HTTP requests answered.
@@ -461,6 +480,25 @@ pub struct Snapshot {
     pub history: Vec<Sample>,
     /// The cluster, when the server is a node of one.
     pub cluster: Option<ClusterSnap>,
+}
+
+/// Cluster history kept in JetStream (§9.5).
+#[derive(Debug, Clone)]
+pub struct JetStreamSnap {
+    /// The stream exists and this node's live consumer runs.
+    pub ready: bool,
+    /// The stream's name.
+    pub stream: String,
+    /// `memory` or `file`.
+    pub storage: &'static str,
+    /// The epoch, once the stream is known.
+    pub epoch: Option<String>,
+    /// History writes that failed (refused, unacknowledged, or relayed without history).
+    pub writes_failed: u64,
+    /// Times the live consumer was created again.
+    pub consumer_restarts: u64,
+    /// Recoveries waiting for JetStream.
+    pub recoveries_in_flight: u64,
 }
 
 /// The cluster's gauges and counters.
@@ -673,6 +711,26 @@ impl Snapshot {
             "Messages evicted from history, by cause (size, ttl, bytes).",
             &by("cause", &self.history_evicted),
         );
+        if let Some(js) = &self.jetstream {
+            metric(
+                "middleman_history_jetstream_ready",
+                "gauge",
+                "1 when the cluster's history stream exists and this node reads it.",
+                &one(u64::from(js.ready)),
+            );
+            metric(
+                "middleman_history_write_failures_total",
+                "counter",
+                "History PUBs JetStream did not store (refused, unacknowledged in time, or relayed without history while it was unavailable).",
+                &one(js.writes_failed),
+            );
+            metric(
+                "middleman_history_consumer_restarts_total",
+                "counter",
+                "Times this node's history consumer was created again (gap, silence, reconnect).",
+                &one(js.consumer_restarts),
+            );
+        }
         metric(
             "middleman_recoveries_total",
             "counter",
@@ -820,6 +878,15 @@ impl Snapshot {
                 "stored_total": self.history_stored,
                 "evictions_total": obj(&self.history_evicted),
                 "recoveries_total": obj(&self.recoveries),
+                "jetstream": self.jetstream.as_ref().map(|js| json!({
+                    "ready": js.ready,
+                    "stream": js.stream,
+                    "storage": js.storage,
+                    "epoch": js.epoch,
+                    "write_failures_total": js.writes_failed,
+                    "consumer_restarts_total": js.consumer_restarts,
+                    "recoveries_in_flight": js.recoveries_in_flight,
+                })),
             },
             "errors_total": obj(&self.errors),
             "http_requests_total": self.http_requests,

@@ -272,14 +272,7 @@ impl Server {
             },
             &node_id,
         );
-        if cfg.cluster.is_some() && !cfg.history.rules.is_empty() {
-            // One epoch and one offset sequence per topic cluster-wide (§9.5) needs the
-            // cluster's store (JetStream), which this build does not drive yet.
-            warn!(
-                "[[history]] is ignored in a cluster: history is served on a single node \
-                 only (a cluster keeps it in JetStream, not supported yet)"
-            );
-        } else {
+        if cfg.cluster.is_none() {
             broker.set_history(&cfg.history);
             if !cfg.history.rules.is_empty() {
                 info!(
@@ -308,6 +301,18 @@ impl Server {
                     .map_or(String::new(), |n| format!(" ({n})")),
                 cc.urls.join(", ")
             );
+            if !cfg.history.rules.is_empty() {
+                // One epoch and one offset sequence per topic cluster-wide: JetStream's.
+                broker.cluster_history(&cfg.history, cc.history_storage);
+                info!(
+                    "history on for {} topic prefix(es), kept in JetStream (stream MM_{}, {} \
+                     storage, at most {} bytes)",
+                    cfg.history.rules.len(),
+                    cc.name,
+                    cc.history_storage.name(),
+                    cfg.history.max_bytes
+                );
+            }
             NatsLink::new(
                 LinkSettings {
                     urls: cc.urls.clone(),

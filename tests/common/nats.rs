@@ -54,6 +54,11 @@ impl NatsServer {
         Self::launch(&[], None)
     }
 
+    /// A server with JetStream (`-js`), its store in the scratch folder.
+    pub fn start_jetstream() -> NatsServer {
+        Self::launch(&["-js"], None)
+    }
+
     /// A server with extra command-line arguments (e.g. `["--user", "u", "--pass", "p"]`).
     pub fn start_with(args: &[&str]) -> NatsServer {
         Self::launch(args, None)
@@ -77,11 +82,16 @@ impl NatsServer {
             std::fs::write(&path, text).expect("write nats.conf");
             path
         });
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if args.iter().any(|a| a == "-js") && !args.iter().any(|a| a == "-sd") {
+            // JetStream's store in the scratch folder (kept across restarts).
+            args.extend(["-sd".to_owned(), dir.join("js").display().to_string()]);
+        }
         let mut s = NatsServer {
             child: None,
             port: 0,
             dir,
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args,
             config,
         };
         s.spawn_and_wait();
