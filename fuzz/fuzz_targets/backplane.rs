@@ -22,8 +22,10 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use middleman::broker::{Broker, Role, Settings};
+use middleman::cluster::history::Storage;
 use middleman::cluster::node::ClusterSettings;
 use middleman::cluster::proto::{Headers, Msg};
+use middleman::core::history::{HistoryRule, HistorySettings};
 use middleman::core::rooms::MAX_KICK_REASON;
 use middleman::protocol::{Decoded, Decoder, Limits};
 use middleman_fuzz::Out;
@@ -31,7 +33,7 @@ use middleman_fuzz::Out;
 const CONNS: usize = 5;
 const NODE: &str = "fuzz01";
 const BOUND: usize = 8192;
-const TOPICS: [&str; 3] = ["a", "b", "MSG:fuzz011"];
+const TOPICS: [&str; 4] = ["a", "b", "MSG:fuzz011", "h.x"];
 const CMDS: [&str; 9] = [
     "SUB", "UNS", "PUB", "REQ", "RES", "EPUB", "ESUB", "EREQ", "INT",
 ];
@@ -62,7 +64,7 @@ const WHOM: [&str; 6] = ["node021", "fuzz011", "fuzz012", "zzzz991", "Bad!", "no
 /// (another's `MSG:`, a `SYS:` event topic): `on_remote_int` does not refuse what the
 /// sending node's `INT SUB/UNS` refuses. The template below sends the first.
 /// Payload templates for backplane messages; `{}` takes fuzzed bytes.
-const PAYLOADS: [&str; 40] = [
+const PAYLOADS: [&str; 46] = [
     "H node02 {} 1 0 5 -",
     "H node02 1 0 {} 5 name-{}",
     "H fuzz01 0 0 0 {} -",
@@ -106,8 +108,22 @@ const PAYLOADS: [&str; 40] = [
     "y 0 node02\n1 1 99999999999\n{}",
     "E node02 {} s 1 SYS:{}",
     "G node02 {}",
+    // Cluster history (cluster/history.rs): JetStream API answers, acks, deliveries.
+    "{\"created\":\"2026-12-07T{}Z\",\"state\":{\"messages\":{},\"bytes\":1}}",
+    "{\"error\":{\"code\":400,\"err_code\":10058,\"description\":\"{}\"}}",
+    "{\"error\":{\"code\":503,\"err_code\":{}}}",
+    "{\"name\":\"c{}\",\"num_pending\":{},\"delivered\":{\"consumer_seq\":{},\"stream_seq\":{}}}",
+    "{\"stream\":\"MM_mm\",\"seq\":{}}",
+    "PUB h.x\r\ncid: node021\r\nuid: \r\n\r\n{}\r\n.\r\n",
 ];
-const SUBJECTS: [&str; 9] = [
+const SUBJECTS: [&str; 16] = [
+    "mm.js.fuzz01.api.1",
+    "mm.js.fuzz01.api.2",
+    "mm.js.fuzz01.api.3",
+    "mm.js.fuzz01.api.4",
+    "mm.js.fuzz01.api.ack",
+    "mm.hist.h~2Ex",
+    "mm.hist.h~2Ex",
     "mm.pub.a",
     "mm.pub.b",
     "mm.inbox.fuzz01.3",
@@ -176,6 +192,13 @@ fn command(cmd: &str, target: &str, reqid: &[u8], rid: u8) -> Vec<u8> {
         }
         "RES" => m.extend_from_slice(format!("rid: {rid}\r\n").as_bytes()),
         "INT" => m.extend_from_slice(b"forcid: node021\r\nsetuid: bob\r\n"),
+        // A recovery (cluster history): from a fuzzed position, or the last.
+        "SUB" if rid % 3 == 0 => m.extend_from_slice(b"since: last\r\n"),
+        "SUB" if rid % 3 == 1 => {
+            m.extend_from_slice(b"since: E:");
+            m.extend(reqid.iter().map(|b| b'0' + b % 10));
+            m.extend_from_slice(b"1\r\n");
+        }
         _ => {}
     }
     m.extend_from_slice(b"\r\nbody\r\n.\r\n");
@@ -196,6 +219,17 @@ fuzz_target!(|data: &[u8]| {
             max_pending: BOUND,
             ..ClusterSettings::default()
         },
+    );
+    broker.cluster_history(
+        &HistorySettings {
+            rules: vec![HistoryRule {
+                prefix: "h.".into(),
+                size: 3,
+                ttl: Duration::from_secs(60),
+            }],
+            max_bytes: 4096,
+        },
+        Storage::Memory,
     );
     let mut now = Instant::now();
     broker.cluster_connected(now, 1024);
@@ -265,13 +299,29 @@ fuzz_target!(|data: &[u8]| {
                     input.bytes(64).to_vec()
                 };
                 let sid = (a % 16 + 1).to_string();
-                let reply = (kind % 2 == 0).then_some(&b"mm.inbox.node02.7"[..]);
+                let ack = format!(
+                    "$JS.ACK.MM_mm.c.1.{}.{}.0.{}",
+                    input.byte().unwrap_or(1),
+                    input.byte().unwrap_or(1),
+                    input.byte().unwrap_or(0) % 4
+                );
+                let reply = match (kind % 2, a % 3) {
+                    (0, _) => Some(&b"mm.inbox.node02.7"[..]),
+                    (_, 0) => Some(ack.as_bytes()),
+                    _ => None,
+                };
                 let status = a % 5 == 0;
+                // Statuses: no responders, and JetStream's heartbeat and flow control.
+                let head: &[u8] = match a % 3 {
+                    0 => b"NATS/1.0 503\r\n\r\n",
+                    1 => b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 3\r\n\r\n",
+                    _ => b"NATS/1.0 100 FlowControl Request\r\n\r\n",
+                };
                 let msg = Msg {
                     subject: &subject,
                     sid: sid.as_bytes(),
                     reply,
-                    headers: status.then(|| Headers::parse(b"NATS/1.0 503\r\n\r\n")),
+                    headers: status.then(|| Headers::parse(head)),
                     payload: if status { &[] } else { &payload },
                 };
                 broker.on_backplane(&msg, now, &mut out);
