@@ -15,6 +15,15 @@
 #   fanout1024_100   fanout --subs 100 --size 1024 --threads 2
 #   reqres           reqres --requesters 100 --window 16 --responders 2
 #   lat64_100_10k    the fan-out of fanout64_100 at a fixed 10k msg/s: CPU and p99
+#   hist64_1         fanout --subs 1 --size 64 --subject hist.b: a topic with history
+#                    ([[history]] prefix "hist.", size 1000); in the cluster kept in
+#                    nats-server's JetStream (memory storage), every PUB a JetStream
+#                    write and every delivery read from each node's ordered consumer
+#   hist64_100       the same with --subs 100 --threads 2
+#     _local: (hist rows, cluster only, after the pair) publisher and subscribers all
+#             on node A: what history costs a subscriber on the publisher's own node
+#             (every history message still goes through JetStream); CPU charged: A +
+#             B + nats-server.
 #     _single: one plain middleman (no --cluster), publisher and subscribers (requesters
 #              and responders) on it; CPU charged: that process.
 #     _cross:  nodes A and B joined to the nats-server (--cluster-name bench); the
@@ -31,7 +40,8 @@
 # to it. Cluster nodes must first show `middleman_cluster_connected 1` and
 # `middleman_cluster_nodes` = the other nodes' count on /metrics (bounded wait).
 #
-# Each round starts fresh: a nats-server (`nats-server -a 127.0.0.1 -p NATS_PORT`), the
+# Each round starts fresh: a nats-server (`nats-server -a 127.0.0.1 -p NATS_PORT -js`,
+# its store in OUT/js), the
 # single node and nodes A and B; the reuse-port pair has a fresh nats-server of its own
 # (so each cluster sees only its own nodes). Only 127.0.0.1. Needs nats-server on PATH.
 # Exits non-zero if any run lost or reordered messages, failed, or a node never joined.
@@ -52,6 +62,13 @@ KEY=bench-service-key-0123456789
 OUT=target/cluster
 BIN=target/release/middleman
 mkdir -p "$OUT"
+# History for the hist* rows' topics only (every node and the single one alike).
+cat > "$OUT/mm.toml" <<EOF
+[[history]]
+prefix = "hist."
+size = 1000
+ttl = "1h"
+EOF
 RESULTS="$OUT/results.txt"
 : > "$RESULTS"
 
@@ -131,7 +148,8 @@ wait_joined() {
 }
 
 start_nats() {
-    nats-server -a 127.0.0.1 -p "$NATS_PORT" > "$OUT/nats.log" 2>&1 &
+    rm -rf "$OUT/js"
+    nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$OUT/js" > "$OUT/nats.log" 2>&1 &
     NATS_PID=$!
     wait_port "$NATS_PORT"
 }
@@ -141,7 +159,7 @@ start_mm() {
     local name=$1
     shift
     "$BIN" "$@" --service-key "$KEY" --client-key "c-$KEY" --log-level warn \
-        --max-connections 20000 > "$OUT/$name.log" 2>&1 &
+        --max-connections 20000 --config "$OUT/mm.toml" > "$OUT/$name.log" 2>&1 &
     LAST_PID=$!
 }
 CLUSTER=(--cluster "nats://127.0.0.1:$NATS_PORT" --cluster-name bench)
@@ -201,6 +219,10 @@ cross() {
     CL_PORTS="$PORT_A $PORT_B" one "$1" "${@:2}" --url "$WS_A" --sub-url "$WS_B" \
         --server-pid "$A_PID" --server-pid "$B_PID" --server-pid "$NATS_PID"
 }
+local_a() {
+    CL_PORTS="$PORT_A $PORT_B" one "$1" "${@:2}" --url "$WS_A" \
+        --server-pid "$A_PID" --server-pid "$B_PID" --server-pid "$NATS_PID"
+}
 reuse2() {
     CL_PORTS="$PORT_R1M $PORT_R2M" one "$1" "${@:2}" --url "$WS_R" \
         --server-pid "$R1_PID" --server-pid "$R2_PID" --server-pid "$NATS_PID"
@@ -252,6 +274,12 @@ for RUN in $(seq 1 "$RUNS"); do
     pair fanout1024_100 single:single cross:cross fanout --subs 100 --size 1024 --threads 2
     pair reqres single:single cross:cross reqres --requesters 100 --window 16 --responders 2
     pair lat64_100_10k single:single cross:cross fanout --subs 100 --size 64 --threads 2 --rate 10000
+    pair hist64_1 single:single cross:cross fanout --subs 1 --size 64 --subject hist.b
+    pair hist64_100 single:single cross:cross fanout --subs 100 --size 64 --threads 2 --subject hist.c
+    if [ "$SINGLE_ONLY" != 1 ]; then
+        local_a hist64_1_local fanout --subs 1 --size 64 --subject hist.d
+        local_a hist64_100_local fanout --subs 100 --size 64 --threads 2 --subject hist.e
+    fi
     stop "$A_PID" "$B_PID" "$NATS_PID"
     A_PID="" B_PID="" NATS_PID=""
     # Phase 2: two nodes on one port, on a fresh nats-server of their own.
@@ -307,6 +335,10 @@ pairs = [
     ("fanout1024_100", "fan-out 1 KiB, 100 subscribers", "single", "cross", "deliveries"),
     ("reqres", "requests, 100 requesters x window 16, 2 responders", "single", "cross", "requests"),
     ("reuseport", "fan-out 64 B, 100 subscribers, one port", "1", "2", "deliveries"),
+    ("hist64_1", "fan-out 64 B to a history topic, 1 subscriber", "single", "cross", "deliveries"),
+    ("hist64_1", "the same, subscriber on the publisher's node", "single", "local", "deliveries"),
+    ("hist64_100", "fan-out 64 B to a history topic, 100 subscribers", "single", "cross", "deliveries"),
+    ("hist64_100", "the same, subscribers on the publisher's node", "single", "local", "deliveries"),
 ]
 print("| row | scenario | processes | per CPU-s | vs baseline | per wall s | vs baseline | CPU | p99 |")
 print("|---|---|---|---|---|---|---|---|---|")
@@ -315,6 +347,8 @@ for name, label, base, var, what in pairs:
     kc, kw = f"{what}_per_server_cpu_s", f"{what}_per_s"
     for suffix, rs in ((base, b), (var, v)):
         is_var = suffix == var
+        if not is_var and var == "local":
+            continue
         rc = ratio(med(v, kc), med(b, kc)) if is_var else ""
         rw = ratio(med(v, kw), med(b, kw)) if is_var else ""
         print(f"| {name}_{suffix} | {label} | {charged(rs)} | {cell(rs, kc, 'Mk')} | {rc} | {cell(rs, kw, 'Mk')} | {rw} | {cell(rs, 'server_cpu_util', 'cores')} | {cell(rs, 'p99_us', 'us')} |")
