@@ -38,6 +38,9 @@ enum Cmd {
     Presence(cli::PresenceArgs),
     /// Close a connection by its cid, with code 4000 (a service key; protocol 1.1).
     Kick(cli::KickArgs),
+    /// Make a running server read its configuration again (sends it SIGHUP; the same
+    /// as `kill -HUP PID` or `systemctl reload middleman`).
+    Reload(cli::PidArgs),
     /// Load tool: measure a running server (middleman or nats-server) over WebSocket.
     Bench(middleman::bench::Args),
 }
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             Cmd::Reply(a) => cli::reply(a),
             Cmd::Presence(a) => cli::presence(a),
             Cmd::Kick(a) => cli::kick(a),
+            Cmd::Reload(a) => cli::reload(a),
             Cmd::Bench(args) => middleman::bench::run(args),
         };
     }
@@ -90,7 +94,10 @@ fn main() -> ExitCode {
     for w in config_file::warnings(&eff) {
         log::warn!("{w}");
     }
-    match run(eff) {
+    // A reload (SIGHUP) reads the same sources again: the file named at start, and the
+    // command line and environment as they were then (kept in `matches`).
+    let source = move || args.effective(&matches);
+    match run(eff, Box::new(source)) {
         Ok(()) => ExitCode::SUCCESS,
         // Printed, not logged as well (that said it twice): on stderr, like the
         // configuration errors above, and seen even with log_level = "off".
@@ -101,7 +108,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(eff: Effective) -> Result<(), String> {
+fn run(
+    eff: Effective,
+    mut source: Box<dyn FnMut() -> Result<Effective, String>>,
+) -> Result<(), String> {
     let mut cfg = eff.cfg;
     // validate() has refused generated keys on a non-loopback address and in a cluster.
     let generated = !cfg.echo && cfg.keys.is_empty();
@@ -116,8 +126,20 @@ fn run(eff: Effective) -> Result<(), String> {
     }
     raise_fd_limit(cfg.max_connections + cfg.max_handshakes);
     let wanted: Vec<String> = cfg.listeners.iter().map(ToString::to_string).collect();
-    let server = Server::bind(cfg.clone())
+    let mut server = Server::bind(cfg.clone())
         .map_err(|e| format!("cannot listen on {}: {e}", wanted.join(" ")))?;
+    // Keys generated for this run stay theirs while the configuration still has none.
+    let generated_keys = generated.then(|| cfg.keys.clone());
+    server.reload_from(
+        eff.log_level,
+        Box::new(move || {
+            let mut eff = source()?;
+            if let Some(keys) = generated_keys.as_ref().filter(|_| eff.cfg.keys.is_empty()) {
+                eff.cfg.keys = keys.clone();
+            }
+            Ok(eff)
+        }),
+    );
     let bound: Vec<String> = server.listeners().iter().map(ToString::to_string).collect();
     log::info!(
         "middleman {} listening on {}{} (config {}; keys: {} service, {} client, {} monitor{}; \

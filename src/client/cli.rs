@@ -437,3 +437,32 @@ mod tests {
         assert!(parse_header(":v").is_err());
     }
 }
+
+/// `middleman reload --pid PID`: the server process to signal.
+#[derive(Args, Debug, Clone)]
+pub struct PidArgs {
+    /// The process id of the running server (e.g. `systemctl show -p MainPID middleman`,
+    /// or `pidof middleman`).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub pid: i32,
+}
+
+/// Run `reload`: send SIGHUP to the server, which reads its configuration again and
+/// logs what it applied or why it applied nothing. Exit 0 once the signal is sent, 1
+/// if it cannot be (no such process, not permitted).
+pub fn reload(a: PidArgs) -> ExitCode {
+    // clap refuses 0 and negative numbers, which kill(2) would take as process groups.
+    // SAFETY: kill(2) with a positive PID and a signal number: no memory is involved.
+    let rc = unsafe { libc::kill(a.pid, libc::SIGHUP) };
+    if rc == 0 {
+        eprintln!(
+            "middleman: SIGHUP sent to {}: the server's log tells what it applied",
+            a.pid
+        );
+        ExitCode::SUCCESS
+    } else {
+        let e = io::Error::last_os_error();
+        eprintln!("middleman: cannot signal process {}: {e}", a.pid);
+        ExitCode::from(EXIT_SERVER_ERROR)
+    }
+}

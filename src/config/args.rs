@@ -23,7 +23,8 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     /// Check the configuration (file, environment, command line), print the effective
     /// configuration with keys, passwords and tokens redacted, and exit: 0 if valid, 1
-    /// if not.
+    /// if not. The TLS certificate and key of wss:// listeners are loaded and must belong
+    /// together.
     #[arg(long)]
     pub check_config: bool,
     /// Listener URL; repeat for several: `ws://HOST:PORT` (default scheme), `wss://HOST:PORT`
@@ -262,8 +263,9 @@ impl ServeArgs {
             cluster: Some(cluster),
             ..self.to_config()
         };
-        let eff = config_file::merge(cfg, self.log_level, file.as_ref(), source);
+        let mut eff = config_file::merge(cfg, self.log_level, file.as_ref(), source);
         config_file::validate(&eff)?;
+        eff.tls = config_file::load_tls(&eff)?;
         Ok(eff)
     }
 }

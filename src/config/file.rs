@@ -738,6 +738,9 @@ pub struct Effective {
     pub sources: Vec<(&'static str, Source)>,
     /// Where each key came from, by role (service, client, monitor); never the keys.
     pub key_origins: [(&'static str, Vec<String>); 3],
+    /// The TLS configuration of `wss://` listeners, once [`load_tls`] has loaded and
+    /// checked the pair (None before, and without a `wss://` listener).
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Effective {
@@ -748,6 +751,18 @@ impl Effective {
             .find(|(n, _)| *n == name)
             .map(|(_, s)| s.clone())
             .unwrap_or(Source::Default)
+    }
+
+    /// A setting's name and where its value came from, for errors:
+    /// `tls_key (/etc/middleman/middleman.toml:7)`, `limits.max_line_bytes (command line)`.
+    pub fn at(&self, name: &str) -> String {
+        match self.source(name) {
+            Source::File(line) => match &self.file {
+                Some(p) => format!("{name} ({}:{line})", p.display()),
+                None => name.to_owned(),
+            },
+            s => format!("{name} ({s})"),
+        }
     }
 }
 
@@ -986,6 +1001,7 @@ pub fn merge(
         file: file.map(|f| f.path.clone()),
         sources,
         key_origins: origins,
+        tls: None,
     }
 }
 
@@ -993,13 +1009,7 @@ pub fn merge(
 /// value came from.
 pub fn validate(eff: &Effective) -> Result<(), String> {
     let c = &eff.cfg;
-    let at = |name: &str| match eff.source(name) {
-        Source::File(line) => match &eff.file {
-            Some(p) => format!("{name} ({}:{line})", p.display()),
-            None => name.to_owned(),
-        },
-        s => format!("{name} ({s})"),
-    };
+    let at = |name: &str| eff.at(name);
     let positive: [(&str, usize, usize); 15] = [
         ("limits.max_message_bytes", c.limits.max_message, 64),
         ("limits.max_line_bytes", c.limits.max_line, 64),
@@ -1128,6 +1138,25 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Load the certificate chain and key of the `wss://` listeners and check that they
+/// belong together (None without a `wss://` listener: the files are not used then).
+/// Called after [`validate`], which made sure both paths are given.
+pub fn load_tls(eff: &Effective) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+    use crate::config::tls::{load_pair, TlsError};
+    let c = &eff.cfg;
+    let wss = c
+        .listeners
+        .iter()
+        .any(|l| l.scheme == crate::config::listen::Scheme::Wss);
+    let (true, Some(cert), Some(key)) = (wss, &c.tls_cert, &c.tls_key) else {
+        return Ok(None);
+    };
+    load_pair(cert, key).map(Some).map_err(|e| match e {
+        TlsError::Cert(m) => format!("{}: {m}", eff.at("tls_cert")),
+        TlsError::Key(m) | TlsError::Mismatch(m) => format!("{}: {m}", eff.at("tls_key")),
+    })
 }
 
 /// What a node name may be, for errors.

@@ -3,6 +3,7 @@
 pub mod args;
 pub mod file;
 pub mod listen;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

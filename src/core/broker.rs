@@ -32,7 +32,7 @@ impl Outbox for Vec<(ConnId, Rc<Packet>)> {
 }
 
 /// What a key grants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Trusted back end.
     Service,
@@ -85,7 +85,33 @@ impl Keys {
     /// The role a presented key grants (surrounding whitespace ignored), if any. Every
     /// configured key is compared, whatever matches, so timing does not tell which.
     pub fn authenticate(&self, presented: &[u8]) -> Option<Role> {
+        self.authenticate_digest(presented).map(|(role, _)| role)
+    }
+
+    /// [`Keys::authenticate`], with the digest of the key that matched, so a connection
+    /// can be closed when its key is removed (a reload) without keeping the key.
+    pub fn authenticate_digest(&self, presented: &[u8]) -> Option<(Role, KeyDigest)> {
         let key = presented.trim_ascii();
+        // The key that matched is byte for byte the one presented (trimmed).
+        self.find(key).map(|role| (role, KeyDigest::of(key)))
+    }
+
+    /// Every configured key as (role, digest).
+    pub fn digests(&self) -> Vec<(Role, KeyDigest)> {
+        [
+            (&self.monitor, Role::Monitor),
+            (&self.service, Role::Service),
+            (&self.client, Role::Client),
+        ]
+        .into_iter()
+        .flat_map(|(keys, role)| {
+            keys.iter()
+                .map(move |k| (role, KeyDigest::of(k.as_bytes())))
+        })
+        .collect()
+    }
+
+    fn find(&self, key: &[u8]) -> Option<Role> {
         let mut found = None;
         for (keys, role) in [
             (&self.monitor, Role::Monitor),
@@ -104,6 +130,22 @@ impl Keys {
     /// True when no key at all is configured.
     pub fn is_empty(&self) -> bool {
         self.service.is_empty() && self.client.is_empty() && self.monitor.is_empty()
+    }
+}
+
+/// Which key a connection logged in with, without the key: a 64-bit SipHash of it under
+/// a random per-process key (std's `RandomState`), so the digest is of no use outside
+/// this process and two different keys share one with a chance of 2^-64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyDigest(u64);
+
+impl KeyDigest {
+    /// The digest of `key`.
+    pub fn of(key: &[u8]) -> KeyDigest {
+        use std::hash::BuildHasher;
+        static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        KeyDigest(SEED.get_or_init(Default::default).hash_one(key))
     }
 }
 
@@ -1072,4 +1114,27 @@ pub fn random_cid_prefix() -> String {
     const D: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let s: Vec<u8> = bytes.iter().map(|b| D[(*b as usize) % 36]).collect();
     String::from_utf8(s).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn the_digest_names_the_key_that_matched() {
+        let keys = Keys {
+            service: vec!["svc-1".into()],
+            client: vec!["cli-1".into(), "cli-2".into()],
+            monitor: vec![],
+        };
+        let (role, d) = keys.authenticate_digest(b"  cli-2\r\n").unwrap();
+        assert_eq!(role, Role::Client);
+        assert_eq!(d, KeyDigest::of(b"cli-2"));
+        assert_ne!(d, KeyDigest::of(b"cli-1"));
+        assert!(keys.digests().contains(&(Role::Client, d)));
+        assert!(!keys.digests().contains(&(Role::Service, d)));
+        assert_eq!(keys.authenticate_digest(b"cli-3"), None);
+        // The digest's Debug is a number, never the key.
+        assert!(!format!("{d:?}").contains("cli-2"));
+    }
 }

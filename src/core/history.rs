@@ -323,6 +323,50 @@ impl History {
         }
     }
 
+    /// Take new settings (a configuration reload), keeping the epoch and the offsets:
+    /// each stored topic goes under the rule that now matches it (the longest prefix),
+    /// its ring trimmed to that rule's `size` at once (evictions by `size`); a topic no
+    /// rule matches any more loses its stored messages (a later recovery of it answers
+    /// `recovered: false`), and the byte cap applies at once. A new `ttl` applies at the
+    /// next housekeeping pass. O(topics log topics).
+    pub fn reconfigure(&mut self, settings: &HistorySettings) {
+        self.rules = settings.rules.clone();
+        self.max_bytes = settings.max_bytes;
+        self.fronts = self.rules.iter().map(|_| BTreeMap::new()).collect();
+        let topics: Vec<Rc<[u8]>> = self.topics.keys().cloned().collect();
+        for topic in topics {
+            let rule = self.rule_for(&topic);
+            let size = rule.map_or(0, |r| self.rules[r].size);
+            let Some(log) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            while log.ring.len() > size {
+                let Some((o, _, p)) = log.ring.pop_front() else {
+                    break;
+                };
+                log.lost_upto = o;
+                self.bytes -= cost(&p);
+                self.messages -= 1;
+                if rule.is_some() {
+                    self.stats.evicted[0] += 1;
+                }
+            }
+            match (rule, log.ring.front()) {
+                (Some(r), Some((front, ..))) => {
+                    log.rule = r;
+                    self.fronts[r].insert(*front, topic);
+                }
+                _ => {
+                    let last = log.last;
+                    self.topics.remove(&topic);
+                    self.bytes -= TOPIC_OVERHEAD + topic.len();
+                    self.whole_lost = self.whole_lost.max(last);
+                }
+            }
+        }
+        self.enforce_cap();
+    }
+
     /// Recover `topic` from `since` (epoch, offset) (§9.5).
     pub fn recover(&mut self, topic: &[u8], epoch: &str, offset: u64) -> Recovery {
         let (last, lost_upto) = match self.topics.get(topic) {
@@ -417,6 +461,19 @@ impl crate::broker::Broker {
             (!settings.rules.is_empty()).then(|| Box::new(History::new(settings, &new_epoch())));
     }
 
+    /// New history settings for a running broker (a configuration reload): stored
+    /// messages stay, under the same epoch, for every topic a rule still matches
+    /// ([`History::reconfigure`]); history turned off drops the store, and turned on
+    /// starts one with a new epoch.
+    pub fn reconfigure_history(&mut self, settings: &HistorySettings) {
+        match (self.history.as_mut(), settings.rules.is_empty()) {
+            (Some(_), true) => self.history = None,
+            (Some(h), false) => h.reconfigure(settings),
+            (None, false) => self.set_history(settings),
+            (None, true) => {}
+        }
+    }
+
     /// The housekeeping pass's part: ttl and the byte cap.
     pub fn history_housekeeping(&mut self, now: Instant) {
         if let Some(h) = self.history.as_mut() {
@@ -507,6 +564,50 @@ mod tests {
             ],
             max_bytes: max,
         }
+    }
+
+    #[test]
+    fn reconfigure_keeps_what_a_rule_still_matches() {
+        let mut h = History::new(&settings(10, 60, 1 << 20), "E1");
+        let now = Instant::now();
+        for topic in [&b"h.a"[..], b"h.long.b"] {
+            for i in 0..5 {
+                let o = h.next_offset();
+                let rule = h.rule_for(topic).unwrap();
+                h.store(topic, rule, o, &pkt(&format!("m{i}")), now);
+            }
+        }
+        assert_eq!(h.totals().1, 10);
+        // "h." keeps 2 per topic now; "h.long." is gone, so h.long.b falls under "h.".
+        let mut s = settings(2, 60, 1 << 20);
+        s.rules.truncate(1);
+        h.reconfigure(&s);
+        assert_eq!(h.epoch(), "E1");
+        assert_eq!(h.totals().0, 2);
+        assert_eq!(h.totals().1, 4);
+        assert_eq!(h.stats.evicted[0], 6);
+        // The two newest of h.a are still recoverable, from the same epoch.
+        match h.recover(b"h.a", "E1", 3) {
+            Recovery::Recovered(msgs, _) => assert_eq!(msgs.len(), 2),
+            r => panic!("{r:?}"),
+        }
+        // A store under the new rules keeps the size of 2.
+        let o = h.next_offset();
+        assert_eq!(o, 11);
+        h.store(b"h.a", 0, o, &pkt("m5"), now);
+        assert_eq!(h.totals().1, 4);
+        // No rule matching any more: the topics' messages go, and the byte count with them.
+        h.reconfigure(&HistorySettings {
+            rules: vec![HistoryRule {
+                prefix: "other.".into(),
+                size: 5,
+                ttl: Duration::from_secs(60),
+            }],
+            max_bytes: 1 << 20,
+        });
+        assert_eq!(h.totals(), (0, 0, 0));
+        assert!(matches!(h.recover(b"h.a", "E1", 3), Recovery::Lost(_)));
+        h.housekeeping(now);
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Server {
                     Phase::RawKey
                 },
                 ws: None,
+                key: None,
                 dec: None,
                 out: OutQueue::new(framing),
                 http_buf: Vec::new(),

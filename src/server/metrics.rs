@@ -134,6 +134,11 @@ pub struct Metrics {
     /// The most recent closes of WebSocket connections (ms since the Unix epoch, reason),
     /// oldest first.
     pub recent_closes: VecDeque<(u64, CloseReason)>,
+    /// Configuration reloads: applied, refused as invalid.
+    pub reloads: [u64; 2],
+    /// The configuration in effect: when it was loaded (ms since the Unix epoch) and
+    /// its hash (see `reload.rs`).
+    pub config: (u64, String),
     /// Rate-limit state for warnings.
     pub warned_refused: (Instant, u32),
     /// Rate-limit state for warnings.
@@ -164,6 +169,8 @@ impl Default for Metrics {
             history: VecDeque::with_capacity(HISTORY_SECONDS),
             next_sample: now,
             recent_closes: VecDeque::with_capacity(RECENT_CLOSES),
+            reloads: [0; 2],
+            config: (unix_ms(), String::new()),
             warned_refused: (now, 0),
             warned_bad_key: (now, 0),
             warned_protocol: (now, 0),
@@ -173,7 +180,8 @@ impl Default for Metrics {
     }
 }
 
-fn unix_ms() -> u64 {
+/// Now, in ms since the Unix epoch.
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -338,6 +346,9 @@ impl Metrics {
                 .map(|&(at, r)| (at, r.name()))
                 .collect(),
             history: self.history.iter().copied().collect(),
+            reloads: vec![("ok", self.reloads[0]), ("invalid", self.reloads[1])],
+            config_loaded_ms: self.config.0,
+            config_hash: self.config.1.clone(),
             cluster: broker.cluster.as_ref().map(|c| ClusterSnap {
                 node: NodeSelf {
                     id: c.node.to_string(),
@@ -478,6 +489,12 @@ pub struct Snapshot {
     pub recent_closes: Vec<(u64, &'static str)>,
     /// Per-second samples of the traffic totals, oldest first.
     pub history: Vec<Sample>,
+    /// Configuration reloads, by result (`ok`, `invalid`).
+    pub reloads: Vec<(&'static str, u64)>,
+    /// When the configuration in effect was loaded, ms since the Unix epoch.
+    pub config_loaded_ms: u64,
+    /// The hash of the configuration in effect.
+    pub config_hash: String,
     /// The cluster, when the server is a node of one.
     pub cluster: Option<ClusterSnap>,
 }
@@ -744,6 +761,18 @@ impl Snapshot {
             &by("reason", &self.errors),
         );
         metric(
+            "middleman_config_reloads_total",
+            "counter",
+            "Configuration reloads (SIGHUP), by result: ok (applied), invalid (refused, nothing applied).",
+            &by("result", &self.reloads),
+        );
+        metric(
+            "middleman_config_loaded_timestamp_seconds",
+            "gauge",
+            "When the configuration in effect was loaded (start or last reload), seconds since the Unix epoch.",
+            &[(String::new(), format!("{:.3}", self.config_loaded_ms as f64 / 1000.0))],
+        );
+        metric(
             "middleman_http_requests_total",
             "counter",
             "Plain HTTP requests answered.",
@@ -889,6 +918,11 @@ impl Snapshot {
                 })),
             },
             "errors_total": obj(&self.errors),
+            "config": {
+                "loaded_at_ms": self.config_loaded_ms,
+                "hash": self.config_hash,
+                "reloads_total": obj(&self.reloads),
+            },
             "http_requests_total": self.http_requests,
             "loop_iterations_total": self.loop_iterations,
             "loop_busy_seconds_total": self.busy.as_secs_f64(),

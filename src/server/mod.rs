@@ -24,6 +24,7 @@ mod http;
 mod listener;
 mod outbound;
 mod raw;
+mod reload;
 mod running;
 mod ws;
 
@@ -47,7 +48,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use tungstenite::protocol::{WebSocketConfig, WebSocketContext};
 
-use crate::broker::{random_cid_prefix, Broker, Settings};
+use crate::broker::{random_cid_prefix, Broker, KeyDigest, Role};
 use crate::cluster::link::{LinkSettings, NatsLink};
 use crate::cluster::node::ClusterSettings;
 use crate::config::Config;
@@ -124,6 +125,9 @@ struct Conn {
     framing: Framing,
     phase: Phase,
     ws: Option<WebSocketContext>,
+    /// The role and the digest of the key it logged in with, so a reload that removes
+    /// the key closes it (never the key itself).
+    key: Option<(Role, KeyDigest)>,
     /// Boxed: the drain takes it out of the slab and puts it back for every message, and
     /// moving the whole decoder both ways was ~4.6% of the server's time at 64 B.
     dec: Option<Box<Decoder>>,
@@ -191,15 +195,15 @@ pub struct Server {
     api_seq: u64,
     /// The earliest deadline of a waiting HTTP API call, if any.
     api_next_deadline: Option<Instant>,
+    /// How to read the configuration again (SIGHUP), and what the last reloads did.
+    reloader: reload::Reloader,
 }
 
 impl Server {
     /// Bind the listener and set up the loop (does not run it).
     pub fn bind(mut cfg: Config) -> io::Result<Server> {
-        if cfg.echo {
-            // Echo mode answers Autobahn's 16 MiB messages: room for a few in flight.
-            cfg.max_outbound_bytes = cfg.max_outbound_bytes.max(256 << 20);
-        }
+        // Echo mode answers Autobahn's 16 MiB messages: room for a few in flight.
+        reload::echo_settings(&mut cfg);
         let poll = Poll::new()?;
         if cfg.listeners.is_empty() || cfg.listeners.len() > MAX_LISTENERS {
             return Err(io::Error::new(
@@ -230,6 +234,7 @@ impl Server {
             let mut s = signal_hook_mio::v1_0::Signals::new([
                 signal_hook::consts::SIGINT,
                 signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
             ])?;
             poll.registry()
                 .register(&mut s, SIGNALS, Interest::READABLE)?;
@@ -237,41 +242,9 @@ impl Server {
         } else {
             None
         };
-        // tungstenite's read buffer is allocated per connection and filled on every read:
-        // 4 KiB keeps an idle authenticated connection near 5.5 kB of RSS (measured at
-        // 10,000 connections; 8 KiB gave 9.6 kB) at the cost of more reads for large
-        // frames.
-        // A WebSocket message may hold one protocol message of the maximum size plus a
-        // line of slack; a larger frame is refused before it is buffered.
-        let ws_max = if cfg.echo {
-            64 << 20
-        } else {
-            cfg.limits.max_message + cfg.limits.max_line
-        };
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(ws_max))
-            .max_frame_size(Some(ws_max));
-        // Before the key is accepted the only message is the key: small.
-        let key_max = if cfg.echo { ws_max } else { cfg.max_key_bytes };
-        let ws_config_key = ws_config
-            .max_message_size(Some(key_max))
-            .max_frame_size(Some(key_max));
-        if cfg.echo {
-            // Autobahn sends messages of up to 65,536 fragments.
-            cfg.max_fragments = cfg.max_fragments.max(1 << 20);
-        }
+        let (ws_config, ws_config_key) = reload::ws_configs(&cfg);
         let node_id = random_cid_prefix();
-        let mut broker = Broker::new(
-            Settings {
-                max_subscriptions: cfg.max_subscriptions,
-                request_timeout: cfg.request_timeout,
-                max_pending_requests: cfg.max_pending_requests,
-                max_reqid_bytes: cfg.max_reqid_bytes,
-            },
-            &node_id,
-        );
+        let mut broker = Broker::new(reload::broker_settings(&cfg), &node_id);
         if cfg.cluster.is_none() {
             broker.set_history(&cfg.history);
             if !cfg.history.rules.is_empty() {
@@ -326,6 +299,8 @@ impl Server {
                 Instant::now(),
             )
         });
+        let mut metrics = Metrics::default();
+        metrics.config.1 = reload::config_hash(&cfg);
         Ok(Server {
             poll,
             listeners,
@@ -346,11 +321,12 @@ impl Server {
             shutdown_deadline: None,
             accept_paused_until: None,
             next_tick: Instant::now() + TICK,
-            metrics: Metrics::default(),
+            metrics,
             link,
             api_ready: Vec::new(),
             api_seq: 0,
             api_next_deadline: None,
+            reloader: reload::Reloader::new(&cfg),
             cfg,
         })
     }
@@ -403,14 +379,21 @@ impl Server {
                     }
                     BACKPLANE => self.backplane_event(now),
                     SIGNALS => {
-                        let got = self
+                        // pending() gives each signal number once however many came,
+                        // so a storm of SIGHUP is one reload per pass at most.
+                        let got: Vec<i32> = self
                             .signals
                             .as_mut()
-                            .map(|s| s.pending().count())
-                            .unwrap_or(0);
-                        if got > 0 {
-                            info!("signal received: shutting down");
-                            self.begin_shutdown(now);
+                            .map(|s| s.pending().collect())
+                            .unwrap_or_default();
+                        for sig in got {
+                            match sig {
+                                signal_hook::consts::SIGHUP => self.reload(now),
+                                _ => {
+                                    info!("signal received: shutting down");
+                                    self.begin_shutdown(now);
+                                }
+                            }
                         }
                     }
                     Token(id) => {

@@ -3,7 +3,6 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use mio::event::Source;
@@ -219,31 +218,7 @@ impl Source for Link {
     }
 }
 
-/// Load a PEM certificate chain and private key into a rustls server configuration.
-pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "TLS certificate {}: no certificate found",
-            cert.display()
-        ));
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("TLS key {}: {e}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS certificate/key: {e}"))?;
-    Ok(Arc::new(config))
-}
+pub use crate::config::tls::load_tls;
 
 /// Bind a TCP listener. With `reuse_port`, SO_REUSEPORT is set before the bind so that
 /// several processes can listen on the same address and port (Linux spreads new

@@ -268,7 +268,7 @@ impl Server {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        let role = self.cfg.keys.authenticate(key);
+        let (role, digest) = self.cfg.keys.authenticate_digest(key).unzip();
         let allowed = match (role, self.listeners.get(c.listener)) {
             (Some(r), Some(l)) => l.bound.allows(r),
             (Some(_), None) => true, // listeners are gone during shutdown
@@ -301,6 +301,7 @@ impl Server {
         }
         debug!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
         c.who = Some(format!("{} {cid}", role.name()).into());
+        c.key = digest.map(|d| (role, d));
         if c.framing == Framing::Raw {
             c.out.push_bytes(b"MM OK\r\n");
             c.out.push_bytes(cid.as_bytes());

@@ -223,6 +223,12 @@ impl Decoder {
         self.limits
     }
 
+    /// Change the limits (a configuration reload). They hold from the next byte scanned:
+    /// a message already buffered beyond a lowered limit fails when it is scanned on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// Append stream bytes. Bytes of messages already returned are dropped first, so the
     /// buffer only ever holds the unfinished tail of the stream.
     pub fn feed(&mut self, data: &[u8]) {

@@ -1,0 +1,611 @@
+//! Reloading the configuration (SIGHUP, `middleman reload --pid`), against the real
+//! binary started with a configuration file and key files in a scratch folder: keys
+//! added and removed, the TLS pair replaced, a limit lowered, invalid configurations
+//! refused whole, restart-only settings named, a storm of signals; and `--check-config`
+//! on a bad TLS pair.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::proc::Proc;
+use common::{metrics, parse_one, wire, Peer, SERVICE_KEY, WAIT};
+use tungstenite::{Message, WebSocket};
+
+const CLI_A: &str = "reload-cli-a-5e0d1f7c93";
+const CLI_B: &str = "reload-cli-b-28a4c6e0b1";
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A configuration file: these listeners, the service key, client keys from
+/// client.keys, and `extra` TOML at the end.
+fn write_conf(dir: &Path, listen: &[&str], extra: &str) -> PathBuf {
+    let listen: Vec<String> = listen.iter().map(|l| format!("{l:?}")).collect();
+    let conf = dir.join("middleman.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = [{}]\n\n[[keys]]\nrole = \"service\"\nkey = \"{SERVICE_KEY}\"\n\n\
+             [[keys]]\nrole = \"client\"\nkey_file = \"client.keys\"\n{extra}",
+            listen.join(", ")
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+fn write_keys(dir: &Path, keys: &[&str]) {
+    std::fs::write(dir.join("client.keys"), format!("{}\n", keys.join("\n"))).unwrap();
+}
+
+fn start(conf: &Path) -> (Proc, SocketAddr) {
+    let p = Proc::start(&["--config", conf.to_str().unwrap()], &[]);
+    let addr = p.addr();
+    (p, addr)
+}
+
+fn hup(p: &Proc) {
+    // SAFETY: kill(2) on the child this test started, by its PID.
+    let rc = unsafe { libc::kill(p.child.id() as i32, libc::SIGHUP) };
+    assert_eq!(rc, 0);
+}
+
+fn reloads(addr: SocketAddr) -> (u64, u64) {
+    let m = metrics(addr);
+    let get = |r: &str| {
+        m.get(&format!("middleman_config_reloads_total{{result=\"{r}\"}}"))
+            .copied()
+            .unwrap_or(-1.0) as u64
+    };
+    (get("ok"), get("invalid"))
+}
+
+/// Wait (10 s at most) until the reload counters are (ok, invalid).
+fn until_reloads(addr: SocketAddr, want: (u64, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = reloads(addr);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reloads (ok, invalid) {got:?}, expected {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A key refused: close 1008 `bad key`.
+fn refused(addr: SocketAddr, key: &str) -> (u16, String) {
+    let mut ws = common::ws_connect(addr);
+    ws.send(Message::text(key)).unwrap();
+    common::recv_close(&mut ws)
+}
+
+#[test]
+fn an_added_client_key_logs_in_without_a_restart() {
+    let dir = scratch("reload-add-key");
+    write_keys(&dir, &[CLI_A]);
+    let conf = write_conf(&dir, &["ws://127.0.0.1:0"], "");
+    let (p, addr) = start(&conf);
+    let hash0 = stats_config(addr).1;
+    assert_eq!(refused(addr, CLI_B), (1008, "bad key".into()));
+    let mut a = Peer::connect(addr, CLI_A);
+
+    write_keys(&dir, &[CLI_A, CLI_B]);
+    // The subcommand, as an operator would use it.
+    let out = Command::new(env!("CARGO_BIN_EXE_middleman"))
+        .args(["reload", "--pid", &p.child.id().to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    until_reloads(addr, (1, 0));
+    let line = p.wait_line("configuration reloaded");
+    assert!(line.contains("client keys +1 -0"), "{line}");
+    assert!(!line.contains(CLI_B) && !line.contains(CLI_A), "{line}");
+    let mut b = Peer::connect(addr, CLI_B);
+    b.sync();
+    a.sync(); // untouched
+              // The configuration in effect is shown with its load time and hash.
+    let (loaded_ms, hash, ok) = stats_config(addr);
+    assert_eq!(ok, 1);
+    assert_eq!(hash.len(), 16, "{hash}");
+    // Keys enter the hash only as their number per role: one more client key.
+    assert_ne!(hash, hash0);
+    assert!(loaded_ms > 0);
+    let console = common::http_get(addr, "GET /console HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(console.contains("id=\"config\"") && console.contains("s.config.hash"));
+
+    // `reload --pid 0` would signal a process group: refused as usage.
+    let out = Command::new(env!("CARGO_BIN_EXE_middleman"))
+        .args(["reload", "--pid", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// (loaded_at_ms, hash, reloads ok) from /stats.
+fn stats_config(addr: SocketAddr) -> (u64, String, u64) {
+    let resp = common::http_get(addr, "GET /stats HTTP/1.1\r\nHost: x\r\n\r\n");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    let doc: serde_json::Value = serde_json::from_str(body).unwrap();
+    let c = &doc["config"];
+    (
+        c["loaded_at_ms"].as_u64().unwrap(),
+        c["hash"].as_str().unwrap().to_owned(),
+        c["reloads_total"]["ok"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn a_removed_key_closes_exactly_its_connections_while_others_stream_on() {
+    const GOOD: usize = 100;
+    const DOOMED: usize = 5;
+    let dir = scratch("reload-remove-key");
+    write_keys(&dir, &[CLI_A, CLI_B]);
+    let conf = write_conf(&dir, &["ws://127.0.0.1:0"], "");
+    let (p, addr) = start(&conf);
+
+    let mut publisher = Peer::service(addr);
+    publisher.send("ESUB", "feed", &[], "");
+    publisher.sync();
+    let subscribe = |key: &str| {
+        let mut s = Peer::connect(addr, key);
+        s.send("SUB", "feed", &[], "");
+        s.sync();
+        s
+    };
+    let good: Vec<Peer> = (0..GOOD).map(|_| subscribe(CLI_A)).collect();
+    let mut doomed: Vec<Peer> = (0..DOOMED).map(|_| subscribe(CLI_B)).collect();
+
+    // Every subscriber reads until END and checks that it saw 0, 1, 2, ... in order.
+    let readers: Vec<_> = good
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                let got = read_sequence(&mut s);
+                (got, s) // kept open until the counts are checked
+            })
+        })
+        .collect();
+    fn read_sequence(s: &mut Peer) -> Result<u64, String> {
+        let mut next = 0u64;
+        loop {
+            let m = s.recv();
+            if let Some(total) = m.body.strip_prefix("END ") {
+                let total: u64 = total.parse().map_err(|_| m.body.clone())?;
+                return if next == total {
+                    Ok(next)
+                } else {
+                    Err(format!("got {next} of {total}"))
+                };
+            }
+            let n: u64 = m.body.parse().map_err(|_| format!("{m:?}"))?;
+            if n != next {
+                return Err(format!("expected {next}, got {n}"));
+            }
+            next += 1;
+        }
+    }
+
+    // The publisher streams until told the reload is done, then 200 more, then END.
+    let sent = Arc::new(AtomicU64::new(0));
+    let reloaded = Arc::new(AtomicBool::new(false));
+    let pub_thread = {
+        let (sent, reloaded) = (sent.clone(), reloaded.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            let mut stop_at = None;
+            while stop_at != Some(n) && n < 50_000 {
+                publisher.send("PUB", "feed", &[], &n.to_string());
+                n += 1;
+                sent.store(n, Ordering::SeqCst);
+                if stop_at.is_none() && reloaded.load(Ordering::SeqCst) {
+                    stop_at = Some(n + 200);
+                }
+                if n.is_multiple_of(20) {
+                    // Pacing, so 100 subscribers keep up (not synchronisation).
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            publisher.send("PUB", "feed", &[], &format!("END {n}"));
+            publisher.sync();
+            n
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    while sent.load(Ordering::SeqCst) < 300 {
+        assert!(Instant::now() < deadline, "publisher did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    write_keys(&dir, &[CLI_A]);
+    hup(&p);
+    for d in &mut doomed {
+        assert_eq!(d.recv_close(), (1008, "key revoked".into()));
+    }
+    until_reloads(addr, (1, 0));
+    reloaded.store(true, Ordering::SeqCst);
+    let total = pub_thread.join().unwrap();
+    assert!(total > 300, "{total}");
+    let mut kept = Vec::new();
+    for r in readers {
+        let (got, peer) = r.join().unwrap();
+        assert_eq!(got, Ok(total));
+        kept.push(peer);
+    }
+    let m = metrics(addr);
+    assert_eq!(
+        m["middleman_connections_closed_total{reason=\"bad_key\"}"],
+        DOOMED as f64
+    );
+    assert_eq!(m["middleman_connections{role=\"client\"}"], GOOD as f64);
+    assert_eq!(m["middleman_slow_consumers_total"], 0.0);
+    let line = p.wait_line("configuration reloaded");
+    assert!(line.contains("client keys +0 -1"), "{line}");
+    p.wait_line(&format!(
+        "closing {DOOMED} connection(s) whose key was removed"
+    ));
+    // The removed key no longer logs in; the kept one does.
+    assert_eq!(refused(addr, CLI_B), (1008, "bad key".into()));
+    Peer::connect(addr, CLI_A).sync();
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A self-signed certificate for localhost: (certificate PEM, key PEM, certificate DER).
+fn make_cert() -> (String, String, Vec<u8>) {
+    let c =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    (
+        c.cert.pem(),
+        c.signing_key.serialize_pem(),
+        c.cert.der().to_vec(),
+    )
+}
+
+/// Open a wss connection trusting `trusted`, log in with CLI_A; returns the socket and
+/// the end-entity certificate the server presented.
+fn wss_login(addr: SocketAddr, trusted: &[&[u8]]) -> (WebSocket<TlsStream>, Vec<u8>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in trusted {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der.to_vec()))
+            .unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let stream = rustls::StreamOwned::new(conn, sock);
+    let (mut ws, _) =
+        tungstenite::client::client(format!("wss://localhost:{}/", addr.port()), stream)
+            .expect("wss upgrade");
+    ws.send(Message::text(CLI_A)).unwrap();
+    assert_eq!(next_data(&mut ws), b"MM OK");
+    next_data(&mut ws); // the cid
+    let presented = ws
+        .get_ref()
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap();
+    (ws, presented)
+}
+
+fn next_data<S: Read + Write>(ws: &mut WebSocket<S>) -> Vec<u8> {
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => return t.as_bytes().to_vec(),
+            Message::Binary(b) => return b.to_vec(),
+            Message::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// A round trip: an unknown command always gets an error back.
+fn round_trip<S: Read + Write>(ws: &mut WebSocket<S>) {
+    ws.send(Message::text(wire("SYNC", "x", &[], "t"))).unwrap();
+    let m = parse_one(&next_data(ws));
+    assert_eq!(
+        (m.cmd.as_str(), m.target.as_str()),
+        ("PUB", "ERROR"),
+        "{m:?}"
+    );
+}
+
+/// The wss:// address in the "listening on" line.
+fn wss_addr(p: &Proc) -> SocketAddr {
+    let l = p.wait_line("listening on ");
+    let rest = &l[l.find("wss://").unwrap() + 6..];
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_replaced_tls_pair_serves_new_handshakes_while_old_connections_go_on() {
+    let dir = scratch("reload-tls");
+    let (cert_a, key_a, der_a) = make_cert();
+    let (cert_b, key_b, der_b) = make_cert();
+    std::fs::write(dir.join("tls.crt"), &cert_a).unwrap();
+    std::fs::write(dir.join("tls.key"), &key_a).unwrap();
+    write_keys(&dir, &[CLI_A]);
+    let conf = write_conf(&dir, &["ws://127.0.0.1:0", "wss://127.0.0.1:0"], "");
+    // tls_cert and tls_key are top-level settings: before the first table.
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        format!("tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n{text}"),
+    )
+    .unwrap();
+    let (p, addr) = start(&conf);
+    let wss = wss_addr(&p);
+    let trusted: [&[u8]; 2] = [&der_a, &der_b];
+    let (mut old, presented) = wss_login(wss, &trusted);
+    assert_eq!(presented, der_a);
+
+    // Bad pairs first: each refused whole, the old pair still served.
+    let bad: [(&str, &str, &str); 3] = [
+        ("garbage certificate", "not a certificate\n", key_a.as_str()),
+        (
+            "key of another certificate",
+            cert_a.as_str(),
+            key_b.as_str(),
+        ),
+        (
+            "garbage key",
+            cert_a.as_str(),
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ),
+    ];
+    for (i, (what, cert, key)) in bad.iter().enumerate() {
+        std::fs::write(dir.join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.join("tls.key"), key).unwrap();
+        hup(&p);
+        until_reloads(addr, (0, i as u64 + 1));
+        let (_, presented) = wss_login(wss, &trusted);
+        assert_eq!(presented, der_a, "after a {what}");
+    }
+    let refused_line = p.wait_line("reload refused");
+    assert!(refused_line.contains("tls_cert ("), "{refused_line}");
+    p.wait_line("does not match the certificate");
+    // An unreadable certificate file (a folder in its place).
+    std::fs::remove_file(dir.join("tls.crt")).unwrap();
+    std::fs::create_dir(dir.join("tls.crt")).unwrap();
+    hup(&p);
+    until_reloads(addr, (0, 4));
+    std::fs::remove_dir(dir.join("tls.crt")).unwrap();
+
+    std::fs::write(dir.join("tls.crt"), &cert_b).unwrap();
+    std::fs::write(dir.join("tls.key"), &key_b).unwrap();
+    hup(&p);
+    until_reloads(addr, (1, 4));
+    let line = p.wait_line("configuration reloaded");
+    assert!(line.contains("TLS certificate and key reloaded"), "{line}");
+    let (mut new, presented) = wss_login(wss, &trusted);
+    assert_eq!(presented, der_b);
+    round_trip(&mut new);
+    // The connection opened under the old certificate goes on.
+    round_trip(&mut old);
+    assert_eq!(
+        old.get_ref().conn.peer_certificates().unwrap()[0].as_ref(),
+        der_a.as_slice()
+    );
+}
+
+#[test]
+fn a_lowered_message_limit_holds_on_an_open_connection() {
+    let dir = scratch("reload-limit");
+    write_keys(&dir, &[CLI_A]);
+    let conf = write_conf(
+        &dir,
+        &["ws://127.0.0.1:0"],
+        "\n[limits]\nmax_message_bytes = \"1MiB\"\n",
+    );
+    let (p, addr) = start(&conf);
+    let mut svc = Peer::service(addr);
+    let big = "x".repeat(4000);
+    svc.send("PUB", "t", &[], &big);
+    svc.sync();
+
+    write_conf(
+        &dir,
+        &["ws://127.0.0.1:0"],
+        "\n[limits]\nmax_message_bytes = 2048\n",
+    );
+    hup(&p);
+    until_reloads(addr, (1, 0));
+    let line = p.wait_line("configuration reloaded");
+    assert!(
+        line.contains("limits.max_message_bytes 1048576 -> 2048"),
+        "{line}"
+    );
+    svc.send("PUB", "t", &[], &"y".repeat(1000));
+    svc.sync(); // below the new limit: still fine
+    svc.send("PUB", "t", &[], &big);
+    assert_eq!(svc.recv_close().0, 1009);
+}
+
+#[test]
+fn an_invalid_configuration_changes_nothing() {
+    let dir = scratch("reload-invalid");
+    write_keys(&dir, &[CLI_A]);
+    let conf = write_conf(
+        &dir,
+        &["ws://127.0.0.1:0"],
+        "\n[limits]\nmax_subscriptions = 5\n",
+    );
+    let good = std::fs::read_to_string(&conf).unwrap();
+    let (p, addr) = start(&conf);
+    let mut a = Peer::connect(addr, CLI_A);
+
+    // A bad value (named by file:line:col), then a missing key file, then a broken file.
+    std::fs::write(
+        &conf,
+        good.replace("max_subscriptions = 5", "max_subscriptions = \"lots\""),
+    )
+    .unwrap();
+    write_keys(&dir, &[CLI_B]); // would revoke CLI_A if anything were applied
+    hup(&p);
+    until_reloads(addr, (0, 1));
+    let line = p.wait_line("reload refused");
+    let at = format!("{}:", conf.display());
+    assert!(
+        line.contains(&at) && line.contains("max_subscriptions"),
+        "{line}"
+    );
+
+    std::fs::write(&conf, &good).unwrap();
+    std::fs::remove_file(dir.join("client.keys")).unwrap();
+    hup(&p);
+    until_reloads(addr, (0, 2));
+
+    write_keys(&dir, &[CLI_B]);
+    std::fs::write(&conf, format!("{good}\n[limits\n")).unwrap();
+    hup(&p);
+    until_reloads(addr, (0, 3));
+
+    // Nothing was applied: the old key still works, new ones do not, and the old
+    // subscription limit holds.
+    a.sync();
+    assert_eq!(refused(addr, CLI_B), (1008, "bad key".into()));
+    let mut svc = Peer::service(addr);
+    for i in 0..6 {
+        svc.send("SUB", &format!("s{i}"), &[], "");
+    }
+    let m = svc.recv();
+    assert_eq!(m.target, "ERROR", "{m:?}");
+    assert!(
+        m.body.contains("too many subscriptions")
+            || m.headers.iter().any(|(_, v)| v.contains("subscriptions")),
+        "{m:?}"
+    );
+    assert_eq!(reloads(addr), (0, 3));
+}
+
+#[test]
+fn changed_listeners_are_named_and_the_rest_is_applied() {
+    let dir = scratch("reload-listeners");
+    write_keys(&dir, &[CLI_A]);
+    let conf = write_conf(&dir, &["ws://127.0.0.1:0"], "");
+    let (p, addr) = start(&conf);
+    write_keys(&dir, &[CLI_A, CLI_B]);
+    write_conf(
+        &dir,
+        &["ws://127.0.0.1:0", "tcp://127.0.0.1:0"],
+        "\n[timeouts]\nrequest = \"7s\"\n",
+    );
+    hup(&p);
+    until_reloads(addr, (1, 0));
+    let warn = p.wait_line("cannot change without a restart");
+    assert!(warn.contains("WARN") && warn.contains("listen"), "{warn}");
+    let line = p.wait_line("configuration reloaded");
+    assert!(
+        line.contains("timeouts.request 30s -> 7s") && line.contains("client keys +1 -0"),
+        "{line}"
+    );
+    // The listener is the one bound at start; the new key works on it.
+    Peer::connect(addr, CLI_B).sync();
+}
+
+#[test]
+fn a_storm_of_sighup_leaves_the_server_serving() {
+    let dir = scratch("reload-storm");
+    write_keys(&dir, &[CLI_A]);
+    let conf = write_conf(&dir, &["ws://127.0.0.1:0"], "");
+    let (p, addr) = start(&conf);
+    let mut a = Peer::connect(addr, CLI_A);
+    let started = Instant::now();
+    for _ in 0..100 {
+        hup(&p);
+        std::thread::sleep(Duration::from_millis(9));
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    a.sync();
+    Peer::connect(addr, CLI_A).sync();
+    // One more change and one more signal: applied after the storm.
+    write_keys(&dir, &[CLI_A, CLI_B]);
+    hup(&p);
+    p.wait_line("client keys +1 -0");
+    Peer::connect(addr, CLI_B).sync();
+    a.sync();
+    // Signals that came together were one reload; every reload counted, none invalid.
+    let (ok, invalid) = reloads(addr);
+    assert_eq!(invalid, 0);
+    assert!((2..=101).contains(&ok), "{ok}");
+    let health = common::http_get(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(health.ends_with("ok"), "{health}");
+}
+
+#[test]
+fn check_config_refuses_a_bad_tls_pair() {
+    let dir = scratch("reload-check-tls");
+    let (cert_a, key_a, _) = make_cert();
+    let (_, key_b, _) = make_cert();
+    write_keys(&dir, &[CLI_A]);
+    let conf = write_conf(&dir, &["wss://127.0.0.1:0"], "");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        format!("tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n{text}"),
+    )
+    .unwrap();
+    let check = |cert: &str, key: &str| -> (i32, Vec<String>) {
+        std::fs::write(dir.join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.join("tls.key"), key).unwrap();
+        let mut p = Proc::start(&["--config", conf.to_str().unwrap(), "--check-config"], &[]);
+        let code = p.wait_exit();
+        (code, p.output_after_exit())
+    };
+    let (code, out) = check(&cert_a, &key_a);
+    assert_eq!(code, 0, "{out:?}");
+    assert!(
+        out.iter().any(|l| l.contains("configuration is valid")),
+        "{out:?}"
+    );
+
+    let (code, out) = check("garbage\n", &key_a);
+    assert_eq!(code, 1, "{out:?}");
+    let want = format!(
+        "err: middleman: invalid configuration: tls_cert ({}:1): TLS certificate {}: no PEM certificate found",
+        conf.display(),
+        dir.join("tls.crt").display()
+    );
+    assert!(out.contains(&want), "{out:?}");
+
+    let (code, out) = check(&cert_a, &key_b);
+    assert_eq!(code, 1, "{out:?}");
+    assert!(
+        out.iter().any(|l| l.starts_with(&format!(
+            "err: middleman: invalid configuration: tls_key ({}:2): the private key in {} does not match the certificate in {}",
+            conf.display(),
+            dir.join("tls.key").display(),
+            dir.join("tls.crt").display()
+        ))),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter().any(|l| l.contains("configuration is valid")),
+        "{out:?}"
+    );
+}
