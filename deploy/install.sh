@@ -1,27 +1,32 @@
 #!/bin/sh
-# Install middleman as a systemd service: the binary, the unit (and, with --tls, its
-# drop-in for the certificate), /etc/middleman with a configuration and key files.
+# Install middleman as a systemd service: the binary, the unit, the system user it runs
+# as (a sysusers.d file), /etc/middleman with a configuration and key files.
 #
 #   deploy/install.sh [--tls] [--root DIR] [--binary FILE]
 #
-#   --tls          public wss:// on port 443: configuration deploy/middleman.public.toml,
-#                  unit drop-in middleman.service.d/tls.conf (tls.crt and tls.key are
-#                  yours to put in /etc/middleman). Without it: plain ws:// on loopback
-#                  behind a proxy that terminates TLS (deploy/middleman.proxy.toml), and
-#                  the drop-in is removed if an earlier run installed it.
-#   --root DIR     install under DIR instead of / (a package build, a test); systemctl
-#                  is then left alone.
+#   --tls          public wss:// on port 443: configuration deploy/middleman.public.toml
+#                  (tls.crt and tls.key are yours to put in /etc/middleman). Without it:
+#                  plain ws:// on loopback behind a proxy that terminates TLS
+#                  (deploy/middleman.proxy.toml).
+#   --root DIR     install under DIR instead of / (a package build, a test); the user
+#                  is then not created, ownership not set and systemctl left alone (a
+#                  package does these in its postinst: systemd-sysusers, then
+#                  chown root:middleman on /etc/middleman and its files).
 #   --binary FILE  the middleman binary (default: target/release/middleman, or under
 #                  $CARGO_TARGET_DIR).
 #
-# Idempotent: running it again gives the same files. The binary, the unit and the drop-in
-# are replaced; the configuration and the key files are created only when absent, so
-# edits and keys survive (to switch between --tls and not, replace
+# Idempotent: running it again gives the same files. The binary, the unit and the
+# sysusers.d file are replaced; the configuration and the key files are created only
+# when absent, so edits and keys survive (to switch between --tls and not, replace
 # /etc/middleman/middleman.toml yourself). Each missing key file gets one random key,
-# which is not printed: read it from the file (root only).
+# which is not printed: read it from the file.
 #
-# No user is created: the unit runs the server as a DynamicUser, and systemd hands the
-# root-only files to it as credentials. It does not enable or start the service.
+# The server reads /etc/middleman directly, so that a reload (systemctl reload
+# middleman) sees the files as they are now: the folder and its files belong to root,
+# group middleman, mode 0750 / 0640 (readable by the server, writable by root only).
+# Files an earlier version installed for LoadCredential= (mode 0600, and the TLS drop-in
+# middleman.service.d/tls.conf) are brought to that layout. It does not enable or start
+# the service.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -74,37 +79,59 @@ fi
 etc="$root/etc/middleman"
 units="$root/etc/systemd/system"
 
-install -d -m 0755 "$root/usr/local/bin" "$units"
+sysusers="$root/etc/sysusers.d"
+
+install -d -m 0755 "$root/usr/local/bin" "$units" "$sysusers"
 install -m 0755 "$binary" "$root/usr/local/bin/middleman"
 install -m 0644 "$here/middleman.service" "$units/middleman.service"
+install -m 0644 "$here/middleman.sysusers.conf" "$sysusers/middleman.conf"
+# The drop-in of earlier versions handed the certificate over with LoadCredential=.
+rm -f "$units/middleman.service.d/tls.conf"
+rmdir "$units/middleman.service.d" 2>/dev/null || true
 if [ "$tls" = yes ]; then
-    install -d -m 0755 "$units/middleman.service.d"
-    install -m 0644 "$here/middleman.service.d/tls.conf" "$units/middleman.service.d/tls.conf"
     config="$here/middleman.public.toml"
 else
-    rm -f "$units/middleman.service.d/tls.conf"
-    rmdir "$units/middleman.service.d" 2>/dev/null || true
     config="$here/middleman.proxy.toml"
 fi
 
-install -d -m 0700 "$etc"
+if [ -z "$root" ]; then
+    if command -v systemd-sysusers >/dev/null 2>&1; then
+        systemd-sysusers "$sysusers/middleman.conf"
+    else
+        getent group middleman >/dev/null || groupadd --system middleman
+        getent passwd middleman >/dev/null ||
+            useradd --system --gid middleman --no-create-home --home-dir / \
+                --shell /usr/sbin/nologin middleman
+    fi
+fi
+
+install -d -m 0750 "$etc"
+chmod 0750 "$etc"
 if [ ! -e "$etc/middleman.toml" ]; then
-    install -m 0600 "$config" "$etc/middleman.toml"
+    install -m 0640 "$config" "$etc/middleman.toml"
 fi
 for role in service client; do
     f="$etc/$role.keys"
     if [ ! -e "$f" ]; then
         key=$(LC_ALL=C tr -dc 'A-Za-z0-9' </dev/urandom | head -c 32)
         (
-            umask 077
+            umask 027
             printf '# %s keys, one per line\n%s\n' "$role" "$key" >"$f"
         )
     fi
 done
+# Readable by the server's group, writable by root only (also for files an earlier
+# version made root-only).
+for f in middleman.toml service.keys client.keys tls.crt tls.key; do
+    [ -e "$etc/$f" ] || continue
+    chmod 0640 "$etc/$f"
+    [ -n "$root" ] || chown root:middleman "$etc/$f"
+done
+[ -n "$root" ] || chown root:middleman "$etc"
 
 if [ "$tls" = yes ]; then
     for f in tls.crt tls.key; do
-        [ -e "$etc/$f" ] || echo "$0: put $f in $etc (mode 0600) before starting middleman" >&2
+        [ -e "$etc/$f" ] || echo "$0: put $f in $etc (owner root, group middleman, mode 0640) before starting middleman" >&2
     done
 fi
 
@@ -113,4 +140,5 @@ if [ -z "$root" ]; then
     echo "installed; next:"
     echo "  middleman --config /etc/middleman/middleman.toml --check-config"
     echo "  systemctl enable --now middleman"
+    echo "  (after changing a file there: systemctl reload middleman)"
 fi

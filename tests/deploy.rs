@@ -1,8 +1,9 @@
 //! The deployment files under deploy/: the public and the proxy configurations pass
 //! `--check-config` (with key files and a certificate made in a scratch folder, as they
-//! would sit in /etc/middleman), the systemd unit and its TLS drop-in match them,
-//! deploy/install.sh installs into a scratch root idempotently, and `systemd-analyze
-//! verify` accepts the installed unit, with and without the TLS drop-in.
+//! would sit in /etc/middleman), the systemd unit matches them (it reads /etc/middleman
+//! directly, so a reload sees the files as they are), deploy/install.sh installs into a
+//! scratch root idempotently and upgrades the earlier credentials layout, and
+//! `systemd-analyze verify` accepts the installed unit.
 
 mod common;
 mod tools;
@@ -29,10 +30,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn unit() -> String {
     std::fs::read_to_string(root().join("deploy/middleman.service")).unwrap()
-}
-
-fn tls_dropin() -> String {
-    std::fs::read_to_string(root().join("deploy/middleman.service.d/tls.conf")).unwrap()
 }
 
 /// `Key=value` lines of the unit's [Service] section.
@@ -121,36 +118,54 @@ fn systemd_unit_matches_the_configuration() {
             .collect()
     };
     for (k, v) in [
-        ("DynamicUser", "yes"),
+        ("User", "middleman"),
+        ("Group", "middleman"),
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
+        ("ReadOnlyPaths", "/etc/middleman"),
         ("Restart", "on-failure"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        (
+            "ExecStart",
+            "/usr/local/bin/middleman --config /etc/middleman/middleman.toml",
+        ),
     ] {
         assert_eq!(get(k), [v], "{k}");
     }
-    assert!(get("ExecReload").is_empty(), "middleman has no reload");
-    assert_eq!(
-        get("ExecStart"),
-        ["/usr/local/bin/middleman --config %d/middleman.toml"]
-    );
-    // Every file the configuration names is handed over as a credential: the unit
-    // names those of both configurations, the TLS drop-in the certificate and its key
-    // (a missing credential file fails the start, so a setup without TLS must not name
-    // them).
-    let creds = |settings: &[(String, String)]| -> Vec<String> {
-        settings
+    // No credentials: systemd copies them at start only, so a reload would read stale
+    // copies. No dynamic user: the files' group must be a static one.
+    assert!(get("LoadCredential").is_empty());
+    assert!(get("DynamicUser").is_empty());
+    assert!(!root().join("deploy/middleman.service.d").exists());
+    // The configurations name their secrets relative to /etc/middleman, which the
+    // server reads.
+    for config in ["public", "proxy"] {
+        let text = std::fs::read_to_string(root().join(format!("deploy/middleman.{config}.toml")))
+            .unwrap();
+        let conf: toml::Value = toml::from_str(&text).unwrap();
+        let mut files: Vec<&str> = conf["keys"]
+            .as_array()
+            .unwrap()
             .iter()
-            .filter(|(k, _)| k == "LoadCredential")
-            .map(|(_, v)| v.split_once(':').unwrap().0.to_owned())
-            .collect()
-    };
+            .map(|k| k["key_file"].as_str().unwrap())
+            .collect();
+        files.extend(
+            ["tls_cert", "tls_key"]
+                .iter()
+                .filter_map(|k| conf.get(*k)?.as_str()),
+        );
+        assert!(!files.is_empty());
+        for f in files {
+            assert!(!f.contains('/'), "{config}: {f} is not in /etc/middleman");
+        }
+    }
     assert_eq!(
-        creds(&settings),
-        ["middleman.toml", "service.keys", "client.keys"]
-    );
-    assert_eq!(
-        creds(&service_settings(&tls_dropin())),
-        ["tls.crt", "tls.key"]
+        std::fs::read_to_string(root().join("deploy/middleman.sysusers.conf"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>(),
+        ["u middleman - \"middleman server\" / -"]
     );
     let proxy = std::fs::read_to_string(root().join("deploy/middleman.proxy.toml")).unwrap();
     assert!(
@@ -280,21 +295,15 @@ fn install_script_installs_into_a_root_idempotently() {
             .filter(|(p, _, _)| !p.ends_with('/') || p.starts_with("etc/middleman"))
             .map(|(p, m, _)| (p, m))
             .collect();
-        let mut want = vec![
-            ("etc/middleman/".to_owned(), 0o700),
-            ("etc/middleman/client.keys".to_owned(), 0o600),
-            ("etc/middleman/middleman.toml".to_owned(), 0o600),
-            ("etc/middleman/service.keys".to_owned(), 0o600),
+        let want = vec![
+            ("etc/middleman/".to_owned(), 0o750),
+            ("etc/middleman/client.keys".to_owned(), 0o640),
+            ("etc/middleman/middleman.toml".to_owned(), 0o640),
+            ("etc/middleman/service.keys".to_owned(), 0o640),
             ("etc/systemd/system/middleman.service".to_owned(), 0o644),
+            ("etc/sysusers.d/middleman.conf".to_owned(), 0o644),
             ("usr/local/bin/middleman".to_owned(), 0o755),
         ];
-        if tls {
-            want.push((
-                "etc/systemd/system/middleman.service.d/tls.conf".to_owned(),
-                0o644,
-            ));
-            want.sort();
-        }
         assert_eq!(files, want, "tls: {tls}");
         let read = |p: &str| std::fs::read_to_string(dest.join(p)).unwrap();
         assert_eq!(read("etc/systemd/system/middleman.service"), unit());
@@ -304,12 +313,10 @@ fn install_script_installs_into_a_root_idempotently() {
             std::fs::read_to_string(root().join(format!("deploy/middleman.{config}.toml")))
                 .unwrap()
         );
-        if tls {
-            assert_eq!(
-                read("etc/systemd/system/middleman.service.d/tls.conf"),
-                tls_dropin()
-            );
-        }
+        assert_eq!(
+            read("etc/sysusers.d/middleman.conf"),
+            std::fs::read_to_string(root().join("deploy/middleman.sysusers.conf")).unwrap()
+        );
         // One generated key in each key file, different ones.
         let key = |f: &str| {
             let text = read(&format!("etc/middleman/{f}"));
@@ -343,20 +350,63 @@ fn install_script_installs_into_a_root_idempotently() {
         assert_eq!(code, 0, "{all}");
         assert!(!all.contains("warn"), "{all}");
     }
-    // Installed again without --tls, the drop-in goes; the configuration stays.
-    let dest = installed("deploy-install-switch", true);
+    // Over an earlier version's layout (root-only files handed over as credentials, a
+    // TLS drop-in): the drop-in goes, the files become readable by the group, and the
+    // configuration, keys and certificate stay as they were.
+    let dest = installed("deploy-install-upgrade", true);
+    let etc = dest.join("etc/middleman");
+    let dropin = dest.join("etc/systemd/system/middleman.service.d");
+    std::fs::create_dir_all(&dropin).unwrap();
+    std::fs::write(
+        dropin.join("tls.conf"),
+        "[Service]\nLoadCredential=tls.crt:/etc/middleman/tls.crt\n",
+    )
+    .unwrap();
+    std::fs::write(etc.join("tls.crt"), "certificate").unwrap();
+    let mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(&etc, 0o700);
+    for f in ["middleman.toml", "service.keys", "client.keys", "tls.crt"] {
+        mode(&etc.join(f), 0o600);
+    }
+    let before: Vec<Vec<u8>> = ["middleman.toml", "service.keys", "client.keys", "tls.crt"]
+        .iter()
+        .map(|f| std::fs::read(etc.join(f)).unwrap())
+        .collect();
     install(&dest, false);
-    assert!(!dest.join("etc/systemd/system/middleman.service.d").exists());
-    assert!(
-        std::fs::read_to_string(dest.join("etc/middleman/middleman.toml"))
-            .unwrap()
-            .contains("tls_cert")
+    assert!(!dropin.exists());
+    let snap = snapshot(&etc);
+    assert_eq!(
+        snap.iter()
+            .map(|(p, m, _)| (p.as_str(), *m))
+            .collect::<Vec<_>>(),
+        [
+            ("client.keys", 0o640),
+            ("middleman.toml", 0o640),
+            ("service.keys", 0o640),
+            ("tls.crt", 0o640)
+        ]
     );
+    assert_eq!(
+        std::fs::metadata(&etc).unwrap().permissions().mode() & 0o7777,
+        0o750
+    );
+    let after: Vec<Vec<u8>> = snap.into_iter().map(|(_, _, c)| c).collect();
+    assert_eq!(
+        after,
+        [
+            before[2].clone(),
+            before[0].clone(),
+            before[1].clone(),
+            before[3].clone()
+        ]
+    );
+    assert!(String::from_utf8_lossy(&after[1]).contains("tls_cert"));
 }
 
-/// `systemd-analyze verify` on a copy of `dest`'s unit (and drop-in folder, when there
-/// is one) in `dir`: (success, stdout + stderr).
-fn verify(dest: &Path, dir: &Path, dropin_extra: &str) -> (bool, String) {
+/// `systemd-analyze verify` on a copy of `dest`'s unit, with `extra` appended, in `dir`:
+/// (success, stdout + stderr).
+fn verify(dest: &Path, dir: &Path, extra: &str) -> (bool, String) {
     // The unit as installed, with ExecStart's program resolved under the scratch root:
     // verify checks that the program exists and is executable, and /usr/local/bin is
     // not ours to write. So the test substitutes the path in a copy (systemd-analyze
@@ -369,14 +419,7 @@ fn verify(dest: &Path, dir: &Path, dropin_extra: &str) -> (bool, String) {
         &format!("ExecStart={} ", bin.display()),
     );
     assert_ne!(text, installed);
-    std::fs::write(dir.join("middleman.service"), text).unwrap();
-    let dropin = dest.join("etc/systemd/system/middleman.service.d/tls.conf");
-    if dropin.exists() {
-        // Beside the unit, where verify reads drop-ins from.
-        std::fs::create_dir_all(dir.join("middleman.service.d")).unwrap();
-        let text = std::fs::read_to_string(&dropin).unwrap() + dropin_extra;
-        std::fs::write(dir.join("middleman.service.d/tls.conf"), text).unwrap();
-    }
+    std::fs::write(dir.join("middleman.service"), text + extra).unwrap();
     let out = Command::new("systemd-analyze")
         .args(["verify", "./middleman.service"])
         .current_dir(dir)
@@ -389,7 +432,7 @@ fn verify(dest: &Path, dir: &Path, dropin_extra: &str) -> (bool, String) {
 }
 
 #[test]
-#[ignore = "needs systemd-analyze (Debian package systemd): run .ci/install-tools.sh"]
+#[ignore = "needs systemd-analyze (Debian package systemd, which .ci/install-tools.sh installs for .ci/run)"]
 fn systemd_analyze_verify_accepts_the_installed_unit() {
     if !tools::runs("systemd-analyze", &["--version"]) {
         tools::require("systemd-analyze verify", &["systemd-analyze".to_owned()]);
@@ -401,12 +444,12 @@ fn systemd_analyze_verify_accepts_the_installed_unit() {
         assert!(ok, "systemd-analyze verify failed (tls: {tls}):\n{out}");
         assert_eq!(out.trim(), "", "systemd-analyze verify warned (tls: {tls})");
     }
-    // It does read the drop-in: a bad line in it is reported.
+    // It does read the unit: a bad line in it is reported.
     let dest = installed("deploy-verify-root-bad", true);
     let dir = scratch("deploy-verify-bad");
     let (_, out) = verify(&dest, &dir, "NoSuchSetting=1\n");
     assert!(
-        out.contains("tls.conf") && out.contains("NoSuchSetting"),
-        "the drop-in was not read:\n{out}"
+        out.contains("NoSuchSetting"),
+        "the unit was not read:\n{out}"
     );
 }
