@@ -320,11 +320,17 @@ impl Server {
             warn!("reload: this server has no configuration source to read again");
             return;
         };
+        let took = Instant::now();
         let eff = match source() {
             Ok(eff) => eff,
             Err(e) => {
                 self.metrics.reloads[1] += 1;
-                error!("reload refused, the configuration in effect is unchanged: {e}");
+                // One line (a TOML error quotes the offending line below its position).
+                let e: Vec<&str> = e.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                error!(
+                    "reload refused, the configuration in effect is unchanged: {}",
+                    e.join(" ")
+                );
                 return;
             }
         };
@@ -349,6 +355,9 @@ impl Server {
         for w in config_file::warnings(&eff) {
             warn!("reload: {w}");
         }
+        if new.cluster.is_some() && new.history != self.cfg.history {
+            warn!("reload: [[history]] changed, and is ignored in a cluster (as at start)");
+        }
         if !held.is_empty() {
             warn!(
                 "reload: {} changed but cannot change without a restart: kept as at start \
@@ -366,10 +375,11 @@ impl Server {
         self.metrics.reloads[0] += 1;
         self.metrics.config = (unix_ms(), config_hash(&self.cfg));
         info!(
-            "configuration reloaded{} (hash {}): {}",
+            "configuration reloaded{} in {:.1} ms (hash {}): {}",
             eff.file
                 .as_ref()
                 .map_or(String::new(), |p| format!(" from {}", p.display())),
+            took.elapsed().as_secs_f64() * 1000.0,
             self.metrics.config.1,
             if changed.is_empty() {
                 "nothing changed".to_owned()
