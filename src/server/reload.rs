@@ -1,8 +1,9 @@
 //! Reloading the configuration (SIGHUP; `middleman reload --pid PID`; systemd's
 //! `ExecReload=`): read the same sources again (the file, its key files, the TLS files;
 //! the command line and the environment as they were at start), check everything as
-//! `--check-config` does, then apply it all in one step, between two event-loop passes,
-//! or apply nothing and log why.
+//! `--check-config` does, then apply it all in one step on the loop's thread (no
+//! connection is handled while it applies, so none sees half of it), or apply nothing
+//! and log why. Signals that arrive together are one reload: at most one per pass.
 //!
 //! What applies, and from when:
 //! - keys: new logins use the new keys at once; a connection whose key (or its role) is
