@@ -623,3 +623,121 @@ fn check_config_refuses_a_bad_tls_pair() {
         "{out:?}"
     );
 }
+
+/// A `[[history]]` table for `prefix`, keeping 100 messages for `ttl`.
+fn history_table(prefix: &str, ttl: &str) -> String {
+    format!("\n[[history]]\nprefix = \"{prefix}\"\nsize = 100\nttl = \"{ttl}\"\n")
+}
+
+/// PUB `topic` from `svc`, subscribed to it: the message as it came back.
+fn pub_back(svc: &mut Peer, topic: &str, body: &str) -> common::Msg {
+    svc.send("PUB", topic, &[], body);
+    let m = svc.recv();
+    assert_eq!((m.target.as_str(), m.body.as_str()), (topic, body), "{m:?}");
+    m
+}
+
+/// The `max_age` (seconds) of JetStream stream `name`, asked of nats-server directly
+/// with a bare NATS request.
+fn stream_max_age(nats: SocketAddr, name: &str) -> u64 {
+    use std::io::BufRead;
+    let sock = TcpStream::connect(nats).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut w = sock.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(sock);
+    write!(
+        w,
+        "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.reload 1\r\n\
+         PUB $JS.API.STREAM.INFO.{name} _INBOX.reload 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut line = String::new();
+    for _ in 0..10 {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if let Some(rest) = line.strip_prefix("MSG _INBOX.reload 1 ") {
+            let n: usize = rest.trim().parse().unwrap();
+            let mut body = vec![0; n + 2];
+            r.read_exact(&mut body).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body[..n]).unwrap();
+            let ns = v["config"]["max_age"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{v}"));
+            return ns / 1_000_000_000;
+        }
+    }
+    panic!("no answer to STREAM.INFO: last line {line:?}");
+}
+
+#[test]
+#[ignore = "needs nats-server (.ci/install-tools.sh installs it)"]
+fn history_in_a_cluster_follows_a_reload() {
+    let nats = common::nats::NatsServer::start_jetstream();
+    let dir = scratch("reload-cluster-history");
+    write_keys(&dir, &[CLI_A]);
+    let cluster = format!(
+        "\n[cluster]\nnats = {:?}\nname = \"reloadhist\"\n",
+        nats.url()
+    );
+    let conf = write_conf(&dir, &["ws://127.0.0.1:0"], &cluster);
+    let (p, addr) = start(&conf);
+    common::cluster::until(10, "cluster connected", || {
+        common::cluster::metric(addr, "middleman_cluster_connected") == 1.0
+    });
+    let mut svc = Peer::service(addr);
+    for t in ["a.x", "b.x"] {
+        svc.send("SUB", t, &[], "");
+    }
+    svc.sync();
+    assert_eq!(pub_back(&mut svc, "a.x", "plain").header("offset"), None);
+
+    // History turned on by a reload: the stream is made, a.* messages carry offsets.
+    let on = format!("{cluster}{}", history_table("a.", "1h"));
+    write_conf(&dir, &["ws://127.0.0.1:0"], &on);
+    hup(&p);
+    until_reloads(addr, (1, 0));
+    p.wait_line("history 0 -> 1 rule(s)");
+    common::cluster::until(10, "history stream ready", || {
+        common::cluster::metric(addr, "middleman_history_jetstream_ready") == 1.0
+    });
+    let first = pub_back(&mut svc, "a.x", "kept");
+    let epoch = first.header("epoch").expect("epoch").to_owned();
+    let offset = first.header("offset").expect("offset").to_owned();
+    assert_eq!(pub_back(&mut svc, "b.x", "plain").header("offset"), None);
+    assert_eq!(stream_max_age(nats.addr(), "MM_reloadhist"), 3600);
+
+    // A second table with a longer ttl: the stream takes the new limits, keeps its
+    // messages and its epoch; b.* messages now carry offsets too.
+    let more = format!("{on}{}", history_table("b.", "2h"));
+    write_conf(&dir, &["ws://127.0.0.1:0"], &more);
+    hup(&p);
+    until_reloads(addr, (2, 0));
+    p.wait_line("history 1 -> 2 rule(s)");
+    common::cluster::until(10, "the stream's max_age updated", || {
+        stream_max_age(nats.addr(), "MM_reloadhist") == 7200
+    });
+    let b = pub_back(&mut svc, "b.x", "kept too");
+    assert_eq!(b.header("epoch"), Some(epoch.as_str()), "{b:?}");
+    assert!(b.header("offset").is_some(), "{b:?}");
+    let a = pub_back(&mut svc, "a.x", "after");
+    assert_eq!(a.header("epoch"), Some(epoch.as_str()), "{a:?}");
+    // What was stored before the reload is still there to recover.
+    let mut late = Peer::service(addr);
+    late.send("SUB", "a.x", &[("since", &format!("{epoch}:{offset}"))], "");
+    let replayed = late.recv();
+    assert_eq!(replayed.body, "after", "{replayed:?}");
+    let rec = late.recv();
+    assert_eq!(rec.target, "SYS:RECOVERY", "{rec:?}");
+    assert_eq!(rec.header("recovered"), Some("true"), "{rec:?}");
+
+    // A cluster setting is named and kept; history still applies.
+    let renamed = more.replace("reloadhist", "other");
+    write_conf(&dir, &["ws://127.0.0.1:0"], &renamed);
+    hup(&p);
+    until_reloads(addr, (3, 0));
+    let warn = p.wait_line("cannot change without a restart");
+    assert!(warn.contains("cluster.name"), "{warn}");
+    assert!(pub_back(&mut svc, "b.x", "still")
+        .header("offset")
+        .is_some());
+}

@@ -370,6 +370,44 @@ impl Cluster {
         self.write_sub(sid);
     }
 
+    /// A reload's `[[history]]`, for new messages: the stream keeps its messages and its
+    /// epoch, and takes the new limits (`STREAM.UPDATE`; refused, the old ones stay and a
+    /// warning says so). History turned on by a reload makes the stream as at start;
+    /// turned off, this node writes no more to it and still delivers what other nodes
+    /// write there.
+    pub fn reconfigure_history(
+        &mut self,
+        settings: &HistorySettings,
+        storage: Storage,
+        now: Instant,
+    ) {
+        match self.js.as_mut() {
+            None if settings.rules.is_empty() => {}
+            None => {
+                self.enable_history(settings, storage);
+                if self.connected {
+                    self.js_connected(now);
+                }
+            }
+            Some(js) if js.settings == *settings => {}
+            Some(js) => {
+                js.settings = settings.clone();
+                // Not ready yet: the next STREAM.CREATE carries the new limits.
+                if self.connected && js.stream_ok && !settings.rules.is_empty() {
+                    let stream = js.stream.clone();
+                    if let Some(cfg) = self.stream_config() {
+                        self.js_call(
+                            &format!("$JS.API.STREAM.UPDATE.{stream}"),
+                            &cfg,
+                            Call::Update,
+                            now,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// The subject a `Sid::Js*` subscription is on.
     pub(crate) fn js_sub_subject(&self, sid: &Sid) -> Option<Vec<u8>> {
         let js = self.js.as_ref()?;
@@ -813,6 +851,18 @@ impl Broker {
     pub fn cluster_history(&mut self, settings: &HistorySettings, storage: Storage) {
         if let Some(c) = self.cluster.as_mut() {
             c.enable_history(settings, storage);
+        }
+    }
+
+    /// A reload's `[[history]]` in a cluster ([`Cluster::reconfigure_history`]).
+    pub fn reconfigure_cluster_history(
+        &mut self,
+        settings: &HistorySettings,
+        storage: Storage,
+        now: Instant,
+    ) {
+        if let Some(c) = self.cluster.as_mut() {
+            c.reconfigure_history(settings, storage, now);
         }
     }
 

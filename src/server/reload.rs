@@ -15,7 +15,9 @@
 //!   header limits of each decoder and WebSocket context are replaced; a lowered
 //!   outbound cap is checked at the next write to a connection, nobody is cut at once).
 //! - `[[history]]` and `max_history_bytes`: [`Broker::reconfigure_history`] (stored
-//!   messages stay where a rule still matches, same epoch).
+//!   messages stay where a rule still matches, same epoch); in a cluster
+//!   [`Broker::reconfigure_cluster_history`] (the JetStream stream takes the new limits,
+//!   same epoch).
 //!
 //! What needs a restart (listeners, `reuse_port`, `[cluster]`, `log_level`) is named in
 //! a warning and left as it is; the rest is applied all the same.
@@ -154,6 +156,10 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
                 ("cluster.max_pending", a.max_pending != b.max_pending),
                 ("cluster.node_timeout", a.node_timeout != b.node_timeout),
                 ("cluster.node_name", a.node_name != b.node_name),
+                (
+                    "cluster.history_storage",
+                    a.history_storage != b.history_storage,
+                ),
             ] {
                 if differs {
                     held.push(name);
@@ -356,9 +362,6 @@ impl Server {
         for w in config_file::warnings(&eff) {
             warn!("reload: {w}");
         }
-        if new.cluster.is_some() && new.history != self.cfg.history {
-            warn!("reload: [[history]] changed, and is ignored in a cluster (as at start)");
-        }
         if !held.is_empty() {
             warn!(
                 "reload: {} changed but cannot change without a restart: kept as at start \
@@ -398,8 +401,12 @@ impl Server {
         self.ws_config_key = ws_config_key;
         self.tls = tls;
         self.broker.settings = broker_settings(&new);
-        if new.cluster.is_none() {
-            self.broker.reconfigure_history(&new.history);
+        match &new.cluster {
+            None => self.broker.reconfigure_history(&new.history),
+            Some(cc) => {
+                self.broker
+                    .reconfigure_cluster_history(&new.history, cc.history_storage, now)
+            }
         }
         let limits = new.limits;
         self.cfg = new;
