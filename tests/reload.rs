@@ -482,11 +482,9 @@ fn an_invalid_configuration_changes_nothing() {
     hup(&p);
     until_reloads(addr, (0, 1));
     let line = p.wait_line("reload refused");
-    let at = format!("{}:", conf.display());
-    assert!(
-        line.contains(&at) && line.contains("max_subscriptions"),
-        "{line}"
-    );
+    // The value is on line 12, from column 21.
+    let at = format!("{}:12:21: limits.max_subscriptions", conf.display());
+    assert!(line.contains("ERROR") && line.contains(&at), "{line}");
 
     std::fs::write(&conf, &good).unwrap();
     std::fs::remove_file(dir.join("client.keys")).unwrap();
@@ -740,4 +738,61 @@ fn history_in_a_cluster_follows_a_reload() {
     assert!(pub_back(&mut svc, "b.x", "still")
         .header("offset")
         .is_some());
+}
+
+#[test]
+fn history_follows_a_reload_on_a_single_node() {
+    let dir = scratch("reload-history");
+    write_keys(&dir, &[CLI_A]);
+    let conf = write_conf(&dir, &["ws://127.0.0.1:0"], &history_table("a.", "1h"));
+    let (p, addr) = start(&conf);
+    let mut svc = Peer::service(addr);
+    for t in ["a.x", "b.x"] {
+        svc.send("SUB", t, &[], "");
+    }
+    svc.sync();
+    let sent: Vec<common::Msg> = (0..3)
+        .map(|i| pub_back(&mut svc, "a.x", &format!("m{i}")))
+        .collect();
+    let epoch = sent[0].header("epoch").expect("epoch").to_owned();
+    assert_eq!(pub_back(&mut svc, "b.x", "plain").header("offset"), None);
+
+    // a.* keeps 1 message instead of 100, b.* keeps history too.
+    let two = format!(
+        "{}{}",
+        history_table("a.", "1h").replace("size = 100", "size = 1"),
+        history_table("b.", "1h")
+    );
+    write_conf(&dir, &["ws://127.0.0.1:0"], &two);
+    hup(&p);
+    until_reloads(addr, (1, 0));
+    p.wait_line("history 1 -> 2 rule(s)");
+    let b = pub_back(&mut svc, "b.x", "kept");
+    assert!(b.header("offset").is_some(), "{b:?}");
+    // The same epoch, offsets going on (one sequence for all topics: b.x took one).
+    let a = pub_back(&mut svc, "a.x", "m3");
+    assert_eq!(a.header("epoch"), Some(epoch.as_str()), "{a:?}");
+    let last = |m: &common::Msg| m.header("offset").unwrap().parse::<u64>().unwrap();
+    assert_eq!(last(&a), last(&b) + 1);
+    assert_eq!(last(&b), last(&sent[2]) + 1);
+    // Trimmed to the new size at once: only m3 is kept, so a recovery from m2 is
+    // whole and one from m1 is not.
+    let recover = |since: &common::Msg| {
+        let mut late = Peer::service(addr);
+        let pos = format!("{epoch}:{}", last(since));
+        late.send("SUB", "a.x", &[("since", &pos)], "");
+        let mut got = Vec::new();
+        loop {
+            let m = late.recv();
+            if m.target == "SYS:RECOVERY" {
+                return (got, m.header("recovered").map(str::to_owned));
+            }
+            got.push(m.body);
+        }
+    };
+    assert_eq!(
+        recover(&sent[2]),
+        (vec!["m3".to_owned()], Some("true".into()))
+    );
+    assert_eq!(recover(&sent[1]), (vec![], Some("false".into())));
 }
