@@ -100,6 +100,16 @@ fn console_shows_the_server_live_in_chromium() {
     assert_eq!(before["service"], "0", "{before}");
     assert_eq!(before["client"], "0", "{before}");
     assert_eq!(before["pending"], "0", "{before}");
+    // The configuration in effect: its hash (as /stats has it) and when it was loaded.
+    let stats = http_get(srv.addr, "GET /stats HTTP/1.1\r\nHost: x\r\n\r\n");
+    let stats: Value = serde_json::from_str(stats.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let hash = stats["config"]["hash"].as_str().unwrap();
+    let shown = before["config"].as_str().unwrap();
+    assert!(
+        shown.starts_with(&format!("config {hash} loaded 20"))
+            && shown.ends_with(" UTC (reloads: 0 ok, 0 invalid)"),
+        "{before}"
+    );
 
     // 2. Load: one service, three subscribed clients, a pending request, a refused key,
     //    and a steady stream of publications (the clients drain theirs on threads).

@@ -47,7 +47,7 @@ const read = (page) => page.evaluate(() => {
     rate_in: t("rate-in"), rate_out: t("rate-out"),
     total_in: t("total-in"), total_out: t("total-out"),
     pending: t("pending"), subscriptions: t("subscriptions"), topics: t("topics"),
-    grants: t("grants"), hist_topics: t("hist-topics"),
+    grants: t("grants"), hist_topics: t("hist-topics"), config: t("config"),
     busiest: rows("busiest"), closes: rows("closes"),
     chart_points: Number(c.dataset.points), chart_max: Number(c.dataset.max),
     chart: c.toDataURL(),
