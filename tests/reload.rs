@@ -796,3 +796,63 @@ fn history_follows_a_reload_on_a_single_node() {
     );
     assert_eq!(recover(&sent[1]), (vec![], Some("false".into())));
 }
+
+#[test]
+fn a_lowered_outbound_cap_is_checked_at_the_next_write() {
+    let dir = scratch("reload-outbound");
+    write_keys(&dir, &[CLI_A]);
+    let limits = |cap: &str| format!("\n[limits]\nmax_outbound_bytes = \"{cap}\"\n");
+    let conf = write_conf(&dir, &["ws://127.0.0.1:0"], &limits("256MiB"));
+    let (p, addr) = start(&conf);
+    let mut svc = Peer::service(addr);
+    svc.send("ESUB", "t", &[], "");
+    svc.sync();
+    // A subscriber that stops reading: 48 MiB for it, more than loopback's socket
+    // buffers take (a few MiB), so tens of MiB wait in its queue under the 256 MiB cap.
+    let mut stuck = Peer::connect(addr, CLI_A);
+    stuck.send("SUB", "t", &[], "");
+    stuck.sync();
+    // 64 KiB in lines of 1 KiB (under max_line_bytes).
+    let chunk = [&"x".repeat(1023)[..]; 64].join("\n");
+    for _ in 0..768 {
+        svc.send("PUB", "t", &[], &chunk);
+    }
+    svc.sync();
+    let slow = |addr| metrics(addr)["middleman_slow_consumers_total"];
+    assert_eq!(slow(addr), 0.0);
+
+    // 1 MiB from now on: nobody is cut by the reload itself...
+    write_conf(&dir, &["ws://127.0.0.1:0"], &limits("1MiB"));
+    hup(&p);
+    until_reloads(addr, (1, 0));
+    let line = p.wait_line("configuration reloaded");
+    assert!(
+        line.contains("limits.max_outbound_bytes 268435456 -> 1048576"),
+        "{line}"
+    );
+    let m = metrics(addr);
+    assert_eq!(m["middleman_slow_consumers_total"], 0.0);
+    assert_eq!(m["middleman_connections{role=\"client\"}"], 1.0);
+    // ... the next message for it finds its queue over the cap: closed as a slow
+    // consumer, and only it.
+    svc.send("PUB", "t", &[], "one more");
+    svc.sync();
+    let deadline = Instant::now() + WAIT;
+    while slow(addr) != 1.0 {
+        assert!(Instant::now() < deadline, "not closed as a slow consumer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Counted as closed once it is gone: it hangs up now.
+    drop(stuck);
+    let closed =
+        |addr| metrics(addr)["middleman_connections_closed_total{reason=\"slow_consumer\"}"];
+    while closed(addr) != 1.0 {
+        assert!(Instant::now() < deadline, "the close was not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    svc.sync();
+    assert_eq!(
+        metrics(addr)["middleman_connections{role=\"service\"}"],
+        1.0
+    );
+}
