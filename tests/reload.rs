@@ -521,15 +521,22 @@ fn changed_listeners_are_named_and_the_rest_is_applied() {
     let conf = write_conf(&dir, &["ws://127.0.0.1:0"], "");
     let (p, addr) = start(&conf);
     write_keys(&dir, &[CLI_A, CLI_B]);
-    write_conf(
+    let conf = write_conf(
         &dir,
         &["ws://127.0.0.1:0", "tcp://127.0.0.1:0"],
         "\n[timeouts]\nrequest = \"7s\"\n",
     );
+    // A top-level setting: before the first table.
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("log_level = \"error\"\n{text}")).unwrap();
     hup(&p);
     until_reloads(addr, (1, 0));
     let warn = p.wait_line("cannot change without a restart");
-    assert!(warn.contains("WARN") && warn.contains("listen"), "{warn}");
+    assert!(
+        warn.contains("WARN") && warn.contains("reload: listen, log_level changed"),
+        "{warn}"
+    );
+    // Logged at info: the level stays as at start.
     let line = p.wait_line("configuration reloaded");
     assert!(
         line.contains("timeouts.request 30s -> 7s") && line.contains("client keys +1 -0"),
