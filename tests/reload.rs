@@ -490,11 +490,21 @@ fn an_invalid_configuration_changes_nothing() {
     std::fs::remove_file(dir.join("client.keys")).unwrap();
     hup(&p);
     until_reloads(addr, (0, 2));
+    let line = p.wait_line("client.keys");
+    assert!(
+        line.contains("ERROR") && line.contains("reload refused"),
+        "{line}"
+    );
 
     write_keys(&dir, &[CLI_B]);
     std::fs::write(&conf, format!("{good}\n[limits\n")).unwrap();
     hup(&p);
     until_reloads(addr, (0, 3));
+    let line = p.wait_line(&format!("{}:14:", conf.display()));
+    assert!(
+        line.contains("ERROR") && line.contains("reload refused"),
+        "{line}"
+    );
 
     // Nothing was applied: the old key still works, new ones do not, and the old
     // subscription limit holds.
