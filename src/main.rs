@@ -38,6 +38,9 @@ enum Cmd {
     Presence(cli::PresenceArgs),
     /// Close a connection by its cid, with code 4000 (a service key; protocol 1.1).
     Kick(cli::KickArgs),
+    /// Put a running server in lame duck (SIGUSR2): it stops accepting, closes its
+    /// connections spread over --lame-duck-duration, then exits.
+    Lameduck(cli::LameDuckArgs),
     /// Load tool: measure a running server (middleman or nats-server) over WebSocket.
     Bench(middleman::bench::Args),
 }
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             Cmd::Reply(a) => cli::reply(a),
             Cmd::Presence(a) => cli::presence(a),
             Cmd::Kick(a) => cli::kick(a),
+            Cmd::Lameduck(a) => cli::lameduck(a),
             Cmd::Bench(args) => middleman::bench::run(args),
         };
     }
@@ -123,7 +127,7 @@ fn run(eff: Effective) -> Result<(), String> {
         "middleman {} listening on {}{} (config {}; keys: {} service, {} client, {} monitor{}; \
          limits: message {} B, line {} B, {} header lines, {} connections, {} subscriptions, \
          outbound {} B; timeouts: handshake {:?}, ping {:?}, idle {:?}, request {:?}, \
-         shutdown grace {:?}; HTTP: /healthz /metrics /stats /console)",
+         shutdown grace {:?}, lame duck {:?}; HTTP: /healthz /metrics /stats /console)",
         env!("CARGO_PKG_VERSION"),
         bound.join(" "),
         if cfg.echo { " in echo mode" } else { "" },
@@ -145,6 +149,7 @@ fn run(eff: Effective) -> Result<(), String> {
         cfg.idle_timeout,
         cfg.request_timeout,
         cfg.shutdown_grace,
+        cfg.lame_duck_duration,
     );
     server.run().map_err(|e| format!("event loop failed: {e}"))
 }

@@ -127,6 +127,7 @@ struct RawTimeouts {
     idle: Option<Spanned<toml::Value>>,
     request: Option<Spanned<toml::Value>>,
     shutdown_grace: Option<Spanned<toml::Value>>,
+    lame_duck: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -228,6 +229,8 @@ pub struct FileConfig {
     pub request_timeout: Option<At<Duration>>,
     /// `[timeouts] shutdown_grace`.
     pub shutdown_grace: Option<At<Duration>>,
+    /// `[timeouts] lame_duck`.
+    pub lame_duck_duration: Option<At<Duration>>,
     /// `[cluster] nats`: one nats-server URL or a list of them (trimmed, checked).
     pub cluster_nats: Option<At<Vec<String>>>,
     /// `[cluster] name`.
@@ -587,6 +590,7 @@ fn parse_limits(f: &Src<'_>, raw: &RawFile, out: &mut FileConfig) -> Result<(), 
     out.idle_timeout = f.duration(&t.idle, "timeouts.idle")?;
     out.request_timeout = f.duration(&t.request, "timeouts.request")?;
     out.shutdown_grace = f.duration(&t.shutdown_grace, "timeouts.shutdown_grace")?;
+    out.lame_duck_duration = f.duration(&t.lame_duck, "timeouts.lame_duck")?;
     Ok(())
 }
 
@@ -916,6 +920,12 @@ pub fn merge(
         f.shutdown_grace,
         cfg.shutdown_grace
     );
+    take!(
+        "timeouts.lame_duck",
+        "lame_duck_duration",
+        f.lame_duck_duration,
+        cfg.lame_duck_duration
+    );
     let mut cl = cfg.cluster.take().unwrap_or_default();
     let secret = |s: &Secret| Some(s.0.clone());
     take!("cluster.nats", "cluster", f.cluster_nats, cl.urls);
@@ -1027,6 +1037,7 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
         ("timeouts.ping_interval", c.ping_interval),
         ("timeouts.idle", c.idle_timeout),
         ("timeouts.request", c.request_timeout),
+        ("timeouts.lame_duck", c.lame_duck_duration),
     ] {
         if v.is_zero() {
             return Err(format!("{}: must be more than 0", at(name)));
@@ -1350,6 +1361,7 @@ pub fn render(eff: &Effective) -> String {
             "shutdown_grace",
             c.shutdown_grace,
         ),
+        ("timeouts.lame_duck", "lame_duck", c.lame_duck_duration),
     ] {
         line(&mut s, name, key, show_duration(v));
     }

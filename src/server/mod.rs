@@ -21,6 +21,7 @@ mod backplane;
 mod closing;
 mod housekeeping;
 mod http;
+mod lameduck;
 mod listener;
 mod outbound;
 mod raw;
@@ -180,6 +181,8 @@ pub struct Server {
     waker: Arc<Waker>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     shutdown_deadline: Option<Instant>,
+    /// In lame duck (SIGUSR2): the connections still to close and their schedule.
+    lame_duck: Option<lameduck::LameDuck>,
     accept_paused_until: Option<Instant>,
     next_tick: Instant,
     metrics: Metrics,
@@ -230,6 +233,7 @@ impl Server {
             let mut s = signal_hook_mio::v1_0::Signals::new([
                 signal_hook::consts::SIGINT,
                 signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGUSR2,
             ])?;
             poll.registry()
                 .register(&mut s, SIGNALS, Interest::READABLE)?;
@@ -344,6 +348,7 @@ impl Server {
             waker,
             signals,
             shutdown_deadline: None,
+            lame_duck: None,
             accept_paused_until: None,
             next_tick: Instant::now() + TICK,
             metrics: Metrics::default(),
@@ -403,14 +408,19 @@ impl Server {
                     }
                     BACKPLANE => self.backplane_event(now),
                     SIGNALS => {
-                        let got = self
+                        let got: Vec<i32> = self
                             .signals
                             .as_mut()
-                            .map(|s| s.pending().count())
-                            .unwrap_or(0);
-                        if got > 0 {
-                            info!("signal received: shutting down");
-                            self.begin_shutdown(now);
+                            .map(|s| s.pending().collect())
+                            .unwrap_or_default();
+                        for sig in got {
+                            if sig == signal_hook::consts::SIGUSR2 {
+                                info!("SIGUSR2 received: lame duck");
+                                self.begin_lame_duck(now);
+                            } else {
+                                info!("signal received: shutting down");
+                                self.begin_shutdown(now);
+                            }
                         }
                     }
                     Token(id) => {
