@@ -343,6 +343,28 @@ fn the_lameduck_command_serves_until_each_turn_and_sigterm_cuts_it_short() {
     );
 }
 
+/// With no connection open the lame duck has nothing to wait for: the process exits (0)
+/// at once, whatever the duration.
+#[test]
+fn a_lame_duck_with_no_connection_exits_at_once() {
+    let mut srv = Proc::start(
+        &[&SERVER_ARGS[..], &["--lame-duck-duration", "60s"]].concat(),
+        &[],
+    );
+    srv.addr();
+    let t = Instant::now();
+    signal(&srv, libc::SIGUSR2);
+    let (code, at) = exit_within(&mut srv, Duration::from_secs(5));
+    assert_eq!(code, 0);
+    assert!(at - t < Duration::from_secs(1), "exit after {:?}", at - t);
+    let lines = srv.output_after_exit();
+    assert!(
+        lines.iter().any(|l| l.contains("lame duck over")
+            && l.contains("0 connections closed by it, 0 closed by themselves, 0 left")),
+        "{lines:?}"
+    );
+}
+
 /// Two nodes and a real nats-server: lame duck on the responder's node A fails B's
 /// pending request to it at once and B's next request gets `no responder`, long before
 /// the node timeout (30 s here), while A still serves its own connections.

@@ -1623,6 +1623,45 @@ mod tests {
     }
 
     #[test]
+    fn lame_duck_duration_from_the_file_more_than_zero() {
+        let f = parse_str("[timeouts]\nlame_duck = \"2m\"\n").unwrap();
+        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
+            Source::Default
+        });
+        assert_eq!(eff.cfg.lame_duck_duration, Duration::from_secs(120));
+        assert_eq!(eff.source("timeouts.lame_duck"), Source::File(2));
+        assert!(
+            render(&eff).contains("lame_duck = \"120s\""),
+            "{}",
+            render(&eff)
+        );
+        assert!(validate(&eff).is_ok());
+        // The command line over the file; zero refused, named by where it came from.
+        let cfg = Config {
+            lame_duck_duration: Duration::ZERO,
+            ..Config::default()
+        };
+        let eff = merge(cfg, log::LevelFilter::Info, Some(&f), |id| match id {
+            "lame_duck_duration" => Source::CommandLine,
+            _ => Source::Default,
+        });
+        assert_eq!(
+            validate(&eff).unwrap_err(),
+            "timeouts.lame_duck (command line): must be more than 0"
+        );
+        let f = parse_str("[timeouts]\nlame_duck = \"0s\"\n").unwrap();
+        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
+            Source::Default
+        });
+        assert_eq!(
+            validate(&eff).unwrap_err(),
+            "timeouts.lame_duck (test.toml:2): must be more than 0"
+        );
+        let e = parse_str("[timeouts]\nlame_duck = true\n").unwrap_err();
+        assert!(e.contains("timeouts.lame_duck"), "{e}");
+    }
+
+    #[test]
     fn listeners_with_roles_and_tls_paths() {
         let f = parse_str(
             "listen = [\"ws://127.0.0.1:1\", \"tcp://127.0.0.1:2?roles=service\"]\n\
