@@ -57,6 +57,12 @@ impl Server {
             info!("lame duck ignored: already in lame duck");
             return;
         }
+        // What the kernel has already queued on the listeners is taken first (closing a
+        // listener resets the connections in its backlog); it is served and closed in
+        // its turn like the rest.
+        for i in 0..self.listeners.len() {
+            self.accept(i, now);
+        }
         // Nothing new: the sockets are closed, so a process sharing the port
         // (--reuse-port) gets every new connection.
         let listeners = std::mem::take(&mut self.listeners);
