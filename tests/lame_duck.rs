@@ -5,6 +5,7 @@
 //! cluster the others hear at once that the node leaves.
 
 mod common;
+mod tools;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
@@ -460,4 +461,210 @@ fn a_lame_duck_node_is_forgotten_by_the_others_at_once() {
         (1001, "server shutting down".to_owned())
     );
     assert_eq!(exit_within(&mut a, Duration::from_secs(5)).0, 0);
+}
+
+/// The zero-downtime upgrade script of the README (section "Zero-downtime upgrade"),
+/// taken from README.md as it is and run with `sh`: only its configuration path and its
+/// port are replaced by this test's. The new process it starts takes every connection
+/// the old one closes, and the old one exits 0.
+#[test]
+#[ignore = "needs curl (the README's script uses it): run .ci/install-tools.sh"]
+fn the_readme_zero_downtime_script_hands_every_client_over() {
+    const N: usize = 50;
+    let mut missing = Vec::new();
+    if !tools::runs("curl", &["--version"]) {
+        missing.push("curl".to_owned());
+    }
+    tools::require("the README's upgrade script", &missing);
+
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md");
+    let section = &readme[readme
+        .find("### Zero-downtime upgrade")
+        .expect("README: no Zero-downtime upgrade section")..];
+    let start = section.find("```sh\n").expect("README: no sh block") + "```sh\n".len();
+    let script = &section[start..start + section[start..].find("```").expect("unclosed block")];
+    for needed in [
+        "/etc/middleman/middleman.toml",
+        "127.0.0.1:8765",
+        "--reuse-port",
+        "lameduck --pid \"$OLD\"",
+    ] {
+        assert!(
+            script.contains(needed),
+            "the script lost {needed:?}:\n{script}"
+        );
+    }
+
+    let mut old = Proc::start(
+        &[
+            &SERVER_ARGS[..],
+            &["--reuse-port", "--lame-duck-duration", "2s"],
+        ]
+        .concat(),
+        &[],
+    );
+    let addr = old.addr();
+    let old_pid = old.child.id();
+    let dir = scratch("lame-duck-readme");
+    let conf = dir.join("middleman.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"ws://{addr}\"\n\
+             [[keys]]\nrole = \"service\"\nkey = \"{SERVICE_KEY}\"\n\
+             [[keys]]\nrole = \"client\"\nkey = \"{CLIENT_KEY}\"\n"
+        ),
+    )
+    .unwrap();
+    let path = dir.join("upgrade.sh");
+    std::fs::write(
+        &path,
+        script
+            .replace("/etc/middleman/middleman.toml", conf.to_str().unwrap())
+            .replace("127.0.0.1:8765", &addr.to_string()),
+    )
+    .unwrap();
+    let mut open = Vec::with_capacity(N);
+    for _ in 0..N {
+        let p = Peer::client(addr);
+        open.push(Waiting {
+            ws: p.ws,
+            cid: p.cid,
+        });
+    }
+    let old_prefix = open[0].cid[..6].to_owned();
+
+    // `middleman` on the PATH is this build; the script's output (and the new
+    // process's, which outlives it) goes to a file, so nothing waits on a pipe.
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_middleman"))
+        .parent()
+        .unwrap();
+    let log = dir.join("upgrade.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new("sh")
+        .arg(&path)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("OLD", old_pid.to_string())
+        .env_remove("MM_SERVICE_KEY")
+        .env_remove("MM_CLIENT_KEY")
+        .env_remove("MM_MONITOR_KEY")
+        .env_remove("MM_LISTEN")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("run sh");
+    let mut script_run = ScriptRun { child, new: None };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = script_run.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the script did not finish within 20s:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        status.success(),
+        "the script failed ({status}):\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    // The old process is in lame duck: its listener is closed (before it logs so), so
+    // the port is the new one's alone, and /stats names it.
+    old.wait_line("lame duck: ");
+    let stats = http_get(addr, "GET /stats HTTP/1.1\r\nHost: x\r\n\r\n");
+    let body = stats.split("\r\n\r\n").nth(1).unwrap_or("");
+    let doc: serde_json::Value = serde_json::from_str(body).expect("/stats is JSON");
+    let new_pid = doc["pid"].as_u64().expect("/stats names its pid") as u32;
+    script_run.new = Some(new_pid);
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{new_pid}/comm"))
+            .unwrap()
+            .trim_end(),
+        "middleman"
+    );
+
+    let (closed, again) = closes_and_reconnects(open, addr, Duration::from_secs(10));
+    assert_eq!(closed.len(), N);
+    assert!(closed
+        .iter()
+        .all(|c| (c.code, c.reason.as_str()) == (1001, "server going away")));
+    let new_prefix = again[0].cid[..6].to_owned();
+    assert_ne!(new_prefix, old_prefix);
+    assert!(again.iter().all(|p| p.cid.starts_with(&new_prefix)));
+    assert_eq!(exit_within(&mut old, Duration::from_secs(5)).0, 0);
+    let m = metrics(addr);
+    assert_eq!(
+        m.get("middleman_connections{role=\"client\"}"),
+        Some(&(N as f64))
+    );
+    drop(again);
+
+    // The new process is ours to end: SIGTERM, and it is gone within the grace.
+    // SAFETY: kill(2) on the process the script (our child) started, by its PID.
+    assert_eq!(unsafe { libc::kill(new_pid as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(new_pid) {
+        assert!(Instant::now() < deadline, "the new process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    script_run.new = None;
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log.contains("signal received: shutting down"), "{log}");
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone: nothing may reap an
+/// orphan in a container).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = &s[s.rfind(')')? + 1..];
+            after.split_whitespace().next().map(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// The README's script and the process it started: both killed (by PID) if the test
+/// fails half-way.
+struct ScriptRun {
+    child: std::process::Child,
+    new: Option<u32>,
+}
+
+impl Drop for ScriptRun {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // Its children (the new server, curl, sleep) first: they are ours too.
+            let pid = self.child.id();
+            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            for k in kids
+                .split_whitespace()
+                .filter_map(|k| k.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a child of our own child, by its PID.
+                unsafe { libc::kill(k, libc::SIGKILL) };
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(pid) = self.new.filter(|&p| running(p)) {
+            // SAFETY: kill(2) on the server the script started, by its PID.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
 }
