@@ -368,7 +368,8 @@ fn a_lame_duck_with_no_connection_exits_at_once() {
 
 /// Two nodes and a real nats-server: lame duck on the responder's node A fails B's
 /// pending request to it at once and B's next request gets `no responder`, long before
-/// the node timeout (30 s here), while A still serves its own connections.
+/// the node timeout (30 s here), while A still serves its own connections, and what is
+/// published on B still reaches A's subscribers.
 #[test]
 #[ignore = "needs nats-server (Debian package nats-server): run .ci/install-tools.sh"]
 fn a_lame_duck_node_is_forgotten_by_the_others_at_once() {
@@ -382,7 +383,7 @@ fn a_lame_duck_node_is_forgotten_by_the_others_at_once() {
                 "--cluster-node-timeout",
                 "30s",
                 "--lame-duck-duration",
-                "20s",
+                "40s",
             ],
         ),
         &[],
@@ -390,13 +391,18 @@ fn a_lame_duck_node_is_forgotten_by_the_others_at_once() {
     let a_addr = a.addr();
     let b = node_with(&nats, "lame1", |c| c.node_timeout = Duration::from_secs(30));
     settled(&[a_addr, b.addr]);
-    // Oldest first: of A's three connections the idle one goes at the first tick, the
-    // local requester after ~7 s, the responder after ~13 s.
+    // Oldest first: of A's four connections the idle one goes at the first tick, the
+    // local requester after ~10 s, the responder after ~20 s, the subscriber after ~30 s.
     let idle = Peer::client(a_addr);
     let mut local = Peer::client(a_addr);
     let mut svc = Peer::service(a_addr);
     svc.send("EREQ", "slow", &[], "");
     svc.sync();
+    let mut sub = Peer::service(a_addr);
+    sub.send("SUB", "news", &[], "");
+    sub.sync();
+    let mut publ = Peer::service(b.addr);
+    await_route(&mut publ, &mut sub, "news");
     let mut requester = Peer::client(b.addr);
     until(10, "A's responder known on B", || {
         metric(b.addr, "middleman_cluster_remote_responders") == 1.0
@@ -426,6 +432,14 @@ fn a_lame_duck_node_is_forgotten_by_the_others_at_once() {
         "failed after {failed:?}, refused after {refused:?}"
     );
     assert_eq!(metric(b.addr, "middleman_cluster_nodes"), 0.0);
+    assert_eq!(metric(b.addr, "middleman_cluster_remote_responders"), 0.0);
+    // Subscriptions are not enablements: A still has the topic on the backplane.
+    publ.send("PUB", "news", &[], "during the lame duck");
+    let m = sub.recv();
+    assert_eq!(
+        (m.target.as_str(), m.body.as_str()),
+        ("news", "during the lame duck")
+    );
 
     // A still serves the connections it holds: its responder answers its local
     // requester.
@@ -458,6 +472,10 @@ fn a_lame_duck_node_is_forgotten_by_the_others_at_once() {
     );
     assert_eq!(
         closed_by_server(local),
+        (1001, "server shutting down".to_owned())
+    );
+    assert_eq!(
+        closed_by_server(sub),
         (1001, "server shutting down".to_owned())
     );
     assert_eq!(exit_within(&mut a, Duration::from_secs(5)).0, 0);
