@@ -49,6 +49,7 @@ pub(super) fn due(total: usize, elapsed: Duration, duration: Duration) -> usize 
 impl Server {
     /// Enter lame duck (ignored when already in it or shutting down).
     pub(super) fn begin_lame_duck(&mut self, now: Instant) {
+        info!("SIGUSR2 received: lame duck");
         if self.shutdown_deadline.is_some() {
             info!("lame duck ignored: already shutting down");
             return;

@@ -408,18 +408,19 @@ impl Server {
                     }
                     BACKPLANE => self.backplane_event(now),
                     SIGNALS => {
+                        // pending() gives each signal number once however many came.
                         let got: Vec<i32> = self
                             .signals
                             .as_mut()
                             .map(|s| s.pending().collect())
                             .unwrap_or_default();
                         for sig in got {
-                            if sig == signal_hook::consts::SIGUSR2 {
-                                info!("SIGUSR2 received: lame duck");
-                                self.begin_lame_duck(now);
-                            } else {
-                                info!("signal received: shutting down");
-                                self.begin_shutdown(now);
+                            match sig {
+                                signal_hook::consts::SIGUSR2 => self.begin_lame_duck(now),
+                                _ => {
+                                    info!("signal received: shutting down");
+                                    self.begin_shutdown(now);
+                                }
                             }
                         }
                     }
