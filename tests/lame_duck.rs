@@ -254,12 +254,12 @@ fn a_lame_duck_spreads_1001_closes_over_its_duration_and_a_reuse_port_process_ta
 #[test]
 fn the_lameduck_command_serves_until_each_turn_and_sigterm_cuts_it_short() {
     let mut srv = Proc::start(
-        &[&SERVER_ARGS[..], &["--lame-duck-duration", "6s"]].concat(),
+        &[&SERVER_ARGS[..], &["--lame-duck-duration", "30s"]].concat(),
         &[],
     );
     let addr = srv.addr();
-    // Oldest first: the idle one goes at the first tick, the subscriber after ~2 s, the
-    // publisher after ~4 s.
+    // Oldest first: the idle one goes at the first tick, the subscriber after ~10 s, the
+    // publisher after ~20 s (far enough for a loaded machine to do what follows first).
     let idle = Peer::client(addr);
     let mut sub = Peer::service(addr);
     sub.send("SUB", "news", &[], "");
@@ -295,7 +295,7 @@ fn the_lameduck_command_serves_until_each_turn_and_sigterm_cuts_it_short() {
     let t0 = Instant::now();
     let line = srv.wait_line("lame duck: ");
     assert!(
-        line.contains("closing 3 connections (1001) spread over 6s"),
+        line.contains("closing 3 connections (1001) spread over 30s"),
         "{line}"
     );
 
@@ -311,8 +311,8 @@ fn the_lameduck_command_serves_until_each_turn_and_sigterm_cuts_it_short() {
         ("news", "during the lame duck")
     );
     assert!(
-        t0.elapsed() < Duration::from_millis(1500),
-        "{:?}",
+        t0.elapsed() < Duration::from_secs(10),
+        "not before the subscriber's turn: {:?}",
         t0.elapsed()
     );
     // The listener is closed: nothing accepts on the port any more.
@@ -330,8 +330,9 @@ fn the_lameduck_command_serves_until_each_turn_and_sigterm_cuts_it_short() {
     );
     let (code, at) = exit_within(&mut srv, Duration::from_secs(5));
     assert_eq!(code, 0);
+    // At once, not at the end of the lame duck's 30 s.
     assert!(
-        at - t1 < Duration::from_secs(1),
+        at - t1 < Duration::from_secs(3),
         "exit {:?} after SIGTERM",
         at - t1
     );
