@@ -41,6 +41,9 @@ enum Cmd {
     /// Make a running server read its configuration again (sends it SIGHUP; the same
     /// as `kill -HUP PID` or `systemctl reload middleman`).
     Reload(cli::PidArgs),
+    /// Put a running server in lame duck (SIGUSR2): it stops accepting, closes its
+    /// connections spread over --lame-duck-duration, then exits.
+    Lameduck(cli::LameDuckArgs),
     /// Load tool: measure a running server (middleman or nats-server) over WebSocket.
     Bench(middleman::bench::Args),
 }
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
             Cmd::Presence(a) => cli::presence(a),
             Cmd::Kick(a) => cli::kick(a),
             Cmd::Reload(a) => cli::reload(a),
+            Cmd::Lameduck(a) => cli::lameduck(a),
             Cmd::Bench(args) => middleman::bench::run(args),
         };
     }
@@ -145,7 +149,7 @@ fn run(
         "middleman {} listening on {}{} (config {}; keys: {} service, {} client, {} monitor{}; \
          limits: message {} B, line {} B, {} header lines, {} connections, {} subscriptions, \
          outbound {} B; timeouts: handshake {:?}, ping {:?}, idle {:?}, request {:?}, \
-         shutdown grace {:?}; HTTP: /healthz /metrics /stats /console)",
+         shutdown grace {:?}, lame duck {:?}; HTTP: /healthz /metrics /stats /console)",
         env!("CARGO_PKG_VERSION"),
         bound.join(" "),
         if cfg.echo { " in echo mode" } else { "" },
@@ -167,6 +171,7 @@ fn run(
         cfg.idle_timeout,
         cfg.request_timeout,
         cfg.shutdown_grace,
+        cfg.lame_duck_duration,
     );
     server.run().map_err(|e| format!("event loop failed: {e}"))
 }

@@ -12,45 +12,6 @@ use common::nats::NatsServer;
 use common::proc::Proc;
 use common::*;
 
-/// Publish probes on `topic` from `publisher` until every one of `subs` has received one
-/// (their nodes have subscribed the topic on the backplane), then read each up to an end
-/// marker, so that nothing of the probing is left unread.
-fn await_routes(publisher: &mut Peer, subs: &mut [&mut Peer], topic: &str) {
-    let mut reached = vec![false; subs.len()];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reached.contains(&false) {
-        assert!(Instant::now() < deadline, "no route to {topic} within 10s");
-        publisher.send("PUB", topic, &[], "probe");
-        for (s, r) in subs.iter_mut().zip(reached.iter_mut()) {
-            if *r {
-                continue;
-            }
-            s.ws.get_mut()
-                .set_read_timeout(Some(Duration::from_millis(20)))
-                .unwrap();
-            if let Ok(d) = next_data(&mut s.ws) {
-                assert_eq!(parse_one(&d).body, "probe");
-                *r = true;
-            }
-        }
-    }
-    publisher.send("PUB", topic, &[], "probe-end");
-    for s in subs.iter_mut() {
-        s.ws.get_mut().set_read_timeout(Some(WAIT)).unwrap();
-        loop {
-            let m = s.recv();
-            if m.body == "probe-end" {
-                break;
-            }
-            assert_eq!(m.body, "probe");
-        }
-    }
-}
-
-fn await_route(publisher: &mut Peer, sub: &mut Peer, topic: &str) {
-    await_routes(publisher, &mut [sub], topic);
-}
-
 /// Send requests until one is answered (the responder's node is known to the
 /// requester's), reading the answers (or errors) of the ones sent before.
 fn await_responder(requester: &mut Peer, target: &str) {

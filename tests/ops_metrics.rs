@@ -432,6 +432,8 @@ fn stats_json_matches_metrics() {
     );
     assert_eq!(s["max_connections"], 10_000);
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    // The server runs in this process.
+    assert_eq!(s["pid"], std::process::id());
     assert!(s["rates"].is_array());
     assert!(s["loop_busy_seconds_total"].as_f64().unwrap() > 0.0);
 }

@@ -1,5 +1,5 @@
 //! The command-line client: `middleman sub|pub|req|reply|presence|kick`, on
-//! [`crate::client`].
+//! [`crate::client`]; and `middleman lameduck --pid PID`, which signals a server.
 //!
 //! Output is one message per line on stdout: the body, or with `-v` the command and
 //! target, each header and the body, separated by tabs. A connection event (`sub
@@ -289,6 +289,49 @@ pub fn kick(a: KickArgs) -> ExitCode {
         let _ = c.close();
         Ok(())
     })
+}
+
+/// `middleman lameduck --pid PID`
+#[derive(Args, Debug, Clone)]
+pub struct LameDuckArgs {
+    /// The server process to put in lame duck (it must be a middleman process).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(2..))]
+    pub pid: i32,
+}
+
+/// Run `lameduck`: send SIGUSR2 to the server process `pid` (exit 0), after checking it
+/// is a middleman process (SIGUSR2 ends most other programs); exit 1 if there is no such
+/// process, it is not middleman, or it may not be signalled.
+pub fn lameduck(a: LameDuckArgs) -> ExitCode {
+    match send_lame_duck(a.pid) {
+        Ok(()) => {
+            eprintln!("middleman: SIGUSR2 sent to {}: lame duck", a.pid);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("middleman: {e}");
+            ExitCode::from(EXIT_SERVER_ERROR)
+        }
+    }
+}
+
+fn send_lame_duck(pid: i32) -> Result<(), String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_err(|e| format!("no process {pid}: {e}"))?;
+    let comm = comm.trim_end();
+    if !comm.starts_with("middleman") {
+        return Err(format!(
+            "process {pid} is {comm:?}, not middleman: not signalled"
+        ));
+    }
+    // SAFETY: kill(2) with a positive PID (checked: at least 2) signals that one process.
+    if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {
+        return Err(format!(
+            "cannot signal process {pid}: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Run a command with the key (checked first, before stdin is read), and report its

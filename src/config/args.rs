@@ -130,6 +130,10 @@ pub struct ServeArgs {
     /// How long shutdown waits for queued messages to flush.
     #[arg(long, env = "MM_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Lame duck (SIGUSR2, `middleman lameduck`): stop accepting, then close the open
+    /// connections (1001) spread evenly over this time, then exit.
+    #[arg(long, env = "MM_LAME_DUCK_DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub lame_duck_duration: Duration,
     /// Echo mode for WebSocket compliance testing: no keys, every message is echoed.
     #[arg(long)]
     pub echo: bool,
@@ -227,6 +231,7 @@ impl ServeArgs {
             idle_timeout: self.idle_timeout,
             request_timeout: self.request_timeout,
             shutdown_grace: self.shutdown_grace,
+            lame_duck_duration: self.lame_duck_duration,
             echo: self.echo,
             handle_signals: true,
             cluster: Some(self.cluster_settings()).filter(|c| !c.urls.is_empty()),

@@ -127,6 +127,7 @@ struct RawTimeouts {
     idle: Option<Spanned<toml::Value>>,
     request: Option<Spanned<toml::Value>>,
     shutdown_grace: Option<Spanned<toml::Value>>,
+    lame_duck: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -228,6 +229,8 @@ pub struct FileConfig {
     pub request_timeout: Option<At<Duration>>,
     /// `[timeouts] shutdown_grace`.
     pub shutdown_grace: Option<At<Duration>>,
+    /// `[timeouts] lame_duck`.
+    pub lame_duck_duration: Option<At<Duration>>,
     /// `[cluster] nats`: one nats-server URL or a list of them (trimmed, checked).
     pub cluster_nats: Option<At<Vec<String>>>,
     /// `[cluster] name`.
@@ -587,6 +590,7 @@ fn parse_limits(f: &Src<'_>, raw: &RawFile, out: &mut FileConfig) -> Result<(), 
     out.idle_timeout = f.duration(&t.idle, "timeouts.idle")?;
     out.request_timeout = f.duration(&t.request, "timeouts.request")?;
     out.shutdown_grace = f.duration(&t.shutdown_grace, "timeouts.shutdown_grace")?;
+    out.lame_duck_duration = f.duration(&t.lame_duck, "timeouts.lame_duck")?;
     Ok(())
 }
 
@@ -931,6 +935,12 @@ pub fn merge(
         f.shutdown_grace,
         cfg.shutdown_grace
     );
+    take!(
+        "timeouts.lame_duck",
+        "lame_duck_duration",
+        f.lame_duck_duration,
+        cfg.lame_duck_duration
+    );
     let mut cl = cfg.cluster.take().unwrap_or_default();
     let secret = |s: &Secret| Some(s.0.clone());
     take!("cluster.nats", "cluster", f.cluster_nats, cl.urls);
@@ -1037,6 +1047,7 @@ pub fn validate(eff: &Effective) -> Result<(), String> {
         ("timeouts.ping_interval", c.ping_interval),
         ("timeouts.idle", c.idle_timeout),
         ("timeouts.request", c.request_timeout),
+        ("timeouts.lame_duck", c.lame_duck_duration),
     ] {
         if v.is_zero() {
             return Err(format!("{}: must be more than 0", at(name)));
@@ -1379,6 +1390,7 @@ pub fn render(eff: &Effective) -> String {
             "shutdown_grace",
             c.shutdown_grace,
         ),
+        ("timeouts.lame_duck", "lame_duck", c.lame_duck_duration),
     ] {
         line(&mut s, name, key, show_duration(v));
     }
@@ -1637,6 +1649,45 @@ mod tests {
             e.starts_with("listen (command line): no keys configured"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn lame_duck_duration_from_the_file_more_than_zero() {
+        let f = parse_str("[timeouts]\nlame_duck = \"2m\"\n").unwrap();
+        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
+            Source::Default
+        });
+        assert_eq!(eff.cfg.lame_duck_duration, Duration::from_secs(120));
+        assert_eq!(eff.source("timeouts.lame_duck"), Source::File(2));
+        assert!(
+            render(&eff).contains("lame_duck = \"120s\""),
+            "{}",
+            render(&eff)
+        );
+        assert!(validate(&eff).is_ok());
+        // The command line over the file; zero refused, named by where it came from.
+        let cfg = Config {
+            lame_duck_duration: Duration::ZERO,
+            ..Config::default()
+        };
+        let eff = merge(cfg, log::LevelFilter::Info, Some(&f), |id| match id {
+            "lame_duck_duration" => Source::CommandLine,
+            _ => Source::Default,
+        });
+        assert_eq!(
+            validate(&eff).unwrap_err(),
+            "timeouts.lame_duck (command line): must be more than 0"
+        );
+        let f = parse_str("[timeouts]\nlame_duck = \"0s\"\n").unwrap();
+        let eff = merge(Config::default(), log::LevelFilter::Info, Some(&f), |_| {
+            Source::Default
+        });
+        assert_eq!(
+            validate(&eff).unwrap_err(),
+            "timeouts.lame_duck (test.toml:2): must be more than 0"
+        );
+        let e = parse_str("[timeouts]\nlame_duck = true\n").unwrap_err();
+        assert!(e.contains("timeouts.lame_duck"), "{e}");
     }
 
     #[test]

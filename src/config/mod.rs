@@ -60,6 +60,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long shutdown waits for queued data to flush.
     pub shutdown_grace: Duration,
+    /// Lame duck (SIGUSR2): the time over which the open connections are closed, spread
+    /// evenly, before the server exits.
+    pub lame_duck_duration: Duration,
     /// Echo mode: no keys, every data message is sent back (for Autobahn).
     pub echo: bool,
     /// Handle SIGINT/SIGTERM (the binary does; in-process test servers do not).
@@ -267,6 +270,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            lame_duck_duration: Duration::from_secs(30),
             echo: false,
             handle_signals: false,
             cluster: None,

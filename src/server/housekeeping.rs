@@ -76,6 +76,7 @@ impl Server {
                 self.mark_dirty(id);
             }
         }
+        self.lame_duck_tick(now);
     }
 
     pub(super) fn begin_shutdown(&mut self, now: Instant) {

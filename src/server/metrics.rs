@@ -37,11 +37,13 @@ pub enum CloseReason {
     Evicted,
     /// Closed by a service's `INT KICK` (§9.2).
     Kicked,
+    /// Closed by lame duck (SIGUSR2): the server is going away, spreading reconnects.
+    LameDuck,
 }
 
 impl CloseReason {
     /// Every reason, in the order of [`Metrics::closed`].
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::Normal,
         CloseReason::Http,
         CloseReason::BadKey,
@@ -54,6 +56,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::Evicted,
         CloseReason::Kicked,
+        CloseReason::LameDuck,
     ];
 
     /// Label value.
@@ -71,6 +74,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Evicted => "evicted",
             CloseReason::Kicked => "kicked",
+            CloseReason::LameDuck => "lame_duck",
         }
     }
 }
@@ -112,13 +116,15 @@ pub struct Metrics {
     /// Connections refused at the connection limit.
     pub refused: u64,
     /// Connections closed, by [`CloseReason::ALL`] index.
-    pub closed: [u64; 12],
+    pub closed: [u64; 13],
     /// Bytes read from sockets.
     pub bytes_in: u64,
     /// Bytes written to sockets.
     pub bytes_out: u64,
     /// Slow consumers cut off.
     pub slow_consumers: u64,
+    /// In lame duck (SIGUSR2): not accepting, closing the connections spread over time.
+    pub lame_duck: bool,
     /// Plain HTTP requests answered.
     pub http_requests: u64,
     /// Event-loop iterations.
@@ -158,10 +164,11 @@ impl Default for Metrics {
         Metrics {
             accepted: 0,
             refused: 0,
-            closed: [0; 12],
+            closed: [0; 13],
             bytes_in: 0,
             bytes_out: 0,
             slow_consumers: 0,
+            lame_duck: false,
             http_requests: 0,
             loop_iterations: 0,
             busy_ns: 0,
@@ -291,6 +298,7 @@ impl Metrics {
                 ("too_many_in_flight", st.req_too_many),
             ],
             slow_consumers: self.slow_consumers,
+            lame_duck: self.lame_duck,
             grants: router.total_grants() as u64,
             events: ["connect", "disconnect", "sub", "uns"]
                 .into_iter()
@@ -459,6 +467,8 @@ pub struct Snapshot {
     pub requests: Vec<(&'static str, u64)>,
     /// Slow consumers cut off.
     pub slow_consumers: u64,
+    /// In lame duck.
+    pub lame_duck: bool,
     /// Per-connection grants in force (§9.1).
     pub grants: u64,
     /// Connection events published (§9.4), by event.
@@ -681,6 +691,12 @@ impl Snapshot {
             &one(self.slow_consumers),
         );
         metric(
+            "middleman_lame_duck",
+            "gauge",
+            "1 in lame duck (SIGUSR2): not accepting, closing the connections spread over the lame-duck duration, then exiting.",
+            &one(u64::from(self.lame_duck)),
+        );
+        metric(
             "middleman_grants",
             "gauge",
             "Per-connection grants in force (ESUB/EPUB/EREQ with forcid).",
@@ -881,6 +897,33 @@ impl Snapshot {
                 })
             })
             .collect();
+        // Apart, to keep the one macro below within the compiler's recursion limit.
+        let cluster = self.cluster.as_ref().map(|c| json!({
+            "node": {
+                "id": c.node.id,
+                "name": c.node.name,
+                "cluster": c.node.cluster,
+                "nats": c.node.nats,
+            },
+            "connected": c.connected,
+            "nodes": c.nodes.iter()
+                .map(|n| json!({"id": n.id, "name": n.name, "monitors": n.monitors, "heard_seconds_ago": (n.heard_ago * 10.0).round() / 10.0}))
+                .collect::<Vec<_>>(),
+            "messages_out_total": c.messages_out,
+            "messages_in_total": c.messages_in,
+            "dropped_total": obj(&c.dropped),
+            "reconnects_total": c.reconnects,
+            "pending_bytes": c.pending_bytes,
+            "max_pending_bytes": c.max_pending,
+            "forwarded_requests": c.forwarded_requests,
+            "remote_responders": c.remote_responders,
+            "interest_pending": c.interest_pending,
+        }));
+        let config = json!({
+            "loaded_at_ms": self.config_loaded_ms,
+            "hash": self.config_hash,
+            "reloads_total": obj(&self.reloads),
+        });
         json!({
             "version": self.version,
             "uptime_seconds": (self.uptime.as_secs_f64() * 1000.0).round() / 1000.0,
@@ -897,6 +940,7 @@ impl Snapshot {
             "pending_requests": self.pending_requests,
             "requests_total": obj(&self.requests),
             "slow_consumers_total": self.slow_consumers,
+            "lame_duck": self.lame_duck,
             "grants": self.grants,
             "events_total": obj(&self.events),
             "presence_requests_total": obj(&self.presence),
@@ -918,11 +962,7 @@ impl Snapshot {
                 })),
             },
             "errors_total": obj(&self.errors),
-            "config": {
-                "loaded_at_ms": self.config_loaded_ms,
-                "hash": self.config_hash,
-                "reloads_total": obj(&self.reloads),
-            },
+            "config": config,
             "http_requests_total": self.http_requests,
             "loop_iterations_total": self.loop_iterations,
             "loop_busy_seconds_total": self.busy.as_secs_f64(),
@@ -933,27 +973,7 @@ impl Snapshot {
                 .map(|(at, r)| json!({"at_ms": at, "reason": r}))
                 .collect::<Vec<_>>(),
             "rates": rates,
-            "cluster": self.cluster.as_ref().map(|c| json!({
-                "node": {
-                    "id": c.node.id,
-                    "name": c.node.name,
-                    "cluster": c.node.cluster,
-                    "nats": c.node.nats,
-                },
-                "connected": c.connected,
-                "nodes": c.nodes.iter()
-                    .map(|n| json!({"id": n.id, "name": n.name, "monitors": n.monitors, "heard_seconds_ago": (n.heard_ago * 10.0).round() / 10.0}))
-                    .collect::<Vec<_>>(),
-                "messages_out_total": c.messages_out,
-                "messages_in_total": c.messages_in,
-                "dropped_total": obj(&c.dropped),
-                "reconnects_total": c.reconnects,
-                "pending_bytes": c.pending_bytes,
-                "max_pending_bytes": c.max_pending,
-                "forwarded_requests": c.forwarded_requests,
-                "remote_responders": c.remote_responders,
-                "interest_pending": c.interest_pending,
-            })),
+            "cluster": cluster,
         })
     }
 }

@@ -21,6 +21,7 @@ mod backplane;
 mod closing;
 mod housekeeping;
 mod http;
+mod lameduck;
 mod listener;
 mod outbound;
 mod raw;
@@ -184,6 +185,8 @@ pub struct Server {
     waker: Arc<Waker>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     shutdown_deadline: Option<Instant>,
+    /// In lame duck (SIGUSR2): the connections still to close and their schedule.
+    lame_duck: Option<lameduck::LameDuck>,
     accept_paused_until: Option<Instant>,
     next_tick: Instant,
     metrics: Metrics,
@@ -235,6 +238,7 @@ impl Server {
                 signal_hook::consts::SIGINT,
                 signal_hook::consts::SIGTERM,
                 signal_hook::consts::SIGHUP,
+                signal_hook::consts::SIGUSR2,
             ])?;
             poll.registry()
                 .register(&mut s, SIGNALS, Interest::READABLE)?;
@@ -319,6 +323,7 @@ impl Server {
             waker,
             signals,
             shutdown_deadline: None,
+            lame_duck: None,
             accept_paused_until: None,
             next_tick: Instant::now() + TICK,
             metrics,
@@ -389,6 +394,7 @@ impl Server {
                         for sig in got {
                             match sig {
                                 signal_hook::consts::SIGHUP => self.reload(now),
+                                signal_hook::consts::SIGUSR2 => self.begin_lame_duck(now),
                                 _ => {
                                     info!("signal received: shutting down");
                                     self.begin_shutdown(now);

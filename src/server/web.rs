@@ -61,6 +61,8 @@ pub fn respond(method: &str, path: &str, view: &View<'_>) -> Vec<u8> {
                 .snapshot(view.broker, view.open, &view.cfg.keys)
                 .json();
             doc["max_connections"] = view.cfg.max_connections.into();
+            // Which process answered: with --reuse-port two may share the port.
+            doc["pid"] = std::process::id().into();
             let body = doc.to_string();
             http::response(200, "application/json", body.as_bytes())
         }

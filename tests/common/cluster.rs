@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use middleman::config::ClusterConfig;
 
 use super::nats::NatsServer;
-use super::{metrics, Peer, TestServer};
+use super::{metrics, next_data, parse_one, Peer, TestServer, WAIT};
 
 pub fn cluster_config(nats: &NatsServer, name: &str) -> ClusterConfig {
     ClusterConfig {
@@ -80,4 +80,43 @@ pub fn sub_refused(client: &mut Peer, topic: &str) -> bool {
     assert_eq!(m.header("reason"), Some("not permitted"), "{m:?}");
     assert_eq!(client.recv().header("cmd"), Some("UNKNOWN"));
     true
+}
+
+/// Publish probes on `topic` from `publisher` until every one of `subs` has received one
+/// (their nodes have subscribed the topic on the backplane), then read each up to an end
+/// marker, so that nothing of the probing is left unread.
+pub fn await_routes(publisher: &mut Peer, subs: &mut [&mut Peer], topic: &str) {
+    let mut reached = vec![false; subs.len()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reached.contains(&false) {
+        assert!(Instant::now() < deadline, "no route to {topic} within 10s");
+        publisher.send("PUB", topic, &[], "probe");
+        for (s, r) in subs.iter_mut().zip(reached.iter_mut()) {
+            if *r {
+                continue;
+            }
+            s.ws.get_mut()
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            if let Ok(d) = next_data(&mut s.ws) {
+                assert_eq!(parse_one(&d).body, "probe");
+                *r = true;
+            }
+        }
+    }
+    publisher.send("PUB", topic, &[], "probe-end");
+    for s in subs.iter_mut() {
+        s.ws.get_mut().set_read_timeout(Some(WAIT)).unwrap();
+        loop {
+            let m = s.recv();
+            if m.body == "probe-end" {
+                break;
+            }
+            assert_eq!(m.body, "probe");
+        }
+    }
+}
+
+pub fn await_route(publisher: &mut Peer, sub: &mut Peer, topic: &str) {
+    await_routes(publisher, &mut [sub], topic);
 }

@@ -311,6 +311,15 @@ pub fn expect_hangup(ws: &mut WebSocket<TcpStream>) {
     }
 }
 
+/// A fresh directory under target/ for one test's files.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// GET /metrics, as a map from `name{labels}` to value.
 pub fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
     let resp = http_get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
