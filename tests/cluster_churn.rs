@@ -65,20 +65,26 @@ fn a_client_churning_one_topic_costs_its_node_no_memory() {
     client.sync();
     let pid = a.child.id();
     let before = rss_kib(pid, "VmRSS:");
+    // A fixed count (300k pairs), bounded in time; the speed is the benchmarks' business,
+    // the memory after a count of churn is this test's.
+    const ROUNDS: usize = 60;
     let start = Instant::now();
     let mut rounds = 0;
-    while start.elapsed() < Duration::from_secs(6) {
+    while rounds < ROUNDS && start.elapsed() < Duration::from_secs(60) {
         client.send_raw(&batch);
         client.sync();
         rounds += 1;
     }
     let after = rss_kib(pid, "VmRSS:");
     let pairs = rounds * PAIRS;
-    eprintln!("{pairs} SUB/UNS pairs of one topic in 6 s: node RSS {before} -> {after} KiB");
-    assert!(pairs >= 300_000, "only {pairs} SUB/UNS pairs in 6 s");
-    // The bound asked for is 16 MB; this test binary (unoptimised) churns about 1M pairs
-    // in 6 s, at which a copy of the topic queued per UNS grew the node by 15 MB, so the
-    // bound here is 4 MB (coalesced: +0.2 MB measured).
+    eprintln!(
+        "{pairs} SUB/UNS pairs of one topic in {:?}: node RSS {before} -> {after} KiB",
+        start.elapsed()
+    );
+    assert_eq!(rounds, ROUNDS, "only {pairs} SUB/UNS pairs in 60 s");
+    // The bound asked for is 16 MB; a copy of the topic queued per UNS grew the node by
+    // 15 MB at 1M pairs (about 4.5 MB at 300k), so the bound here is 4 MB (coalesced:
+    // +0.2 MB measured).
     assert!(
         after < before + 4 * 1024,
         "RSS {before} -> {after} KiB after {pairs} SUB/UNS pairs of one topic"
