@@ -96,6 +96,8 @@ pub struct History {
     rules: Vec<HistoryRule>,
     max_bytes: usize,
     epoch: Box<str>,
+    /// `epoch: <epoch>\r\n`, encoded once: every delivery of a history topic carries it.
+    epoch_line: Box<[u8]>,
     topics: HashMap<Rc<[u8]>, TopicLog>,
     /// Per rule, the topics by the offset of their oldest stored message (one entry per
     /// topic with something stored; offsets grow with time, so the first is the oldest).
@@ -133,6 +135,11 @@ impl History {
             rules: settings.rules.clone(),
             max_bytes: settings.max_bytes,
             epoch: epoch.into(),
+            epoch_line: {
+                let mut l = Vec::with_capacity(epoch.len() + 9);
+                crate::protocol::encode::push_header(&mut l, b"epoch", epoch.as_bytes());
+                l.into()
+            },
             topics: HashMap::default(),
             bytes: 0,
             messages: 0,
@@ -145,6 +152,11 @@ impl History {
     /// The epoch.
     pub fn epoch(&self) -> &str {
         &self.epoch
+    }
+
+    /// The `epoch` header line, `epoch: <epoch>\r\n` (ASCII).
+    pub fn epoch_line(&self) -> &[u8] {
+        &self.epoch_line
     }
 
     /// The rule for `topic` (the longest matching prefix), if any.
