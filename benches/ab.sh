@@ -7,7 +7,12 @@
 #   ROWS="pipe64_1 pubs64_100x10" bash benches/ab.sh OLD NEW   # chosen rows only
 #
 # Rows (same shapes and names as benches/compare.sh): fanout64_1 fanout64_100
-# fanout1024_1 fanout1024_100 pipe64_1 pipe64_100 pubs64_100x10 reqres100x16x2.
+# fanout1024_1 fanout1024_100 pipe64_1 pipe64_100 pubs64_100x10 reqres100x16x2, and
+# the history rows hist64_1 hist64_100 (fan-out to a topic under a `[[history]]` rule;
+# when one is asked for, both servers run with compare.sh's history config, so the plain
+# rows of that run pay the prefix check as they do there). With hist and plain rows
+# both given, the table also shows history / plain per binary:
+#   ROWS="fanout64_1 hist64_1 fanout64_100 hist64_100" bash benches/ab.sh OLD NEW
 #
 # Only 127.0.0.1. Each round starts each server fresh.
 set -euo pipefail
@@ -24,6 +29,20 @@ mkdir -p "$OUT"
 RESULTS="$OUT/results.txt"
 : > "$RESULTS"
 ulimit -n "$(ulimit -Hn)"
+# With history rows, both servers run with compare.sh's history config (a binary from
+# before history would refuse it, so it is given only then).
+CONFIG=()
+case " $ROWS " in
+*" hist"*)
+    cat > "$OUT/mm.toml" <<EOF
+[[history]]
+prefix = "hist."
+size = 1000
+ttl = "1h"
+EOF
+    CONFIG=(--config "$OUT/mm.toml")
+    ;;
+esac
 
 PID=""
 stop() {
@@ -40,7 +59,7 @@ one() {
     local which=$1 bin=$2 row=$3
     shift 3
     "$bin" --listen "127.0.0.1:$PORT" --service-key "$KEY" --client-key "c-$KEY" \
-        --max-connections 20000 --log-level warn > "$OUT/$which.log" 2>&1 &
+        --max-connections 20000 --log-level warn "${CONFIG[@]}" > "$OUT/$which.log" 2>&1 &
     PID=$!
     for _ in $(seq 1 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
@@ -77,6 +96,8 @@ for RUN in $(seq 1 "$RUNS"); do
         pipe64_1) both "$row" fanout --subs 1 --size 64 --duration "$DUR" "${PIPE[@]}" ;;
         pipe64_100) both "$row" fanout --subs 100 --size 64 --duration "$DUR" --threads 2 "${PIPE[@]}" ;;
         pubs64_100x10) both "$row" fanout --publishers 100 --subs 10 --size 64 --duration "$DUR" --threads 2 ;;
+        hist64_1) both "$row" fanout --subs 1 --size 64 --duration "$DUR" --subject hist.b ;;
+        hist64_100) both "$row" fanout --subs 100 --size 64 --duration "$DUR" --threads 2 --subject hist.b ;;
         reqres100x16x2) both "$row" reqres --requesters 100 --window 16 --responders 2 --duration "$DUR" ;;
         *)
             echo "unknown row $row" >&2
@@ -104,6 +125,31 @@ for row, d in rows.items():
         continue
     mo, mn = statistics.median(o), statistics.median(n)
     print(f"| {row} | {mo/1e6:.2f}M | {mn/1e6:.2f}M | {mn/mo:.3f} | {min(o)/1e6:.2f}-{max(o)/1e6:.2f}M | {min(n)/1e6:.2f}-{max(n)/1e6:.2f}M |")
+meds = {row: {w: statistics.median(float(r[k]) for r in rs if k in r)
+              for w, rs in d.items() for k in ["deliveries_per_server_cpu_s"]
+              if any(k in r for r in rs)}
+        for row, d in rows.items()}
+pairs = [(h, p) for h, p in (("hist64_1", "fanout64_1"), ("hist64_100", "fanout64_100"))
+         if h in meds and p in meds]
+# The same ratio round by round (each round runs a binary's plain and history rows a few
+# seconds apart, so a change in the machine's load between rounds cancels out): median
+# and range.
+def per_round(h, p, w):
+    val = lambda row: {r["run"]: float(r["deliveries_per_server_cpu_s"])
+                       for r in rows[row].get(w, []) if "deliveries_per_server_cpu_s" in r}
+    hv, pv = val(h), val(p)
+    return [hv[run] / pv[run] for run in hv if run in pv]
+if pairs:
+    print()
+    print("| history / plain | old: of medians | old: per round, median (range) | new: of medians | new: per round, median (range) |")
+    print("|---|---|---|---|---|")
+    for h, p in pairs:
+        cells = []
+        for w in ("old", "new"):
+            cells.append(f"{meds[h][w] / meds[p][w]:.2f}x" if w in meds[h] and w in meds[p] else "n/a")
+            rs = per_round(h, p, w)
+            cells.append(f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})" if rs else "n/a")
+        print(f"| {h} / {p} | " + " | ".join(cells) + " |")
 bad = [(row, w, r.get("lost"), r.get("out_of_order"), r.get("failed"))
        for row, d in rows.items() for w, rs in d.items() for r in rs
        if r.get("lost", "0") != "0" or r.get("out_of_order", "0") != "0" or "failed" in r]

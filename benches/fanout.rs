@@ -1,6 +1,8 @@
 //! In-process fan-out through the routing core (no sockets): one PUB decoded, routed by
 //! the broker and queued on every subscriber's outbound queue (the same queue type the
 //! reactor writes from), to 1, 100 and 1000 subscribers. Throughput is deliveries.
+//! The `history` group: the same 64 B PUB to a plain topic and to a topic under a
+//! `[[history]]` rule (stored, `offset` and `epoch` on every delivery), side by side.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -79,5 +81,57 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fanout);
+/// A plain PUB against a history PUB (PROTOCOL.md §9.5), 64 B, 1 and 100 subscribers,
+/// with the compare script's rule (`hist.`, size 1000): the ring is full after the
+/// warm-up, so each PUB also evicts one (the steady state of a busy topic).
+fn history(c: &mut Criterion) {
+    use middleman::core::history::{HistoryRule, HistorySettings};
+    let mut g = c.benchmark_group("history");
+    g.measurement_time(Duration::from_secs(3));
+    g.sample_size(20);
+    for &subs in &[1usize, 100] {
+        for topic in ["plain.b", "hist.b"] {
+            let mut broker = Broker::new(Settings::default(), "bench");
+            broker.set_history(&HistorySettings {
+                rules: vec![HistoryRule {
+                    prefix: "hist.".into(),
+                    size: 1000,
+                    ttl: Duration::from_secs(3600),
+                }],
+                ..HistorySettings::default()
+            });
+            let mut out = Queues((0..=subs).map(|_| OutQueue::default()).collect());
+            for conn in 0..=subs {
+                broker.connect(conn, Role::Service);
+            }
+            let sub = format!("SUB {topic}\r\n.\r\n");
+            for conn in 0..subs {
+                apply_raw(&mut broker, conn, sub.as_bytes(), &mut out);
+            }
+            let body = "b".repeat(64);
+            let msg = format!("PUB {topic}\r\n\r\n{body}\r\n.\r\n");
+            let mut dec = Decoder::new(Limits::default());
+            g.throughput(Throughput::Elements(subs as u64));
+            let name = if topic.starts_with("hist.") {
+                "history"
+            } else {
+                "plain"
+            };
+            g.bench_with_input(BenchmarkId::new(name, subs), &subs, |b, _| {
+                b.iter(|| {
+                    dec.feed(msg.as_bytes());
+                    if let Ok(Some(Decoded::Message(m))) = dec.next() {
+                        broker.apply(subs, &m, Instant::now(), &mut out);
+                    }
+                    for q in out.0.iter_mut() {
+                        let _ = q.write_to(&mut Sink);
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fanout, history);
 criterion_main!(benches);

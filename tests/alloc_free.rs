@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use middleman::broker::{Broker, Outbox, Role, Settings};
+use middleman::core::history::{HistoryRule, HistorySettings};
 use middleman::protocol::{Decoded, Decoder, Limits, Packet, Spent};
 use middleman::router::ConnId;
 
@@ -187,8 +188,29 @@ fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
 /// is written only every `lag` passes (a subscriber that reads slower than the others,
 /// or a publisher burst larger than the pool's ring of recent packets).
 fn read_path_allocations(subscribers: usize, body: usize, lag: usize) -> f64 {
+    read_path_allocations_with(subscribers, body, lag, None)
+}
+
+/// [`read_path_allocations`], with `news` under a `[[history]]` rule keeping `kept`
+/// messages when given (each PUB then stored, and the oldest let go once it is full).
+fn read_path_allocations_with(
+    subscribers: usize,
+    body: usize,
+    lag: usize,
+    kept: Option<usize>,
+) -> f64 {
     let publisher = subscribers;
     let mut broker = Broker::new(Settings::default(), "test");
+    if let Some(size) = kept {
+        broker.set_history(&HistorySettings {
+            rules: vec![HistoryRule {
+                prefix: "news".into(),
+                size,
+                ttl: std::time::Duration::from_secs(3600),
+            }],
+            ..HistorySettings::default()
+        });
+    }
     let mut queues = Queues(
         (0..=subscribers)
             .map(|_| OutQueue::new(Framing::WebSocket))
@@ -217,7 +239,8 @@ fn read_path_allocations(subscribers: usize, body: usize, lag: usize) -> f64 {
         text.trim_end()
     );
     let frame = masked_text_frame(msg.as_bytes());
-    // Warm-up: long enough for the lagging queue to have been written twice.
+    // Warm-up: long enough for the lagging queue to have been written twice (and for a
+    // history of up to 1000 messages to be full).
     let warm = 2_000usize * lag;
     let n = 20_000usize;
     let mut stream = Stream {
@@ -327,5 +350,17 @@ fn packets_queued_for_many_passes_are_recycled_too() {
             per < 0.01,
             "{per}: packets queued for long were not recycled"
         );
+    }
+}
+
+#[test]
+fn a_full_history_allocates_nothing_per_message() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Each PUB is stored (its packet shared, not copied) and, the ring being full, the
+    // oldest goes back to the pool: in the steady state nothing is allocated.
+    for (subs, body) in [(1, 64), (100, 64), (1, 1024)] {
+        let per = read_path_allocations_with(subs, body, 1, Some(1000));
+        println!("read path to a history topic (size 1000), {subs} subscribers, {body} B: {per:.3} allocations per published message");
+        assert!(per < 0.01, "{per}: storing in history allocated");
     }
 }

@@ -724,12 +724,18 @@ impl Broker {
         let pkt = match (kept, self.history.as_mut()) {
             (Some(rule), Some(h)) => {
                 let offset = h.next_offset();
-                let mut digits = [0u8; 20];
-                let text = fmt_u64(offset, &mut digits);
-                let extra: [(&[u8], &[u8]); 2] =
-                    [(b"offset", text), (b"epoch", h.epoch().as_bytes())];
-                let pkt =
-                    relay_packet(&mut self.pool, session, msg, &[b"offset", b"epoch"], &extra);
+                // The two header lines as they go out: `offset: <n>` written here, the
+                // epoch's encoded once per process; both ASCII (no UTF-8 check).
+                let mut line = [0u8; OFFSET_LINE_MAX];
+                let offset_line = offset_line(offset, &mut line);
+                let pkt = relay_packet_lines(
+                    &mut self.pool,
+                    session,
+                    msg,
+                    &[b"offset", b"epoch"],
+                    &[],
+                    &[offset_line, h.epoch_line()],
+                );
                 // The packet `size` pushed out goes back to the pool: a full history
                 // costs no allocation per message.
                 if let Some(old) = h.store(msg.target, rule, offset, &pkt, now) {
@@ -999,6 +1005,20 @@ pub(crate) enum Origin<'a> {
     Remote,
 }
 
+/// Room for `offset: <u64>\r\n`.
+const OFFSET_LINE_MAX: usize = 30;
+
+/// `offset: <n>\r\n` in `buf`.
+fn offset_line(n: u64, buf: &mut [u8; OFFSET_LINE_MAX]) -> &[u8] {
+    let mut digits = itoa::Buffer::new();
+    let d = digits.format(n).as_bytes();
+    let end = 8 + d.len() + 2;
+    buf[..8].copy_from_slice(b"offset: ");
+    buf[8..8 + d.len()].copy_from_slice(d);
+    buf[8 + d.len()..end].copy_from_slice(b"\r\n");
+    &buf[..end]
+}
+
 /// Encode `msg` as relayed: the sender's headers in order, minus any name in `drop`
 /// (lower case; compared case-insensitively) and, from a local sender, minus `cid` and
 /// `uid`; then `extra`; then, from a local sender, the server's `cid` and `uid`.
@@ -1009,6 +1029,20 @@ pub(crate) fn relay_packet(
     drop: &[&[u8]],
     extra: &[(&[u8], &[u8])],
 ) -> Rc<Packet> {
+    relay_packet_lines(pool, origin, msg, drop, extra, &[])
+}
+
+/// [`relay_packet`], with `lines` after `extra`: server header lines encoded already
+/// (`name: value\r\n` each), ASCII (so not checked for UTF-8 again).
+pub(crate) fn relay_packet_lines(
+    pool: &mut PacketPool,
+    origin: Origin<'_>,
+    msg: &Message<'_>,
+    drop: &[&[u8]],
+    extra: &[(&[u8], &[u8])],
+    lines: &[&[u8]],
+) -> Rc<Packet> {
+    debug_assert!(lines.iter().all(|l| l.is_ascii() && l.ends_with(b"\r\n")));
     let (tail, tail_utf8, local): (&[u8], bool, bool) = match origin {
         Origin::Local(Some(s)) => (&s.relay_tail, s.tail_utf8, true),
         Origin::Local(None) => (b"cid: \r\nuid: \r\n", true, true),
@@ -1026,6 +1060,7 @@ pub(crate) fn relay_packet(
             .iter()
             .map(|(n, v)| n.len() + v.len() + 4)
             .sum::<usize>()
+        + lines.iter().map(|l| l.len()).sum::<usize>()
         + tail.len()
         + msg.body.len()
         + msg.body.len() / 32
@@ -1052,6 +1087,9 @@ pub(crate) fn relay_packet(
         }
         for (n, v) in extra {
             push_header(b, n, v);
+        }
+        for l in lines {
+            b.extend_from_slice(l);
         }
         b.extend_from_slice(tail);
         b.extend_from_slice(b"\r\n");

@@ -77,8 +77,6 @@ struct TopicLog {
     /// The highest offset of this topic no longer stored (messages at or below it may
     /// be gone).
     lost_upto: u64,
-    /// Its rule.
-    rule: usize,
     /// Stored messages, oldest first: (offset, stored at, packet).
     ring: VecDeque<(u64, Instant, Rc<Packet>)>,
 }
@@ -98,6 +96,8 @@ pub struct History {
     rules: Vec<HistoryRule>,
     max_bytes: usize,
     epoch: Box<str>,
+    /// `epoch: <epoch>\r\n`, encoded once: every delivery of a history topic carries it.
+    epoch_line: Box<[u8]>,
     topics: HashMap<Rc<[u8]>, TopicLog>,
     /// Per rule, the topics by the offset of their oldest stored message (one entry per
     /// topic with something stored; offsets grow with time, so the first is the oldest).
@@ -135,6 +135,11 @@ impl History {
             rules: settings.rules.clone(),
             max_bytes: settings.max_bytes,
             epoch: epoch.into(),
+            epoch_line: {
+                let mut l = Vec::with_capacity(epoch.len() + 9);
+                crate::protocol::encode::push_header(&mut l, b"epoch", epoch.as_bytes());
+                l.into()
+            },
             topics: HashMap::default(),
             bytes: 0,
             messages: 0,
@@ -147,6 +152,11 @@ impl History {
     /// The epoch.
     pub fn epoch(&self) -> &str {
         &self.epoch
+    }
+
+    /// The `epoch` header line, `epoch: <epoch>\r\n` (ASCII).
+    pub fn epoch_line(&self) -> &[u8] {
+        &self.epoch_line
     }
 
     /// The rule for `topic` (the longest matching prefix), if any.
@@ -189,26 +199,19 @@ impl History {
             self.seq = self.seq.max(offset);
             return None;
         }
-        let key: Rc<[u8]> = match self.topics.get_key_value(topic) {
-            Some((k, _)) => k.clone(),
-            None => topic.into(),
-        };
-        let whole_lost = self.whole_lost;
-        if !self.topics.contains_key(topic) {
-            self.bytes += TOPIC_OVERHEAD + topic.len();
-        }
-        let log = self.topics.entry(key.clone()).or_insert(TopicLog {
-            last: 0,
-            lost_upto: whole_lost,
-            rule,
-            ring: VecDeque::new(),
-        });
-        log.last = offset;
         self.seq = self.seq.max(offset);
-        let fronts = &mut self.fronts[log.rule];
-        if log.ring.is_empty() {
-            fronts.insert(offset, key.clone());
-        }
+        // One look-up per PUB to a topic that has history already (the common case);
+        // a new topic is inserted with its key made once. A topic in the map always has
+        // a message stored (one left empty goes whole), so only a new one enters its
+        // rule's index of fronts.
+        let log = match self.topics.get_mut(topic) {
+            Some(log) => log,
+            None => {
+                self.new_topic(topic, rule, offset);
+                self.topics.get_mut(topic)?
+            }
+        };
+        log.last = offset;
         log.ring.push_back((offset, now, pkt.clone()));
         self.bytes += cost(pkt);
         self.messages += 1;
@@ -231,6 +234,22 @@ impl History {
         }
         // The packet `size` pushed out, for the caller's pool.
         dropped
+    }
+
+    /// A topic's first stored message is coming (offset `first`): its (empty) log,
+    /// counted, and in its rule's index of fronts.
+    fn new_topic(&mut self, topic: &[u8], rule: usize, first: u64) {
+        let key: Rc<[u8]> = topic.into();
+        self.bytes += TOPIC_OVERHEAD + topic.len();
+        self.fronts[rule].insert(first, key.clone());
+        self.topics.insert(
+            key,
+            TopicLog {
+                last: 0,
+                lost_upto: self.whole_lost,
+                ring: VecDeque::new(),
+            },
+        );
     }
 
     /// Evict the oldest messages (any rule) until under the byte cap.
@@ -678,6 +697,29 @@ mod tests {
         assert!(
             matches!(h.recover(b"h.a", "E1", 2), Recovery::Recovered(ref m, 3) if m.len() == 1)
         );
+    }
+
+    /// A topic evicted whole and published again is indexed again (its first message
+    /// goes in its rule's fronts), so ttl finds it a second time; and a topic whose ring
+    /// is full is stored into without a new index entry (one per topic).
+    #[test]
+    fn topic_created_again_is_indexed_again() {
+        let mut h = History::new(&settings(2, 5, 1 << 20), "E1");
+        let t0 = Instant::now();
+        for i in 1..=4 {
+            h.store(b"h.a", 0, i, &pkt("x"), t0);
+        }
+        assert_eq!(h.fronts[0].len(), 1);
+        h.housekeeping(t0 + Duration::from_secs(6));
+        assert_eq!(h.totals().0, 0);
+        assert!(h.fronts[0].is_empty());
+        let t1 = t0 + Duration::from_secs(7);
+        h.store(b"h.a", 0, 5, &pkt("y"), t1);
+        assert_eq!((h.totals().0, h.totals().1), (1, 1));
+        assert_eq!(h.fronts[0].len(), 1);
+        h.housekeeping(t1 + Duration::from_secs(6));
+        assert_eq!(h.totals(), (0, 0, 0));
+        assert_eq!(h.stats.evicted, [2, 3, 0]);
     }
 
     #[test]
