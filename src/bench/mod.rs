@@ -53,6 +53,19 @@ pub enum Scenario {
     /// No server: what this machine allows a fan-out (publisher, a relay process that
     /// only copies bytes, receivers; loopback TCP): latency at a fixed load (--rate), or
     /// deliveries per relay CPU-second in the fan-out load shapes.
+    ///
+    /// The relay copies each read to every subscriber socket: no framing, parsing or
+    /// routing. With --rate R: one message per write on a schedule, as `fanout --rate`.
+    /// Without: throughput with `fanout`'s flow control (--batch messages per write at
+    /// most --window ahead of the slowest subscriber, or with --write-kib as many
+    /// messages as fit per write and at most --inflight deliveries not yet received),
+    /// reported as `deliveries_per_server_cpu_s=` of the relay's CPU.
+    ///
+    /// What differs from `fanout`: a message is --size bytes on the wire (no WebSocket
+    /// frame, no protocol header or subject), so a --write-kib write holds more messages
+    /// (256 of 64 B in 16 KiB). The relay never drops or queues: a write that finds a
+    /// subscriber socket full finishes blocking (counted as `relay_full=`); the
+    /// publisher's flow control is what keeps that rare.
     Floor(FloorArgs),
     /// The relay process of `floor` (started by it; not for direct use).
     #[command(hide = true)]
