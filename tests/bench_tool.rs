@@ -413,9 +413,11 @@ fn floor_throughput_delivers_everything_in_each_shape() {
         let per_cpu = num(&out, "deliveries_per_server_cpu_s");
         let cpu = num(&out, "server_cpu_s");
         assert!(per_cpu > 0.0 && cpu > 0.0, "{out}");
+        // (server_cpu_s= is rounded to the millisecond.)
         let expect = 5.0 * sent / cpu;
+        let tolerance = 0.0006 / cpu + 0.001;
         assert!(
-            (per_cpu / expect - 1.0).abs() < 0.01,
+            (per_cpu / expect - 1.0).abs() < tolerance,
             "{per_cpu} vs {expect}: {out}"
         );
         assert!(num(&out, "relay_full") >= 0.0, "{out}");

@@ -223,10 +223,11 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
     });
     let mut receivers = Vec::new();
     for (n, g) in groups.into_iter().enumerate() {
-        let pr = Arc::clone(&progress);
+        // Fixed load has no flow control: its receivers do not count progress.
+        let pr = (a.rate == 0).then(|| Arc::clone(&progress));
         let h = std::thread::Builder::new()
             .name(format!("floor-recv-{n}"))
-            .spawn(move || receive_loop(g, size, hard, n, &pr))
+            .spawn(move || receive_loop(g, size, hard, n, pr.as_deref()))
             .map_err(e("spawn a receiver"))?;
         receivers.push(h);
     }
@@ -598,13 +599,13 @@ fn write_out(out: &mut TcpStream, data: &[u8], full: &mut u64) -> io::Result<()>
 
 /// A receiver (number `me`): poll its subscribers until each has reached end-of-stream
 /// (the relay closed it) or the deadline passes; record each message's latency, and
-/// after each poll publish its progress for the publisher's flow control.
+/// after each poll publish its progress for the publisher's flow control, if any.
 fn receive_loop(
     socks: Vec<TcpStream>,
     size: usize,
     hard: Instant,
     me: usize,
-    progress: &Progress,
+    progress: Option<&Progress>,
 ) -> Received {
     let mut r = Received::new();
     let poll = match Poll::new() {
@@ -674,7 +675,7 @@ fn receive_loop(
                 }
             }
         }
-        if !events.is_empty() {
+        if let (Some(progress), false) = (progress, events.is_empty()) {
             let count = |s: &Sub| s.in_order + s.out_of_order;
             let min = subs.iter().map(count).min().unwrap_or(u64::MAX);
             let total: u64 = subs.iter().map(count).sum();
