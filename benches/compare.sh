@@ -6,6 +6,7 @@
 #   bash benches/compare.sh            # RUNS=3 by default; results in target/compare/
 #   RUNS=5 DUR=5s bash benches/compare.sh
 #   RUNS=1 DUR=1s bash benches/compare.sh   # a quick check that every row runs
+#   ONLY='fanout64_1|pipe64_1' RUNS=1 bash benches/compare.sh   # only these rows
 #
 # Load shapes (`shape=` on every result line, see `middleman bench fanout --help`):
 #   window256    the publisher stays <= 256 messages ahead of the slowest subscriber,
@@ -16,6 +17,11 @@
 #                and p50/p99/p99.9 latency, i.e. what to size a machine with; the two
 #                latency rows also run `middleman bench floor` (no server, a relay that
 #                only copies bytes): the latency this machine allows
+# The no-work relay: beside the fan-out rows with 1 and 100 subscribers, in both shapes,
+# each round also runs `middleman bench floor` with the same arguments (no server: a
+# relay process that copies each read to every subscriber socket, the same flow control
+# and receivers; `middleman bench floor --help`), and the table states middleman's
+# deliveries per CPU-second as a fraction of the relay's ('mm / relay').
 # A full run (RUNS=3, DUR=3s) takes about 10 minutes on 2 cores (a round with DUR=1s: 50 s).
 #
 # Needs nats-server on PATH (Debian: apt-get install -y nats-server). Only 127.0.0.1.
@@ -36,7 +42,7 @@ RESULTS="$OUT/results.txt"
 : > "$RESULTS"
 
 cargo build --release --quiet
-BIN=target/release/middleman
+BIN=${CARGO_TARGET_DIR:-target}/release/middleman
 ulimit -n "$(ulimit -Hn)"
 
 cat > "$OUT/nats.conf" <<EOF
@@ -89,9 +95,13 @@ start_servers() {
 
 # record ROW_NAME PROTO ARGS...: run `middleman bench ARGS` and append its result line
 # (or a failed=1 line, with the output's tail on stderr) to the results as ROW_NAME's.
+# ONLY (a bash regular expression over row names) skips every other row.
 record() {
     local row=$1 proto=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ $row =~ ^($ONLY)$ ]]; then
+        return 0
+    fi
     local out rc=0 line
     out=$(timeout 300 "$BIN" bench "$@" 2>&1) || rc=$?
     line=$(printf '%s\n' "$out" | grep '^result:' | tail -1)
@@ -137,6 +147,20 @@ both() {
     fi
 }
 
+# with_floor ROW_NAME ARGS...: `fanout ARGS` against both servers and `floor ARGS` (the
+# no-work relay, same shape) as ROW_NAME's; the relay last in odd rounds, first in even.
+with_floor() {
+    local row=$1
+    shift
+    if [ $((RUN % 2)) -eq 0 ]; then
+        floor "$row" "$@"
+    fi
+    both "$row" fanout "$@"
+    if [ $((RUN % 2)) -eq 1 ]; then
+        floor "$row" "$@"
+    fi
+}
+
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
@@ -150,15 +174,15 @@ for RUN in $(seq 1 "$RUNS"); do
     both conns10k conns --conns 10000 --hold 2s
     # window256: the original shape.
     for size in 64 1024; do
-        both "fanout${size}_1" fanout --subs 1 --size "$size" --duration "$DUR"
-        both "fanout${size}_100" fanout --subs 100 --size "$size" --duration "$DUR" --threads 2
+        with_floor "fanout${size}_1" --subs 1 --size "$size" --duration "$DUR"
+        with_floor "fanout${size}_100" --subs 100 --size "$size" --duration "$DUR" --threads 2
         both "fanout${size}_1000" fanout --subs 1000 --size "$size" --duration "$DUR" --threads 2
     done
     both fanout64_1_pack fanout --subs 1 --size 64 --duration "$DUR" --pack
     # pipeline16k: deep pipeline, as an independent client measured (issue 11).
-    both pipe64_1 fanout --subs 1 --size 64 --duration "$DUR" --write-kib 16 --inflight 100000
-    both pipe64_100 fanout --subs 100 --size 64 --duration "$DUR" --write-kib 16 --inflight 100000 --threads 2
-    both pipe1024_100 fanout --subs 100 --size 1024 --duration "$DUR" --write-kib 16 --inflight 100000 --threads 2
+    with_floor pipe64_1 --subs 1 --size 64 --duration "$DUR" --write-kib 16 --inflight 100000
+    with_floor pipe64_100 --subs 100 --size 64 --duration "$DUR" --write-kib 16 --inflight 100000 --threads 2
+    with_floor pipe1024_100 --subs 100 --size 1024 --duration "$DUR" --write-kib 16 --inflight 100000 --threads 2
     both pipe1024_1000 fanout --subs 1000 --size 1024 --duration "$DUR" --write-kib 16 --inflight 100000 --threads 2
     # Many publishers: 100 topics, 10 subscribers each.
     both pubs64_100x10 fanout --publishers 100 --subs 10 --size 64 --duration "$DUR" --threads 2
@@ -185,7 +209,7 @@ done
 python3 - "$RESULTS" "$OUT/machine.txt" <<'EOF' | tee "$OUT/table.md"
 import sys
 sys.path.insert(0, "benches")
-from bench_table import read_results, med, fmt, cell, held
+from bench_table import read_results, med, fmt, cell, held, vals
 rows = {}
 for kv in read_results(sys.argv[1]):
     proto = kv.get("proto")
@@ -216,13 +240,37 @@ thr = [
     ("pubs64_100x10", "100 publishers x 10 subscribers each, 64 B", "deliveries_per_server_cpu_s"),
     ("reqres100x16x2", "requests, 100 requesters x window 16, 2 responders", "requests_per_server_cpu_s"),
 ]
-print("| row | shape | scenario | middleman | nats-server ws | mm / NATS |")
-print("|---|---|---|---|---|---|")
+def per_round(r, key):
+    """middleman / relay in each round that has both (by run number)."""
+    fl = {x.get("run"): vals([x], key) for x in r.get("floor", [])}
+    out = []
+    for x in r.get("mm", []):
+        m, f = vals([x], key), fl.get(x.get("run"), [])
+        if m and f and f[0] > 0:
+            out.append(m[0] / f[0])
+    return out
+
+print("'no-work relay' is `middleman bench floor` with the same arguments in the same rounds: no")
+print("server, a relay process that copies each read to every subscriber socket (no framing: a")
+print("message is its body's bytes only), the same flow control and receivers; 'mm / relay' is")
+print("middleman's deliveries per CPU-second as a fraction of the relay's, the ratio of the medians")
+print("(the rounds' own ratios in brackets).")
+print()
+print("| row | shape | scenario | middleman | nats-server ws | mm / NATS | no-work relay | mm / relay |")
+print("|---|---|---|---|---|---|---|---|")
 for row, label, key in thr:
     r = rows.get(row, {})
     m, n = med(r.get("mm", []), key), med(r.get("nats", []), key)
     ratio = f"{m / n:.2f}x" if n and n == n and m == m else "n/a"
-    print(f"| {row} | {shape(r)} | {label} | {cell(r.get('mm', []), key, 'M')} | {cell(r.get('nats', []), key, 'M')} | {ratio} |")
+    fl, frac = "", ""
+    if r.get("floor"):
+        f = med(r["floor"], key)
+        fl = cell(r["floor"], key, "M")
+        frac = f"{m / f:.2f}" if f and f == f and m == m else "n/a"
+        rounds = per_round(r, key)
+        if len(rounds) > 1:
+            frac += f" ({min(rounds):.2f}-{max(rounds):.2f})"
+    print(f"| {row} | {shape(r)} | {label} | {cell(r.get('mm', []), key, 'M')} | {cell(r.get('nats', []), key, 'M')} | {ratio} | {fl} | {frac} |")
 
 print()
 print("History (middleman only): the same window256 fan-out to a topic with a `[[history]]` rule")
@@ -292,6 +340,8 @@ bad = [(row, p, r.get("run"), r.get("lost"), r.get("out_of_order"), r.get("rc"),
        if r.get("lost", "0") != "0" or r.get("out_of_order", "0") != "0"
        or r.get("rc", "0") != "0" or "failed" in r]
 total = sum(len(rs) for d in rows.values() for rs in d.values())
+full = sum(int(r.get("relay_full", "0")) for d in rows.values() for r in d.get("floor", []))
 print()
+print(f"no-work relay writes that found a subscriber socket full (and waited): {full}")
 print(f"runs: {total}; with loss, reordering, failure or non-zero exit: {len(bad)} {bad if bad else ''}")
 EOF

@@ -354,10 +354,76 @@ fn floor_relays_everything_and_reports_latency() {
     assert!((0.0..=1.05).contains(&util), "{out}");
     assert!(num(&out, "relay_cpu_s") >= 0.0);
 
-    // Without a rate there is no schedule to measure against: a clear error, exit 2.
-    let (code, out, err) = tool(&["bench", "floor", "--rate", "0"]);
+    // A rate and a deep pipeline are different load shapes: a clear error, exit 2.
+    let (code, out, err) = tool(&["bench", "floor", "--rate", "100", "--write-kib", "16"]);
     assert_eq!(code, 2, "{out}{err}");
-    assert!(err.contains("needs --rate"), "{err}");
+    assert!(err.contains("different load shapes"), "{err}");
+}
+
+/// `bench floor` without `--rate` measures throughput in `fanout`'s load shapes: the
+/// publisher writes as fast as the shape's flow control allows, the relay copies every
+/// read to every subscriber, and every message arrives exactly once, in order; the
+/// result line has the keys compare.sh tabulates beside the fan-out rows.
+#[test]
+fn floor_throughput_delivers_everything_in_each_shape() {
+    // (extra arguments, shape, messages per write): 100-byte messages, so writes and
+    // reads split them (16 KiB holds 163 whole ones).
+    let shapes: [(&[&str], &str, &str); 2] = [
+        (&[], "window256", "16"),
+        (
+            &["--write-kib", "16", "--inflight", "20000"],
+            "pipeline16k-inflight20k",
+            "163",
+        ),
+    ];
+    for (extra, shape, per_write) in shapes {
+        let args = [
+            &[
+                "bench",
+                "floor",
+                "--subs",
+                "5",
+                "--threads",
+                "2",
+                "--duration",
+                "500ms",
+                "--size",
+                "100",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let (code, out, _) = tool(&args);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(field(&out, "scenario"), "floor");
+        assert_eq!(field(&out, "proto"), "floor");
+        assert_eq!(field(&out, "shape"), shape);
+        assert_eq!(field(&out, "msgs_per_write"), per_write);
+        assert_zero(&out, &["lost", "out_of_order", "errors"]);
+        let sent = num(&out, "sent");
+        assert!(sent > 0.0, "{out}");
+        assert_eq!(num(&out, "deliveries"), 5.0 * sent, "{out}");
+        // Whole writes only.
+        assert_eq!(
+            sent % per_write.parse::<f64>().expect("number"),
+            0.0,
+            "{out}"
+        );
+        // Per relay CPU-second, under the key `fanout` uses, consistent with the CPU.
+        let per_cpu = num(&out, "deliveries_per_server_cpu_s");
+        let cpu = num(&out, "server_cpu_s");
+        assert!(per_cpu > 0.0 && cpu > 0.0, "{out}");
+        // (server_cpu_s= is rounded to the millisecond.)
+        let expect = 5.0 * sent / cpu;
+        let tolerance = 0.0006 / cpu + 0.001;
+        assert!(
+            (per_cpu / expect - 1.0).abs() < tolerance,
+            "{per_cpu} vs {expect}: {out}"
+        );
+        assert!(num(&out, "relay_full") >= 0.0, "{out}");
+        // A throughput row is not a fixed-load row (compare.sh tells them apart so).
+        assert!(!out.contains("rate_held="), "{out}");
+    }
 }
 
 #[test]

@@ -1,18 +1,36 @@
-//! `bench floor`: what the machine allows a fixed-load row, measured with no server.
+//! `bench floor`: what the machine allows a fan-out, measured with no server.
 //!
-//! The topology of `bench fanout --rate R --subs S --threads T` against a server, with
-//! the server replaced by the least a relay can do: a publisher thread writes one
-//! message per write at the offered rate; a relay, in a process of its own as a server
-//! is (this binary's hidden `bench floor-relay`), waits in epoll, reads what arrived
-//! and writes those bytes to each of the S subscriber sockets (one write each: no
-//! framing, no parsing, no routing, no queue); T receiver threads poll their share of
-//! the subscriber sockets with `mio` as the bench's workers do, but only split
-//! fixed-size records (no WebSocket or protocol parsing: less work than the bench's
-//! receivers). All over loopback TCP with `TCP_NODELAY`, stamped with the tool's
-//! clock; the relay's CPU is its relaying thread's, from the start of relaying. Its latency is what wake-ups, the scheduler and loopback TCP leave
-//! a relay that does nothing else on this machine: a server on the same machine, doing
-//! more per message, is not expected to get below it (short of spinning instead of
-//! sleeping, which on a machine shared with the load client takes the client's CPU).
+//! The topology of `bench fanout --subs S --threads T` against a server, with the
+//! server replaced by the least a relay can do: a publisher thread writes messages; a
+//! relay, in a process of its own as a server is (this binary's hidden `bench
+//! floor-relay`), waits in epoll, reads what arrived and writes those bytes to each of
+//! the S subscriber sockets (one write each: no framing, no parsing, no routing, no
+//! queue); T receiver threads poll their share of the subscriber sockets with `mio` as
+//! the bench's workers do, but only split fixed-size records (no WebSocket or protocol
+//! parsing: less work than the bench's receivers). All over loopback TCP with
+//! `TCP_NODELAY`, stamped with the tool's clock; the relay's CPU is its relaying
+//! thread's, from the start of relaying.
+//!
+//! Two modes, as `fanout` has:
+//! - **Fixed load** (`--rate R`): one message per write on schedule. Its latency is
+//!   what wake-ups, the scheduler and loopback TCP leave a relay that does nothing else
+//!   on this machine: a server on the same machine, doing more per message, is not
+//!   expected to get below it (short of spinning instead of sleeping, which on a
+//!   machine shared with the load client takes the client's CPU).
+//! - **Throughput** (no `--rate`): the publisher writes as fast as `fanout`'s flow
+//!   control allows in the same shape: `--batch` messages per write at most `--window`
+//!   messages ahead of the slowest subscriber (`window256`), or `--write-kib` KiB of
+//!   messages per write with at most `--inflight` deliveries not yet received
+//!   (`pipeline16k`). Deliveries per relay CPU-second are what the kernel's side of a
+//!   fan-out costs, the part of a server's cost no server can avoid. What differs from
+//!   `fanout`: no framing, so a message is `--size` bytes on the wire where a server's
+//!   delivery also carries a WebSocket frame header and the protocol's header and
+//!   subject, and a `--write-kib` write holds more messages.
+//!
+//! The relay never drops and never queues: its subscriber sockets are written
+//! non-blocking, and a write that finds one full (or writes part) finishes in a
+//! blocking write, which holds the relay until that receiver reads; such writes are
+//! counted (`relay_full=`). The publisher's flow control is what keeps them rare.
 //!
 //! Messages are `--size` bytes: sequence number and send time (little-endian u64s),
 //! then padding; receivers count losses and reordering per subscriber.
@@ -20,6 +38,8 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -38,6 +58,9 @@ const IDLE_POLL: Duration = Duration::from_millis(2);
 const SETUP: Duration = Duration::from_secs(10);
 /// After the last send, how long the run may take to drain before it gives up.
 const DRAIN: Duration = Duration::from_secs(10);
+/// Throughput: how long the publisher may be held back by flow control with no
+/// receiver making progress before it stops (the receivers then report losses).
+const STALL: Duration = Duration::from_secs(3);
 
 /// What the receiver threads measured.
 struct Received {
@@ -46,6 +69,8 @@ struct Received {
     per_sub: Vec<(u64, u64)>,
     errors: u64,
     first_error: Option<String>,
+    /// When the last message arrived ([`now_ns`]; 0: none).
+    last_rx_ns: u64,
 }
 
 impl Received {
@@ -55,6 +80,7 @@ impl Received {
             per_sub: Vec::new(),
             errors: 0,
             first_error: None,
+            last_rx_ns: 0,
         }
     }
 
@@ -69,10 +95,19 @@ impl Received {
         let _ = self.hist.add(&other.hist);
         self.per_sub.extend(other.per_sub);
         self.errors += other.errors;
+        self.last_rx_ns = self.last_rx_ns.max(other.last_rx_ns);
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
     }
+}
+
+/// The receivers' progress, for the publisher's flow control.
+struct Progress {
+    /// Per receiver thread: the fewest messages any of its subscribers received.
+    mins: Vec<AtomicU64>,
+    /// Messages received by all subscribers together.
+    total: AtomicU64,
 }
 
 /// One subscriber socket on a receiver thread.
@@ -86,21 +121,36 @@ struct Sub {
     open: bool,
 }
 
+/// What the publisher did.
+struct Published {
+    sent: u64,
+    writes: u64,
+    per_write: u64,
+    secs: f64,
+    /// Fixed load: how late each write was against its schedule.
+    late: Histogram<u64>,
+    err: Option<String>,
+}
+
 /// Run the floor measurement; prints a report and a `result:` line like `fanout`'s.
 pub fn floor(a: &FloorArgs) -> Result<bool, String> {
-    if a.rate == 0 {
-        return Err("bench floor needs --rate (messages per second, at least 1)".into());
-    }
     if a.subs == 0 {
         return Err("bench floor needs at least one subscriber (--subs)".into());
+    }
+    if a.rate > 0 && a.write_kib > 0 {
+        return Err(
+            "--rate (one message per write) and --write-kib are different load shapes: give one"
+                .into(),
+        );
+    }
+    if a.rate == 0 && a.inflight == 0 && a.write_kib == 0 && a.window == 0 {
+        return Err("bench floor needs --window (or --inflight) of at least 1".into());
     }
     fn e(what: &'static str) -> impl Fn(io::Error) -> String {
         move |err| format!("{what}: {err}")
     }
     let size = a.size.max(HEADER);
     let threads = a.threads.clamp(1, a.subs);
-    let count = (a.duration.as_nanos() as u64).saturating_mul(a.rate) / 1_000_000_000;
-    let interval_ns = 1_000_000_000 / a.rate;
     let hard = Instant::now() + a.duration + DRAIN;
 
     // The relay runs in a process of its own, as a server would: it connects once for
@@ -167,39 +217,27 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
     for (i, s) in subs.into_iter().enumerate() {
         groups[i % threads].push(s.ok_or("a subscriber connection is missing")?);
     }
+    let progress = Arc::new(Progress {
+        mins: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+        total: AtomicU64::new(0),
+    });
     let mut receivers = Vec::new();
     for (n, g) in groups.into_iter().enumerate() {
+        // Fixed load has no flow control: its receivers do not count progress.
+        let pr = (a.rate == 0).then(|| Arc::clone(&progress));
         let h = std::thread::Builder::new()
             .name(format!("floor-recv-{n}"))
-            .spawn(move || receive_loop(g, size, hard))
+            .spawn(move || receive_loop(g, size, hard, n, pr.as_deref()))
             .map_err(e("spawn a receiver"))?;
         receivers.push(h);
     }
 
-    // Publish: one message per write, on schedule; the stamp is taken just before the
-    // write, so the publisher's own lateness is reported apart, not in the latency.
-    let mut late = histogram();
-    let mut msg = vec![0u8; size];
-    let started = Instant::now();
-    let mut sent = 0u64;
-    let mut pub_err = None;
-    for i in 0..count {
-        let due = started + Duration::from_nanos(i.saturating_mul(interval_ns));
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        let behind = Instant::now().saturating_duration_since(due);
-        late.saturating_record((behind.as_nanos() as u64).max(1));
-        msg[..8].copy_from_slice(&i.to_le_bytes());
-        msg[8..HEADER].copy_from_slice(&now_ns().to_le_bytes());
-        if let Err(err) = publisher.write_all(&msg) {
-            pub_err = Some(format!("publisher: {err}"));
-            break;
-        }
-        sent += 1;
-    }
-    let pub_secs = started.elapsed().as_secs_f64();
+    let t0 = now_ns();
+    let p = if a.rate > 0 {
+        publish_fixed(&mut publisher, a, size)
+    } else {
+        publish_throughput(&mut publisher, a, size, &progress)
+    };
     // The relay reads end-of-stream, finishes, closes the subscribers' sockets and exits.
     let _ = publisher.shutdown(Shutdown::Write);
 
@@ -211,7 +249,8 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
         got.absorb(r);
     }
 
-    let relay_cpu = relay.finish(hard)?;
+    let (relay_cpu, relay_full) = relay.finish(hard)?;
+    let sent = p.sent;
     let deliveries: u64 = got.per_sub.iter().map(|&(i, o)| i + o).sum();
     let out_of_order: u64 = got.per_sub.iter().map(|&(_, o)| o).sum();
     let lost: u64 = got
@@ -220,11 +259,58 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
         .map(|&(i, _)| sent.saturating_sub(i))
         .sum::<u64>()
         + sent * (a.subs - got.per_sub.len()) as u64;
+    let ok = lost == 0 && out_of_order == 0 && got.errors == 0 && p.err.is_none() && sent > 0;
+    let us = |ns: u64| ns as f64 / 1e3;
+    let cpu_s = relay_cpu.as_secs_f64();
+    if a.rate == 0 {
+        let inflight = match (a.inflight, a.write_kib) {
+            (0, 0) => 0,
+            (0, _) => super::run::DEFAULT_INFLIGHT,
+            (n, _) => n,
+        };
+        let shape = super::run::flow_shape(0, a.write_kib, inflight, a.window, a.batch, false);
+        // As `fanout` reports it: from the first write to the last delivery.
+        let elapsed = (got.last_rx_ns.max(t0 + 1) - t0) as f64 / 1e9;
+        let rate = deliveries as f64 / elapsed;
+        let per_cpu = if cpu_s > 0.0 {
+            deliveries as f64 / cpu_s
+        } else {
+            f64::INFINITY
+        };
+        let util = cpu_s / elapsed.max(1e-9);
+        println!(
+            "floor (no server: a relay process copying bytes to each subscriber over loopback TCP), shape {shape}: 1 publisher x {} subscribers, {size} B messages, {sent} published in {:.2} s, {} writes ({} messages per write), {threads} receiver thread(s)",
+            a.subs, p.secs, p.writes, p.per_write
+        );
+        println!("  deliveries: {deliveries} in {elapsed:.3} s = {rate:.0}/s");
+        println!(
+            "  relay CPU: {cpu_s:.2} s in {elapsed:.2} s = {:.1}% of one core; {:.0} deliveries per relay CPU-second; {relay_full} write(s) found a subscriber socket full",
+            100.0 * util,
+            per_cpu
+        );
+        println!("  latency: {}", latency_line(&got.hist));
+        println!("  lost: {lost}, out of order: {out_of_order}");
+        if let Some(err) = got.first_error.as_ref().or(p.err.as_ref()) {
+            println!("  first error: {err}");
+        }
+        println!(
+            "result: scenario=floor shape={shape} proto=floor transport=tcp publishers=1 subs={} size={size} rate=0 window={} batch={} write_kib={} inflight={inflight} msgs_per_write={} threads={threads} sent={sent} deliveries={deliveries} elapsed_s={elapsed:.3} deliveries_per_s={rate:.0} relay_cpu_s={cpu_s:.3} relay_full={relay_full} server_cpu_s={cpu_s:.3} deliveries_per_server_cpu_s={per_cpu:.0} server_cpu_util={util:.3} {} lost={lost} out_of_order={out_of_order} errors={}",
+            a.subs,
+            a.window,
+            a.batch,
+            a.write_kib,
+            p.per_write,
+            latency_kv(&got.hist),
+            got.errors
+        );
+        return Ok(ok);
+    }
+    let pub_secs = p.secs;
+    let late = &p.late;
     let achieved = sent as f64 / pub_secs.max(1e-9);
     let held = achieved >= super::run::RATE_HELD * a.rate as f64;
     let shape = format!("fixed{}", super::run::short_count(a.rate));
-    let util = relay_cpu.as_secs_f64() / pub_secs.max(1e-9);
-    let us = |ns: u64| ns as f64 / 1e3;
+    let util = cpu_s / pub_secs.max(1e-9);
     println!(
         "floor (no server: a relay process copying bytes to each subscriber over loopback TCP), shape {shape}: 1 publisher x {} subscribers, {size} B messages, {sent} published in {pub_secs:.2} s, {threads} receiver thread(s)",
         a.subs
@@ -238,35 +324,149 @@ pub fn floor(a: &FloorArgs) -> Result<bool, String> {
         us(late.max())
     );
     println!(
-        "  relay CPU: {:.2} s in {pub_secs:.2} s = {:.1}% of one core",
-        relay_cpu.as_secs_f64(),
+        "  relay CPU: {cpu_s:.2} s in {pub_secs:.2} s = {:.1}% of one core",
         100.0 * util
     );
     println!("  latency: {}", latency_line(&got.hist));
     println!("  deliveries: {deliveries}, lost: {lost}, out of order: {out_of_order}");
-    if let Some(err) = got.first_error.as_ref().or(pub_err.as_ref()) {
+    if let Some(err) = got.first_error.as_ref().or(p.err.as_ref()) {
         println!("  first error: {err}");
     }
     println!(
-        "result: scenario=floor shape={shape} proto=floor transport=tcp publishers=1 subs={} size={size} rate={} threads={threads} sent={sent} deliveries={deliveries} achieved_rate={achieved:.0} rate_held={} late_p99_us={:.1} late_max_us={:.1} relay_cpu_s={:.3} server_cpu_util={util:.3} {} lost={lost} out_of_order={out_of_order} errors={}",
+        "result: scenario=floor shape={shape} proto=floor transport=tcp publishers=1 subs={} size={size} rate={} threads={threads} sent={sent} deliveries={deliveries} achieved_rate={achieved:.0} rate_held={} late_p99_us={:.1} late_max_us={:.1} relay_cpu_s={cpu_s:.3} relay_full={relay_full} server_cpu_util={util:.3} {} lost={lost} out_of_order={out_of_order} errors={}",
         a.subs,
         a.rate,
         if held { "yes" } else { "no" },
         us(late.value_at_quantile(0.99)),
         us(late.max()),
-        relay_cpu.as_secs_f64(),
         latency_kv(&got.hist),
         got.errors
     );
-    Ok(lost == 0 && out_of_order == 0 && got.errors == 0 && pub_err.is_none() && sent > 0)
+    Ok(ok)
+}
+
+/// Fixed load: one message per write, on schedule; the stamp is taken just before the
+/// write, so the publisher's own lateness is reported apart, not in the latency.
+fn publish_fixed(publisher: &mut TcpStream, a: &FloorArgs, size: usize) -> Published {
+    let count = (a.duration.as_nanos() as u64).saturating_mul(a.rate) / 1_000_000_000;
+    let interval_ns = 1_000_000_000 / a.rate.max(1);
+    let mut p = Published {
+        sent: 0,
+        writes: 0,
+        per_write: 1,
+        secs: 0.0,
+        late: histogram(),
+        err: None,
+    };
+    let mut msg = vec![0u8; size];
+    let started = Instant::now();
+    for i in 0..count {
+        let due = started + Duration::from_nanos(i.saturating_mul(interval_ns));
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let behind = Instant::now().saturating_duration_since(due);
+        p.late.saturating_record((behind.as_nanos() as u64).max(1));
+        msg[..8].copy_from_slice(&i.to_le_bytes());
+        msg[8..HEADER].copy_from_slice(&now_ns().to_le_bytes());
+        if let Err(err) = publisher.write_all(&msg) {
+            p.err = Some(format!("publisher: {err}"));
+            break;
+        }
+        p.sent += 1;
+        p.writes += 1;
+    }
+    p.secs = started.elapsed().as_secs_f64();
+    p
+}
+
+/// Throughput: write `per_write` messages at a time for `--duration`, as far ahead of
+/// the receivers as the shape's flow control allows (the same checks as `fanout`'s).
+fn publish_throughput(
+    publisher: &mut TcpStream,
+    a: &FloorArgs,
+    size: usize,
+    progress: &Progress,
+) -> Published {
+    let (per_write, inflight) = if a.write_kib > 0 {
+        let n = (a.write_kib * 1024 / size).max(1) as u64;
+        let inflight = if a.inflight == 0 {
+            super::run::DEFAULT_INFLIGHT
+        } else {
+            a.inflight
+        };
+        (n, inflight)
+    } else {
+        (a.batch.max(1) as u64, a.inflight)
+    };
+    let subs = a.subs as u64;
+    let mut p = Published {
+        sent: 0,
+        writes: 0,
+        per_write,
+        secs: 0.0,
+        late: histogram(),
+        err: None,
+    };
+    let mut buf = vec![0u8; per_write as usize * size];
+    let started = Instant::now();
+    let end = started + a.duration;
+    let mut idle_since: Option<Instant> = None;
+    let mut spins = 0u32;
+    while Instant::now() < end {
+        let may = if inflight > 0 {
+            let got = progress.total.load(Ordering::Acquire);
+            let out = (p.sent * subs).saturating_sub(got);
+            out == 0 || out + per_write * subs <= inflight
+        } else {
+            let min = progress
+                .mins
+                .iter()
+                .map(|m| m.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(0);
+            p.sent < min.saturating_add(a.window)
+        };
+        if !may {
+            // Held back by flow control: wait for the receivers, but not forever
+            // (they report losses if they stopped).
+            if idle_since.get_or_insert_with(Instant::now).elapsed() > STALL {
+                p.err = Some(format!("publisher: no receiver progress in {STALL:?}"));
+                break;
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            continue;
+        }
+        idle_since = None;
+        spins = 0;
+        for (k, m) in buf.chunks_exact_mut(size).enumerate() {
+            m[..8].copy_from_slice(&(p.sent + k as u64).to_le_bytes());
+            m[8..HEADER].copy_from_slice(&now_ns().to_le_bytes());
+        }
+        if let Err(err) = publisher.write_all(&buf) {
+            p.err = Some(format!("publisher: {err}"));
+            break;
+        }
+        p.sent += per_write;
+        p.writes += 1;
+    }
+    p.secs = started.elapsed().as_secs_f64();
+    p
 }
 
 /// The relay process, killed if it is still running when dropped (an error path).
 struct Relay(Child);
 
 impl Relay {
-    /// Wait (until `hard`) for the relay to exit; the CPU time it reports.
-    fn finish(&mut self, hard: Instant) -> Result<Duration, String> {
+    /// Wait (until `hard`) for the relay to exit; the CPU time it reports, and how many
+    /// of its writes found a subscriber socket full.
+    fn finish(&mut self, hard: Instant) -> Result<(Duration, u64), String> {
         let status = loop {
             match self.0.try_wait() {
                 Ok(Some(st)) => break st,
@@ -285,11 +485,16 @@ impl Relay {
         if !status.success() {
             return Err(format!("the relay process failed ({status}): {out}"));
         }
-        out.split_whitespace()
-            .find_map(|kv| kv.strip_prefix("relay_cpu_ns="))
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_nanos)
-            .ok_or_else(|| format!("no relay_cpu_ns in the relay's report: {out}"))
+        let value = |key: &str| -> Result<u64, String> {
+            out.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("no {key} in the relay's report: {out}"))
+        };
+        Ok((
+            Duration::from_nanos(value("relay_cpu_ns=")?),
+            value("relay_full=")?,
+        ))
     }
 }
 
@@ -304,7 +509,8 @@ impl Drop for Relay {
 
 /// `bench floor-relay`: the relay process `floor` starts. Connects its input and then
 /// each subscriber, each announced by its index (0: input), relays until the input
-/// ends, and prints `relay_cpu_ns=` (its relaying thread's CPU time).
+/// ends, and prints `relay_cpu_ns=` (its relaying thread's CPU time) and `relay_full=`
+/// (writes that found a subscriber socket full and had to block).
 pub fn relay_process(a: &FloorRelayArgs) -> Result<bool, String> {
     let connect = |i: u64| -> Result<TcpStream, String> {
         let mut s = TcpStream::connect_timeout(&a.connect, SETUP)
@@ -320,18 +526,27 @@ pub fn relay_process(a: &FloorRelayArgs) -> Result<bool, String> {
         .map(connect)
         .collect::<Result<Vec<_>, _>>()?;
     let hard = Instant::now() + Duration::from_secs(a.limit_secs);
-    let cpu = relay_loop(input, outputs, hard).map_err(|err| format!("relay: {err}"))?;
-    println!("relay_cpu_ns={}", cpu.as_nanos());
+    let (cpu, full) = relay_loop(input, outputs, hard).map_err(|err| format!("relay: {err}"))?;
+    println!("relay_cpu_ns={} relay_full={full}", cpu.as_nanos());
     Ok(true)
 }
 
 /// The relay: wait in epoll for the publisher's bytes, write each read to every
-/// subscriber (blocking writes: a receiver that falls behind holds the relay up, and
-/// that shows as latency). Returns the thread's CPU time.
-fn relay_loop(input: TcpStream, outputs: Vec<TcpStream>, hard: Instant) -> io::Result<Duration> {
+/// subscriber. Nothing is dropped or queued: a write that finds a subscriber's socket
+/// full finishes blocking (a receiver that falls behind holds the relay up, and that
+/// shows as latency), and is counted. Returns the thread's CPU time and that count.
+fn relay_loop(
+    input: TcpStream,
+    outputs: Vec<TcpStream>,
+    hard: Instant,
+) -> io::Result<(Duration, u64)> {
     input.set_nonblocking(true)?;
     let mut input = mio::net::TcpStream::from_std(input);
     let mut outputs = outputs;
+    for out in &outputs {
+        out.set_nonblocking(true)?;
+    }
+    let mut full = 0u64;
     let mut poll = Poll::new()?;
     poll.registry()
         .register(&mut input, Token(0), Interest::READABLE)?;
@@ -348,7 +563,7 @@ fn relay_loop(input: TcpStream, outputs: Vec<TcpStream>, hard: Instant) -> io::R
                 Ok(0) => break 'run,
                 Ok(n) => {
                     for out in outputs.iter_mut() {
-                        out.write_all(&buf[..n])?;
+                        write_out(out, &buf[..n], &mut full)?;
                     }
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
@@ -357,12 +572,41 @@ fn relay_loop(input: TcpStream, outputs: Vec<TcpStream>, hard: Instant) -> io::R
             }
         }
     }
-    Ok(thread_cpu().saturating_sub(cpu0))
+    Ok((thread_cpu().saturating_sub(cpu0), full))
 }
 
-/// A receiver: poll its subscribers until each has reached end-of-stream (the relay
-/// closed it) or the deadline passes; record each message's latency.
-fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
+/// Write all of `data` to a non-blocking subscriber socket: one write when it has
+/// room; when it has not (or takes only part), count it in `full` and write the rest
+/// blocking.
+fn write_out(out: &mut TcpStream, data: &[u8], full: &mut u64) -> io::Result<()> {
+    let done = loop {
+        match out.write(data) {
+            Ok(n) => break n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break 0,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    };
+    if done == data.len() {
+        return Ok(());
+    }
+    *full += 1;
+    out.set_nonblocking(false)?;
+    let res = out.write_all(&data[done..]);
+    out.set_nonblocking(true)?;
+    res
+}
+
+/// A receiver (number `me`): poll its subscribers until each has reached end-of-stream
+/// (the relay closed it) or the deadline passes; record each message's latency, and
+/// after each poll publish its progress for the publisher's flow control, if any.
+fn receive_loop(
+    socks: Vec<TcpStream>,
+    size: usize,
+    hard: Instant,
+    me: usize,
+    progress: Option<&Progress>,
+) -> Received {
     let mut r = Received::new();
     let poll = match Poll::new() {
         Ok(p) => p,
@@ -400,6 +644,7 @@ fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 64 * 1024];
     let mut open = subs.len();
+    let mut reported = 0u64;
     while open > 0 && Instant::now() < hard {
         if let Err(err) = poll.poll(&mut events, Some(IDLE_POLL)) {
             r.fail(format!("poll: {err}"));
@@ -418,6 +663,7 @@ fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
                     Ok(n) => {
                         let now = now_ns();
                         take_messages(s, &buf[..n], size, now, &mut r.hist);
+                        r.last_rx_ns = now;
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -428,6 +674,16 @@ fn receive_loop(socks: Vec<TcpStream>, size: usize, hard: Instant) -> Received {
                     }
                 }
             }
+        }
+        if let (Some(progress), false) = (progress, events.is_empty()) {
+            let count = |s: &Sub| s.in_order + s.out_of_order;
+            let min = subs.iter().map(count).min().unwrap_or(u64::MAX);
+            let total: u64 = subs.iter().map(count).sum();
+            if let Some(m) = progress.mins.get(me) {
+                m.store(min, Ordering::Release);
+            }
+            progress.total.fetch_add(total - reported, Ordering::AcqRel);
+            reported = total;
         }
     }
     r.per_sub = subs.iter().map(|s| (s.in_order, s.out_of_order)).collect();
@@ -510,6 +766,43 @@ mod tests {
             // Latencies 2000 - (1000 + i): 1000, 999, 998, 997, 996 ns.
             assert_eq!((h.min(), h.max()), (996, 1000));
         }
+    }
+
+    /// A subscriber socket that cannot take a whole read at once is neither dropped
+    /// nor queued: the write finishes blocking, is counted, and every byte arrives.
+    #[test]
+    fn a_full_subscriber_socket_is_waited_for_and_counted() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut w = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (mut r, _) = l.accept().expect("accept");
+        w.set_nonblocking(true).expect("non-blocking");
+        // Small buffers both sides, so no one write can take what follows, whatever
+        // the machine's autotuning limits.
+        socket2::SockRef::from(&w)
+            .set_send_buffer_size(16 * 1024)
+            .expect("SO_SNDBUF");
+        socket2::SockRef::from(&r)
+            .set_recv_buffer_size(16 * 1024)
+            .expect("SO_RCVBUF");
+        // Far more than those buffers hold.
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let len = data.len();
+        let reader = std::thread::spawn(move || {
+            r.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let mut got = Vec::with_capacity(len);
+            r.read_to_end(&mut got).map(|_| got)
+        });
+        // An empty socket has room: a small write goes out at once, not counted.
+        let mut full = 0;
+        write_out(&mut w, &data[..100], &mut full).expect("write");
+        assert_eq!(full, 0);
+        write_out(&mut w, &data, &mut full).expect("write");
+        assert_eq!(full, 1);
+        drop(w);
+        let got = reader.join().expect("reader").expect("read");
+        assert_eq!(got.len(), 100 + len);
+        assert!(got[..100] == data[..100] && got[100..] == data[..]);
     }
 
     #[test]

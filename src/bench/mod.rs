@@ -6,8 +6,9 @@
 //!
 //! Scenarios: `fanout` (S subscribers, one publisher, or P publishers with S subscribers
 //! each), `reqres` (C requesters with a window of W, K responders), `conns` (N idle
-//! authenticated connections), and `floor` (no server: the same fixed-load fan-out
-//! through a relay process that only copies bytes, i.e. the latency this machine allows).
+//! authenticated connections), and `floor` (no server: the same fan-out, fixed-load or
+//! throughput, through a relay process that only copies bytes, i.e. the latency and the
+//! deliveries per CPU-second this machine allows).
 //! Fan-out has load shapes, named on the result line as `shape=`: `window256` (the
 //! default: at most 256 messages ahead of the slowest subscriber, 16 per write),
 //! `pipeline16k` (`--write-kib 16`: 16 KiB of messages per
@@ -49,8 +50,22 @@ pub enum Scenario {
     Reqres(ReqresArgs),
     /// N idle authenticated connections: connect+auth latency, server RSS per connection.
     Conns(ConnsArgs),
-    /// No server: the latency floor of a fixed-load fan-out on this machine (publisher,
-    /// a relay process that only copies bytes, receivers; loopback TCP).
+    /// No server: what this machine allows a fan-out (publisher, a relay process that
+    /// only copies bytes, receivers; loopback TCP): latency at a fixed load (--rate), or
+    /// deliveries per relay CPU-second in the fan-out load shapes.
+    ///
+    /// The relay copies each read to every subscriber socket: no framing, parsing or
+    /// routing. With --rate R: one message per write on a schedule, as `fanout --rate`.
+    /// Without: throughput with `fanout`'s flow control (--batch messages per write at
+    /// most --window ahead of the slowest subscriber, or with --write-kib as many
+    /// messages as fit per write and at most --inflight deliveries not yet received),
+    /// reported as `deliveries_per_server_cpu_s=` of the relay's CPU.
+    ///
+    /// What differs from `fanout`: a message is --size bytes on the wire (no WebSocket
+    /// frame, no protocol header or subject), so a --write-kib write holds more messages
+    /// (256 of 64 B in 16 KiB). The relay never drops or queues: a write that finds a
+    /// subscriber socket full finishes blocking (counted as `relay_full=`); the
+    /// publisher's flow control is what keeps that rare.
     Floor(FloorArgs),
     /// The relay process of `floor` (started by it; not for direct use).
     #[command(hide = true)]
@@ -186,15 +201,28 @@ pub struct ConnsArgs {
     pub hold: Duration,
 }
 
-/// `bench floor`: the topology of `fanout --rate R --subs S --threads T`, with the
-/// server replaced by a relay process that copies each read to every subscriber socket.
+/// `bench floor`: a fan-out with the server replaced by a relay process that copies
+/// each read to every subscriber socket (no framing, parsing or routing).
+///
+/// With `--rate R`: the topology of `fanout --rate R` (one message per write on a
+/// schedule), for latency. Without (`--rate 0`, the default): throughput in the
+/// fan-out load shapes, the same options as `fanout` (`--window`/`--batch`, or
+/// `--write-kib` with `--inflight`), reporting `deliveries_per_server_cpu_s` against
+/// the relay's CPU. What differs from `fanout`: a message is `--size` bytes on the wire
+/// (no WebSocket frame, no protocol header or subject), so a `--write-kib` write holds
+/// more messages than `fanout`'s does (256 of 64 B in 16 KiB); the publisher's flow
+/// control is the same (at most `--window` messages ahead of the slowest subscriber,
+/// or at most `--inflight` deliveries not yet received), and it is what keeps the
+/// relay from overrunning a subscriber: the relay never drops or queues, a full
+/// subscriber socket holds it in a blocking write (counted as `relay_full=`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct FloorArgs {
     /// Subscriber sockets the relay writes each message to.
     #[arg(long, short = 's', default_value_t = 1)]
     pub subs: usize,
-    /// Messages per second, one per write.
-    #[arg(long, default_value_t = 10_000)]
+    /// Fixed load: messages per second, one per write (0: throughput, as fast as the
+    /// flow control allows).
+    #[arg(long, default_value_t = 0)]
     pub rate: u64,
     /// Publish for this long.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
@@ -205,6 +233,22 @@ pub struct FloorArgs {
     /// Receiver threads (each polls its share of the subscriber sockets).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Throughput: most messages the publisher may be ahead of the slowest subscriber
+    /// (unless --inflight is given).
+    #[arg(long, default_value_t = 256)]
+    pub window: u64,
+    /// Throughput: messages per write (unless --write-kib is given).
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Throughput, deep pipeline: each write carries as many whole messages as fit in
+    /// this many KiB; the in-flight bound becomes --inflight deliveries (100000 unless
+    /// given).
+    #[arg(long, default_value_t = 0)]
+    pub write_kib: usize,
+    /// Throughput: bound the deliveries published but not yet received instead of the
+    /// --window of messages.
+    #[arg(long, default_value_t = 0)]
+    pub inflight: u64,
 }
 
 /// `bench floor-relay`: connect to `floor`'s listener once for the input and once per

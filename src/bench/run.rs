@@ -783,7 +783,7 @@ fn proto_name(p: Proto) -> &'static str {
 }
 
 /// In-flight bound (deliveries) of the deep-pipeline shape when `--inflight` is not given.
-const DEFAULT_INFLIGHT: u64 = 100_000;
+pub(super) const DEFAULT_INFLIGHT: u64 = 100_000;
 /// A fixed-load run held its rate (`rate_held=yes`) when it achieved at least this
 /// fraction of the offered rate.
 pub(super) const RATE_HELD: f64 = 0.98;
@@ -802,10 +802,27 @@ pub(super) fn short_count(n: u64) -> String {
 /// The name of a fan-out load shape (`shape=` on the result line): the flow control,
 /// with what differs from its defaults, prefixed by `pubsPxS-` for P > 1 publishers.
 fn fanout_shape(a: &FanoutArgs, inflight: u64) -> String {
-    let mut flow = if a.rate > 0 {
-        format!("fixed{}", short_count(a.rate))
-    } else if a.write_kib > 0 {
-        let mut f = format!("pipeline{}k", a.write_kib);
+    let flow = flow_shape(a.rate, a.write_kib, inflight, a.window, a.batch, a.pack);
+    if a.publishers > 1 {
+        format!("pubs{}x{}-{flow}", a.publishers, a.subs)
+    } else {
+        flow
+    }
+}
+
+/// The flow-control part of a load shape's name (`bench floor` names its rows so too).
+pub(super) fn flow_shape(
+    rate: u64,
+    write_kib: usize,
+    inflight: u64,
+    window: u64,
+    batch: usize,
+    pack: bool,
+) -> String {
+    let mut flow = if rate > 0 {
+        format!("fixed{}", short_count(rate))
+    } else if write_kib > 0 {
+        let mut f = format!("pipeline{write_kib}k");
         if inflight != DEFAULT_INFLIGHT {
             f += &format!("-inflight{}", short_count(inflight));
         }
@@ -814,21 +831,17 @@ fn fanout_shape(a: &FanoutArgs, inflight: u64) -> String {
         let mut f = if inflight > 0 {
             format!("inflight{}", short_count(inflight))
         } else {
-            format!("window{}", a.window)
+            format!("window{window}")
         };
-        if a.batch != 16 {
-            f += &format!("-batch{}", a.batch);
+        if batch != 16 {
+            f += &format!("-batch{batch}");
         }
         f
     };
-    if a.pack {
+    if pack {
         flow += "-pack";
     }
-    if a.publishers > 1 {
-        format!("pubs{}x{}-{flow}", a.publishers, a.subs)
-    } else {
-        flow
-    }
+    flow
 }
 
 /// Encode one publication of `body` on `subject`.
