@@ -372,7 +372,6 @@ impl History {
             }
             match (rule, log.ring.front()) {
                 (Some(r), Some((front, ..))) => {
-                    log.rule = r;
                     self.fronts[r].insert(*front, topic);
                 }
                 _ => {
