@@ -306,6 +306,7 @@ done
 
 rc=0
 python3 - "$RESULTS" "$OUT/machine.txt" <<'EOF' > "$OUT/table.md" || rc=$?
+import statistics
 import sys
 sys.path.insert(0, "benches")
 from bench_table import read_results, med, fmt, cell, held
@@ -379,6 +380,28 @@ if cl:
             rs.sort(key=lambda x: int(x.get("run", 0)))
             parts = [f"{r['cl_in']}/{r['cl_dropped']}" + (f" conns {r['node_conns']}" if "node_conns" in r else "") for r in rs]
             print(f"  {row}: {' | '.join(parts)}")
+
+each = [(row, [r for r in rs if "server_cpu_each_s" in r]) for row, rs in rows.items()]
+each = [(row, rs) for row, rs in each if rs]
+if each:
+    print()
+    print("Where the CPU went (median share of each charged process over the rounds; cross,")
+    print("local: node A, node B, nats-server; reuse-port 2: the two nodes, nats-server), and")
+    print("the CPU per delivery (request) of all of them:")
+    for row, rs in each:
+        shares, per = [], []
+        for r in rs:
+            secs = [float(x) for x in r["server_cpu_each_s"].split("/")]
+            tot = sum(secs)
+            n = float(r.get("deliveries", r.get("answered", "nan")) or "nan")
+            if tot > 0:
+                shares.append([x / tot for x in secs])
+                per.append(tot / n * 1e6 if n == n and n > 0 else float("nan"))
+        if shares:
+            cols = list(zip(*shares))
+            parts = " / ".join(f"{100 * statistics.median(c):.0f}%" for c in cols)
+            unit = "request" if "answered" in rs[0] else "delivery"
+            print(f"  {row}: {parts}; {statistics.median(per):.2f} µs per {unit}")
 
 print()
 print("Every round, in order (per CPU-s; fixed load: CPU and p99):")

@@ -7,6 +7,7 @@
 #   RUNS=5 DUR=5s bash benches/compare.sh
 #   RUNS=1 DUR=1s bash benches/compare.sh   # a quick check that every row runs
 #   ONLY='fanout64_1|pipe64_1' RUNS=1 bash benches/compare.sh   # only these rows
+#   TABLES_ONLY=1 bash benches/compare.sh   # the tables again from target/compare/results.txt
 #
 # Load shapes (`shape=` on every result line, see `middleman bench fanout --help`):
 #   window256    the publisher stays <= 256 messages ahead of the slowest subscriber,
@@ -39,6 +40,8 @@ KEY=bench-service-key-0123456789
 OUT=target/compare
 mkdir -p "$OUT"
 RESULTS="$OUT/results.txt"
+# TABLES_ONLY=1: no runs (the block up to the tables, left unindented for its heredocs).
+if [ -z "${TABLES_ONLY:-}" ]; then
 : > "$RESULTS"
 
 cargo build --release --quiet
@@ -205,8 +208,10 @@ done
     echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "took: $(( $(date +%s) - T0 )) s"
 } | tee -a "$OUT/machine.txt"
+fi
 
 python3 - "$RESULTS" "$OUT/machine.txt" <<'EOF' | tee "$OUT/table.md"
+import statistics
 import sys
 sys.path.insert(0, "benches")
 from bench_table import read_results, med, fmt, cell, held, vals
@@ -275,7 +280,9 @@ for row, label, key in thr:
 print()
 print("History (middleman only): the same window256 fan-out to a topic with a `[[history]]` rule")
 print("(size 1000), beside the plain row of the same rounds; 'history / plain' is the ratio of")
-print("deliveries per server CPU-second (1.00x: a history PUB costs what a plain one does).")
+print("deliveries per server CPU-second (1.00x: a history PUB costs what a plain one does): of")
+print("the medians, and the median (min-max) of each round's own ratio, the figure to read on a")
+print("shared machine (a round runs both rows a minute apart, the rounds are minutes apart).")
 print()
 print("| row | scenario | plain | history | history / plain |")
 print("|---|---|---|---|---|")
@@ -285,6 +292,11 @@ for hist, plain, label in (("hist64_1", "fanout64_1", "fan-out 64 B, 1 subscribe
     h, p = rows.get(hist, {}).get("mm", []), rows.get(plain, {}).get("mm", [])
     mh, mp = med(h, key), med(p, key)
     ratio = f"{mh / mp:.2f}x" if mh == mh and mp == mp and mp else "n/a"
+    byrun = {x.get("run"): vals([x], key) for x in p}
+    rounds = [vals([x], key)[0] / byrun[x.get("run")][0] for x in h
+              if vals([x], key) and byrun.get(x.get("run")) and byrun[x.get("run")][0] > 0]
+    if rounds:
+        ratio += f"; per round {statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
     print(f"| {hist} | {label} | {cell(p, key, 'M')} | {cell(h, key, 'M')} | {ratio} |")
 print()
 print("Fixed load: the server's CPU use (fraction of one core; nats-server may use both) and")

@@ -743,6 +743,26 @@ fn join_all(workers: Vec<WorkerHandle>) -> Result<Outcome, String> {
     total.ok_or_else(|| "no worker".to_string())
 }
 
+/// ` server_cpu_each_s=A/B/...`: each charged process's CPU seconds in the order of
+/// `--server-pid`, where more than one is charged (which process the time went to:
+/// in a cluster run the nodes and nats-server); printed too. Empty otherwise.
+fn each_kv(each: Option<&[Duration]>) -> String {
+    match each {
+        Some(each) if each.len() > 1 => {
+            let secs: Vec<String> = each
+                .iter()
+                .map(|d| format!("{:.3}", d.as_secs_f64()))
+                .collect();
+            println!(
+                "  server CPU by process (--server-pid order): {} s",
+                secs.join(" / ")
+            );
+            format!(" server_cpu_each_s={}", secs.join("/"))
+        }
+        _ => String::new(),
+    }
+}
+
 /// `sub_url=` (when it differs from --url), `server_pids=`, and the ready probe's
 /// `ready_probes=` and `ready_ms=` (when there was one), for the result line.
 fn split_kv(c: &Common, ready: &Option<Ready>) -> String {
@@ -1103,6 +1123,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
     }
     let o = join_all(workers)?;
     let server_cpu = cpu.elapsed();
+    let server_each = cpu.each();
     let cpu_wall = cpu_t0.elapsed().as_secs_f64();
     let client_cpu = stats::self_cpu().saturating_sub(self0);
     drop(publishers);
@@ -1188,6 +1209,7 @@ pub fn fanout(a: &FanoutArgs) -> Result<bool, String> {
         kv += &format!(
             " server_cpu_s={s:.3} deliveries_per_server_cpu_s={per:.0} server_cpu_util={util:.3}"
         );
+        kv += &each_kv(server_each.as_deref());
     }
     println!(
         "  client CPU: {:.2} s ({:.0}% of one core)",
@@ -1358,6 +1380,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
     shared.stop.store(true, Ordering::Release);
     let o = join_all(workers)?;
     let server_cpu = cpu.elapsed();
+    let server_each = cpu.each();
     let cpu_wall = cpu_t0.elapsed().as_secs_f64();
     let client_cpu = stats::self_cpu().saturating_sub(self0);
 
@@ -1399,6 +1422,7 @@ pub fn reqres(a: &ReqresArgs) -> Result<bool, String> {
         kv += &format!(
             " server_cpu_s={s:.3} requests_per_server_cpu_s={per:.0} server_cpu_util={util:.3}"
         );
+        kv += &each_kv(server_each.as_deref());
     }
     println!(
         "  client CPU: {:.2} s ({:.0}% of one core)",

@@ -202,6 +202,7 @@ pub fn procs_rss(pids: &[u32]) -> Result<u64, String> {
 pub struct ServerCpu {
     pids: Vec<u32>,
     start: Option<Duration>,
+    each: Vec<Duration>,
 }
 
 impl ServerCpu {
@@ -212,10 +213,26 @@ impl ServerCpu {
         } else {
             Some(procs_cpu(pids)?)
         };
+        let each = pids
+            .iter()
+            .map(|&p| proc_cpu(p))
+            .collect::<Result<_, _>>()?;
         Ok(ServerCpu {
             pids: pids.to_vec(),
             start,
+            each,
         })
+    }
+    /// Each process's CPU time since [`ServerCpu::start`], in the order of the pids
+    /// (where several processes are charged: which one the time went to); `None` as
+    /// for [`ServerCpu::elapsed`].
+    pub fn each(&self) -> Option<Vec<Duration>> {
+        self.start?;
+        self.pids
+            .iter()
+            .zip(&self.each)
+            .map(|(&p, &t0)| proc_cpu(p).ok().map(|t| t.saturating_sub(t0)))
+            .collect()
     }
     /// CPU time since [`ServerCpu::start`]; `None` without pids, or when one of the
     /// processes is gone (a partial sum would flatter the server).
