@@ -695,3 +695,53 @@ fn sub_url_probes_first_and_server_pids_sum() {
     assert!(num(&out, "ready_probes") >= 2.0, "{out}");
     assert_eq!(field(&out, "deliveries"), "200");
 }
+
+/// With several `--server-pid` (a cluster run: the nodes and nats-server) the result
+/// line says which process the CPU went to, in the order given, and the parts add up to
+/// the total; with one, no split is printed.
+#[test]
+fn cpu_is_split_by_process_when_several_are_charged() {
+    let server = TestServer::start();
+    let pid = std::process::id().to_string();
+    let url = server.url();
+    let run = |extra: &[&str]| {
+        let args = [
+            &[
+                "bench",
+                "fanout",
+                "--subs",
+                "2",
+                "--msgs",
+                "100000",
+                "--duration",
+                "20s",
+            ][..],
+            &["--url", &url, "--key", SERVICE_KEY, "--server-pid", &pid],
+            extra,
+        ]
+        .concat();
+        let (code, out, _) = tool(&args);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(field(&out, "deliveries"), "200000");
+        assert_zero(&out, &["lost", "out_of_order", "errors"]);
+        out
+    };
+    let one = run(&[]);
+    assert!(!one.contains("server_cpu_each_s="), "{one}");
+    // The same process charged twice: two equal parts that sum to the total (the
+    // samples are a clock tick apart at most).
+    let two = run(&["--server-pid", &pid]);
+    assert_eq!(field(&two, "server_pids"), "2");
+    let each: Vec<f64> = field(&two, "server_cpu_each_s")
+        .split('/')
+        .map(|v| v.parse().expect("seconds"))
+        .collect();
+    assert_eq!(each.len(), 2, "{two}");
+    assert!(each[0] > 0.0, "{two}");
+    let total = num(&two, "server_cpu_s");
+    assert!(
+        (each[0] + each[1] - total).abs() <= 0.03,
+        "{each:?} vs {total}"
+    );
+    assert!((each[0] - each[1]).abs() <= 0.03, "{each:?}");
+}
