@@ -395,14 +395,7 @@ impl Cluster {
                 // Not ready yet: the next STREAM.CREATE carries the new limits.
                 if self.connected && js.stream_ok && !settings.rules.is_empty() {
                     let stream = js.stream.clone();
-                    if let Some(cfg) = self.stream_config() {
-                        self.js_call(
-                            &format!("$JS.API.STREAM.UPDATE.{stream}"),
-                            &cfg,
-                            Call::Update,
-                            now,
-                        );
-                    }
+                    self.update_stream(&stream, now);
                 }
             }
         }
@@ -422,6 +415,18 @@ impl Cluster {
     }
 
     /// A JetStream API request (on the control lane: ahead of the data).
+    /// Asks JetStream to give `stream` this node's limits (`STREAM.UPDATE`).
+    fn update_stream(&mut self, stream: &str, now: Instant) {
+        if let Some(cfg) = self.stream_config() {
+            self.js_call(
+                &format!("$JS.API.STREAM.UPDATE.{stream}"),
+                &cfg,
+                Call::Update,
+                now,
+            );
+        }
+    }
+
     fn js_call(&mut self, api: &str, payload: &[u8], call: Call, now: Instant) {
         let Some(js) = self.js.as_mut() else {
             return;
@@ -656,14 +661,7 @@ impl Cluster {
                     {
                         // Created earlier with other limits: take this node's.
                         let stream = js.stream.clone();
-                        if let Some(cfg) = self.stream_config() {
-                            self.js_call(
-                                &format!("$JS.API.STREAM.UPDATE.{stream}"),
-                                &cfg,
-                                Call::Update,
-                                now,
-                            );
-                        }
+                        self.update_stream(&stream, now);
                         return None;
                     }
                     if matches!(call, Call::Update) {
