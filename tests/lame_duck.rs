@@ -19,6 +19,12 @@ use common::proc::{Proc, SERVER_ARGS};
 use common::*;
 use tungstenite::{Message, WebSocket};
 
+/// A server with the test arguments, `extra` and `--lame-duck-duration duration`.
+fn lame_duck_server(extra: &[&str], duration: &str) -> Proc {
+    let args = [&SERVER_ARGS[..], extra, &["--lame-duck-duration", duration]].concat();
+    Proc::start(&args, &[])
+}
+
 fn signal(p: &Proc, sig: i32) {
     // SAFETY: kill(2) on the child this test started, by its PID.
     let rc = unsafe { libc::kill(p.child.id() as i32, sig) };
@@ -144,14 +150,7 @@ fn a_lame_duck_spreads_1001_closes_over_its_duration_and_a_reuse_port_process_ta
 ) {
     const N: usize = 1000;
     const DURATION: Duration = Duration::from_secs(5);
-    let mut old = Proc::start(
-        &[
-            &SERVER_ARGS[..],
-            &["--reuse-port", "--lame-duck-duration", "5s"],
-        ]
-        .concat(),
-        &[],
-    );
+    let mut old = lame_duck_server(&["--reuse-port"], "5s");
     let addr = old.addr();
     let port = addr.port().to_string();
     let listen = format!("127.0.0.1:{port}");
@@ -253,10 +252,7 @@ fn a_lame_duck_spreads_1001_closes_over_its_duration_and_a_reuse_port_process_ta
 /// the lame duck shuts down at once, and a PID that is not middleman is not signalled.
 #[test]
 fn the_lameduck_command_serves_until_each_turn_and_sigterm_cuts_it_short() {
-    let mut srv = Proc::start(
-        &[&SERVER_ARGS[..], &["--lame-duck-duration", "30s"]].concat(),
-        &[],
-    );
+    let mut srv = lame_duck_server(&[], "30s");
     let addr = srv.addr();
     // Oldest first: the idle one goes at the first tick, the subscriber after ~10 s, the
     // publisher after ~20 s (far enough for a loaded machine to do what follows first).
@@ -349,10 +345,7 @@ fn the_lameduck_command_serves_until_each_turn_and_sigterm_cuts_it_short() {
 /// at once, whatever the duration.
 #[test]
 fn a_lame_duck_with_no_connection_exits_at_once() {
-    let mut srv = Proc::start(
-        &[&SERVER_ARGS[..], &["--lame-duck-duration", "60s"]].concat(),
-        &[],
-    );
+    let mut srv = lame_duck_server(&[], "60s");
     srv.addr();
     let t = Instant::now();
     signal(&srv, libc::SIGUSR2);
@@ -515,14 +508,7 @@ fn the_readme_zero_downtime_script_hands_every_client_over() {
         );
     }
 
-    let mut old = Proc::start(
-        &[
-            &SERVER_ARGS[..],
-            &["--reuse-port", "--lame-duck-duration", "2s"],
-        ]
-        .concat(),
-        &[],
-    );
+    let mut old = lame_duck_server(&["--reuse-port"], "2s");
     let addr = old.addr();
     let old_pid = old.child.id();
     let dir = scratch("lame-duck-readme");
