@@ -3,7 +3,9 @@
 //! once, shared, and recycled by the broker's pool once its queues let it go), and the
 //! topic look-up allocates nothing. Over the real read path (WebSocket frames through
 //! tungstenite as the reactor reads them, decoder, broker, outbound queues written every
-//! pass) a published message costs no allocation in the steady state.
+//! pass) a published message costs no allocation in the steady state, and neither does
+//! one crossing the cluster's backplane (relayed into the NATS write lanes on one node,
+//! parsed from nats-server and delivered on another).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::rc::Rc;
@@ -362,5 +364,164 @@ fn a_full_history_allocates_nothing_per_message() {
         let per = read_path_allocations_with(subs, body, 1, Some(1000));
         println!("read path to a history topic (size 1000), {subs} subscribers, {body} B: {per:.3} allocations per published message");
         assert!(per < 0.01, "{per}: storing in history allocated");
+    }
+}
+
+// ------------------------------------------------------------------ the backplane path
+
+use middleman::cluster::node::ClusterSettings;
+use middleman::cluster::proto::{NatsParser, Op};
+
+/// A PUB line `PUB <subject> <len>\r\n<payload>\r\n` at the start of `out`, as a node
+/// writes it to nats-server: (subject, payload).
+fn nats_pub(out: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let eol = out.windows(2).position(|w| w == b"\r\n").expect("a line");
+    let line = std::str::from_utf8(&out[..eol]).expect("ASCII");
+    let w: Vec<&str> = line.split(' ').collect();
+    assert_eq!(w[0], "PUB", "{line}");
+    let len: usize = w[w.len() - 1].parse().expect("length");
+    (
+        w[1].as_bytes().to_vec(),
+        out[eol + 2..eol + 2 + len].to_vec(),
+    )
+}
+
+/// The NATS subject of the first PUB in `out`.
+fn subject_of(out: &[u8]) -> Vec<u8> {
+    nats_pub(out).0
+}
+
+/// Allocations per message on both sides of the backplane, in the steady state: node A
+/// relays `per_pass` PUBs from a local publisher a pass to nats-server (encoded into its
+/// write lanes, written into a socket stand-in); node B reads the same number of MSGs a
+/// pass from nats-server (through the NATS parser) and delivers each to `subscribers`
+/// local subscribers. Returns (A, B) allocations per message.
+fn backplane_allocations(subscribers: usize, body: usize, per_pass: usize) -> (f64, f64) {
+    let now = Instant::now();
+    let join = |name: &str| {
+        let mut b = Broker::new(Settings::default(), name);
+        b.join_cluster(name, ClusterSettings::default());
+        b.cluster_connected(now, 1 << 20);
+        b
+    };
+    let (mut a, mut b) = (join("nodea"), join("nodeb"));
+    let mut socket: Vec<u8> = Vec::with_capacity(1 << 20);
+    let drain = |broker: &mut Broker, socket: &mut Vec<u8>| {
+        socket.clear();
+        if let Some(c) = broker.cluster.as_mut() {
+            while !c.lanes.is_empty() {
+                c.lanes.write(socket).expect("a Vec takes everything");
+            }
+        }
+    };
+    drain(&mut a, &mut socket);
+    let publisher = 0;
+    a.connect(publisher, Role::Service);
+    let mut out_a = Slots {
+        last: vec![None; 1],
+        delivered: 0,
+    };
+    // B's subscribers; the SUB for their topic is what B asks nats-server for.
+    let mut out_b = Slots {
+        last: vec![None; subscribers],
+        delivered: 0,
+    };
+    for c in 0..subscribers {
+        b.connect(c, Role::Service);
+        let mut d = Decoder::new(Limits::default());
+        d.feed(b"SUB news\r\n.\r\n");
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!("decode SUB")
+        };
+        b.apply(c, &m, now, &mut out_b);
+    }
+    b.cluster_before_flush(now);
+    drain(&mut b, &mut socket);
+    let subs = String::from_utf8_lossy(&socket).into_owned();
+    let sid = subs
+        .lines()
+        .find_map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            (w[0] == "SUB" && w[1].contains(".pub.")).then(|| w[w.len() - 1].to_string())
+        })
+        .unwrap_or_else(|| panic!("B subscribed to no topic: {subs}"));
+
+    let body = "b".repeat(body);
+    let pub_wire = format!("PUB news\r\n\r\n{body}\r\n.\r\n").repeat(per_pass);
+    let mut dec = Decoder::new(Limits::default());
+    let mut parser = NatsParser::default();
+    let mut msg_wire = Vec::new();
+    let (warm, n) = (50, 200);
+    let mut counted = (0u64, 0u64);
+    for pass in 0..warm + n {
+        // A: a pass's PUBs from the publisher, relayed into the lanes, written.
+        let before = ALLOCS.load(Ordering::Relaxed);
+        dec.feed(pub_wire.as_bytes());
+        while let Ok(Some(Decoded::Message(m))) = dec.next() {
+            a.apply(publisher, &m, now, &mut out_a);
+        }
+        a.cluster_before_flush(now);
+        drain(&mut a, &mut socket);
+        let spent_a = ALLOCS.load(Ordering::Relaxed) - before;
+        // (The payload is the relayed message, which starts with "PUB news" itself.)
+        let op = [&b"PUB "[..], &subject_of(&socket), b" "].concat();
+        let pubs = socket.windows(op.len()).filter(|w| *w == &op[..]).count();
+        assert_eq!(pubs, per_pass, "A relayed each PUB to nats-server");
+        // What nats-server would deliver to B for them (built outside the count).
+        if pass == 0 {
+            let (subject, payload) = nats_pub(&socket);
+            msg_wire.clear();
+            for _ in 0..per_pass {
+                msg_wire.extend_from_slice(
+                    format!(
+                        "MSG {} {sid} {}\r\n",
+                        String::from_utf8_lossy(&subject),
+                        payload.len()
+                    )
+                    .as_bytes(),
+                );
+                msg_wire.extend_from_slice(&payload);
+                msg_wire.extend_from_slice(b"\r\n");
+            }
+        }
+        // B: the same number of MSGs read from nats-server and delivered.
+        let before = ALLOCS.load(Ordering::Relaxed);
+        parser.feed(&msg_wire);
+        while let Ok(Some(op)) = parser.next() {
+            match op {
+                Op::Msg(m) => b.on_backplane(&m, now, &mut out_b),
+                _ => panic!("only MSGs were fed"),
+            }
+        }
+        // The queues let go of the pass's packets (written out), as the reactor does.
+        for s in out_b.last.iter_mut() {
+            *s = None;
+        }
+        let spent_b = ALLOCS.load(Ordering::Relaxed) - before;
+        if pass >= warm {
+            counted.0 += spent_a;
+            counted.1 += spent_b;
+        }
+    }
+    let total = ((warm + n) * per_pass) as u64;
+    assert_eq!(
+        out_b.delivered,
+        total * subscribers as u64,
+        "B delivered all"
+    );
+    let msgs = (n * per_pass) as f64;
+    (counted.0 as f64 / msgs, counted.1 as f64 / msgs)
+}
+
+#[test]
+fn the_backplane_path_allocates_nothing_per_message() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for (subs, body, per_pass) in [(1, 64, 100), (100, 64, 100), (1, 1024, 50)] {
+        let (a, b) = backplane_allocations(subs, body, per_pass);
+        println!(
+            "backplane, {body} B, {per_pass} a pass: out of A {a:.3}, into B with {subs} subscribers {b:.3} allocations per message"
+        );
+        assert!(a < 0.01, "{a}: relaying to nats-server allocated");
+        assert!(b < 0.01, "{b}: delivering from nats-server allocated");
     }
 }
