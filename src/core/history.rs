@@ -57,6 +57,16 @@ fn cost(p: &Packet) -> usize {
     p.capacity() + MESSAGE_OVERHEAD
 }
 
+/// Take `log`'s oldest stored message out (its offset now lost), counted out of the
+/// store's `bytes` and `messages`; `None` when the ring is empty.
+fn pop_oldest(log: &mut TopicLog, bytes: &mut usize, messages: &mut usize) -> Option<Rc<Packet>> {
+    let (o, _, p) = log.ring.pop_front()?;
+    log.lost_upto = o;
+    *bytes -= cost(&p);
+    *messages -= 1;
+    Some(p)
+}
+
 /// Why stored messages went.
 pub const EVICTION_CAUSES: [&str; 3] = ["size", "ttl", "bytes"];
 
@@ -218,12 +228,9 @@ impl History {
         self.stats.stored += 1;
         let mut dropped = None;
         while log.ring.len() > size {
-            let Some((o, _, p)) = log.ring.pop_front() else {
+            let Some(p) = pop_oldest(log, &mut self.bytes, &mut self.messages) else {
                 break;
             };
-            log.lost_upto = o;
-            self.bytes -= cost(&p);
-            self.messages -= 1;
             self.stats.evicted[0] += 1;
             dropped = Some(p);
         }
@@ -311,6 +318,15 @@ impl History {
         }
     }
 
+    /// `topic` goes whole (its ring is empty, or no rule keeps it): its entry's bytes
+    /// are given back, and a later recovery of it answers `recovered: false`.
+    fn forget_topic(&mut self, topic: &Rc<[u8]>) {
+        if let Some(log) = self.topics.remove(topic) {
+            self.bytes -= TOPIC_OVERHEAD + topic.len();
+            self.whole_lost = self.whole_lost.max(log.last);
+        }
+    }
+
     /// Evict the oldest stored message under `rule` (correcting stale index entries on
     /// the way); its topic goes whole if empty.
     fn evict_oldest(&mut self, rule: usize, cause: usize) {
@@ -323,22 +339,14 @@ impl History {
         let Some(log) = self.topics.get_mut(&topic) else {
             return;
         };
-        if let Some((o, _, p)) = log.ring.pop_front() {
-            log.lost_upto = o;
-            self.bytes -= cost(&p);
-            self.messages -= 1;
+        if pop_oldest(log, &mut self.bytes, &mut self.messages).is_some() {
             self.stats.evicted[cause] += 1;
         }
         match log.ring.front() {
             Some((next, ..)) => {
                 self.fronts[rule].insert(*next, topic);
             }
-            None => {
-                let last = log.last;
-                self.topics.remove(&topic);
-                self.bytes -= TOPIC_OVERHEAD + topic.len();
-                self.whole_lost = self.whole_lost.max(last);
-            }
+            None => self.forget_topic(&topic),
         }
     }
 
@@ -360,12 +368,9 @@ impl History {
                 continue;
             };
             while log.ring.len() > size {
-                let Some((o, _, p)) = log.ring.pop_front() else {
+                if pop_oldest(log, &mut self.bytes, &mut self.messages).is_none() {
                     break;
-                };
-                log.lost_upto = o;
-                self.bytes -= cost(&p);
-                self.messages -= 1;
+                }
                 if rule.is_some() {
                     self.stats.evicted[0] += 1;
                 }
@@ -374,12 +379,7 @@ impl History {
                 (Some(r), Some((front, ..))) => {
                     self.fronts[r].insert(*front, topic);
                 }
-                _ => {
-                    let last = log.last;
-                    self.topics.remove(&topic);
-                    self.bytes -= TOPIC_OVERHEAD + topic.len();
-                    self.whole_lost = self.whole_lost.max(last);
-                }
+                _ => self.forget_topic(&topic),
             }
         }
         self.enforce_cap();
