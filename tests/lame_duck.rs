@@ -61,6 +61,19 @@ struct Waiting {
     cid: String,
 }
 
+/// `n` logged-in clients of `addr`, waiting.
+fn clients(addr: SocketAddr, n: usize) -> Vec<Waiting> {
+    (0..n)
+        .map(|_| {
+            let p = Peer::client(addr);
+            Waiting {
+                ws: p.ws,
+                cid: p.cid,
+            }
+        })
+        .collect()
+}
+
 /// What a connection saw: when its close frame came, its code and reason, and the cid
 /// its reconnect was given.
 struct Closed {
@@ -154,14 +167,7 @@ fn a_lame_duck_spreads_1001_closes_over_its_duration_and_a_reuse_port_process_ta
     let addr = old.addr();
     let port = addr.port().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let mut open = Vec::with_capacity(N);
-    for _ in 0..N {
-        let p = Peer::client(addr);
-        open.push(Waiting {
-            ws: p.ws,
-            cid: p.cid,
-        });
-    }
+    let open = clients(addr, N);
     let old_prefix = open[0].cid[..6].to_owned();
     assert!(open.iter().all(|w| w.cid.starts_with(&old_prefix)));
     // The new process, on the same port, before the lame duck: from now on the kernel
@@ -530,14 +536,7 @@ fn the_readme_zero_downtime_script_hands_every_client_over() {
             .replace("127.0.0.1:8765", &addr.to_string()),
     )
     .unwrap();
-    let mut open = Vec::with_capacity(N);
-    for _ in 0..N {
-        let p = Peer::client(addr);
-        open.push(Waiting {
-            ws: p.ws,
-            cid: p.cid,
-        });
-    }
+    let open = clients(addr, N);
     let old_prefix = open[0].cid[..6].to_owned();
 
     // `middleman` on the PATH is this build; the script's output (and the new
