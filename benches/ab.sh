@@ -9,7 +9,7 @@
 # Rows (same shapes and names as benches/compare.sh): fanout64_1 fanout64_100
 # fanout1024_1 fanout1024_100 pipe64_1 pipe64_100 pubs64_100x10 reqres100x16x2, and
 # the history rows hist64_1 hist64_100 (fan-out to a topic under a `[[history]]` rule;
-# when one is asked for, both servers run with compare.sh's history config, so the plain
+# when one is asked for, both servers run with benches/history.toml, so the plain
 # rows of that run pay the prefix check as they do there). With hist and plain rows
 # both given, the table also shows history / plain per binary:
 #   ROWS="fanout64_1 hist64_1 fanout64_100 hist64_100" bash benches/ab.sh OLD NEW
@@ -29,18 +29,12 @@ mkdir -p "$OUT"
 RESULTS="$OUT/results.txt"
 : > "$RESULTS"
 ulimit -n "$(ulimit -Hn)"
-# With history rows, both servers run with compare.sh's history config (a binary from
+# With history rows, both servers run with benches/history.toml (a binary from
 # before history would refuse it, so it is given only then).
 CONFIG=()
 case " $ROWS " in
 *" hist"*)
-    cat > "$OUT/mm.toml" <<EOF
-[[history]]
-prefix = "hist."
-size = 1000
-ttl = "1h"
-EOF
-    CONFIG=(--config "$OUT/mm.toml")
+    CONFIG=(--config benches/history.toml)
     ;;
 esac
 

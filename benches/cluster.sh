@@ -62,13 +62,8 @@ KEY=bench-service-key-0123456789
 OUT=target/cluster
 BIN=target/release/middleman
 mkdir -p "$OUT"
-# History for the hist* rows' topics only (every node and the single one alike).
-cat > "$OUT/mm.toml" <<EOF
-[[history]]
-prefix = "hist."
-size = 1000
-ttl = "1h"
-EOF
+# History for the hist* rows' topics: benches/history.toml (every node and the single
+# one alike).
 RESULTS="$OUT/results.txt"
 : > "$RESULTS"
 
@@ -159,7 +154,7 @@ start_mm() {
     local name=$1
     shift
     "$BIN" "$@" --service-key "$KEY" --client-key "c-$KEY" --log-level warn \
-        --max-connections 20000 --config "$OUT/mm.toml" > "$OUT/$name.log" 2>&1 &
+        --max-connections 20000 --config benches/history.toml > "$OUT/$name.log" 2>&1 &
     LAST_PID=$!
 }
 CLUSTER=(--cluster "nats://127.0.0.1:$NATS_PORT" --cluster-name bench)

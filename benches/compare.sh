@@ -58,14 +58,7 @@ websocket {
 }
 EOF
 
-# History (PROTOCOL.md §9.5) for the hist* rows' topics only; every other row's topic
-# pays the prefix check and nothing else.
-cat > "$OUT/mm.toml" <<EOF
-[[history]]
-prefix = "hist."
-size = 1000
-ttl = "1h"
-EOF
+# History (PROTOCOL.md §9.5) for the hist* rows' topics: benches/history.toml.
 
 MM_PID=""
 NATS_PID=""
@@ -81,7 +74,7 @@ trap stop_servers EXIT
 
 start_servers() {
     "$BIN" --listen "127.0.0.1:$MM_PORT" --service-key "$KEY" --client-key "c-$KEY" \
-        --max-connections 20000 --log-level warn --config "$OUT/mm.toml" > "$OUT/mm.log" 2>&1 &
+        --max-connections 20000 --log-level warn --config benches/history.toml > "$OUT/mm.log" 2>&1 &
     MM_PID=$!
     nats-server -c "$OUT/nats.conf" > "$OUT/nats.log" 2>&1 &
     NATS_PID=$!
