@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proc::Proc;
-use common::{metrics, parse_one, wire, Peer, SERVICE_KEY, WAIT};
+use common::{metrics, parse_one, wire, wss_connect, Peer, TlsStream, SERVICE_KEY, WAIT};
 use tungstenite::{Message, WebSocket};
 
 const CLI_A: &str = "reload-cli-a-5e0d1f7c93";
@@ -277,8 +277,6 @@ fn a_removed_key_closes_exactly_its_connections_while_others_stream_on() {
     Peer::connect(addr, CLI_A).sync();
 }
 
-type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
 /// A self-signed certificate for localhost: (certificate PEM, key PEM, certificate DER).
 fn make_cert() -> (String, String, Vec<u8>) {
     let c =
@@ -293,26 +291,7 @@ fn make_cert() -> (String, String, Vec<u8>) {
 /// Open a wss connection trusting `trusted`, log in with CLI_A; returns the socket and
 /// the end-entity certificate the server presented.
 fn wss_login(addr: SocketAddr, trusted: &[&[u8]]) -> (WebSocket<TlsStream>, Vec<u8>) {
-    let mut roots = rustls::RootCertStore::empty();
-    for der in trusted {
-        roots
-            .add(rustls::pki_types::CertificateDer::from(der.to_vec()))
-            .unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
-    let sock = TcpStream::connect(addr).unwrap();
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    let stream = rustls::StreamOwned::new(conn, sock);
-    let (mut ws, _) =
-        tungstenite::client::client(format!("wss://localhost:{}/", addr.port()), stream)
-            .expect("wss upgrade");
+    let mut ws = wss_connect(addr, trusted);
     ws.send(Message::text(CLI_A)).unwrap();
     assert_eq!(next_data(&mut ws), b"MM OK");
     next_data(&mut ws); // the cid

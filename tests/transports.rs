@@ -8,7 +8,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -164,27 +163,8 @@ fn unix(path: &PathBuf) -> UnixStream {
     s
 }
 
-type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
 fn wss_peer(setup: &Setup, key: &str) -> (tungstenite::WebSocket<TlsStream>, String) {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(
-            setup.ca_der.clone(),
-        ))
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
-    let stream = rustls::StreamOwned::new(conn, tcp(setup.wss));
-    let (mut ws, _) =
-        tungstenite::client::client(format!("wss://localhost:{}/", setup.wss.port()), stream)
-            .expect("wss upgrade");
+    let mut ws = wss_connect(setup.wss, &[&setup.ca_der]);
     ws.send(tungstenite::Message::text(key)).unwrap();
     assert_eq!(next_data_any(&mut ws), b"MM OK");
     let cid = String::from_utf8(next_data_any(&mut ws)).unwrap();
@@ -291,25 +271,7 @@ fn bad_key_and_refused_roles() {
     Raw::auth(tcp(s.tcp_services), SERVICE_KEY).sync();
     Raw::auth(tcp(s.tcp_services), MONITOR_KEY).sync();
     // WebSocket over TLS with a bad key: close 1008.
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(s.ca_der.clone()))
-        .unwrap();
-    let (mut ws, _) = {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
-        tungstenite::client::client(
-            format!("wss://localhost:{}/", s.wss.port()),
-            rustls::StreamOwned::new(conn, tcp(s.wss)),
-        )
-        .unwrap()
-    };
+    let mut ws = wss_connect(s.wss, &[&s.ca_der]);
     ws.send(tungstenite::Message::text("nope")).unwrap();
     match ws.read().expect("close frame") {
         tungstenite::Message::Close(Some(f)) => {

@@ -357,3 +357,35 @@ pub mod cluster;
 pub mod nats;
 pub mod proc;
 pub mod v11;
+
+/// A WebSocket over TLS as the tests open it.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A wss connection to `addr` (not logged in) trusting only the certificates `trusted`
+/// (DER) for the name `localhost`, reads bounded by [`WAIT`].
+pub fn wss_connect(addr: SocketAddr, trusted: &[&[u8]]) -> WebSocket<TlsStream> {
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in trusted {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der.to_vec()))
+            .unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    sock.set_nodelay(true).unwrap();
+    let (ws, _) = tungstenite::client::client(
+        format!("wss://localhost:{}/", addr.port()),
+        rustls::StreamOwned::new(conn, sock),
+    )
+    .expect("wss upgrade");
+    ws
+}
