@@ -1,8 +1,9 @@
 //! The reactor's read path in process (no sockets): masked WebSocket text frames read
-//! through tungstenite exactly as a read turn does (`conn::ws_step` with a budget),
-//! decoded, routed by the broker and queued for 1 or 100 subscribers, the queues written
-//! out at the end of each turn. Throughput is bytes of frames read, for 64 B and 1 KiB
-//! bodies.
+//! as a read turn does (`conn::read_within` and the `FrameReader`, draining the decoder
+//! frame by frame), decoded, routed by the broker and queued for 1 or 100 subscribers,
+//! the queues written out at the end of each turn. Throughput is bytes of frames read,
+//! for 64 B and 1 KiB bodies. `tungstenite/...` runs the same turn with tungstenite's
+//! reader (`WebSocketContext::read`, a message at a time), as the server read before.
 
 use std::io::{self, Read, Write};
 use std::rc::Rc;
@@ -10,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use middleman::broker::{Broker, Outbox, Role, Settings};
-use middleman::conn::{ws_step, Budget, FrameScan, Framing, OutQueue, Step};
+use middleman::conn::{read_within, Budget, Framing, OutQueue, READ_CHUNK};
+use middleman::core::websocket::{FrameReader, WsEvent, WsLimits};
 use middleman::protocol::{Decoded, Decoder, Limits, Packet};
 use middleman::router::ConnId;
 use tungstenite::protocol::{Role as WsRole, WebSocketConfig, WebSocketContext};
@@ -31,6 +33,22 @@ impl Write for Sink {
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         Ok(bufs.iter().map(|b| b.len()).sum())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// tungstenite's stream: reads from the publisher's socket, writes nowhere.
+struct Duplex<'a>(&'a mut Frames);
+impl Read for Duplex<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+impl Write for Duplex<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        Ok(b.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -101,34 +119,61 @@ fn read_path(c: &mut Criterion) {
                 data: frame.repeat(per_turn),
                 at: 0,
             };
-            let config = WebSocketConfig::default()
-                .read_buffer_size(4 * 1024)
-                .write_buffer_size(0);
-            let mut ws = WebSocketContext::new(WsRole::Server, Some(config));
-            let mut scan = FrameScan::default();
-            let mut own = OutQueue::new(Framing::WebSocket);
-            let mut rx = 0u64;
+            let per_turn_bytes = per_turn * frame.len();
             let mut dec = Decoder::new(Limits::default());
-            g.throughput(Throughput::Bytes((per_turn * frame.len()) as u64));
+            g.throughput(Throughput::Bytes(per_turn_bytes as u64));
+            let lim = WsLimits {
+                max_message: 1 << 20,
+                max_frames: 1024,
+            };
+            let mut reader = FrameReader::default();
+            let mut buf = vec![0u8; READ_CHUNK];
             g.bench_with_input(
-                BenchmarkId::new(format!("{body_len}B"), subs),
+                BenchmarkId::new(format!("reader/{body_len}B"), subs),
                 &subs,
                 |b, _| {
                     b.iter(|| {
                         // One read turn of a whole buffer of frames, then the writes.
-                        let mut budget = Budget::new(per_turn * frame.len(), usize::MAX);
+                        let mut budget = Budget::new(per_turn_bytes, usize::MAX);
                         let mut got = 0;
                         while got < per_turn {
-                            match ws_step(
-                                &mut ws,
-                                &mut sock,
-                                &mut own,
-                                &mut rx,
-                                &mut scan,
-                                1024,
-                                &mut budget,
-                            ) {
-                                Step::Msg(Message::Text(t)) => {
+                            let n = read_within(&mut sock, &mut buf, &mut budget).unwrap();
+                            let mut pos = 0;
+                            while let Some(ev) = reader.next(&mut buf[..n], &mut pos, &lim).unwrap()
+                            {
+                                let WsEvent::Data { range, last, .. } = ev else {
+                                    panic!("unexpected {ev:?}");
+                                };
+                                dec.feed_utf8(&buf[range]);
+                                while let Ok(Some(Decoded::Message(m))) = dec.next() {
+                                    broker.apply(publisher, &m, Instant::now(), &mut out);
+                                }
+                                if !dec.needs_more() {
+                                    dec.shrink();
+                                }
+                                got += usize::from(last);
+                            }
+                        }
+                        for q in out.0.iter_mut() {
+                            let _ = q.write_to(&mut Sink);
+                        }
+                    })
+                },
+            );
+            // The same turn through tungstenite's reader, for comparison.
+            let config = WebSocketConfig::default()
+                .read_buffer_size(4 * 1024)
+                .write_buffer_size(0);
+            let mut ws = WebSocketContext::new(WsRole::Server, Some(config));
+            g.bench_with_input(
+                BenchmarkId::new(format!("tungstenite/{body_len}B"), subs),
+                &subs,
+                |b, _| {
+                    b.iter(|| {
+                        let mut got = 0;
+                        while got < per_turn {
+                            match ws.read(&mut Duplex(&mut sock)) {
+                                Ok(Message::Text(t)) => {
                                     dec.feed_utf8(t.as_bytes());
                                     while let Ok(Some(Decoded::Message(m))) = dec.next() {
                                         broker.apply(publisher, &m, Instant::now(), &mut out);
@@ -136,7 +181,6 @@ fn read_path(c: &mut Criterion) {
                                     dec.shrink();
                                     got += 1;
                                 }
-                                Step::Spent => budget = Budget::new(64 << 10, usize::MAX),
                                 other => panic!("unexpected {other:?}"),
                             }
                         }

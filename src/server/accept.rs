@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use mio::{Interest, Token};
 
-use crate::conn::{FrameScan, Framing, OutQueue};
+use crate::conn::{Framing, OutQueue};
+use crate::core::websocket::FrameReader;
 use crate::http;
 use crate::metrics::CloseReason;
 use crate::router::ConnId;
@@ -120,7 +121,8 @@ impl Server {
                 peer: peer.clone(),
                 ip,
                 in_hs: true,
-                scan: FrameScan::default(),
+                wsr: FrameReader::default(),
+                ws_end: None,
                 backlog: false,
                 again: false,
                 listener: index,

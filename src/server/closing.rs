@@ -89,10 +89,7 @@ impl Server {
                 code: CloseCode::from(code),
                 reason: reason.to_owned().into(),
             };
-            let _ = ws.close(
-                &mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes),
-                Some(frame),
-            );
+            let _ = ws.close(&mut Io::writer(&mut c.out), Some(frame));
         }
         self.enter_closing(id, now, why);
     }

@@ -1,11 +1,11 @@
-//! Per-connection I/O pieces: the outbound queue and the stream adapter through which
-//! tungstenite reads from the socket and writes into that queue.
+//! Per-connection I/O pieces: the outbound queue, the bounded read of a read turn, and
+//! the stream adapter through which tungstenite writes control frames into that queue.
 //!
 //! tungstenite's [`WebSocketContext`](tungstenite::protocol::WebSocketContext) takes the
-//! stream by `&mut` on every call. We give it an [`Io`] that reads from the socket and
-//! appends every write (pongs, close frames, pings) to the connection's [`OutQueue`], so
-//! control frames and the data frames we queue ourselves leave in one order, and
-//! tungstenite never sees `WouldBlock` on write.
+//! stream by `&mut` on every call. We give it an [`Io`] that appends every write (pongs,
+//! close frames, pings) to the connection's [`OutQueue`], so control frames and the data
+//! frames we queue ourselves leave in one order, and tungstenite never sees `WouldBlock`
+//! on write. Frames are read by [`crate::core::websocket::FrameReader`].
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -35,10 +35,6 @@ fn chunk_bytes(p: &Packet, framing: Framing) -> &[u8] {
 /// Queue slots kept when the queue empties (more are released): 512 bytes, so an idle
 /// connection that once took a burst stays small.
 const KEEP_SLOTS: usize = 64;
-
-/// Fewest bytes one read may ask for while the turn still allows a frame (see
-/// [`Io`]'s `read`): what tungstenite holds beyond the turn's allowance is at most this.
-pub const READ_FLOOR: usize = 4096;
 
 /// Most pieces handed to one `writev`.
 const MAX_IOV: usize = 256;
@@ -328,190 +324,47 @@ impl Budget {
     }
 }
 
-/// Walks the WebSocket frame headers in the byte stream tungstenite reads, without
-/// copying or decoding payloads, to count what tungstenite keeps to itself: how many
-/// frames the message being received has had so far. (tungstenite gathers the fragments
-/// of a message internally and returns only when the message is complete.)
-#[derive(Debug, Default, Clone)]
-pub struct FrameScan {
-    hdr: [u8; 14],
-    have: u8,
-    /// Payload bytes of the current frame still to skip.
-    skip: u64,
-    /// Non-final data frames since the last final one.
-    run: usize,
-    /// Frames seen (for tests and fuzzing).
-    pub frames: u64,
-}
+/// Bytes one read of a WebSocket read turn may take (the reactor's read buffer).
+pub const READ_CHUNK: usize = 16 << 10;
 
-impl FrameScan {
-    /// Scan `data`; returns false once the current message has more than `max_frames`
-    /// frames. A stream tungstenite will reject anyway (bad lengths, ...) is scanned as
-    /// well as it can be; the scanner itself never fails or panics.
-    pub fn feed(&mut self, mut data: &[u8], max_frames: usize) -> bool {
-        while !data.is_empty() {
-            if self.skip > 0 {
-                let n = (data.len() as u64).min(self.skip) as usize;
-                self.skip -= n as u64;
-                data = &data[n..];
-                continue;
-            }
-            if self.have == 0 && data.len() >= self.hdr.len() {
-                // The whole header is here (the usual case): parse it in place rather
-                // than a byte at a time (small frames made this 3.7% of the server).
-                let need = header_len(data[1]);
-                let (b0, len) = (data[0], frame_len(&data[..need]));
-                data = &data[need..];
-                if !self.frame(b0, len, max_frames) {
-                    return false;
-                }
-                continue;
-            }
-            self.hdr[self.have as usize] = data[0];
-            self.have += 1;
-            data = &data[1..];
-            let need = if self.have < 2 {
-                2
-            } else {
-                header_len(self.hdr[1])
-            };
-            if (self.have as usize) < need {
-                continue;
-            }
-            let (b0, len) = (self.hdr[0], frame_len(&self.hdr[..need]));
-            self.have = 0;
-            if !self.frame(b0, len, max_frames) {
-                return false;
-            }
-        }
-        true
+/// One read of a read turn: at most [`READ_CHUNK`] bytes and what the turn's byte budget
+/// still allows (which it lowers), into `buf`. `WouldBlock` when the budget is spent.
+pub fn read_within<S: Read>(
+    sock: &mut S,
+    buf: &mut [u8],
+    budget: &mut Budget,
+) -> io::Result<usize> {
+    if budget.spent() {
+        return Err(io::ErrorKind::WouldBlock.into());
     }
-
-    /// A frame header was read: `b0` its first byte, `len` its payload length. Returns
-    /// false when the message now has more than `max_frames` frames.
-    fn frame(&mut self, b0: u8, len: u64, max_frames: usize) -> bool {
-        self.skip = len;
-        self.frames += 1;
-        if b0 & 0x08 == 0 {
-            // A data frame (text, binary or continuation).
-            if b0 & 0x80 != 0 {
-                self.run = 0;
-            } else {
-                self.run += 1;
-                if self.run >= max_frames {
-                    return false;
-                }
-            }
-        }
-        true
-    }
+    let cap = buf.len().min(budget.bytes).min(READ_CHUNK);
+    let n = sock.read(&mut buf[..cap])?;
+    budget.bytes -= n;
+    Ok(n)
 }
 
-/// Bytes in a frame header whose second byte is `b1`: 2, the extended length, the mask.
-fn header_len(b1: u8) -> usize {
-    let ext = match b1 & 0x7f {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
-}
-
-/// The payload length of a complete frame header `h`.
-fn frame_len(h: &[u8]) -> u64 {
-    match h[1] & 0x7f {
-        126 => u16::from_be_bytes([h[2], h[3]]) as u64,
-        127 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&h[2..10]);
-            u64::from_be_bytes(b)
-        }
-        n => n as u64,
-    }
-}
-
-/// The stream handed to tungstenite: reads from `sock` within the turn's byte budget
-/// (then `WouldBlock`, and `budget_hit` says it was the budget, not the socket), scans
-/// frame headers, and writes into `out`.
-pub struct Io<'a, S> {
-    /// The socket.
-    pub sock: &'a mut S,
+/// The stream handed to tungstenite when it writes a control frame (pong, ping, close):
+/// the bytes go to the connection's outbound queue, behind what is already there.
+pub struct Io<'a> {
     /// The connection's outbound queue.
     pub out: &'a mut OutQueue,
-    /// Bytes read so far (for metrics).
-    pub read_bytes: &'a mut u64,
-    /// Bytes this turn may still read.
-    pub budget: usize,
-    /// A read was refused because the budget was spent.
-    pub budget_hit: bool,
-    /// Frame-header scanner and the most frames one message may have (reading only).
-    pub scan: Option<(&'a mut FrameScan, usize)>,
-    /// The scanner found a message with too many frames.
-    pub too_many_frames: bool,
-    /// Frames this turn may still take (each frame is one unit of the message budget):
-    /// once they are used up, reads stop as when the bytes are.
-    pub frames_left: usize,
 }
 
-impl<'a, S> Io<'a, S> {
-    /// An adapter for writing only (closes, pings): no read budget.
-    pub fn writer(sock: &'a mut S, out: &'a mut OutQueue, read_bytes: &'a mut u64) -> Self {
-        Io {
-            sock,
-            out,
-            read_bytes,
-            budget: 0,
-            budget_hit: false,
-            scan: None,
-            too_many_frames: false,
-            frames_left: 0,
-        }
+impl<'a> Io<'a> {
+    /// An adapter that appends to `out`.
+    pub fn writer(out: &'a mut OutQueue) -> Self {
+        Io { out }
     }
 }
 
-impl<S: Read> Read for Io<'_, S> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.too_many_frames {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "too many frames",
-            ));
-        }
-        if self.budget == 0 || (self.scan.is_some() && self.frames_left == 0) {
-            self.budget_hit = true;
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let mut cap = buf.len().min(self.budget);
-        if self.scan.is_some() {
-            // A client frame is at least 6 bytes (header and mask): reading no more than
-            // 6 bytes per frame the turn still allows, but at least READ_FLOOR, keeps the
-            // frames tungstenite parses from what it holds, without reading again, within
-            // the turn's allowance plus one read. (Six bytes alone made reads shrink with
-            // the allowance: 10 messages of 64 B per `recv` under a deep pipeline instead
-            // of 40, a third of the server's time in `recv`.)
-            cap = cap.min(self.frames_left.saturating_mul(6).max(READ_FLOOR));
-        }
-        let n = self.sock.read(&mut buf[..cap])?;
-        self.budget -= n;
-        *self.read_bytes += n as u64;
-        if let Some((scan, max)) = self.scan.as_mut() {
-            let before = scan.frames;
-            let ok = scan.feed(&buf[..n], *max);
-            let frames = (scan.frames - before) as usize;
-            self.frames_left = self.frames_left.saturating_sub(frames);
-            if !ok {
-                self.too_many_frames = true;
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "too many frames",
-                ));
-            }
-        }
-        Ok(n)
+/// tungstenite's stream must also read; it never does (our reader reads).
+impl Read for Io<'_> {
+    fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
     }
 }
 
-impl<S> Write for Io<'_, S> {
+impl Write for Io<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // tungstenite writes one whole frame per call (its write buffer is 0): a pong
         // is recognised by its first byte and counted until it is on the wire.
@@ -524,63 +377,6 @@ impl<S> Write for Io<'_, S> {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// What one step of a WebSocket read turn produced.
-#[derive(Debug)]
-pub enum Step {
-    /// A complete message or control frame (tungstenite already queued any pong or
-    /// close reply into the outbound queue).
-    Msg(tungstenite::Message),
-    /// The socket has nothing more now: wait for the next readiness event.
-    Blocked,
-    /// The turn's byte budget is spent: come back next pass (data may be waiting).
-    Spent,
-    /// A message had more frames than allowed.
-    TooManyFrames,
-    /// A WebSocket or I/O error.
-    Error(tungstenite::Error),
-}
-
-/// One step of a WebSocket read turn: read from `sock` within `budget.bytes` (which it
-/// lowers), scanning frame headers (each frame read costs one of `budget.msgs`), until
-/// tungstenite has one message or control frame. Frames tungstenite gathers into one
-/// message never show up as messages, so they are counted here, where they are read.
-/// Pure over any `Read`, so it is fuzzed without sockets (`fuzz_targets/read_turn.rs`).
-pub fn ws_step<S: Read>(
-    ws: &mut tungstenite::protocol::WebSocketContext,
-    sock: &mut S,
-    out: &mut OutQueue,
-    read_bytes: &mut u64,
-    scan: &mut FrameScan,
-    max_frames: usize,
-    budget: &mut Budget,
-) -> Step {
-    let mut io = Io {
-        sock,
-        out,
-        read_bytes,
-        budget: budget.bytes,
-        budget_hit: false,
-        scan: Some((scan, max_frames)),
-        too_many_frames: false,
-        frames_left: budget.msgs,
-    };
-    let res = ws.read(&mut io);
-    budget.bytes = io.budget;
-    budget.msgs = io.frames_left;
-    match res {
-        Ok(m) => Step::Msg(m),
-        Err(_) if io.too_many_frames => Step::TooManyFrames,
-        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-            if io.budget_hit {
-                Step::Spent
-            } else {
-                Step::Blocked
-            }
-        }
-        Err(e) => Step::Error(e),
     }
 }
 

@@ -69,7 +69,7 @@ impl Server {
                 c.last_ping = now;
                 if let Some(ws) = c.ws.as_mut() {
                     let _ = ws.write(
-                        &mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes),
+                        &mut Io::writer(&mut c.out),
                         WsMessage::Ping(Default::default()),
                     );
                 }

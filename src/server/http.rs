@@ -49,24 +49,10 @@ impl Server {
                 self.http_close(id, &resp, now, CloseReason::Limit);
             }
             Request::Upgrade { accept, consumed } => {
-                let rest = c.http_buf.split_off(consumed.min(c.http_buf.len()));
+                let mut rest = c.http_buf.split_off(consumed.min(c.http_buf.len()));
                 c.http_buf = Vec::new();
                 c.out.push_bytes(&http::upgrade_response(&accept));
-                // Frames that came with the request count like any others.
-                if !c.scan.feed(&rest, self.cfg.max_fragments) {
-                    return self.close_with(
-                        id,
-                        1008,
-                        "too many fragments",
-                        now,
-                        CloseReason::Limit,
-                    );
-                }
-                c.ws = Some(WebSocketContext::from_partially_read(
-                    rest,
-                    WsRole::Server,
-                    Some(self.ws_config_key),
-                ));
+                c.ws = Some(WebSocketContext::new(WsRole::Server, Some(self.ws_config)));
                 c.phase = if self.cfg.echo {
                     Phase::Echo
                 } else {
@@ -77,7 +63,12 @@ impl Server {
                 if self.cfg.echo {
                     self.leave_handshake(id);
                 }
-                self.read_ws(id, now);
+                // Frames that came with the request count like any others.
+                let mut budget = self.budget();
+                if !rest.is_empty() && !self.ws_bytes(id, &mut rest, now, &mut budget) {
+                    return;
+                }
+                self.read_ws_with(id, now, budget);
             }
             Request::Plain { path, consumed, .. } if api::is_api_path(&path) => {
                 self.start_api(id, consumed, now);

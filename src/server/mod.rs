@@ -53,11 +53,13 @@ use crate::broker::{random_cid_prefix, Broker, KeyDigest, Role};
 use crate::cluster::link::{LinkSettings, NatsLink};
 use crate::cluster::node::ClusterSettings;
 use crate::config::Config;
-use crate::conn::{Budget, FrameScan, Framing, OutQueue};
+use crate::conn::{Budget, Framing, OutQueue};
+use crate::core::websocket::{FrameReader, WsLimits};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{Decoder, Spent};
 use crate::router::ConnId;
 use crate::transport::{load_tls, Endpoint, Link, Listen, Scheme};
+use ws::WsEnd;
 
 use accept::Handshakes;
 use closing::Close;
@@ -114,8 +116,11 @@ struct Conn {
     ip: Option<IpAddr>,
     /// Counted in the handshake budget (not yet authenticated).
     in_hs: bool,
-    /// Frame-header scanner (frames per message).
-    scan: FrameScan,
+    /// Reads the WebSocket frames the peer sends (what a read left unfinished).
+    wsr: FrameReader,
+    /// A close frame or a framing error that came after messages still waiting in the
+    /// decoder: acted on once they are handled.
+    ws_end: Option<WsEnd>,
     /// The decoder holds messages not yet handled (the message budget ran out).
     backlog: bool,
     /// On the `again` list (at most once).
@@ -171,12 +176,16 @@ pub struct Server {
     conns: Slab<Conn>,
     broker: Broker,
     cfg: Config,
+    /// tungstenite's settings (it writes control frames).
     ws_config: WebSocketConfig,
-    /// tungstenite settings before the key is accepted (small messages only).
-    ws_config_key: WebSocketConfig,
+    /// Limits on WebSocket messages after the key is accepted, and before it.
+    ws_limits: WsLimits,
+    ws_limits_key: WsLimits,
     dirty: Vec<ConnId>,
     /// Packets the queues let go of this pass, for the broker's pool.
     spent: Spent,
+    /// The buffer WebSocket read turns read into, one turn at a time.
+    rx_buf: Vec<u8>,
     again: Vec<(ConnId, u64)>,
     closes: Vec<Close>,
     hs: Handshakes,
@@ -246,7 +255,7 @@ impl Server {
         } else {
             None
         };
-        let (ws_config, ws_config_key) = reload::ws_configs(&cfg);
+        let (ws_config, ws_limits, ws_limits_key) = reload::ws_configs(&cfg);
         let node_id = random_cid_prefix();
         let mut broker = Broker::new(reload::broker_settings(&cfg), &node_id);
         if cfg.cluster.is_none() {
@@ -312,9 +321,11 @@ impl Server {
             conns: Slab::with_capacity(1024),
             broker,
             ws_config,
-            ws_config_key,
+            ws_limits,
+            ws_limits_key,
             dirty: Vec::new(),
             spent: Spent::default(),
+            rx_buf: Vec::new(),
             again: Vec::new(),
             closes: Vec::new(),
             hs: Handshakes::default(),

@@ -32,6 +32,7 @@ use tungstenite::protocol::WebSocketConfig;
 use crate::broker::{KeyDigest, Role, Settings};
 use crate::config::Config;
 use crate::config_file::{self, Effective};
+use crate::core::websocket::WsLimits;
 use crate::metrics::{unix_ms, CloseReason};
 
 use super::{Phase, Server};
@@ -86,29 +87,30 @@ pub(super) fn config_hash(cfg: &Config) -> String {
     format!("{h:016x}")
 }
 
-/// The WebSocket settings after the key is accepted, and before (the key only: small).
-pub(super) fn ws_configs(cfg: &Config) -> (WebSocketConfig, WebSocketConfig) {
-    // tungstenite's read buffer is allocated per connection and filled on every read:
-    // 4 KiB keeps an idle authenticated connection near 5.5 kB of RSS (measured at
-    // 10,000 connections; 8 KiB gave 9.6 kB) at the cost of more reads for large
-    // frames.
+/// tungstenite's settings (it writes our control frames; our reader reads) and the
+/// limits on what a client sends after the key is accepted, and before (the key only).
+pub(super) fn ws_configs(cfg: &Config) -> (WebSocketConfig, WsLimits, WsLimits) {
+    // tungstenite reads nothing, so its read buffer is never allocated.
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(0)
+        .write_buffer_size(0);
     // A WebSocket message may hold one protocol message of the maximum size plus a
-    // line of slack; a larger frame is refused before it is buffered.
+    // line of slack; a larger frame is refused from its header, before it is read.
     let ws_max = if cfg.echo {
         64 << 20
     } else {
         cfg.limits.max_message + cfg.limits.max_line
     };
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(Some(ws_max))
-        .max_frame_size(Some(ws_max));
     let key_max = if cfg.echo { ws_max } else { cfg.max_key_bytes };
-    let ws_config_key = ws_config
-        .max_message_size(Some(key_max))
-        .max_frame_size(Some(key_max));
-    (ws_config, ws_config_key)
+    let open = WsLimits {
+        max_message: ws_max,
+        max_frames: cfg.max_fragments,
+    };
+    let key = WsLimits {
+        max_message: key_max,
+        ..open
+    };
+    (ws_config, open, key)
 }
 
 /// What echo mode raises (Autobahn's 16 MiB messages of up to 65,536 fragments).
@@ -396,9 +398,7 @@ impl Server {
     /// Put `new` in force (checked, restart-only settings as they are).
     fn apply(&mut self, new: Config, tls: Option<Arc<rustls::ServerConfig>>, now: Instant) {
         let keys: HashSet<_> = new.keys.digests().into_iter().collect();
-        let (ws_config, ws_config_key) = ws_configs(&new);
-        self.ws_config = ws_config;
-        self.ws_config_key = ws_config_key;
+        (self.ws_config, self.ws_limits, self.ws_limits_key) = ws_configs(&new);
         self.tls = tls;
         self.broker.settings = broker_settings(&new);
         match &new.cluster {
@@ -414,13 +414,6 @@ impl Server {
         for (id, c) in self.conns.iter_mut() {
             if let Some(dec) = c.dec.as_mut() {
                 dec.set_limits(limits);
-            }
-            if let Some(ws) = c.ws.as_mut() {
-                match c.phase {
-                    Phase::Open | Phase::Echo => ws.set_config(|w| *w = ws_config),
-                    Phase::AwaitKey => ws.set_config(|w| *w = ws_config_key),
-                    _ => {}
-                }
             }
             if c.phase == Phase::Open && c.key.is_some_and(|k| !keys.contains(&k)) {
                 revoked.push(id);

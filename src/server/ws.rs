@@ -1,4 +1,4 @@
-//! WebSocket read turns: frames through tungstenite, the key, then data messages through
+//! WebSocket read turns: frames through our reader, the key, then data messages through
 //! the decoder to the broker, all within the turn's budget.
 
 use std::io;
@@ -6,27 +6,54 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use log::debug;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
 use tungstenite::Message as WsMessage;
 
 use crate::broker::Outbox;
-use crate::conn::{ws_step, Budget, Framing, Io, Step};
+use crate::conn::{read_within, Budget, Framing, Io, READ_CHUNK};
+use crate::core::websocket::{WsError, WsEvent};
 use crate::metrics::CloseReason;
 use crate::protocol::{Decoded, Decoder, Packet};
 use crate::router::ConnId;
 
 use super::{warn_limited, Phase, Server};
 
+/// What ends a WebSocket read: a close frame (its code) or a framing error. When
+/// messages read before it still wait in the decoder, it waits for them.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum WsEnd {
+    Close(Option<u16>),
+    Fail(WsError),
+}
+
 impl Server {
     /// One read turn of a WebSocket connection: messages left in its decoder first, then
     /// frames from the socket, until `WouldBlock` or the turn's budget is spent.
     pub(super) fn read_ws(&mut self, id: ConnId, now: Instant) {
-        let mut budget = self.budget();
+        let budget = self.budget();
+        self.read_ws_with(id, now, budget);
+    }
+
+    /// [`Server::read_ws`] with what is left of a turn's budget.
+    pub(super) fn read_ws_with(&mut self, id: ConnId, now: Instant, mut budget: Budget) {
         if !self.drain_decoder(id, now, &mut budget) {
             return;
         }
-        let max_frames = self.cfg.max_fragments;
-        // A peer that pings and never reads would fill its queue with pongs.
-        let max_pings = self.cfg.max_unanswered_pings;
+        if let Some(end) = self.conns.get_mut(id).and_then(|c| c.ws_end.take()) {
+            self.ws_end(id, end, now, &mut budget);
+            return;
+        }
+        // The read buffer is the server's, lent to one turn at a time.
+        let mut buf = std::mem::take(&mut self.rx_buf);
+        if buf.len() < READ_CHUNK {
+            buf = vec![0; READ_CHUNK];
+        }
+        self.read_ws_turn(id, now, &mut budget, &mut buf);
+        self.rx_buf = buf;
+    }
+
+    fn read_ws_turn(&mut self, id: ConnId, now: Instant, budget: &mut Budget, buf: &mut [u8]) {
         loop {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
@@ -37,110 +64,161 @@ impl Server {
             if budget.spent() {
                 return self.push_again(id);
             }
-            let Some(ws) = c.ws.as_mut() else {
-                return;
+            let n = match read_within(&mut c.link, buf, budget) {
+                Ok(0) => return self.remove(id, CloseReason::PeerGone),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.remove(id, CloseReason::PeerGone),
             };
-            let before = c.rx_bytes;
-            let step = ws_step(
-                ws,
-                &mut c.link,
-                &mut c.out,
-                &mut c.rx_bytes,
-                &mut c.scan,
-                max_frames,
-                &mut budget,
-            );
-            self.metrics.bytes_in += c.rx_bytes - before;
-            if !c.out.is_empty() && !c.dirty {
-                c.dirty = true;
-                self.dirty.push(id);
-            }
-            match step {
-                Step::Msg(WsMessage::Text(t)) => {
-                    c.last_rx = now;
-                    if !self.on_data(id, t.as_bytes(), true, now, &mut budget) {
-                        return;
-                    }
-                }
-                Step::Msg(WsMessage::Binary(b)) => {
-                    c.last_rx = now;
-                    if !self.on_data(id, &b, false, now, &mut budget) {
-                        return;
-                    }
-                }
-                Step::Msg(WsMessage::Ping(_) | WsMessage::Frame(_)) => {
-                    // Not activity for the idle timeout: a peer that pings and never
-                    // reads is idle. Its pongs count against the outbound cap, and one
-                    // that leaves more than a few unread is closed.
-                    if c.out.pongs_unsent() > max_pings {
-                        return self.close_with(
-                            id,
-                            1008,
-                            "too many pings",
-                            now,
-                            CloseReason::Limit,
-                        );
-                    }
-                }
-                Step::Msg(WsMessage::Pong(_)) => {
-                    // The answer to our ping: the peer reads what we send.
-                    c.last_rx = now;
-                }
-                Step::Msg(WsMessage::Close(_)) => {
-                    // tungstenite queued the close reply; flush it and hang up.
-                    if let Some(ws) = c.ws.as_mut() {
-                        let _ = ws.flush(&mut Io::writer(&mut c.link, &mut c.out, &mut c.rx_bytes));
-                    }
-                    self.enter_closing(id, now, CloseReason::Normal);
-                    return;
-                }
-                Step::TooManyFrames => {
-                    self.warn_protocol(id, "too many frames in one message");
-                    return self.close_with(
-                        id,
-                        1008,
-                        "too many fragments",
-                        now,
-                        CloseReason::Limit,
-                    );
-                }
-                Step::Spent => return self.push_again(id),
-                Step::Blocked => return,
-                Step::Error(e) => return self.ws_error(id, e, now),
+            c.rx_bytes += n as u64;
+            self.metrics.bytes_in += n as u64;
+            if !self.ws_bytes(id, &mut buf[..n], now, budget) {
+                return;
             }
         }
     }
 
-    fn ws_error(&mut self, id: ConnId, e: tungstenite::Error, now: Instant) {
-        use tungstenite::error::{CapacityError, Error as E, ProtocolError as P};
-        match e {
-            E::Io(ref io) if io.kind() == io::ErrorKind::WouldBlock => {}
-            E::Io(ref io) if io.kind() == io::ErrorKind::Interrupted => self.push_again(id),
-            E::ConnectionClosed | E::AlreadyClosed | E::Io(_) => {
-                self.remove(id, CloseReason::PeerGone)
+    /// Handle bytes a WebSocket peer sent: every frame in them, then the messages they
+    /// completed, within the budget (each frame is one unit of it, each message one).
+    /// Returns false when the turn must end here.
+    pub(super) fn ws_bytes(
+        &mut self,
+        id: ConnId,
+        buf: &mut [u8],
+        now: Instant,
+        budget: &mut Budget,
+    ) -> bool {
+        // A peer that pings and never reads would fill its queue with pongs.
+        let max_pings = self.cfg.max_unanswered_pings;
+        let mut pos = 0;
+        loop {
+            let Some(c) = self.conns.get_mut(id) else {
+                return false;
+            };
+            let lim = match c.phase {
+                Phase::Open | Phase::Echo => self.ws_limits,
+                Phase::AwaitKey => self.ws_limits_key,
+                _ => return false,
+            };
+            let frames = c.wsr.frames;
+            let ev = c.wsr.next(buf, &mut pos, &lim);
+            budget.msgs = budget.msgs.saturating_sub((c.wsr.frames - frames) as usize);
+            match ev {
+                Ok(None) => break,
+                Ok(Some(WsEvent::Data { range, text, last })) => {
+                    c.last_rx = now;
+                    let data = &buf[range];
+                    match (c.phase, c.dec.as_mut()) {
+                        (Phase::Open, Some(dec)) => {
+                            if text {
+                                dec.feed_utf8(data); // the reader checked it
+                            } else {
+                                dec.feed(data);
+                            }
+                            // Handled frame by frame while the budget lasts, so the
+                            // decoder holds about one message, not a whole read; once
+                            // it is spent, the rest of the read waits in the decoder.
+                            let waiting = c.backlog;
+                            c.backlog = true;
+                            if !waiting
+                                && !self.drain_decoder(id, now, budget)
+                                && !self.conns.get(id).is_some_and(|c| c.phase == Phase::Open)
+                            {
+                                return false; // closed by what it sent
+                            }
+                        }
+                        _ => {
+                            // The key or an echoed message: gathered whole (the limits
+                            // bound it).
+                            c.http_buf.extend_from_slice(data);
+                            if last {
+                                let msg = std::mem::take(&mut c.http_buf);
+                                if !self.on_data(id, &msg, text, now, budget) {
+                                    return false;
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(Some(WsEvent::Ping(p))) => {
+                    // Not activity for the idle timeout: a peer that pings and never
+                    // reads is idle. Its pongs count against the outbound cap, and one
+                    // that leaves more than a few unread is closed.
+                    if let Some(ws) = c.ws.as_mut() {
+                        let pong = WsMessage::Pong(p.payload().to_vec().into());
+                        let _ = ws.write(&mut Io::writer(&mut c.out), pong);
+                    }
+                    if c.out.pongs_unsent() > max_pings {
+                        self.close_with(id, 1008, "too many pings", now, CloseReason::Limit);
+                        return false;
+                    }
+                    self.mark_dirty(id);
+                }
+                Ok(Some(WsEvent::Pong)) => {
+                    // The answer to our ping: the peer reads what we send.
+                    c.last_rx = now;
+                }
+                Ok(Some(WsEvent::Close(code))) => {
+                    self.ws_end(id, WsEnd::Close(code), now, budget);
+                    return false;
+                }
+                Err(e) => {
+                    self.ws_end(id, WsEnd::Fail(e), now, budget);
+                    return false;
+                }
             }
-            E::Protocol(P::ResetWithoutClosingHandshake) => self.remove(id, CloseReason::PeerGone),
-            E::Capacity(CapacityError::MessageTooLong { .. }) => {
-                self.close_with(id, 1009, "message too long", now, CloseReason::Limit)
+        }
+        // What waits in the decoder (the budget ran out): the next turn comes back for it.
+        self.conns.get(id).is_some_and(|c| !c.backlog)
+    }
+
+    /// A close frame or a framing error: once the messages before it are handled, reply
+    /// and close (close frames) or close with the error's code.
+    fn ws_end(&mut self, id: ConnId, end: WsEnd, now: Instant, budget: &mut Budget) {
+        if !self.drain_decoder(id, now, budget) {
+            if let Some(c) = self.conns.get_mut(id) {
+                if c.phase == Phase::Open {
+                    c.ws_end = Some(end); // after the messages still waiting
+                }
             }
-            E::Capacity(_) => self.close_with(id, 1009, "frame too large", now, CloseReason::Limit),
-            E::Utf8(_) => {
-                self.warn_protocol(id, "invalid utf-8");
-                self.close_with(id, 1007, "invalid utf-8", now, CloseReason::ProtocolError)
+            return;
+        }
+        match end {
+            WsEnd::Close(code) => {
+                let Some(c) = self.conns.get_mut(id) else {
+                    return;
+                };
+                // The reply echoes the code, or says 1002 for one a peer may not send.
+                let reply = code.map(|code| match CloseCode::from(code) {
+                    c if c.is_allowed() => CloseFrame {
+                        code: c,
+                        reason: "".into(),
+                    },
+                    _ => CloseFrame {
+                        code: CloseCode::Protocol,
+                        reason: "invalid close code".into(),
+                    },
+                });
+                if let Some(ws) = c.ws.as_mut() {
+                    let _ = ws.close(&mut Io::writer(&mut c.out), reply);
+                }
+                self.mark_dirty(id);
+                self.enter_closing(id, now, CloseReason::Normal);
             }
-            E::Protocol(p) => {
-                self.warn_protocol(id, &p.to_string());
-                self.close_with(
-                    id,
-                    1002,
-                    "websocket protocol error",
-                    now,
-                    CloseReason::ProtocolError,
-                )
-            }
-            other => {
-                self.warn_protocol(id, &other.to_string());
-                self.close_with(id, 1002, "websocket error", now, CloseReason::ProtocolError)
+            WsEnd::Fail(e) => {
+                let why = match e {
+                    WsError::Protocol(_) | WsError::Utf8 => {
+                        self.warn_protocol(id, &e.to_string());
+                        CloseReason::ProtocolError
+                    }
+                    WsError::TooManyFrames => {
+                        self.warn_protocol(id, "too many frames in one message");
+                        CloseReason::Limit
+                    }
+                    WsError::TooLong => CloseReason::Limit,
+                };
+                self.close_with(id, e.close_code(), e.reason(), now, why);
             }
         }
     }
@@ -295,10 +373,6 @@ impl Server {
         let cid = self.broker.connect(id, role);
         c.phase = Phase::Open;
         c.dec = Some(Box::new(Decoder::new(self.cfg.limits)));
-        if let Some(ws) = c.ws.as_mut() {
-            let full = self.ws_config;
-            ws.set_config(|w| *w = full);
-        }
         debug!("[{id}] {} {cid} connected from {}", role.name(), c.peer);
         c.who = Some(format!("{} {cid}", role.name()).into());
         c.key = digest.map(|d| (role, d));
