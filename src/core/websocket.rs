@@ -433,6 +433,9 @@ impl FrameReader {
             std::str::from_utf8(&self.utf8[..width]).map_err(|_| WsError::Utf8)?;
             self.utf8_len = 0;
         }
+        if is_ascii(b) {
+            return Ok(());
+        }
         match std::str::from_utf8(b) {
             Ok(_) => Ok(()),
             Err(e) if e.error_len().is_some() || last => Err(WsError::Utf8),
@@ -444,6 +447,20 @@ impl FrameReader {
             }
         }
     }
+}
+
+/// All of `b` is ASCII (so UTF-8): eight bytes at a time, which for the short payloads
+/// of most messages is quicker than the general check.
+fn is_ascii(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    let mut or = 0u64;
+    for w in &mut words {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        or |= u64::from_ne_bytes(a);
+    }
+    let rest = words.remainder().iter().fold(0u8, |a, &x| a | x);
+    (or & 0x8080_8080_8080_8080) == 0 && rest & 0x80 == 0
 }
 
 /// Bytes in a UTF-8 sequence that starts with `b` (a valid lead byte: 2 to 4).
@@ -680,6 +697,19 @@ mod tests {
         let mut part = st[..40].to_vec();
         let mut pos = 0;
         assert_eq!(r.next(&mut part, &mut pos, &LIM), Err(WsError::Utf8));
+    }
+
+    #[test]
+    fn a_byte_over_127_anywhere_is_not_ascii() {
+        for len in 0..24 {
+            let mut b = vec![b'a'; len];
+            assert!(is_ascii(&b));
+            for i in 0..len {
+                b[i] = 0x80;
+                assert!(!is_ascii(&b), "{len} {i}");
+                b[i] = b'a';
+            }
+        }
     }
 
     #[test]
