@@ -235,12 +235,20 @@ impl Broker {
                 if self.router.topic(id).is_none_or(|t| t.subs.is_empty()) {
                     return;
                 }
-                let pkt = self.packet_from(payload);
-                if let Some(t) = self.router.topic(id) {
-                    for &s in &t.subs {
-                        out.send(s, &pkt);
+                // One message, or a batch of them (consecutive PUBs of the topic).
+                let mut n = 0;
+                for one in proto::batch_items(payload) {
+                    let pkt = self.packet_from(one);
+                    if let Some(t) = self.router.topic(id) {
+                        for &s in &t.subs {
+                            out.send(s, &pkt);
+                        }
+                        self.stats.delivered_pub += t.subs.len() as u64;
                     }
-                    self.stats.delivered_pub += t.subs.len() as u64;
+                    n += 1;
+                }
+                if let Some(c) = self.cluster.as_mut() {
+                    c.stats.messages_in += n.max(1) - 1;
                 }
             }
             Sid::MonPub => {
@@ -251,11 +259,13 @@ impl Broker {
                 if self.monitors.is_empty() || topic.starts_with(b"SYS:") {
                     return;
                 }
-                let pkt = self.packet_from(payload);
                 let id = self.router.lookup(&topic);
-                for &m in &self.monitors {
-                    if !id.is_some_and(|t| self.router.is_subscribed_id(m, t)) {
-                        out.send(m, &pkt);
+                for one in proto::batch_items(payload) {
+                    let pkt = self.packet_from(one);
+                    for &m in &self.monitors {
+                        if !id.is_some_and(|t| self.router.is_subscribed_id(m, t)) {
+                            out.send(m, &pkt);
+                        }
                     }
                 }
             }

@@ -30,6 +30,10 @@ pub struct Lanes {
     /// Unwritten bytes across the data chunks.
     data_len: usize,
     spare: Vec<Vec<u8>>,
+    /// The last data operation may still grow ([`Lanes::push_data_open`]): the position
+    /// its closure returned, in the last chunk. Forgotten at the next other operation
+    /// and at every write.
+    open: Option<usize>,
 }
 
 impl Lanes {
@@ -61,6 +65,36 @@ impl Lanes {
     /// Append one complete data operation through `f` (to the last chunk, or a new one
     /// when the last is full).
     pub fn push_data<R>(&mut self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        self.open = None;
+        self.push_data_inner(f)
+    }
+
+    /// [`Lanes::push_data`] of an operation that may grow while it is the last one and
+    /// nothing was written: `f` returns the position [`Lanes::extend_open`] will hand
+    /// back (relative to the start of the chunk), or `None` if it wrote nothing.
+    pub fn push_data_open(&mut self, f: impl FnOnce(&mut Vec<u8>) -> Option<usize>) -> bool {
+        self.open = self.push_data_inner(f);
+        self.open.is_some()
+    }
+
+    /// Grow the open operation through `f` (given the last chunk and the position
+    /// `push_data_open` kept), if there is one and its chunk has room. False: there is
+    /// none, and the caller pushes a new operation.
+    pub fn extend_open(&mut self, f: impl FnOnce(&mut Vec<u8>, usize)) -> bool {
+        let Some(at) = self.open else {
+            return false;
+        };
+        let Some(chunk) = self.data.back_mut().filter(|c| c.len() < CHUNK) else {
+            self.open = None;
+            return false;
+        };
+        let before = chunk.len();
+        f(chunk, at);
+        self.data_len += chunk.len() - before;
+        true
+    }
+
+    fn push_data_inner<R>(&mut self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         let need_new = self.data.back().is_none_or(|c| c.len() >= CHUNK);
         if need_new {
             let c = self.spare.pop().unwrap_or_default();
@@ -77,6 +111,7 @@ impl Lanes {
 
     /// Drop everything (the connection is gone).
     pub fn clear(&mut self) {
+        self.open = None;
         self.ctl.clear();
         self.ctl_sent = 0;
         while let Some(mut c) = self.data.pop_front() {
@@ -102,6 +137,8 @@ impl Lanes {
         if self.is_empty() {
             return Ok(0);
         }
+        // What is written may include the open operation: it is closed now.
+        self.open = None;
         let n = {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut k = 0;
@@ -176,6 +213,37 @@ impl Lanes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_open_operation_grows_until_anything_else_comes_or_a_write() {
+        let mut l = Lanes::default();
+        assert!(!l.extend_open(|_, _| unreachable!()));
+        assert!(l.push_data_open(|b| {
+            b.extend_from_slice(b"[a");
+            Some(1)
+        }));
+        assert!(l.extend_open(|b, at| {
+            assert_eq!(b[at], b'a');
+            b.extend_from_slice(b"b");
+        }));
+        assert_eq!(l.data_len(), 3);
+        l.push_ctl(|b| b.extend_from_slice(b"<ctl>")); // control does not close it
+        assert!(l.extend_open(|b, _| b.extend_from_slice(b"c")));
+        l.push_data(|b| b.extend_from_slice(b"]"));
+        assert!(
+            !l.extend_open(|_, _| unreachable!()),
+            "another operation came"
+        );
+        assert!(l.push_data_open(|b| {
+            b.extend_from_slice(b"[d");
+            Some(0)
+        }));
+        let mut out = Vec::new();
+        l.write(&mut out).unwrap();
+        assert!(!l.extend_open(|_, _| unreachable!()), "written");
+        assert_eq!(out, b"<ctl>[abc][d");
+        assert!(!l.push_data_open(|_| None));
+    }
 
     /// A sink that takes at most `cap` bytes per write, or refuses (`WouldBlock`) when
     /// `cap` is 0.

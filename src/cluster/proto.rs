@@ -911,6 +911,99 @@ pub fn pub_parts(
     Ok(())
 }
 
+/// The first byte of a batch of relayed messages on a `pub` subject: `+`, then for each
+/// message its length (4 bytes, big-endian) and its bytes. No protocol message starts
+/// with `+` (a command is letters), so a payload without it is one message.
+pub const BATCH: u8 = b'+';
+
+/// Digits of the size in a PUB that may grow ([`pub_batch_open`]): zero-padded, so the
+/// size can be written again in place (nats-server reads up to 9 digits).
+const BATCH_SIZE_DIGITS: usize = 8;
+
+/// Largest batch payload (what 8 digits hold).
+pub const MAX_BATCH: usize = 99_999_999;
+
+/// `PUB <subject> <size>` CRLF, a batch of one `item`, CRLF, the size zero-padded so
+/// [`pub_batch_extend`] can add items. Returns where the size digits are in `buf`.
+pub fn pub_batch_open(
+    buf: &mut Vec<u8>,
+    subject: &[u8],
+    item: &[u8],
+) -> Result<usize, EncodeError> {
+    check_pub_subjects(subject, None)?;
+    buf.reserve(subject.len() + item.len() + 24);
+    buf.extend_from_slice(b"PUB ");
+    subject_and_reply(buf, subject, None);
+    let at = buf.len();
+    buf.extend_from_slice(&[b'0'; BATCH_SIZE_DIGITS]);
+    buf.extend_from_slice(b"\r\n");
+    buf.push(BATCH);
+    buf.extend_from_slice(b"\r\n");
+    pub_batch_extend(buf, at, item);
+    Ok(at)
+}
+
+/// Add `item` to the batch whose PUB [`pub_batch_open`] wrote with its size at `at`; that
+/// PUB must end `buf`. The caller keeps the payload within [`MAX_BATCH`] and nats-server's
+/// `max_payload`.
+pub fn pub_batch_extend(buf: &mut Vec<u8>, at: usize, item: &[u8]) {
+    buf.truncate(buf.len() - 2); // the CRLF after the payload
+    buf.extend_from_slice(&(item.len() as u32).to_be_bytes());
+    buf.extend_from_slice(item);
+    let size = buf.len() - (at + BATCH_SIZE_DIGITS + 2);
+    buf.extend_from_slice(b"\r\n");
+    let mut n = size;
+    for d in buf[at..at + BATCH_SIZE_DIGITS].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// Bytes a batch of one `item` adds to the payload ([`pub_batch_open`]), or one more
+/// item to a batch ([`pub_batch_extend`]).
+pub fn batch_item_cost(item: &[u8], first: bool) -> usize {
+    item.len() + 4 + usize::from(first)
+}
+
+/// The messages of a payload received on a `pub` subject: the items of a batch, or the
+/// payload as one message. A batch cut short ends where it stops making sense.
+pub fn batch_items(payload: &[u8]) -> BatchItems<'_> {
+    match payload.split_first() {
+        Some((&BATCH, rest)) => BatchItems { rest, whole: false },
+        _ => BatchItems {
+            rest: payload,
+            whole: true,
+        },
+    }
+}
+
+/// See [`batch_items`].
+#[derive(Debug, Clone)]
+pub struct BatchItems<'a> {
+    rest: &'a [u8],
+    whole: bool,
+}
+
+impl<'a> Iterator for BatchItems<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.whole {
+            self.whole = false;
+            let all = std::mem::take(&mut self.rest);
+            return Some(all);
+        }
+        let (len, rest) = self.rest.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if rest.len() < len {
+            self.rest = &[];
+            return None;
+        }
+        let (item, rest) = rest.split_at(len);
+        self.rest = rest;
+        Some(item)
+    }
+}
+
 /// `HPUB <subject> [reply] <#header bytes> <#total bytes>` CRLF, the header block
 /// (`NATS/1.0` CRLF, `Name: value` CRLF each, CRLF), payload CRLF. Names keep their case
 /// (NATS names are case-sensitive); a receiver trims spaces and tabs around values.
@@ -1080,6 +1173,38 @@ fn json_string(buf: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_grows_in_place_and_splits_back_into_its_items() {
+        let mut buf = b"PING\r\n".to_vec();
+        let items: [&[u8]; 4] = [b"MSG a\r\n\r\none\r\n.\r\n", b"", b"+x", &[7; 300]];
+        let at = pub_batch_open(&mut buf, b"mm.pub.a", items[0]).unwrap();
+        for it in &items[1..] {
+            pub_batch_extend(&mut buf, at, it);
+        }
+        // What nats-server reads: the size, then exactly that many payload bytes.
+        let text = &buf[6..];
+        let eol = text.windows(2).position(|w| w == b"\r\n").unwrap();
+        let line = std::str::from_utf8(&text[..eol]).unwrap();
+        let size: usize = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(line.starts_with("PUB mm.pub.a 0"), "{line}");
+        let payload = &text[eol + 2..eol + 2 + size];
+        assert_eq!(&text[eol + 2 + size..], b"\r\n");
+        let cost: usize = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| batch_item_cost(it, i == 0))
+            .sum();
+        assert_eq!(size, cost);
+        assert_eq!(batch_items(payload).collect::<Vec<_>>(), items.to_vec());
+        // A payload without the marker is one message; a batch cut short stops.
+        assert_eq!(
+            batch_items(b"MSG b\r\n").collect::<Vec<_>>(),
+            vec![&b"MSG b\r\n"[..]]
+        );
+        assert_eq!(batch_items(&payload[..payload.len() - 1]).count(), 3);
+        assert_eq!(batch_items(b"+\0\0").count(), 0);
+    }
 
     fn lossy(b: &[u8]) -> String {
         String::from_utf8_lossy(b).into_owned()
