@@ -213,6 +213,48 @@ fn a_message_of_too_many_fragments_is_closed_1008() {
 }
 
 #[test]
+fn a_close_or_a_bad_frame_after_waiting_messages_comes_after_them() {
+    // 150 PUBs in one write are 300 units of a turn's budget of 100 (a frame and a
+    // message each): when the close frame (or a frame with reserved bits) is read, most
+    // of them still wait in the decoder. They are all handled first, in order; then the
+    // close is answered (1000 echoed) or the error closes the connection (1002).
+    let srv = TestServer::with(|c| c.max_messages_per_turn = 100);
+    let mut sub = Peer::service(srv.addr);
+    sub.send("SUB", "t", &[], "");
+    sub.sync();
+    for (end, want) in [
+        (
+            frame(true, 8, &1000u16.to_be_bytes()),
+            (1000, String::new()),
+        ),
+        (
+            frame(true, 0x40 | 1, b"rsv1"),
+            (1002, "websocket protocol error".into()),
+        ),
+    ] {
+        let mut publisher = Raw::connect(srv.addr, Some(SERVICE_KEY));
+        let mut burst = Vec::new();
+        for i in 0..150 {
+            burst.extend_from_slice(&frame(
+                true,
+                1,
+                format!("PUB t\r\n\r\nm{i}\r\n.\r\n").as_bytes(),
+            ));
+        }
+        burst.extend_from_slice(&end);
+        burst.extend_from_slice(&frame(true, 1, b"PUB t\r\n\r\nafter the end\r\n.\r\n"));
+        publisher.s.write_all(&burst).unwrap();
+        for i in 0..150 {
+            assert_eq!(sub.recv().body, format!("m{i}"), "ended by {want:?}");
+        }
+        assert_eq!(publisher.expect_close(), want);
+        // Nothing after the end was handled: the next message is the probe's.
+        sub.send("PUB", "t", &[], "probe");
+        assert_eq!(sub.recv().body, "probe");
+    }
+}
+
+#[test]
 fn continuation_frame_flood_does_not_hold_the_loop() {
     // The fragment cap is lifted so the flood lasts: only the read budget protects.
     let srv = TestServer::with(|c| {
