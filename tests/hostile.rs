@@ -213,6 +213,38 @@ fn a_message_of_too_many_fragments_is_closed_1008() {
 }
 
 #[test]
+fn frames_sent_with_the_upgrade_request_are_read_like_any_others() {
+    // The request, the key, a PUB and a ping in one write: what follows the request in
+    // the server's HTTP buffer goes through the same frame reader.
+    let srv = TestServer::start();
+    let mut sub = Peer::service(srv.addr);
+    sub.send("SUB", "t", &[], "");
+    sub.sync();
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut all = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    all.extend_from_slice(&frame(true, 1, SERVICE_KEY.as_bytes()));
+    all.extend_from_slice(&frame(false, 1, b"PUB t\r\n\r\nwith the "));
+    all.extend_from_slice(&frame(true, 0, b"request\r\n.\r\n"));
+    all.extend_from_slice(&frame(true, 9, b"p"));
+    s.write_all(&all).unwrap();
+    let mut raw = Raw { s };
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(raw.s.read(&mut b).expect("upgrade response"), 1);
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    assert_eq!(raw.read_frame(), (1, b"MM OK".to_vec()));
+    assert_eq!(raw.read_frame().0, 1, "the cid");
+    assert_eq!(raw.read_frame(), (10, b"p".to_vec()), "the pong");
+    assert_eq!(sub.recv().body, "with the request");
+}
+
+#[test]
 fn a_close_or_a_bad_frame_after_waiting_messages_comes_after_them() {
     // 150 PUBs in one write are 300 units of a turn's budget of 100 (a frame and a
     // message each): when the close frame (or a frame with reserved bits) is read, most
