@@ -231,9 +231,10 @@ impl Server {
         });
     }
 
-    /// Handle one received data message (WebSocket) or chunk (raw stream). Returns false
-    /// when the read turn must end here (connection closing or gone, or the message
-    /// budget spent with messages left in the decoder: then it is on the `again` list).
+    /// Handle one whole data message (WebSocket: the key, or an echoed message) or chunk
+    /// (raw stream). Returns false when the read turn must end here (connection closing
+    /// or gone, or the message budget spent with messages left in the decoder: then it
+    /// is on the `again` list).
     pub(super) fn on_data(
         &mut self,
         id: ConnId,
@@ -259,7 +260,7 @@ impl Server {
             Phase::Open => {
                 if let Some(dec) = c.dec.as_mut() {
                     if text {
-                        dec.feed_utf8(data); // tungstenite checked it
+                        dec.feed_utf8(data); // checked by the frame reader
                     } else {
                         dec.feed(data);
                     }

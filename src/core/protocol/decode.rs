@@ -241,8 +241,8 @@ impl Decoder {
     }
 
     /// Like [`Decoder::feed`], for bytes known to be valid UTF-8 (a WebSocket text
-    /// message, which tungstenite has checked): messages made only of such bytes say so
-    /// ([`Message::utf8`]), and are not checked again when relayed.
+    /// message, which the frame reader has checked): messages made only of such bytes
+    /// say so ([`Message::utf8`]), and are not checked again when relayed.
     pub fn feed_utf8(&mut self, data: &[u8]) {
         if self.failed.is_some() {
             return;
