@@ -414,7 +414,6 @@ impl Cluster {
         Some(s)
     }
 
-    /// A JetStream API request (on the control lane: ahead of the data).
     /// Asks JetStream to give `stream` this node's limits (`STREAM.UPDATE`).
     fn update_stream(&mut self, stream: &str, now: Instant) {
         if let Some(cfg) = self.stream_config() {
@@ -427,6 +426,7 @@ impl Cluster {
         }
     }
 
+    /// A JetStream API request (on the control lane: ahead of the data).
     fn js_call(&mut self, api: &str, payload: &[u8], call: Call, now: Instant) {
         let Some(js) = self.js.as_mut() else {
             return;

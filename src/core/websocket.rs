@@ -195,11 +195,6 @@ impl std::fmt::Debug for FrameReader {
 }
 
 impl FrameReader {
-    /// Inside a data message (between its first and its final frame).
-    pub fn in_message(&self) -> bool {
-        self.msg.is_some()
-    }
-
     /// The next event in `buf[*pos..]`, moving `*pos` past what it used. `Ok(None)`: the
     /// buffer is used up (`*pos == buf.len()`) and what was cut short is kept. Payloads
     /// are unmasked in place. After a close frame, `Ok(None)` without reading further.

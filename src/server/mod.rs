@@ -138,6 +138,9 @@ struct Conn {
     /// moving the whole decoder both ways was ~4.6% of the server's time at 64 B.
     dec: Option<Box<Decoder>>,
     out: OutQueue,
+    /// The HTTP request being read (and an API call's body), or a raw stream's key line;
+    /// after an upgrade, a WebSocket message gathered whole (the key, or a message echo
+    /// mode sends back), bounded by the limits.
     http_buf: Vec<u8>,
     created: Instant,
     last_rx: Instant,
