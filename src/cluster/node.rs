@@ -652,20 +652,8 @@ impl Cluster {
         head: &[u8],
         payload: &[u8],
     ) -> bool {
-        if !self.connected {
-            if self.heard_any {
-                self.stats.dropped[DISCONNECTED] += 1;
-            }
-            return false;
-        }
-        let len = head.len() + payload.len();
-        if len > self.max_payload {
-            self.stats.dropped[TOO_LARGE] += 1;
-            return false;
-        }
         let extra = subject.len() + reply.map_or(0, <[u8]>::len) + 32;
-        if self.lanes.pending() + len + extra > self.settings.data_bound() {
-            self.stats.dropped[BUFFER_FULL] += 1;
+        if !self.data_room(head.len() + payload.len(), extra) {
             return false;
         }
         let ok = self
@@ -675,6 +663,27 @@ impl Cluster {
             self.stats.messages_out += 1;
         }
         ok
+    }
+
+    /// May a data operation of `len` payload bytes (and `extra` around them) go on the
+    /// data lane? When not, why is counted (disconnected only once another node was
+    /// heard; over `max_payload`; over the data bound).
+    fn data_room(&mut self, len: usize, extra: usize) -> bool {
+        if !self.connected {
+            if self.heard_any {
+                self.stats.dropped[DISCONNECTED] += 1;
+            }
+            return false;
+        }
+        if len > self.max_payload {
+            self.stats.dropped[TOO_LARGE] += 1;
+            return false;
+        }
+        if self.lanes.pending() + len + extra > self.settings.data_bound() {
+            self.stats.dropped[BUFFER_FULL] += 1;
+            return false;
+        }
+        true
     }
 
     pub(crate) fn subject(&mut self, parts: &[&[u8]], token: Option<&[u8]>) -> Vec<u8> {
@@ -730,22 +739,19 @@ impl Cluster {
         }
         let s = self.subject(&[b"pub"], Some(target));
         let first = proto::batch_item_cost(payload, true);
-        if !self.connected || first > self.max_payload {
-            // Refused and counted as any data is (or, just under the limit, sent alone).
+        if first > self.max_payload {
+            // Fits only alone (just under the limit) or not at all: as any data.
             self.open_pub = None;
             self.publish_data(&s, None, b"", payload);
-        } else if self.lanes.pending() + first + s.len() + 32 > self.settings.data_bound() {
-            self.open_pub = None;
-            self.stats.dropped[BUFFER_FULL] += 1;
-        } else if self
-            .lanes
-            .push_data_open(|b| proto::pub_batch_open(b, &s, payload).ok())
+        } else if self.data_room(first, s.len() + 32)
+            && self
+                .lanes
+                .push_data_open(|b| proto::pub_batch_open(b, &s, payload).ok())
         {
             self.stats.messages_out += 1;
-            let mut t = self.open_pub.take().unwrap_or_default();
+            let t = self.open_pub.get_or_insert_with(Vec::new);
             t.clear();
             t.extend_from_slice(target);
-            self.open_pub = Some(t);
             self.open_pub_len = first;
         } else {
             self.open_pub = None;
