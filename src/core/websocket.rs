@@ -446,7 +446,7 @@ impl FrameReader {
 
 /// All of `b` is ASCII (so UTF-8): eight bytes at a time, which for the short payloads
 /// of most messages is quicker than the general check.
-fn is_ascii(b: &[u8]) -> bool {
+pub(crate) fn is_ascii(b: &[u8]) -> bool {
     let mut words = b.chunks_exact(8);
     let mut or = 0u64;
     for w in &mut words {

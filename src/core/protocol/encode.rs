@@ -154,7 +154,12 @@ impl Packet {
     /// says the payload is known to be valid UTF-8 (else it is checked).
     fn from_headroom_vec(mut buf: Vec<u8>, utf8: bool) -> Packet {
         let len = buf.len() - HEADROOM;
-        let text = utf8 || std::str::from_utf8(&buf[HEADROOM..]).is_ok();
+        // Most payloads are ASCII: eight bytes at a time settles them before the general
+        // check (from_utf8 was 4% of a node relaying requests from other nodes).
+        let payload = &buf[HEADROOM..];
+        let text = utf8
+            || crate::core::websocket::is_ascii(payload)
+            || std::str::from_utf8(payload).is_ok();
         debug_assert!(!utf8 || std::str::from_utf8(&buf[HEADROOM..]).is_ok());
         let opcode = if text { 0x81 } else { 0x82 }; // FIN + text/binary
         let start = if len < 126 {
