@@ -1,11 +1,12 @@
 //! The broker's side of the cluster: what a message from another node means here, and
 //! what the node tells the others when its own tables change. Pure, like the broker.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use std::time::Instant;
 
 use crate::broker::{reason, relay_packet, Broker, Origin, Outbox};
-use crate::cluster::node::{Cluster, ClusterSettings, CtlEvent, OutReq, Sid, REMOTE};
+use crate::cluster::node::{Cluster, ClusterSettings, CtlEvent, Inbox, OutReq, Sid, REMOTE};
 use crate::cluster::{proto, subject};
 use crate::protocol::{Decoded, Decoder, Limits, Message, Packet};
 use crate::router::{Enable, Held};
@@ -51,8 +52,8 @@ impl Broker {
     /// Send the answer to a request taken from another node (ending it here).
     pub(crate) fn answer_remote(&mut self, rid: u64, payload: &[u8]) {
         if let Some(c) = self.cluster.as_mut() {
-            if let Some(reply) = c.end_in_request(rid) {
-                c.answer(&reply, payload);
+            if let Some((node, id)) = c.end_in_request(rid) {
+                c.answer(&node, id, payload);
             }
         }
     }
@@ -60,8 +61,8 @@ impl Broker {
     /// Fail a request taken from another node (ending it here).
     pub(crate) fn fail_remote(&mut self, rid: u64, why: &str) {
         if let Some(c) = self.cluster.as_mut() {
-            if let Some(reply) = c.end_in_request(rid) {
-                c.answer_failed(&reply, why);
+            if let Some((node, id)) = c.end_in_request(rid) {
+                c.answer_failed(&node, id, why);
             }
         }
     }
@@ -196,25 +197,20 @@ impl Broker {
     }
 
     fn fail_forwarded(&mut self, r: &OutReq, why: &'static str, out: &mut impl Outbox) {
-        if self.cid(r.requester) != Some(&*r.cid) {
+        if self.cid(r.requester).map(str::as_bytes) != Some(r.cid()) {
             return; // the requester left
         }
         let i = reason::ALL.iter().position(|x| *x == why);
         if let Some(i) = i {
             self.stats.errors[i] += 1;
         }
-        let pkt = crate::broker::error_packet(
-            b"REQ",
-            &r.target,
-            why,
-            Some((&r.reqid_name, &r.reqid_value)),
-        );
+        let pkt = crate::broker::error_packet(b"REQ", r.target(), why, Some(r.reqid()));
         out.send(r.requester, &Rc::new(pkt));
     }
 
     /// One message from the backplane (a MSG or HMSG for one of the node's subscriptions).
     pub fn on_backplane(&mut self, msg: &proto::Msg<'_>, now: Instant, out: &mut impl Outbox) {
-        let (subject, reply, payload) = (msg.subject, msg.reply, msg.payload);
+        let (subject, payload) = (msg.subject, msg.payload);
         let no_responders = msg.is_no_responders();
         let Some(sid) = msg.sid_u64() else {
             return;
@@ -281,7 +277,7 @@ impl Broker {
             Sid::JsApi => self.on_js_api(msg, now, out),
             Sid::JsLive(gen) => self.on_js_live(gen, msg, now, out),
             Sid::JsRec(id) => self.on_js_rec(id, msg, now, out),
-            Sid::Node => self.on_node_message(payload, reply, now, out),
+            Sid::Node => self.on_node_message(payload, now, out),
             Sid::Ctl => {
                 match c.on_ctl(payload, now) {
                     CtlEvent::None => {}
@@ -365,14 +361,7 @@ impl Broker {
     /// A request another node addressed to this one (`Q <node> <id> <cid> <token>`):
     /// give it to the responder it chose, or to the least loaded one if that one left;
     /// if nobody here answers any more, say so at once.
-    fn take_request(
-        &mut self,
-        line: &[u8],
-        reply: &[u8],
-        payload: &[u8],
-        now: Instant,
-        out: &mut impl Outbox,
-    ) {
+    fn take_request(&mut self, line: &[u8], payload: &[u8], now: Instant, out: &mut impl Outbox) {
         let Some((from, id, cid, topic)) = parse_q(line) else {
             return;
         };
@@ -401,13 +390,14 @@ impl Broker {
             return;
         };
         let rid = taken.flatten();
-        c.took(from, id, rid, reply);
+        c.took(from, id, rid);
         if rid.is_none() {
-            c.answer_failed(reply, reason::NO_RESPONDER);
+            c.answer_failed(from, id, reason::NO_RESPONDER);
         }
     }
 
-    /// An answer about a request this node forwarded.
+    /// A message on this node's inbox: answers to the requests it forwarded (a batch),
+    /// one of them failed, or a batch of them nobody received.
     fn on_inbox(
         &mut self,
         subject: &[u8],
@@ -418,67 +408,82 @@ impl Broker {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        let Some(id) = c.inbox_id(subject) else {
+        match c.inbox_of(subject) {
+            Some(Inbox::Answers) => {
+                for item in proto::batch_items(payload) {
+                    let Some(i) = memchr::memchr(b'\n', item) else {
+                        continue;
+                    };
+                    let id = std::str::from_utf8(&item[..i])
+                        .ok()
+                        .and_then(|s| s.parse().ok());
+                    if let Some(id) = id {
+                        self.on_answer(id, &item[i + 1..], out);
+                    }
+                }
+            }
+            Some(Inbox::Requests { node, first, last }) if no_responders => {
+                for r in c.take_out_requests_in(node, first, last) {
+                    self.stats.req_no_responder += 1;
+                    self.fail_forwarded(&r, reason::NO_RESPONDER, out);
+                }
+            }
+            Some(Inbox::One(id)) => {
+                let why = match payload.strip_prefix(b"X ") {
+                    Some(b"responder disconnected") => reason::RESPONDER_GONE,
+                    Some(_) => reason::NO_RESPONDER,
+                    None if no_responders => reason::NO_RESPONDER,
+                    None => return,
+                };
+                if let Some(r) = c.end_out_request(id) {
+                    match why {
+                        reason::RESPONDER_GONE => self.stats.req_responder_gone += 1,
+                        _ => self.stats.req_no_responder += 1,
+                    }
+                    self.fail_forwarded(&r, why, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The answer `res` (the RES as the responder's node relayed it for the requester) to
+    /// forwarded request `id`.
+    fn on_answer(&mut self, id: u64, res: &[u8], out: &mut impl Outbox) {
+        let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        if no_responders {
-            if let Some(r) = c.end_out_request(id) {
-                self.stats.req_no_responder += 1;
-                self.fail_forwarded(&r, reason::NO_RESPONDER, out);
-            }
+        let Some(r) = c.end_out_request(id) else {
+            return; // late: dropped silently (§6.5)
+        };
+        if self.cid(r.requester).map(str::as_bytes) != Some(r.cid()) {
             return;
         }
-        if let Some(why) = payload.strip_prefix(b"X ") {
-            if let Some(r) = c.end_out_request(id) {
-                let why = match why {
-                    b"responder disconnected" => reason::RESPONDER_GONE,
-                    _ => reason::NO_RESPONDER,
-                };
-                match why {
-                    reason::RESPONDER_GONE => self.stats.req_responder_gone += 1,
-                    _ => self.stats.req_no_responder += 1,
-                }
-                self.fail_forwarded(&r, why, out);
-            }
-        } else if let Some(res) = payload.strip_prefix(b"R\n") {
-            let Some(r) = c.end_out_request(id) else {
-                return; // late: dropped silently (§6.5)
-            };
-            if self.cid(r.requester) != Some(&*r.cid) {
-                return;
-            }
-            self.stats.req_answered += 1;
-            self.with_remote_message(res, |b, msg| {
-                let pkt = relay_packet(
-                    &mut b.pool,
-                    Origin::Remote,
-                    msg,
-                    &[b"rid", b"reqid"],
-                    &[(&r.reqid_name, &r.reqid_value)],
-                );
-                out.send(r.requester, &pkt);
-                b.stats.delivered_res += 1;
-            });
-        }
+        // The responder's node relayed it as the requester gets it (its ReqID set).
+        self.stats.req_answered += 1;
+        let pkt = self.packet_from(res);
+        out.send(r.requester, &pkt);
+        self.stats.delivered_res += 1;
     }
 
     /// A message for this node alone: a request, a private message, a uid, a state
     /// request or a full state.
-    fn on_node_message(
-        &mut self,
-        payload: &[u8],
-        reply: Option<&[u8]>,
-        now: Instant,
-        out: &mut impl Outbox,
-    ) {
+    fn on_node_message(&mut self, payload: &[u8], now: Instant, out: &mut impl Outbox) {
+        // Requests come in batches (consecutive ones within a pass of the sender).
+        if payload.first() == Some(&proto::BATCH) {
+            for item in proto::batch_items(payload) {
+                if item.first() != Some(&proto::BATCH) {
+                    self.on_node_message(item, now, out);
+                }
+            }
+            return;
+        }
         let (line, rest) = match memchr::memchr(b'\n', payload) {
             Some(i) => (&payload[..i], &payload[i + 1..]),
             None => (payload, &[][..]),
         };
         if let Some(q) = line.strip_prefix(b"Q ") {
-            if let Some(reply) = reply {
-                self.take_request(q, reply, rest, now, out);
-            }
+            self.take_request(q, rest, now, out);
         } else if let Some(cid) = line.strip_prefix(b"M ") {
             let to = std::str::from_utf8(cid)
                 .ok()
@@ -639,13 +644,21 @@ impl Broker {
 
 /// The words of a `Q` line: requesting node, its request id, the responder's cid (or
 /// `*`) and the target.
-fn parse_q(line: &[u8]) -> Option<(&str, u64, &str, Vec<u8>)> {
-    let line = std::str::from_utf8(line).ok()?;
-    let mut w = line.split(' ');
-    let from = w.next()?;
-    let id = w.next()?.parse().ok()?;
-    let cid = w.next()?;
-    let topic = subject::decode(w.next()?.as_bytes())?;
+fn parse_q(line: &[u8]) -> Option<(&str, u64, &str, Cow<'_, [u8]>)> {
+    let mut w = line.split(|&b| b == b' ');
+    let from = std::str::from_utf8(w.next()?).ok()?;
+    let id = std::str::from_utf8(w.next()?).ok()?.parse().ok()?;
+    let cid = std::str::from_utf8(w.next()?).ok()?;
+    let token = w.next()?;
+    if w.next().is_some() {
+        return None;
+    }
+    // Most targets are their own token (nothing escaped): no copy.
+    let topic = if !token.is_empty() && token.iter().all(|&b| subject::is_kept(b)) {
+        Cow::Borrowed(token)
+    } else {
+        Cow::Owned(subject::decode(token)?)
+    };
     Some((from, id, cid, topic))
 }
 #[cfg(test)]
@@ -947,6 +960,101 @@ mod tests {
         for b in &bus.nodes {
             b.router().check_invariants().unwrap();
         }
+    }
+
+    /// Apply `wire` (one message) on `node` without moving the bus.
+    fn apply_only(bus: &mut Bus, node: usize, conn: ConnId, wire: &str, outs: &mut [Out]) {
+        let mut d = Decoder::new(Limits::default());
+        d.feed(wire.as_bytes());
+        let Ok(Some(Decoded::Message(m))) = d.next() else {
+            panic!("bad test message {wire:?}");
+        };
+        bus.nodes[node].apply(conn, &m, Instant::now(), &mut outs[node]);
+    }
+
+    /// Move what `node` wrote through the bus; returns the PUB lines it wrote.
+    fn flush(bus: &mut Bus, node: usize, outs: &mut [Out]) -> Vec<String> {
+        let now = Instant::now();
+        bus.nodes[node].cluster_before_flush(now);
+        let bytes = bus.nodes[node].cluster.as_mut().unwrap().take_written();
+        let text = String::from_utf8_lossy(&bytes);
+        let pubs = text
+            .split("\r\n")
+            .filter(|l| l.starts_with("PUB "))
+            .map(str::to_owned)
+            .collect();
+        bus.ops(node, &bytes, now, outs);
+        pubs
+    }
+
+    #[test]
+    fn requests_and_answers_of_one_pass_cross_as_one_batch_and_an_unheard_batch_fails_whole() {
+        let mut bus = Bus::new(2);
+        let mut outs = vec![Out::new(); 2];
+        let svc = 0;
+        bus.nodes[0].connect(svc, Role::Service);
+        let cli = 0;
+        bus.nodes[1].connect(cli, Role::Client);
+        for (node, out) in bus.nodes.iter_mut().zip(outs.iter_mut()) {
+            node.cluster_tick(Instant::now(), out);
+        }
+        bus.run(&mut outs);
+        bus.apply(0, svc, "EREQ ask\r\n\r\n.\r\n", &mut outs);
+        // Three requests in one pass: one NATS message to node00.
+        for q in 1..=3 {
+            let wire = format!("REQ ask\r\nReqID: q{q}\r\n\r\nwhat {q}\r\n.\r\n");
+            apply_only(&mut bus, 1, cli, &wire, &mut outs);
+        }
+        let pubs = flush(&mut bus, 1, &mut outs);
+        let to_node: Vec<&String> = pubs.iter().filter(|l| l.contains(".node.")).collect();
+        assert_eq!(to_node.len(), 1, "{pubs:?}");
+        assert!(
+            to_node[0].starts_with("PUB mm.node.node00 mm.inbox.node01.q.node00.1.0"),
+            "{to_node:?}"
+        );
+        let reqs = take(&mut outs[0], svc);
+        assert_eq!(reqs.len(), 3, "{reqs:?}");
+        // Three answers in one pass: one NATS message back, each to its requester.
+        for (i, req) in reqs.iter().enumerate() {
+            assert!(req.contains(&format!("what {}", i + 1)), "{req}");
+            let rid = req.lines().find_map(|l| l.strip_prefix("rid: ")).unwrap();
+            let wire = format!("RES ask\r\nrid: {rid}\r\n\r\nthat {}\r\n.\r\n", i + 1);
+            apply_only(&mut bus, 0, svc, &wire, &mut outs);
+        }
+        let pubs = flush(&mut bus, 0, &mut outs);
+        let answers: Vec<&String> = pubs.iter().filter(|l| l.contains(".inbox.")).collect();
+        assert_eq!(answers.len(), 1, "{pubs:?}");
+        assert!(
+            answers[0].starts_with("PUB mm.inbox.node01.a "),
+            "{answers:?}"
+        );
+        let res = take(&mut outs[1], cli);
+        assert_eq!(res.len(), 3, "{res:?}");
+        for (i, r) in res.iter().enumerate() {
+            let q = i + 1;
+            assert!(r.contains(&format!("ReqID: q{q}\r\n")) && r.contains(&format!("that {q}")));
+        }
+        // node00 no longer subscribes its node subject (as if gone from nats-server):
+        // the batch gets the no-responders status and both its requests fail at once.
+        bus.subs.retain(|_, (p, _)| p != b"mm.node.node00");
+        for q in 4..=5 {
+            let wire = format!("REQ ask\r\nReqID: q{q}\r\n\r\n.\r\n");
+            apply_only(&mut bus, 1, cli, &wire, &mut outs);
+        }
+        flush(&mut bus, 1, &mut outs);
+        let e = take(&mut outs[1], cli);
+        assert_eq!(e.len(), 2, "{e:?}");
+        for (i, m) in e.iter().enumerate() {
+            let q = i + 4;
+            assert!(
+                m.contains("no responder") && m.contains(&format!("ReqID: q{q}")),
+                "{m}"
+            );
+        }
+        assert_eq!(
+            bus.nodes[1].cluster.as_ref().unwrap().out_request_count(),
+            0
+        );
     }
 
     #[test]

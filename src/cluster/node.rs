@@ -11,11 +11,15 @@
 //!   subscribes it while it has a local subscriber of `t` (changes coalesced per subject,
 //!   an unsubscription delayed, both written within a budget per pass).
 //! - `P.node.<N>`: `M <cid>` + a private message, `U <cid>` + a uid, `S <node>` (send
-//!   your full state to that node), `F ...` (a full state, see below), and
-//!   `Q <node> <id> <cid> <token(t)>` + a request addressed to the responder `cid` (or
-//!   `*`: any) of this node, the reply subject being `P.inbox.<node>.<id>`.
-//! - `P.inbox.<N>.>`: answers to this node's forwarded requests: `R` + the relayed RES,
-//!   `X <reason>`; or NATS's no-responders status (the node is gone).
+//!   your full state to that node), `F ...` (a full state, see below), and batches
+//!   (`+`, see [`proto::pub_batch_open`]) of `Q <node> <id> <cid> <token(t)>` + a request
+//!   addressed to the responder `cid` (or `*`: any) of this node: the requests a node
+//!   forwarded to this one one after the other within a pass, the reply subject
+//!   `P.inbox.<node>.q.<N>.<first id>.<last id>`.
+//! - `P.inbox.<N>.>`: about this node's forwarded requests: on `a`, batches of answers
+//!   (`<id>` LF the RES as the requester gets it); on `<id>`, `X <reason>` (it failed);
+//!   on a request batch's reply subject, NATS's no-responders status (the node is gone:
+//!   the batch's requests fail).
 //! - `P.ctl`: `H <node> <version> <monitors> <loadseq> <nonce> <name>` every second,
 //!   `E <node> <version> <kind> <0|1> <token>` on every change of the node's enablements,
 //!   `F <node> <version>` and a line `<kind> <token>` per enablement (the full state),
@@ -30,7 +34,11 @@
 //! count being what its node last announced plus what this node forwarded to it since
 //! (the `seen` of an `L` tells which of this node's forwards its counts include).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+// foldhash, not SipHash: these maps are looked up per forwarded request and per backplane
+// message (SipHash was ~6% of a requester node's time); keys come from this node or
+// from other nodes of the cluster, which are trusted.
+use foldhash::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +49,37 @@ use crate::router::{ConnId, Enable};
 /// The requester recorded for a request another node forwarded here (its answer goes
 /// back over the backplane, not to a connection).
 pub const REMOTE: ConnId = usize::MAX;
+
+/// What a batch on the data lane carries (consecutive operations of one kind and key
+/// within a pass go out as one NATS message: nats-server's cost is per message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// PUBs of one topic, on `P.pub.<token>`.
+    Pub,
+    /// Requests forwarded to one node, on `P.node.<N>`.
+    Req,
+    /// Answers to requests taken from one node, on `P.inbox.<N>.a`.
+    Ans,
+}
+
+/// Digits of the last id in a request batch's reply subject (any u64 fits).
+const ID_DIGITS: usize = 20;
+
+/// A subject under this node's inbox ([`Cluster::inbox_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbox<'s> {
+    /// `<id>`: about one forwarded request (`X <reason>`: it failed).
+    One(u64),
+    /// `a`: a batch of answers, items `<id>` LF RES.
+    Answers,
+    /// `q.<node>.<first>.<last>`: the reply subject of a batch of requests forwarded to
+    /// `node` (only nats-server's no-responders status comes here).
+    Requests {
+        node: &'s str,
+        first: u64,
+        last: u64,
+    },
+}
 
 /// Why a message for other nodes was not sent (`middleman_cluster_dropped_total{reason}`).
 pub const DROP_REASONS: [&str; 4] = ["disconnected", "buffer_full", "too_large", "control_full"];
@@ -178,14 +217,17 @@ struct Node {
 /// A responder on another node, as its node announced it.
 #[derive(Debug)]
 struct RemoteResp {
-    node: Box<str>,
-    cid: Box<str>,
+    node: Rc<str>,
+    cid: Rc<str>,
     /// Requests in flight, as announced.
     announced: u32,
     /// This node's forwards to it that the announcement did not count yet.
     extra: u32,
     /// Ids of this node's forwards to it not yet ended.
-    ids: BTreeSet<u64>,
+    /// Ascending (ids only grow, so a new one goes at the back; answers come roughly in
+    /// order, so an ended one is near the front): a B-tree's search was 12% of a
+    /// requester node's time here.
+    ids: VecDeque<u64>,
 }
 
 impl RemoteResp {
@@ -197,26 +239,74 @@ impl RemoteResp {
 /// A request this node sent to other nodes.
 #[derive(Debug)]
 pub struct OutReq {
-    /// The requesting connection and its cid (the slab key may be reused).
+    /// The requesting connection (its cid in `text`: the slab key may be reused).
     pub requester: ConnId,
-    pub cid: Box<str>,
-    /// The requester's `ReqID` header, name as spelled and value.
-    pub reqid_name: Box<[u8]>,
-    pub reqid_value: Box<[u8]>,
-    /// The target.
-    pub target: Box<[u8]>,
     pub deadline: Instant,
     /// The node it is addressed to and the responder chosen there (`*`: any).
-    pub node: Box<str>,
-    pub responder: Box<str>,
+    pub node: Rc<str>,
+    pub responder: Rc<str>,
+    /// The requester's cid, its `ReqID` header (name as spelled, value) and the target,
+    /// one after the other in one allocation (one per request, not four), and where the
+    /// first three end.
+    text: Box<[u8]>,
+    ends: [u32; 3],
+}
+
+impl OutReq {
+    /// A request of `requester` (whose cid is `cid`) with `ReqID` header `reqid` (name
+    /// and value) to `target`, addressed to `responder` of `node`.
+    pub fn new(
+        requester: ConnId,
+        cid: &str,
+        reqid: (&[u8], &[u8]),
+        target: &[u8],
+        deadline: Instant,
+        node: Rc<str>,
+        responder: Rc<str>,
+    ) -> OutReq {
+        let text = [cid.as_bytes(), reqid.0, reqid.1, target].concat();
+        // Each part is within a message's limits (far below 4 GiB).
+        let a = cid.len() as u32;
+        let b = a + reqid.0.len() as u32;
+        let c = b + reqid.1.len() as u32;
+        OutReq {
+            requester,
+            deadline,
+            node,
+            responder,
+            text: text.into(),
+            ends: [a, b, c],
+        }
+    }
+
+    fn part(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        let end = self.ends.get(i).map_or(self.text.len(), |&e| e as usize);
+        &self.text[start..end]
+    }
+
+    /// The requester's cid.
+    pub fn cid(&self) -> &[u8] {
+        self.part(0)
+    }
+
+    /// The requester's `ReqID` header: name as spelled, value.
+    pub fn reqid(&self) -> (&[u8], &[u8]) {
+        (self.part(1), self.part(2))
+    }
+
+    /// The target.
+    pub fn target(&self) -> &[u8] {
+        self.part(3)
+    }
 }
 
 /// Where a forwarded request goes: a node and a responder of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Choice {
-    pub node: Box<str>,
+    pub node: Rc<str>,
     /// The responder's cid, or `*` (the node picks).
-    pub responder: Box<str>,
+    pub responder: Rc<str>,
     /// Its requests in flight as estimated here (`u32::MAX`: unknown).
     pub load: u32,
 }
@@ -334,10 +424,11 @@ pub struct Cluster {
     out_order: VecDeque<(Instant, u64)>,
     out_by_conn: HashMap<ConnId, HashSet<u64>>,
     next_out: u64,
-    /// Requests taken from other nodes: local rid -> reply subject.
-    in_reqs: HashMap<u64, Box<[u8]>>,
+    /// Requests taken from other nodes: local rid -> the requester's node and its id
+    /// there.
+    in_reqs: HashMap<u64, (Rc<str>, u64)>,
     /// The highest forwarded-request id taken from each other node.
-    taken_from: HashMap<Box<str>, u64>,
+    taken_from: HashMap<Rc<str>, u64>,
     last_heartbeat: Option<Instant>,
     /// Counters.
     pub stats: ClusterStats,
@@ -345,8 +436,13 @@ pub struct Cluster {
     subj: Vec<u8>,
     /// The topic whose batch of PUBs is the last data operation (while the lanes keep it
     /// open), and its payload's size so far.
-    open_pub: Option<Vec<u8>>,
-    open_pub_len: usize,
+    /// The batch that is the last data operation (while the lanes keep it open): its
+    /// kind, key (topic, or node) and payload size so far.
+    open_kind: Option<Batch>,
+    open_key: Vec<u8>,
+    open_len: usize,
+    /// Scratch for the head of a batch item.
+    head: Vec<u8>,
     /// `P.pub.` and `P.inbox.<N>.`, for reading subjects of incoming messages.
     pub_prefix: Box<[u8]>,
     inbox_prefix: Box<[u8]>,
@@ -435,30 +531,32 @@ impl Cluster {
             max_payload: 1 << 20,
             peer: String::new(),
             next_sid: 1,
-            sids: HashMap::new(),
-            pub_sids: HashMap::new(),
+            sids: HashMap::default(),
+            pub_sids: HashMap::default(),
             sub_queue: KeyedQueue::default(),
             unsub_later: KeyedQueue::default(),
             mon_sids: None,
-            nodes: HashMap::new(),
-            remote_enabled: HashMap::new(),
-            remote_resps: HashMap::new(),
+            nodes: HashMap::default(),
+            remote_enabled: HashMap::default(),
+            remote_resps: HashMap::default(),
             remote_resp_count: 0,
             rr: 0,
             version: 0,
             load_seq: 0,
             last_load: None,
-            out_reqs: HashMap::new(),
+            out_reqs: HashMap::default(),
             out_order: VecDeque::new(),
-            out_by_conn: HashMap::new(),
+            out_by_conn: HashMap::default(),
             next_out: 1,
-            in_reqs: HashMap::new(),
-            taken_from: HashMap::new(),
+            in_reqs: HashMap::default(),
+            taken_from: HashMap::default(),
             last_heartbeat: None,
             stats: ClusterStats::default(),
             subj: Vec::new(),
-            open_pub: None,
-            open_pub_len: 0,
+            open_kind: None,
+            open_key: Vec::new(),
+            open_len: 0,
+            head: Vec::new(),
             pub_prefix,
             inbox_prefix,
             remote_events: 0,
@@ -724,39 +822,78 @@ impl Cluster {
     /// ([`proto::pub_batch_open`]): nats-server's cost is per message, and at 64 bytes it
     /// was half of what a message to a subscriber on another node cost.
     pub fn publish_pub(&mut self, target: &[u8], payload: &[u8]) {
-        let cost = proto::batch_item_cost(payload, false);
+        self.batch(Batch::Pub, target, None, b"", payload);
+    }
+
+    /// Add the item `head` + `payload` to the open batch of `kind` for `key` (see
+    /// [`Batch`]), or open one. `first_id`: the item's request id (requests: the reply
+    /// subject names the batch's first and last). False if it was dropped (counted).
+    fn batch(
+        &mut self,
+        kind: Batch,
+        key: &[u8],
+        first_id: Option<u64>,
+        head: &[u8],
+        payload: &[u8],
+    ) -> bool {
+        let len = head.len() + payload.len();
+        let cost = proto::batch_item_cost(len, false);
         if self.connected
-            && self.open_pub.as_deref() == Some(target)
-            && self.open_pub_len + cost <= self.max_payload.min(proto::MAX_BATCH)
+            && self.open_kind == Some(kind)
+            && self.open_key == key
+            && self.open_len + cost <= self.max_payload.min(proto::MAX_BATCH)
             && self.lanes.pending() + cost <= self.settings.data_bound()
-            && self
-                .lanes
-                .extend_open(|b, at| proto::pub_batch_extend(b, at, payload))
+            && self.lanes.extend_open(|b, at| {
+                proto::pub_batch_extend(b, at, &[head, payload]);
+                if let Some(id) = first_id {
+                    // The reply's last id, right before the size.
+                    proto::write_padded(&mut b[at - 1 - ID_DIGITS..at - 1], id);
+                }
+            })
         {
-            self.open_pub_len += cost;
+            self.open_len += cost;
             self.stats.messages_out += 1;
-            return;
+            return true;
         }
-        let s = self.subject(&[b"pub"], Some(target));
-        let first = proto::batch_item_cost(payload, true);
-        if first > self.max_payload {
+        self.open_kind = None;
+        let s = match kind {
+            Batch::Pub => self.subject(&[b"pub"], Some(key)),
+            Batch::Req => self.subject(&[b"node", key], None),
+            Batch::Ans => self.subject(&[b"inbox", key, b"a"], None),
+        };
+        // Requests: `P.inbox.<N>.q.<node>.<first>.<last>` (the last zero-padded, written
+        // again as the batch grows), where nats-server's no-responders status comes.
+        let mut reply = Vec::new();
+        if let Some(id) = first_id {
+            reply.extend_from_slice(&self.inbox_prefix);
+            reply.extend_from_slice(b"q.");
+            reply.extend_from_slice(key);
+            reply.extend_from_slice(format!(".{id}.").as_bytes());
+            let at = reply.len();
+            reply.resize(at + ID_DIGITS, b'0');
+            proto::write_padded(&mut reply[at..], id);
+        }
+        let reply = first_id.map(|_| &reply[..]);
+        let first = proto::batch_item_cost(len, true);
+        let ok = if first > self.max_payload {
             // Fits only alone (just under the limit) or not at all: as any data.
-            self.open_pub = None;
-            self.publish_data(&s, None, b"", payload);
-        } else if self.data_room(first, s.len() + 32)
+            self.publish_data(&s, reply, head, payload)
+        } else if self.data_room(first, s.len() + reply.map_or(0, <[u8]>::len) + 32)
             && self
                 .lanes
-                .push_data_open(|b| proto::pub_batch_open(b, &s, payload).ok())
+                .push_data_open(|b| proto::pub_batch_open(b, &s, reply, &[head, payload]).ok())
         {
             self.stats.messages_out += 1;
-            let t = self.open_pub.get_or_insert_with(Vec::new);
-            t.clear();
-            t.extend_from_slice(target);
-            self.open_pub_len = first;
+            self.open_kind = Some(kind);
+            self.open_key.clear();
+            self.open_key.extend_from_slice(key);
+            self.open_len = first;
+            true
         } else {
-            self.open_pub = None;
-        }
+            false
+        };
         self.done_subject(s);
+        ok
     }
 
     /// Send a private message to the node owning `cid`.
@@ -782,14 +919,25 @@ impl Cluster {
         }
     }
 
-    /// Answer a request taken from another node, on its reply subject: the RES as data.
-    pub fn answer(&mut self, reply: &[u8], payload: &[u8]) {
-        self.publish_data(reply, None, b"R\n", payload);
+    /// Answer request `id` taken from `node`: the RES as data, batched with the other
+    /// answers to that node that follow it (`P.inbox.<node>.a`, items `<id>` LF RES).
+    pub fn answer(&mut self, node: &str, id: u64, payload: &[u8]) {
+        let mut digits = [0u8; 20];
+        let mut head = std::mem::take(&mut self.head);
+        head.clear();
+        head.extend_from_slice(crate::protocol::encode::fmt_u64(id, &mut digits));
+        head.push(b'\n');
+        self.batch(Batch::Ans, node.as_bytes(), None, &head, payload);
+        self.head = head;
     }
 
-    /// Fail a request taken from another node, on its reply subject (control).
-    pub fn answer_failed(&mut self, reply: &[u8], why: &str) {
-        self.publish_ctl(reply, b"X ", why.as_bytes(), Ctl::Other);
+    /// Fail request `id` taken from `node`, on `P.inbox.<node>.<id>` (control).
+    pub fn answer_failed(&mut self, node: &str, id: u64, why: &str) {
+        let mut digits = [0u8; 20];
+        let id = crate::protocol::encode::fmt_u64(id, &mut digits);
+        let s = self.subject(&[b"inbox", node.as_bytes(), id], None);
+        self.publish_ctl(&s, b"X ", why.as_bytes(), Ctl::Other);
+        self.done_subject(s);
     }
 
     // ------------------------------------------------------------------ interest
@@ -1069,13 +1217,13 @@ impl Cluster {
         for (cid, announced) in resps {
             let ids = old
                 .iter_mut()
-                .find(|o| o.cid == cid)
+                .find(|o| *o.cid == *cid)
                 .map(|o| std::mem::take(&mut o.ids))
                 .unwrap_or_default();
-            let extra = ids.range(seen_mine + 1..).count() as u32;
+            let extra = (ids.len() - ids.partition_point(|&x| x <= seen_mine)) as u32;
             list.push(RemoteResp {
                 node: node.into(),
-                cid,
+                cid: cid.into(),
                 announced,
                 extra,
                 ids,
@@ -1127,7 +1275,7 @@ impl Cluster {
             .map(|(id, _)| id)
             .collect();
         ids.sort();
-        let node = (*ids.get(self.rr % ids.len().max(1))?).clone();
+        let node: Rc<str> = Rc::from(&***ids.get(self.rr % ids.len().max(1))?);
         self.rr = self.rr.wrapping_add(1);
         Some(Choice {
             node,
@@ -1285,9 +1433,9 @@ impl Cluster {
                 version: None,
                 load_seq: None,
                 monitors: false,
-                enabled: HashSet::new(),
+                enabled: HashSet::default(),
                 seen_mine: 0,
-                load_targets: HashSet::new(),
+                load_targets: HashSet::default(),
             }
         });
         n.last_heard = now;
@@ -1425,7 +1573,7 @@ impl Cluster {
     }
 
     fn on_full_state(&mut self, node: &str, version: u64, lines: &[u8], now: Instant) {
-        let mut set = HashSet::new();
+        let mut set = HashSet::default();
         for l in lines.split(|&b| b == b'\n') {
             if l.len() < 3 || l[1] != b' ' || kind_of(l[0]).is_none() {
                 continue;
@@ -1494,7 +1642,7 @@ impl Cluster {
 
     /// Record a request about to be forwarded to `to`; returns its id and reply subject,
     /// or `None` when the requester has too many in flight across the cluster already.
-    pub fn start_out_request(&mut self, r: OutReq, max_per_conn: usize) -> Option<(u64, Vec<u8>)> {
+    pub fn start_out_request(&mut self, r: OutReq, max_per_conn: usize) -> Option<u64> {
         let mine = self.out_by_conn.entry(r.requester).or_default();
         if mine.len() >= max_per_conn {
             return None;
@@ -1502,18 +1650,17 @@ impl Cluster {
         let id = self.next_out;
         self.next_out += 1;
         mine.insert(id);
-        let seen = self.nodes.get(&r.node).map_or(0, |n| n.seen_mine);
-        let (target, node, cid) = (r.target.clone(), r.node.clone(), r.responder.clone());
-        if let Some(rr) = self.remote_resp_mut(&target, &node, &cid) {
-            rr.ids.insert(id);
+        let seen = self.nodes.get(&*r.node).map_or(0, |n| n.seen_mine);
+        if let Some(rr) = self.remote_resp_mut(r.target(), &r.node, &r.responder) {
+            debug_assert!(rr.ids.back().is_none_or(|&last| last < id));
+            rr.ids.push_back(id);
             if id > seen {
                 rr.extra += 1;
             }
         }
         self.out_order.push_back((r.deadline, id));
         self.out_reqs.insert(id, r);
-        let reply = format!("{}.inbox.{}.{id}", self.settings.name, self.node).into_bytes();
-        Some((id, reply))
+        Some(id)
     }
 
     /// Requests `conn` has in flight toward other nodes.
@@ -1521,19 +1668,28 @@ impl Cluster {
         self.out_by_conn.get(&conn).map_or(0, HashSet::len)
     }
 
-    /// Forward a request (after [`Cluster::start_out_request`]) to its node. False if
-    /// it could not be sent (then it is ended).
-    pub fn send_request(&mut self, id: u64, reply: &[u8], payload: &[u8]) -> bool {
+    /// Forward a request (after [`Cluster::start_out_request`]) to its node, batched
+    /// with the requests to that node that follow it: `Q <node> <id> <cid> <token>` LF
+    /// the REQ, per item. False if it could not be sent (then it is ended).
+    pub fn send_request(&mut self, id: u64, payload: &[u8]) -> bool {
         let Some(r) = self.out_reqs.get(&id) else {
             return false;
         };
-        let mut head = format!("Q {} {id} {} ", self.node, r.responder).into_bytes();
-        subject::encode(&r.target, &mut head);
+        let mut digits = [0u8; 20];
+        let mut head = std::mem::take(&mut self.head);
+        head.clear();
+        head.extend_from_slice(b"Q ");
+        head.extend_from_slice(self.node.as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(crate::protocol::encode::fmt_u64(id, &mut digits));
+        head.push(b' ');
+        head.extend_from_slice(r.responder.as_bytes());
+        head.push(b' ');
+        subject::encode(r.target(), &mut head);
         head.push(b'\n');
-        let node = r.node.clone();
-        let s = self.subject(&[b"node", node.as_bytes()], None);
-        let ok = self.publish_data(&s, Some(reply), &head, payload);
-        self.done_subject(s);
+        let node = Rc::clone(&r.node);
+        let ok = self.batch(Batch::Req, node.as_bytes(), Some(id), &head, payload);
+        self.head = head;
         if !ok {
             self.end_out_request(id);
         }
@@ -1549,9 +1705,10 @@ impl Cluster {
                 self.out_by_conn.remove(&r.requester);
             }
         }
-        let seen = self.nodes.get(&r.node).map_or(0, |n| n.seen_mine);
-        if let Some(rr) = self.remote_resp_mut(&r.target, &r.node, &r.responder) {
-            if rr.ids.remove(&id) && id > seen {
+        let seen = self.nodes.get(&*r.node).map_or(0, |n| n.seen_mine);
+        if let Some(rr) = self.remote_resp_mut(r.target(), &r.node, &r.responder) {
+            let found = rr.ids.binary_search(&id).ok();
+            if found.and_then(|i| rr.ids.remove(i)).is_some() && id > seen {
                 rr.extra = rr.extra.saturating_sub(1);
             }
         }
@@ -1613,25 +1770,70 @@ impl Cluster {
 
     /// A request forwarded by `from` (its id there `id`) was taken here under local
     /// `rid` (or not: `rid` is `None`); the next load announcement counts it as seen.
-    pub fn took(&mut self, from: &str, id: u64, rid: Option<u64>, reply: &[u8]) {
-        if let Some(rid) = rid {
-            self.in_reqs.insert(rid, reply.into());
-        }
-        if self.nodes.contains_key(from) {
-            let seen = self.taken_from.entry(from.into()).or_insert(0);
+    pub fn took(&mut self, from: &str, id: u64, rid: Option<u64>) {
+        let name = match self.taken_from.get_key_value(from) {
+            Some((name, _)) => Some(Rc::clone(name)),
+            None if self.nodes.contains_key(from) => {
+                let name: Rc<str> = from.into();
+                self.taken_from.insert(Rc::clone(&name), 0);
+                Some(name)
+            }
+            None => None,
+        };
+        if let Some(seen) = self.taken_from.get_mut(from) {
             *seen = (*seen).max(id);
+        }
+        if let Some(rid) = rid {
+            let name = name.unwrap_or_else(|| from.into());
+            self.in_reqs.insert(rid, (name, id));
         }
     }
 
-    /// The reply subject of a request taken from another node (ending it here).
-    pub fn end_in_request(&mut self, rid: u64) -> Option<Box<[u8]>> {
+    /// The node and id of a request taken from another node (ending it here).
+    pub fn end_in_request(&mut self, rid: u64) -> Option<(Rc<str>, u64)> {
         self.in_reqs.remove(&rid)
     }
 
-    /// The inbox id of a subject `P.inbox.<N>.<id>`.
-    pub fn inbox_id(&self, subject: &[u8]) -> Option<u64> {
+    /// What a subject under this node's inbox (`P.inbox.<N>.`) is.
+    pub fn inbox_of<'s>(&self, subject: &'s [u8]) -> Option<Inbox<'s>> {
         let rest = subject.strip_prefix(&*self.inbox_prefix)?;
-        std::str::from_utf8(rest).ok()?.parse().ok()
+        if rest == b"a" {
+            return Some(Inbox::Answers);
+        }
+        let rest = std::str::from_utf8(rest).ok()?;
+        if let Some(q) = rest.strip_prefix("q.") {
+            let mut w = q.split('.');
+            let (node, first, last) = (w.next()?, w.next()?, w.next()?);
+            if w.next().is_some() {
+                return None;
+            }
+            return Some(Inbox::Requests {
+                node,
+                first: first.parse().ok()?,
+                last: last.parse().ok()?,
+            });
+        }
+        rest.parse().ok().map(Inbox::One)
+    }
+
+    /// Requests forwarded to `node` with ids from `first` to `last` (a batch nobody
+    /// received): ended and returned, oldest first. Bounded by what is in flight
+    /// whatever the range says.
+    pub fn take_out_requests_in(&mut self, node: &str, first: u64, last: u64) -> Vec<OutReq> {
+        let mut ids: Vec<u64> = if last.saturating_sub(first) < self.out_reqs.len() as u64 {
+            (first..=last).collect()
+        } else {
+            self.out_reqs
+                .keys()
+                .copied()
+                .filter(|id| (first..=last).contains(id))
+                .collect()
+        };
+        ids.retain(|id| self.out_reqs.get(id).is_some_and(|r| &*r.node == node));
+        ids.sort_unstable();
+        ids.into_iter()
+            .filter_map(|id| self.end_out_request(id))
+            .collect()
     }
 
     /// The topic of a subject `P.pub.<token>`.
@@ -1679,16 +1881,15 @@ mod tests {
     }
 
     fn out_req(requester: ConnId, target: &[u8], node: &str, responder: &str) -> OutReq {
-        OutReq {
+        OutReq::new(
             requester,
-            cid: format!("aaaaaa{requester}").into(),
-            reqid_name: b"ReqID"[..].into(),
-            reqid_value: b"1"[..].into(),
-            target: target.into(),
-            deadline: Instant::now() + Duration::from_secs(30),
-            node: node.into(),
-            responder: responder.into(),
-        }
+            &format!("aaaaaa{requester}"),
+            (b"ReqID", b"1"),
+            target,
+            Instant::now() + Duration::from_secs(30),
+            node.into(),
+            responder.into(),
+        )
     }
 
     #[test]
@@ -1766,7 +1967,18 @@ mod tests {
             "{w}"
         );
         assert!(w.contains("J cccccc"), "{w}");
-        assert_eq!(a.inbox_id(b"mm.inbox.cccccc.5"), Some(5));
+        assert_eq!(a.inbox_of(b"mm.inbox.cccccc.5"), Some(Inbox::One(5)));
+        assert_eq!(a.inbox_of(b"mm.inbox.cccccc.a"), Some(Inbox::Answers));
+        assert_eq!(
+            a.inbox_of(b"mm.inbox.cccccc.q.bbbbbb.3.00000000000000000009"),
+            Some(Inbox::Requests {
+                node: "bbbbbb",
+                first: 3,
+                last: 9
+            })
+        );
+        assert_eq!(a.inbox_of(b"mm.inbox.cccccc.q.bbbbbb.3.9.1"), None);
+        assert_eq!(a.inbox_of(b"mm.inbox.aaaaaa.5"), None);
     }
 
     /// The NATS PUBs in `wire`: (subject, payload).
@@ -1974,14 +2186,29 @@ mod tests {
         a.on_ctl(b"L bbbbbb 1 1 -\nwork bbbbbb1=0 bbbbbb2=0\n", now);
         assert_eq!(a.remote_responders(), 2);
         let mut to = Vec::new();
+        text(&mut a);
         for i in 0..6 {
             let c = a.choose_remote(b"work").unwrap();
             to.push(c.responder.to_string());
-            let (id, _) = a
+            let id = a
                 .start_out_request(out_req(i, b"work", &c.node, &c.responder), 10)
                 .unwrap();
-            assert!(a.send_request(id, b"mm.inbox.aaaaaa.1", b"x"));
+            assert!(a.send_request(id, b"x"));
         }
+        // The six cross as one batch, its reply naming the node, first and last id.
+        let w = a.take_written();
+        let line_end = w.windows(2).position(|x| x == b"\r\n").unwrap();
+        assert_eq!(
+            std::str::from_utf8(&w[..line_end]).unwrap(),
+            format!(
+                "PUB mm.node.bbbbbb mm.inbox.aaaaaa.q.bbbbbb.1.00000000000000000006 {:08}",
+                w.len() - line_end - 4
+            )
+        );
+        let items: Vec<&[u8]> = proto::batch_items(&w[line_end + 2..w.len() - 2]).collect();
+        assert_eq!(items.len(), 6);
+        assert!(items[0].starts_with(b"Q aaaaaa 1 bbbbbb"), "{:?}", items[0]);
+        assert!(items[5].starts_with(b"Q aaaaaa 6 bbbbbb") && items[5].ends_with(b" work\nx"));
         to.sort();
         assert_eq!(
             to,

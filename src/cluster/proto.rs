@@ -923,17 +923,20 @@ const BATCH_SIZE_DIGITS: usize = 8;
 /// Largest batch payload (what 8 digits hold).
 pub const MAX_BATCH: usize = 99_999_999;
 
-/// `PUB <subject> <size>` CRLF, a batch of one `item`, CRLF, the size zero-padded so
-/// [`pub_batch_extend`] can add items. Returns where the size digits are in `buf`.
+/// `PUB <subject> [reply] <size>` CRLF, a batch of one item (the concatenation of
+/// `item`'s parts), CRLF, the size zero-padded so [`pub_batch_extend`] can add items.
+/// Returns where the size digits are in `buf` (a reply's last bytes end one byte before).
 pub fn pub_batch_open(
     buf: &mut Vec<u8>,
     subject: &[u8],
-    item: &[u8],
+    reply: Option<&[u8]>,
+    item: &[&[u8]],
 ) -> Result<usize, EncodeError> {
-    check_pub_subjects(subject, None)?;
-    buf.reserve(subject.len() + item.len() + 24);
+    check_pub_subjects(subject, reply)?;
+    let len: usize = item.iter().map(|p| p.len()).sum();
+    buf.reserve(subject.len() + reply.map_or(0, <[u8]>::len) + len + 24);
     buf.extend_from_slice(b"PUB ");
-    subject_and_reply(buf, subject, None);
+    subject_and_reply(buf, subject, reply);
     let at = buf.len();
     buf.extend_from_slice(&[b'0'; BATCH_SIZE_DIGITS]);
     buf.extend_from_slice(b"\r\n");
@@ -943,26 +946,34 @@ pub fn pub_batch_open(
     Ok(at)
 }
 
-/// Add `item` to the batch whose PUB [`pub_batch_open`] wrote with its size at `at`; that
-/// PUB must end `buf`. The caller keeps the payload within [`MAX_BATCH`] and nats-server's
-/// `max_payload`.
-pub fn pub_batch_extend(buf: &mut Vec<u8>, at: usize, item: &[u8]) {
+/// Add an item (the concatenation of `item`'s parts) to the batch whose PUB
+/// [`pub_batch_open`] wrote with its size at `at`; that PUB must end `buf`. The caller
+/// keeps the payload within [`MAX_BATCH`] and nats-server's `max_payload`.
+pub fn pub_batch_extend(buf: &mut Vec<u8>, at: usize, item: &[&[u8]]) {
     buf.truncate(buf.len() - 2); // the CRLF after the payload
-    buf.extend_from_slice(&(item.len() as u32).to_be_bytes());
-    buf.extend_from_slice(item);
+    let len: usize = item.iter().map(|p| p.len()).sum();
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    for p in item {
+        buf.extend_from_slice(p);
+    }
     let size = buf.len() - (at + BATCH_SIZE_DIGITS + 2);
     buf.extend_from_slice(b"\r\n");
-    let mut n = size;
-    for d in buf[at..at + BATCH_SIZE_DIGITS].iter_mut().rev() {
+    write_padded(&mut buf[at..at + BATCH_SIZE_DIGITS], size as u64);
+}
+
+/// Write `n` in decimal over `digits`, zero-padded (the high digits cut if it does not
+/// fit: callers size the field for their largest value).
+pub fn write_padded(digits: &mut [u8], mut n: u64) {
+    for d in digits.iter_mut().rev() {
         *d = b'0' + (n % 10) as u8;
         n /= 10;
     }
 }
 
-/// Bytes a batch of one `item` adds to the payload ([`pub_batch_open`]), or one more
-/// item to a batch ([`pub_batch_extend`]).
-pub fn batch_item_cost(item: &[u8], first: bool) -> usize {
-    item.len() + 4 + usize::from(first)
+/// Bytes a batch of one item of `len` bytes adds to the payload ([`pub_batch_open`]), or
+/// one more item to a batch ([`pub_batch_extend`]).
+pub fn batch_item_cost(len: usize, first: bool) -> usize {
+    len + 4 + usize::from(first)
 }
 
 /// The messages of a payload received on a `pub` subject: the items of a batch, or the
@@ -1178,9 +1189,9 @@ mod tests {
     fn a_batch_grows_in_place_and_splits_back_into_its_items() {
         let mut buf = b"PING\r\n".to_vec();
         let items: [&[u8]; 4] = [b"MSG a\r\n\r\none\r\n.\r\n", b"", b"+x", &[7; 300]];
-        let at = pub_batch_open(&mut buf, b"mm.pub.a", items[0]).unwrap();
+        let at = pub_batch_open(&mut buf, b"mm.pub.a", None, &[items[0]]).unwrap();
         for it in &items[1..] {
-            pub_batch_extend(&mut buf, at, it);
+            pub_batch_extend(&mut buf, at, &[it]);
         }
         // What nats-server reads: the size, then exactly that many payload bytes.
         let text = &buf[6..];
@@ -1193,7 +1204,7 @@ mod tests {
         let cost: usize = items
             .iter()
             .enumerate()
-            .map(|(i, it)| batch_item_cost(it, i == 0))
+            .map(|(i, it)| batch_item_cost(it.len(), i == 0))
             .sum();
         assert_eq!(size, cost);
         assert_eq!(batch_items(payload).collect::<Vec<_>>(), items.to_vec());

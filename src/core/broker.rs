@@ -831,31 +831,30 @@ impl Broker {
         to: Choice,
         out: &mut impl Outbox,
     ) -> bool {
-        let Some(cid) = self.cid(from).map(Box::<str>::from) else {
+        let Some(cid) = self.cid(from) else {
             return false;
         };
-        let r = OutReq {
-            requester: from,
+        let r = OutReq::new(
+            from,
             cid,
-            reqid_name: reqid.0.into(),
-            reqid_value: reqid.1.into(),
-            target: msg.target.into(),
+            reqid,
+            msg.target,
             deadline,
-            node: to.node,
-            responder: to.responder,
-        };
+            to.node,
+            to.responder,
+        );
         let max = self.settings.max_pending_requests;
         let Some(c) = self.cluster.as_mut() else {
             return false;
         };
-        let Some((id, reply)) = c.start_out_request(r, max) else {
+        let Some(id) = c.start_out_request(r, max) else {
             return false;
         };
         let pkt = self.relay_packet(from, msg, &[b"rid"], &[]);
         let Some(c) = self.cluster.as_mut() else {
             return false;
         };
-        if !c.send_request(id, &reply, pkt.payload()) {
+        if !c.send_request(id, pkt.payload()) {
             return false;
         }
         // Monitors here and on other nodes see it once, from this node (the node that
@@ -887,9 +886,14 @@ impl Broker {
         };
         self.stats.req_answered += 1;
         if p.requester == REMOTE {
-            // Taken from another node: the answer goes back to it, which sets the
-            // requester's ReqID.
-            let pkt = self.relay_packet(from, msg, &[b"rid", b"reqid"], &[]);
+            // Taken from another node: the answer goes back to it as the requester
+            // gets it (with its ReqID), which that node passes on as it is.
+            let pkt = self.relay_packet(
+                from,
+                msg,
+                &[b"rid", b"reqid"],
+                &[(p.reqid_name(), p.reqid_value())],
+            );
             self.answer_remote(rid, pkt.payload());
             self.copy_to_monitors(&pkt, &[], out);
             if let Some(c) = self.cluster.as_mut() {
