@@ -410,6 +410,8 @@ impl Broker {
         };
         match c.inbox_of(subject) {
             Some(Inbox::Answers) => {
+                let n = proto::batch_items(payload).count() as u64;
+                c.stats.messages_in += n.max(1) - 1;
                 for item in proto::batch_items(payload) {
                     let Some(i) = memchr::memchr(b'\n', item) else {
                         continue;
@@ -471,10 +473,15 @@ impl Broker {
     fn on_node_message(&mut self, payload: &[u8], now: Instant, out: &mut impl Outbox) {
         // Requests come in batches (consecutive ones within a pass of the sender).
         if payload.first() == Some(&proto::BATCH) {
+            let mut n = 0;
             for item in proto::batch_items(payload) {
                 if item.first() != Some(&proto::BATCH) {
                     self.on_node_message(item, now, out);
                 }
+                n += 1;
+            }
+            if let Some(c) = self.cluster.as_mut() {
+                c.stats.messages_in += n.max(1) - 1;
             }
             return;
         }
