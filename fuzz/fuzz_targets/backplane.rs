@@ -1,7 +1,8 @@
 //! A cluster node's broker fed a random mix of local commands, clock ticks, backplane
 //! connects and losses, and messages "from nats-server" for any of its subscriptions:
 //! well-formed ones of every kind (heartbeats, enablements, full states, forwarded
-//! requests, answers, private messages, uids, no-responders statuses) with fuzzed fields,
+//! requests, answers, batches of either, private messages, uids, no-responders statuses,
+//! on single requests and on batches, one with the widest id range) with fuzzed fields,
 //! and raw bytes. nats-server is a network peer: nothing it sends may panic the node.
 //! After every step the routing tables hold their invariants (a request taken from
 //! another node included), every packet goes to a connected connection, and the bytes
@@ -64,7 +65,7 @@ const WHOM: [&str; 6] = ["node021", "fuzz011", "fuzz012", "zzzz991", "Bad!", "no
 /// (another's `MSG:`, a `SYS:` event topic): `on_remote_int` does not refuse what the
 /// sending node's `INT SUB/UNS` refuses. The template below sends the first.
 /// Payload templates for backplane messages; `{}` takes fuzzed bytes.
-const PAYLOADS: [&str; 46] = [
+const PAYLOADS: [&str; 50] = [
     "H node02 {} 1 0 5 -",
     "H node02 1 0 {} 5 name-{}",
     "H fuzz01 0 0 0 {} -",
@@ -115,8 +116,14 @@ const PAYLOADS: [&str; 46] = [
     "{\"name\":\"c{}\",\"num_pending\":{},\"delivered\":{\"consumer_seq\":{},\"stream_seq\":{}}}",
     "{\"stream\":\"MM_mm\",\"seq\":{}}",
     "PUB h.x\r\ncid: node021\r\nuid: \r\n\r\n{}\r\n.\r\n",
+    // Batches (`+`, 4-byte lengths): of requests on the node subject, of answers
+    // (`<id>` LF RES) on `inbox.<N>.a`.
+    "+\0\0\0\x45Q node02 {} * a\nREQ a\r\nReqID: x\r\ncid: node021\r\nuid: \r\n\r\nq\r\n.\r\n{}",
+    "+{}",
+    "{}\nRES a\r\nReqID: {}\r\ncid: node021\r\n\r\nok\r\n.\r\n",
+    "+\0\0\0\x28{}\nRES a\r\nReqID: x\r\ncid: node021\r\n\r\nok\r\n.\r\n{}",
 ];
-const SUBJECTS: [&str; 16] = [
+const SUBJECTS: [&str; 20] = [
     "mm.js.fuzz01.api.1",
     "mm.js.fuzz01.api.2",
     "mm.js.fuzz01.api.3",
@@ -133,6 +140,12 @@ const SUBJECTS: [&str; 16] = [
     "mm.ctl",
     "mm.mon",
     "mm.pub.MSG~3Afuzz011",
+    // Answer batches; request batches' replies (the no-responders status), one with a
+    // range as wide as it gets.
+    "mm.inbox.fuzz01.a",
+    "mm.inbox.fuzz01.q.node02.1.00000000000000000003",
+    "mm.inbox.fuzz01.q.node02.0.18446744073709551615",
+    "mm.inbox.fuzz01.q.node02.x.1",
 ];
 
 struct Input<'a> {
