@@ -826,13 +826,13 @@ impl Cluster {
     }
 
     /// Add the item `head` + `payload` to the open batch of `kind` for `key` (see
-    /// [`Batch`]), or open one. `first_id`: the item's request id (requests: the reply
+    /// [`Batch`]), or open one. `req_id`: the item's request id, for requests (the reply
     /// subject names the batch's first and last). False if it was dropped (counted).
     fn batch(
         &mut self,
         kind: Batch,
         key: &[u8],
-        first_id: Option<u64>,
+        req_id: Option<u64>,
         head: &[u8],
         payload: &[u8],
     ) -> bool {
@@ -845,7 +845,7 @@ impl Cluster {
             && self.lanes.pending() + cost <= self.settings.data_bound()
             && self.lanes.extend_open(|b, at| {
                 proto::pub_batch_extend(b, at, &[head, payload]);
-                if let Some(id) = first_id {
+                if let Some(id) = req_id {
                     // The reply's last id, right before the size.
                     proto::write_padded(&mut b[at - 1 - ID_DIGITS..at - 1], id);
                 }
@@ -864,7 +864,7 @@ impl Cluster {
         // Requests: `P.inbox.<N>.q.<node>.<first>.<last>` (the last zero-padded, written
         // again as the batch grows), where nats-server's no-responders status comes.
         let mut reply = Vec::new();
-        if let Some(id) = first_id {
+        if let Some(id) = req_id {
             reply.extend_from_slice(&self.inbox_prefix);
             reply.extend_from_slice(b"q.");
             reply.extend_from_slice(key);
@@ -873,7 +873,7 @@ impl Cluster {
             reply.resize(at + ID_DIGITS, b'0');
             proto::write_padded(&mut reply[at..], id);
         }
-        let reply = first_id.map(|_| &reply[..]);
+        let reply = req_id.map(|_| &reply[..]);
         let first = proto::batch_item_cost(len, true);
         let ok = if first > self.max_payload {
             // Fits only alone (just under the limit) or not at all: as any data.
