@@ -850,12 +850,7 @@ mod tests {
         }
 
         fn apply(&mut self, node: usize, conn: ConnId, wire: &str, outs: &mut [Out]) {
-            let mut d = Decoder::new(Limits::default());
-            d.feed(wire.as_bytes());
-            let Ok(Some(Decoded::Message(m))) = d.next() else {
-                panic!("bad test message {wire:?}");
-            };
-            self.nodes[node].apply(conn, &m, Instant::now(), &mut outs[node]);
+            apply_only(self, node, conn, wire, outs);
             self.run(outs);
         }
     }
