@@ -434,7 +434,6 @@ impl Broker {
                 let why = match payload.strip_prefix(b"X ") {
                     Some(b"responder disconnected") => reason::RESPONDER_GONE,
                     Some(_) => reason::NO_RESPONDER,
-                    None if no_responders => reason::NO_RESPONDER,
                     None => return,
                 };
                 if let Some(r) = c.end_out_request(id) {
@@ -469,7 +468,8 @@ impl Broker {
     }
 
     /// A message for this node alone: a request, a private message, a uid, a state
-    /// request or a full state.
+    /// request or a full state; or a batch of requests (a request too large to share a
+    /// batch comes alone, without the batch marker).
     fn on_node_message(&mut self, payload: &[u8], now: Instant, out: &mut impl Outbox) {
         // Requests come in batches (consecutive ones within a pass of the sender).
         if payload.first() == Some(&proto::BATCH) {

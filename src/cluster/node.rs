@@ -36,8 +36,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 // foldhash, not SipHash: these maps are looked up per forwarded request and per backplane
-// message (SipHash was ~6% of a requester node's time); keys come from this node or
-// from other nodes of the cluster, which are trusted.
+// message (SipHash was ~6% of a requester node's time). Some are keyed by targets clients
+// choose; as in the router, the per-map random seed is what stands against collisions.
 use foldhash::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -70,7 +70,8 @@ const ID_DIGITS: usize = 20;
 pub enum Inbox<'s> {
     /// `<id>`: about one forwarded request (`X <reason>`: it failed).
     One(u64),
-    /// `a`: a batch of answers, items `<id>` LF RES.
+    /// `a`: a batch of answers, items `<id>` LF RES (an answer too large to share a
+    /// batch comes alone, without the batch marker).
     Answers,
     /// `q.<node>.<first>.<last>`: the reply subject of a batch of requests forwarded to
     /// `node` (only nats-server's no-responders status comes here).
@@ -434,8 +435,6 @@ pub struct Cluster {
     pub stats: ClusterStats,
     /// Scratch for subjects.
     subj: Vec<u8>,
-    /// The topic whose batch of PUBs is the last data operation (while the lanes keep it
-    /// open), and its payload's size so far.
     /// The batch that is the last data operation (while the lanes keep it open): its
     /// kind, key (topic, or node) and payload size so far.
     open_kind: Option<Batch>,
@@ -1600,6 +1599,8 @@ impl Cluster {
     /// joins again under the new id.
     pub fn rename(&mut self, new: &str, now: Instant) -> Vec<OutReq> {
         let old = std::mem::replace(&mut self.node, new.into());
+        // A request batch still open names the old inbox in its reply: none is extended.
+        self.open_kind = None;
         log::warn!("cluster: node id {old} taken by another process: this node is now {new}");
         self.inbox_prefix = format!("{}.inbox.{new}.", self.settings.name)
             .into_bytes()
@@ -1640,7 +1641,7 @@ impl Cluster {
 
     // ------------------------------------------------------------------ requests
 
-    /// Record a request about to be forwarded to `to`; returns its id and reply subject,
+    /// Record a request about to be forwarded to `to`; returns its id,
     /// or `None` when the requester has too many in flight across the cluster already.
     pub fn start_out_request(&mut self, r: OutReq, max_per_conn: usize) -> Option<u64> {
         let mine = self.out_by_conn.entry(r.requester).or_default();
@@ -1956,14 +1957,28 @@ mod tests {
         if higher != mine {
             assert_eq!(a.on_ctl(hb(higher).as_bytes(), now), CtlEvent::None);
         }
-        a.start_out_request(out_req(1, b"t", "bbbbbb", "*"), 10)
+        let id = a
+            .start_out_request(out_req(1, b"t", "bbbbbb", "*"), 10)
             .unwrap();
+        assert!(a.send_request(id, b"x"));
         let failed = a.rename("cccccc", now);
         assert_eq!(failed.len(), 1);
         assert_eq!(a.out_request_count(), 0);
+        // The batch opened under the old id is not extended: the next request to the
+        // same node goes in a batch whose reply is under the new inbox.
+        let id = a
+            .start_out_request(out_req(1, b"t", "bbbbbb", "*"), 10)
+            .unwrap();
+        assert!(a.send_request(id, b"y"));
         let w = text(&mut a);
         assert!(
             w.contains("SUB mm.node.cccccc") && w.contains("SUB mm.inbox.cccccc.>"),
+            "{w}"
+        );
+        assert!(
+            w.contains(&format!(
+                "PUB mm.node.bbbbbb mm.inbox.cccccc.q.bbbbbb.{id}."
+            )),
             "{w}"
         );
         assert!(w.contains("J cccccc"), "{w}");
