@@ -83,9 +83,9 @@ const PAYLOADS: [&str; 50] = [
     "M fuzz011\nPUB MSG:fuzz011\r\ncid: node021\r\nuid: \r\n\r\n{}\r\n.\r\n",
     "U fuzz011\n{}",
     "S node02",
-    "Q node02 {} fuzz011 a\nREQ a\r\nReqID: {}\r\ncid: node021\r\nuid: \r\n\r\nq\r\n.\r\n",
-    "Q node02 9 * a\nREQ a\r\nReqID: x\r\ncid: node021\r\nuid: \r\n\r\n{}\r\n.\r\n",
-    "Q {} 1 {} {}\n{}",
+    "Q node02 {} fuzz011 a ReqID {}\nREQ a\r\nReqID: {}\r\ncid: node021\r\nuid: \r\n\r\nq\r\n.\r\n",
+    "Q node02 9 * a reqid x y\nREQ a\r\nReqID: x\r\ncid: node021\r\nuid: \r\n\r\n{}\r\n.\r\n",
+    "Q {} 1 {} {} {} {}\n{}",
     "REQ a\r\nReqID: {}\r\ncid: node021\r\nuid: \r\n\r\nq\r\n.\r\n",
     // Version 1.1 (cluster/rooms.rs), on this node's subject.
     "G node02 node02s s 1 fuzz01{}\n{}",
@@ -118,7 +118,7 @@ const PAYLOADS: [&str; 50] = [
     "PUB h.x\r\ncid: node021\r\nuid: \r\n\r\n{}\r\n.\r\n",
     // Batches (`+`, 4-byte lengths): of requests on the node subject, of answers
     // (`<id>` LF RES) on `inbox.<N>.a`.
-    "+\0\0\0\x45Q node02 {} * a\nREQ a\r\nReqID: x\r\ncid: node021\r\nuid: \r\n\r\nq\r\n.\r\n{}",
+    "+\0\0\0\x4bQ node02 {} * a ReqID x\nREQ a\r\nReqID: x\r\ncid: node021\r\nuid: \r\n\r\nq\r\n.\r\n{}",
     "+{}",
     "{}\nRES a\r\nReqID: {}\r\ncid: node021\r\n\r\nok\r\n.\r\n",
     "+\0\0\0\x28{}\nRES a\r\nReqID: x\r\ncid: node021\r\n\r\nok\r\n.\r\n{}",

@@ -5,10 +5,10 @@ use std::borrow::Cow;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::broker::{reason, relay_packet, Broker, Origin, Outbox};
+use crate::broker::{reason, Broker, Outbox};
 use crate::cluster::node::{Cluster, ClusterSettings, CtlEvent, Inbox, OutReq, Sid, REMOTE};
 use crate::cluster::{proto, subject};
-use crate::protocol::{Decoded, Decoder, Limits, Message, Packet};
+use crate::protocol::Packet;
 use crate::router::{Enable, Held};
 
 impl Broker {
@@ -322,74 +322,43 @@ impl Broker {
             .build(payload.len(), false, |b| b.extend_from_slice(payload))
     }
 
-    /// Run `f` on the one message `payload` holds (relayed by another node), if it is
-    /// one well-formed message.
-    fn with_remote_message<R>(
-        &mut self,
-        payload: &[u8],
-        f: impl FnOnce(&mut Broker, &Message<'_>) -> R,
-    ) -> Option<R> {
-        let limits = self.decoder_limits();
-        let mut dec = self
-            .remote_dec
-            .take()
-            .unwrap_or_else(|| Box::new(Decoder::new(limits)));
-        dec.feed(payload);
-        let r = match dec.next() {
-            Ok(Some(Decoded::Message(m))) => Some(f(self, &m)),
-            _ => None,
-        };
-        // Whatever it held is dropped: a fresh decoder for the next one if this one
-        // failed or kept bytes.
-        if dec.failed().is_none() && !dec.needs_more() {
-            dec.shrink();
-            self.remote_dec = Some(dec);
-        }
-        r
-    }
-
-    /// Limits for messages from other nodes: they were checked by the node that took
-    /// them; these only bound what a broken peer could make this one hold.
-    fn decoder_limits(&self) -> Limits {
-        Limits {
-            max_message: 64 << 20,
-            max_line: 64 << 20,
-            max_headers: 1024,
-        }
-    }
-
-    /// A request another node addressed to this one (`Q <node> <id> <cid> <token>`):
+    /// A request another node addressed to this one (`Q <node> <id> <cid> <token> <ReqID
+    /// name> <ReqID value>`):
     /// give it to the responder it chose, or to the least loaded one if that one left;
     /// if nobody here answers any more, say so at once.
     fn take_request(&mut self, line: &[u8], payload: &[u8], now: Instant, out: &mut impl Outbox) {
-        let Some((from, id, cid, topic)) = parse_q(line) else {
+        let Some((from, id, cid, topic, (name, value))) = parse_q(line) else {
             return;
         };
         let deadline = now + self.settings.request_timeout;
         let to = self.cids.get(cid).copied();
-        let taken = self.with_remote_message(payload, |b, msg| {
-            let (name, value) = msg.header("ReqID")?;
-            let (responder, rid) = b
+        // The REQ comes as the requester's node relayed it (canonical: its header block
+        // ends at the first blank line, no `rid`): the responder gets it with `rid` as
+        // the last header, as `relay_packet` would write it, without decoding it again.
+        let head_end = memchr::memmem::find(payload, b"\r\n\r\n").map(|i| i + 2);
+        let taken = head_end.and_then(|at| {
+            let (responder, rid) = self
                 .router
                 .start_request_to(REMOTE, &topic, to, name, value, deadline)?;
             let mut digits = [0u8; 20];
             let rid_text = crate::protocol::encode::fmt_u64(rid, &mut digits);
-            let pkt = relay_packet(
-                &mut b.pool,
-                Origin::Remote,
-                msg,
-                &[b"rid"],
-                &[(b"rid", rid_text)],
-            );
+            let (head, rest) = payload.split_at(at);
+            let pkt = self.pool.build(payload.len() + 32, false, |b| {
+                b.extend_from_slice(head);
+                b.extend_from_slice(b"rid: ");
+                b.extend_from_slice(rid_text);
+                b.extend_from_slice(b"\r\n");
+                b.extend_from_slice(rest);
+            });
             out.send(responder, &pkt);
-            b.stats.delivered_req += 1;
+            self.stats.delivered_req += 1;
             // Monitors got their copy from the requester's node.
             Some(rid)
         });
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        let rid = taken.flatten();
+        let rid = taken;
         c.took(from, id, rid);
         if rid.is_none() {
             c.answer_failed(from, id, reason::NO_RESPONDER);
@@ -651,22 +620,25 @@ impl Broker {
 
 /// The words of a `Q` line: requesting node, its request id, the responder's cid (or
 /// `*`) and the target.
-fn parse_q(line: &[u8]) -> Option<(&str, u64, &str, Cow<'_, [u8]>)> {
-    let mut w = line.split(|&b| b == b' ');
+/// `<node> <id> <cid> <token> <ReqID name> <ReqID value>` (the value is the rest of the
+/// line, spaces and all).
+type QLine<'a> = (&'a str, u64, &'a str, Cow<'a, [u8]>, (&'a [u8], &'a [u8]));
+
+fn parse_q(line: &[u8]) -> Option<QLine<'_>> {
+    let mut w = line.splitn(6, |&b| b == b' ');
     let from = std::str::from_utf8(w.next()?).ok()?;
     let id = std::str::from_utf8(w.next()?).ok()?.parse().ok()?;
     let cid = std::str::from_utf8(w.next()?).ok()?;
     let token = w.next()?;
-    if w.next().is_some() {
-        return None;
-    }
+    let name = w.next()?;
+    let value = w.next()?;
     // Most targets are their own token (nothing escaped): no copy.
     let topic = if !token.is_empty() && token.iter().all(|&b| subject::is_kept(b)) {
         Cow::Borrowed(token)
     } else {
         Cow::Owned(subject::decode(token)?)
     };
-    Some((from, id, cid, topic))
+    Some((from, id, cid, topic, (name, value)))
 }
 #[cfg(test)]
 mod tests {
@@ -1004,7 +976,8 @@ mod tests {
         bus.apply(0, svc, "EREQ ask\r\n\r\n.\r\n", &mut outs);
         // Three requests in one pass: one NATS message to node00.
         for q in 1..=3 {
-            let wire = format!("REQ ask\r\nReqID: q{q}\r\n\r\nwhat {q}\r\n.\r\n");
+            // A ReqID value with spaces crosses as it is.
+            let wire = format!("REQ ask\r\nReqID: q {q}\r\n\r\nwhat {q}\r\n.\r\n");
             apply_only(&mut bus, 1, cli, &wire, &mut outs);
         }
         let pubs = flush(&mut bus, 1, &mut outs);
@@ -1019,6 +992,14 @@ mod tests {
         // Three answers in one pass: one NATS message back, each to its requester.
         for (i, req) in reqs.iter().enumerate() {
             assert!(req.contains(&format!("what {}", i + 1)), "{req}");
+            // As a local REQ is relayed: the sender's headers, cid, uid, then rid.
+            let head = req.split("\r\n\r\n").next().unwrap();
+            let names: Vec<&str> = head
+                .lines()
+                .skip(1)
+                .map(|l| l.split(':').next().unwrap())
+                .collect();
+            assert_eq!(names, ["ReqID", "cid", "uid", "rid"], "{req}");
             let rid = req.lines().find_map(|l| l.strip_prefix("rid: ")).unwrap();
             let wire = format!("RES ask\r\nrid: {rid}\r\n\r\nthat {}\r\n.\r\n", i + 1);
             apply_only(&mut bus, 0, svc, &wire, &mut outs);
@@ -1034,7 +1015,7 @@ mod tests {
         assert_eq!(res.len(), 3, "{res:?}");
         for (i, r) in res.iter().enumerate() {
             let q = i + 1;
-            assert!(r.contains(&format!("ReqID: q{q}\r\n")) && r.contains(&format!("that {q}")));
+            assert!(r.contains(&format!("ReqID: q {q}\r\n")) && r.contains(&format!("that {q}")));
         }
         // node00 no longer subscribes its node subject (as if gone from nats-server):
         // the batch gets the no-responders status and both its requests fail at once.

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use foldhash::HashMap;
 use log::{info, warn};
 
-use crate::broker::{relay_packet, Broker, Origin, Outbox};
+use crate::broker::{relay_packet, Broker, Outbox};
 use crate::cluster::node::{Cluster, Sid};
 use crate::cluster::{proto, subject};
 use crate::core::history::{recovery_packet, HistorySettings, Since};
@@ -882,7 +882,7 @@ impl Broker {
         now: Instant,
         out: &mut impl Outbox,
     ) {
-        let session = Origin::Local(self.sessions.get(from).and_then(Option::as_ref));
+        let session = self.sessions.get(from).and_then(Option::as_ref);
         let pkt = relay_packet(&mut self.pool, session, msg, &[b"offset", b"epoch"], &[]);
         let Some(c) = self.cluster.as_mut() else {
             return;

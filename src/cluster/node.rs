@@ -12,7 +12,8 @@
 //!   an unsubscription delayed, both written within a budget per pass).
 //! - `P.node.<N>`: `M <cid>` + a private message, `U <cid>` + a uid, `S <node>` (send
 //!   your full state to that node), `F ...` (a full state, see below), and batches
-//!   (`+`, see [`proto::pub_batch_open`]) of `Q <node> <id> <cid> <token(t)>` + a request
+//!   (`+`, see [`proto::pub_batch_open`]) of `Q <node> <id> <cid> <token(t)> <ReqID
+//!   name> <ReqID value>` + a request
 //!   addressed to the responder `cid` (or `*`: any) of this node: the requests a node
 //!   forwarded to this one one after the other within a pass, the reply subject
 //!   `P.inbox.<node>.q.<N>.<first id>.<last id>`.
@@ -1670,8 +1671,9 @@ impl Cluster {
     }
 
     /// Forward a request (after [`Cluster::start_out_request`]) to its node, batched
-    /// with the requests to that node that follow it: `Q <node> <id> <cid> <token>` LF
-    /// the REQ, per item. False if it could not be sent (then it is ended).
+    /// with the requests to that node that follow it: `Q <node> <id> <cid> <token>
+    /// <ReqID name> <ReqID value>` LF the REQ, per item. False if it could not be sent
+    /// (then it is ended).
     pub fn send_request(&mut self, id: u64, payload: &[u8]) -> bool {
         let Some(r) = self.out_reqs.get(&id) else {
             return false;
@@ -1687,6 +1689,13 @@ impl Cluster {
         head.extend_from_slice(r.responder.as_bytes());
         head.push(b' ');
         subject::encode(r.target(), &mut head);
+        // The ReqID too, so the node that takes it need not decode the REQ (a header
+        // value holds no CR or LF).
+        let (name, value) = r.reqid();
+        head.push(b' ');
+        head.extend_from_slice(name);
+        head.push(b' ');
+        head.extend_from_slice(value);
         head.push(b'\n');
         let node = Rc::clone(&r.node);
         let ok = self.batch(Batch::Req, node.as_bytes(), Some(id), &head, payload);
@@ -2223,7 +2232,9 @@ mod tests {
         let items: Vec<&[u8]> = proto::batch_items(&w[line_end + 2..w.len() - 2]).collect();
         assert_eq!(items.len(), 6);
         assert!(items[0].starts_with(b"Q aaaaaa 1 bbbbbb"), "{:?}", items[0]);
-        assert!(items[5].starts_with(b"Q aaaaaa 6 bbbbbb") && items[5].ends_with(b" work\nx"));
+        assert!(
+            items[5].starts_with(b"Q aaaaaa 6 bbbbbb") && items[5].ends_with(b" work ReqID 1\nx")
+        );
         to.sort();
         assert_eq!(
             to,

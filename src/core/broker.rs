@@ -363,8 +363,6 @@ pub struct Broker {
     pub(crate) pool: PacketPool,
     /// The node's view of the cluster, when it is one (`--cluster`).
     pub cluster: Option<Box<Cluster>>,
-    /// Decoder for messages that come from other nodes (taken while in use).
-    pub(crate) remote_dec: Option<Box<crate::protocol::Decoder>>,
     /// The time of the last call that told it (for delays that start in a call that is
     /// not given the time).
     pub(crate) clock: Option<Instant>,
@@ -402,7 +400,6 @@ impl Broker {
             cid_counter: 0,
             pool: PacketPool::new(),
             cluster: None,
-            remote_dec: None,
             clock: None,
             roles: [0; 3],
             local_events: 0,
@@ -720,7 +717,7 @@ impl Broker {
         if subs.is_empty() && self.monitors.is_empty() && self.cluster.is_none() && kept.is_none() {
             return;
         }
-        let session = Origin::Local(self.sessions.get(from).and_then(Option::as_ref));
+        let session = self.sessions.get(from).and_then(Option::as_ref);
         let pkt = match (kept, self.history.as_mut()) {
             (Some(rule), Some(h)) => {
                 let offset = h.next_offset();
@@ -969,7 +966,7 @@ impl Broker {
         extra: &[(&[u8], &[u8])],
     ) -> Rc<Packet> {
         let session = self.sessions.get(from).and_then(Option::as_ref);
-        relay_packet(&mut self.pool, Origin::Local(session), msg, drop, extra)
+        relay_packet(&mut self.pool, session, msg, drop, extra)
     }
 
     pub(crate) fn error(
@@ -999,16 +996,6 @@ impl Broker {
     }
 }
 
-/// How a relayed message gets its `cid` and `uid`.
-#[derive(Clone, Copy)]
-pub(crate) enum Origin<'a> {
-    /// From a local connection (`None`: not authenticated): the sender's own `cid`/`uid`
-    /// headers are dropped and the server's appended.
-    Local(Option<&'a Session>),
-    /// From another node, which set them already: kept as they are.
-    Remote,
-}
-
 /// Room for `offset: <u64>\r\n`.
 const OFFSET_LINE_MAX: usize = 30;
 
@@ -1023,12 +1010,14 @@ fn offset_line(n: u64, buf: &mut [u8; OFFSET_LINE_MAX]) -> &[u8] {
     &buf[..end]
 }
 
-/// Encode `msg` as relayed: the sender's headers in order, minus any name in `drop`
-/// (lower case; compared case-insensitively) and, from a local sender, minus `cid` and
-/// `uid`; then `extra`; then, from a local sender, the server's `cid` and `uid`.
+/// Encode `msg` as relayed from the connection whose session is `origin` (`None`: not
+/// authenticated): the sender's headers in order, minus any name in `drop` (lower case;
+/// compared case-insensitively) and minus `cid` and `uid`; then `extra`; then the
+/// server's `cid` and `uid` for the sender. (What another node relayed is passed on as it
+/// is, never through here.)
 pub(crate) fn relay_packet(
     pool: &mut PacketPool,
-    origin: Origin<'_>,
+    origin: Option<&Session>,
     msg: &Message<'_>,
     drop: &[&[u8]],
     extra: &[(&[u8], &[u8])],
@@ -1040,17 +1029,16 @@ pub(crate) fn relay_packet(
 /// (`name: value\r\n` each), ASCII (so not checked for UTF-8 again).
 pub(crate) fn relay_packet_lines(
     pool: &mut PacketPool,
-    origin: Origin<'_>,
+    origin: Option<&Session>,
     msg: &Message<'_>,
     drop: &[&[u8]],
     extra: &[(&[u8], &[u8])],
     lines: &[&[u8]],
 ) -> Rc<Packet> {
     debug_assert!(lines.iter().all(|l| l.is_ascii() && l.ends_with(b"\r\n")));
-    let (tail, tail_utf8, local): (&[u8], bool, bool) = match origin {
-        Origin::Local(Some(s)) => (&s.relay_tail, s.tail_utf8, true),
-        Origin::Local(None) => (b"cid: \r\nuid: \r\n", true, true),
-        Origin::Remote => (b"", true, false),
+    let (tail, tail_utf8): (&[u8], bool) = match origin {
+        Some(s) => (&s.relay_tail, s.tail_utf8),
+        None => (b"cid: \r\nuid: \r\n", true),
     };
     // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
     // body with a little room for stuffing dots, terminator.
@@ -1082,8 +1070,8 @@ pub(crate) fn relay_packet_lines(
         b.extend_from_slice(msg.target);
         b.extend_from_slice(b"\r\n");
         for (name, value) in msg.headers() {
-            let skip = (local
-                && (name.eq_ignore_ascii_case(b"cid") || name.eq_ignore_ascii_case(b"uid")))
+            let skip = name.eq_ignore_ascii_case(b"cid")
+                || name.eq_ignore_ascii_case(b"uid")
                 || drop.iter().any(|d| name.eq_ignore_ascii_case(d));
             if !skip {
                 push_header(b, name, value);
