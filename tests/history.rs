@@ -232,8 +232,9 @@ fn nothing_lost_or_doubled_at_the_switch_while_publishing() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let total = publisher.join().unwrap();
-    // Drain up to the end.
-    loop {
+    // Drain up to the end (which the rounds may have read already: on a loaded machine
+    // the publisher can be slow enough that its last message came in the last round).
+    while bodies.last() != Some(&(total - 1)) {
         let m = sub.recv();
         if m.target == "SYS:RECOVERY" {
             assert_eq!(m.header("recovered"), Some("true"), "{m:?}");
@@ -241,9 +242,6 @@ fn nothing_lost_or_doubled_at_the_switch_while_publishing() {
         }
         offsets.push(offset(&m));
         bodies.push(m.body.parse().unwrap());
-        if *bodies.last().unwrap() == total - 1 {
-            break;
-        }
     }
     let expect: Vec<u64> = (bodies[0]..total).collect();
     assert_eq!(bodies, expect, "every message once, in order");
