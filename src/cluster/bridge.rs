@@ -244,7 +244,7 @@ impl Broker {
                     n += 1;
                 }
                 if let Some(c) = self.cluster.as_mut() {
-                    c.stats.messages_in += n.max(1) - 1;
+                    c.batch_in(n);
                 }
             }
             Sid::MonPub => {
@@ -358,9 +358,8 @@ impl Broker {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        let rid = taken;
-        c.took(from, id, rid);
-        if rid.is_none() {
+        c.took(from, id, taken);
+        if taken.is_none() {
             c.answer_failed(from, id, reason::NO_RESPONDER);
         }
     }
@@ -379,18 +378,18 @@ impl Broker {
         };
         match c.inbox_of(subject) {
             Some(Inbox::Answers) => {
-                let n = proto::batch_items(payload).count() as u64;
-                c.stats.messages_in += n.max(1) - 1;
+                let mut n = 0;
                 for item in proto::batch_items(payload) {
+                    n += 1;
                     let Some(i) = memchr::memchr(b'\n', item) else {
                         continue;
                     };
-                    let id = std::str::from_utf8(&item[..i])
-                        .ok()
-                        .and_then(|s| s.parse().ok());
-                    if let Some(id) = id {
+                    if let Some(id) = proto::parse_u64(&item[..i]) {
                         self.on_answer(id, &item[i + 1..], out);
                     }
+                }
+                if let Some(c) = self.cluster.as_mut() {
+                    c.batch_in(n);
                 }
             }
             Some(Inbox::Requests { node, first, last }) if no_responders => {
@@ -450,7 +449,7 @@ impl Broker {
                 n += 1;
             }
             if let Some(c) = self.cluster.as_mut() {
-                c.stats.messages_in += n.max(1) - 1;
+                c.batch_in(n);
             }
             return;
         }
@@ -619,25 +618,18 @@ impl Broker {
 }
 
 /// The words of a `Q` line: requesting node, its request id, the responder's cid (or
-/// `*`) and the target.
-/// `<node> <id> <cid> <token> <ReqID name> <ReqID value>` (the value is the rest of the
-/// line, spaces and all).
+/// `*`), the target and the requester's ReqID (name, and value: the rest of the line,
+/// spaces and all).
 type QLine<'a> = (&'a str, u64, &'a str, Cow<'a, [u8]>, (&'a [u8], &'a [u8]));
 
 fn parse_q(line: &[u8]) -> Option<QLine<'_>> {
     let mut w = line.splitn(6, |&b| b == b' ');
     let from = std::str::from_utf8(w.next()?).ok()?;
-    let id = std::str::from_utf8(w.next()?).ok()?.parse().ok()?;
+    let id = proto::parse_u64(w.next()?)?;
     let cid = std::str::from_utf8(w.next()?).ok()?;
-    let token = w.next()?;
+    let topic = subject::decode_cow(w.next()?)?;
     let name = w.next()?;
     let value = w.next()?;
-    // Most targets are their own token (nothing escaped): no copy.
-    let topic = if !token.is_empty() && token.iter().all(|&b| subject::is_kept(b)) {
-        Cow::Borrowed(token)
-    } else {
-        Cow::Owned(subject::decode(token)?)
-    };
     Some((from, id, cid, topic, (name, value)))
 }
 #[cfg(test)]

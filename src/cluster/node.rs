@@ -868,7 +868,9 @@ impl Cluster {
             reply.extend_from_slice(&self.inbox_prefix);
             reply.extend_from_slice(b"q.");
             reply.extend_from_slice(key);
-            reply.extend_from_slice(format!(".{id}.").as_bytes());
+            reply.push(b'.');
+            reply.extend_from_slice(crate::protocol::encode::fmt_u64(id, &mut [0; 20]));
+            reply.push(b'.');
             let at = reply.len();
             reply.resize(at + ID_DIGITS, b'0');
             proto::write_padded(&mut reply[at..], id);
@@ -1847,8 +1849,13 @@ impl Cluster {
     }
 
     /// The topic of a subject `P.pub.<token>`.
-    pub fn pub_topic(&self, subject: &[u8]) -> Option<Vec<u8>> {
-        subject::decode(subject.strip_prefix(&*self.pub_prefix)?)
+    pub fn pub_topic<'s>(&self, subject: &'s [u8]) -> Option<std::borrow::Cow<'s, [u8]>> {
+        subject::decode_cow(subject.strip_prefix(&*self.pub_prefix)?)
+    }
+
+    /// `items` messages came in one batch (one NATS message, counted once already).
+    pub(crate) fn batch_in(&mut self, items: u64) {
+        self.stats.messages_in += items.saturating_sub(1);
     }
 
     /// Everything waiting, in the order it would be written (tests and fuzzing, which

@@ -375,7 +375,7 @@ fn trim(s: &[u8]) -> &[u8] {
 }
 
 /// A decimal number of 1 to 20 digits that fits in u64.
-fn parse_u64(s: &[u8]) -> Option<u64> {
+pub(crate) fn parse_u64(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 20 {
         return None;
     }

@@ -63,6 +63,15 @@ pub fn encode(target: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// [`decode`], without a copy when nothing in `token` is escaped (most targets are their
+/// own token).
+pub fn decode_cow(token: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    if !token.is_empty() && token.iter().all(|&b| is_kept(b)) {
+        return Some(std::borrow::Cow::Borrowed(token));
+    }
+    decode(token).map(std::borrow::Cow::Owned)
+}
+
 /// The target a token stands for, or `None` when `token` is not exactly what [`encode`]
 /// writes for some non-empty input.
 pub fn decode(token: &[u8]) -> Option<Vec<u8>> {
@@ -192,6 +201,7 @@ mod tests {
             b"~7",
         ] {
             assert_eq!(decode(bad), None, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(decode_cow(bad), None);
             assert!(!is_valid(bad));
         }
         // A failed decode leaves the buffer as it was.
@@ -250,7 +260,9 @@ mod tests {
             let token: Vec<u8> = (0..len)
                 .map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize])
                 .collect();
-            if let Some(t) = decode(&token) {
+            let t = decode(&token);
+            assert_eq!(decode_cow(&token).as_deref(), t.as_deref());
+            if let Some(t) = t {
                 assert_eq!(enc(&t), token);
             }
         }
