@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use middleman::broker::{Broker, Outbox, Role, Settings};
-use middleman::conn::OutQueue;
+use middleman::conn::{OutQueue, Stage};
 use middleman::protocol::{Decoded, Decoder, Limits, Packet};
 use middleman::router::ConnId;
 
@@ -50,6 +50,7 @@ fn fanout(c: &mut Criterion) {
     for &body_len in &[64usize, 1024] {
         for &subs in &[1usize, 100, 1000] {
             let mut broker = Broker::new(Settings::default(), "bench");
+            let mut stage = Stage::default();
             let mut out = Queues((0..=subs).map(|_| OutQueue::default()).collect());
             for conn in 0..=subs {
                 broker.connect(conn, Role::Service);
@@ -71,7 +72,7 @@ fn fanout(c: &mut Criterion) {
                             broker.apply(subs, &m, Instant::now(), &mut out);
                         }
                         for q in out.0.iter_mut() {
-                            let _ = q.write_to(&mut Sink);
+                            let _ = q.write_to(&mut Sink, &mut stage);
                         }
                     })
                 },
@@ -100,6 +101,7 @@ fn history(c: &mut Criterion) {
                 }],
                 ..HistorySettings::default()
             });
+            let mut stage = Stage::default();
             let mut out = Queues((0..=subs).map(|_| OutQueue::default()).collect());
             for conn in 0..=subs {
                 broker.connect(conn, Role::Service);
@@ -124,7 +126,7 @@ fn history(c: &mut Criterion) {
                         broker.apply(subs, &m, Instant::now(), &mut out);
                     }
                     for q in out.0.iter_mut() {
-                        let _ = q.write_to(&mut Sink);
+                        let _ = q.write_to(&mut Sink, &mut stage);
                     }
                 })
             });

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use middleman::broker::{Broker, Outbox, Role, Settings};
-use middleman::conn::{read_within, Budget, Framing, OutQueue, READ_CHUNK};
+use middleman::conn::{read_within, Budget, Framing, OutQueue, Stage, READ_CHUNK};
 use middleman::core::websocket::{FrameReader, WsEvent, WsLimits};
 use middleman::protocol::{Decoded, Decoder, Limits, Packet};
 use middleman::router::ConnId;
@@ -95,6 +95,7 @@ fn read_path(c: &mut Criterion) {
         for &subs in &[1usize, 100] {
             let publisher = subs;
             let mut broker = Broker::new(Settings::default(), "bench");
+            let mut stage = Stage::default();
             let mut out = Queues(
                 (0..=subs)
                     .map(|_| OutQueue::new(Framing::WebSocket))
@@ -155,7 +156,7 @@ fn read_path(c: &mut Criterion) {
                             }
                         }
                         for q in out.0.iter_mut() {
-                            let _ = q.write_to(&mut Sink);
+                            let _ = q.write_to(&mut Sink, &mut stage);
                         }
                     })
                 },
@@ -185,7 +186,7 @@ fn read_path(c: &mut Criterion) {
                             }
                         }
                         for q in out.0.iter_mut() {
-                            let _ = q.write_to(&mut Sink);
+                            let _ = q.write_to(&mut Sink, &mut stage);
                         }
                     })
                 },

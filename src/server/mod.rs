@@ -53,7 +53,7 @@ use crate::broker::{random_cid_prefix, Broker, KeyDigest, Role};
 use crate::cluster::link::{LinkSettings, NatsLink};
 use crate::cluster::node::ClusterSettings;
 use crate::config::Config;
-use crate::conn::{Budget, Framing, OutQueue};
+use crate::conn::{Budget, Framing, OutQueue, Stage};
 use crate::core::websocket::{FrameReader, WsLimits};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{Decoder, Spent};
@@ -187,6 +187,8 @@ pub struct Server {
     dirty: Vec<ConnId>,
     /// Packets the queues let go of this pass, for the broker's pool.
     spent: Spent,
+    /// The staging buffer of outbound writes.
+    stage: Stage,
     /// The buffer WebSocket read turns read into, one turn at a time.
     rx_buf: Vec<u8>,
     again: Vec<(ConnId, u64)>,
@@ -328,6 +330,7 @@ impl Server {
             ws_limits_key,
             dirty: Vec::new(),
             spent: Spent::default(),
+            stage: Stage::default(),
             rx_buf: Vec::new(),
             again: Vec::new(),
             closes: Vec::new(),
@@ -520,6 +523,7 @@ impl Server {
                 max_out: self.cfg.max_outbound_bytes,
                 bytes_out: &mut self.metrics.bytes_out,
                 spent: &mut self.spent,
+                stage: &mut self.stage,
                 api_ready: &mut self.api_ready,
             },
             self.link.as_mut(),

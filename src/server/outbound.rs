@@ -6,6 +6,7 @@ use std::rc::Rc;
 use slab::Slab;
 
 use crate::broker::Outbox;
+use crate::conn::Stage;
 use crate::metrics::CloseReason;
 use crate::protocol::{Packet, Spent};
 use crate::router::ConnId;
@@ -22,6 +23,7 @@ pub(super) struct Sink<'a> {
     pub(super) max_out: usize,
     pub(super) bytes_out: &'a mut u64,
     pub(super) spent: &'a mut Spent,
+    pub(super) stage: &'a mut Stage,
     /// HTTP API calls that were delivered something (see `api_call.rs`).
     pub(super) api_ready: &'a mut Vec<(ConnId, u64)>,
 }
@@ -33,7 +35,7 @@ impl Sink<'_> {
         let Some(c) = self.conns.get_mut(to) else {
             return false;
         };
-        match c.out.write_recycling(&mut c.link, self.spent) {
+        match c.out.write_recycling(&mut c.link, self.spent, self.stage) {
             Ok(n) => {
                 *self.bytes_out += n as u64;
                 true
@@ -144,7 +146,10 @@ impl Server {
             return;
         };
         if !c.out.is_empty() {
-            match c.out.write_recycling(&mut c.link, &mut self.spent) {
+            match c
+                .out
+                .write_recycling(&mut c.link, &mut self.spent, &mut self.stage)
+            {
                 Ok(n) => self.metrics.bytes_out += n as u64,
                 Err(_) => {
                     let why = match c.phase {
