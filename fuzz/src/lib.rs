@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use middleman::broker::Outbox;
 use middleman::protocol::decode::{MAX_CMD, MAX_TARGET};
-use middleman::protocol::{Decoded, Decoder, Limits, Message, Packet};
+use middleman::protocol::{decode_simple, Decoded, Decoder, Limits, Message, Packet};
 use middleman::router::ConnId;
 
 /// What the broker hands the reactor: packets, and kicks (which the harnesses carry out
@@ -81,6 +81,9 @@ pub struct Msg {
     pub target: Vec<u8>,
     pub headers: Vec<(Vec<u8>, Vec<u8>)>,
     pub body: Vec<u8>,
+    /// Known to be UTF-8 ([`Message::utf8`]) and relayed without stuffing.
+    pub utf8: bool,
+    pub plain_body: bool,
 }
 
 impl Msg {
@@ -90,6 +93,8 @@ impl Msg {
             target: m.target.to_vec(),
             headers: m.headers().map(|(n, v)| (n.to_vec(), v.to_vec())).collect(),
             body: m.body.to_vec(),
+            utf8: m.utf8,
+            plain_body: m.plain_body,
         }
     }
 }
@@ -183,6 +188,36 @@ pub fn drain(d: &mut Decoder, out: &mut Vec<Outcome>) -> bool {
             }
         }
     }
+}
+
+/// As the server reads frames: while the decoder is idle, the messages of the common
+/// shape at the front of a piece come from [`decode_simple`] and the rest of the piece
+/// is fed. Must give exactly what [`run`] gives.
+pub fn run_simple<'a>(
+    limits: Limits,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> (Vec<Outcome>, bool) {
+    let mut d = Decoder::new(limits);
+    let mut out = Vec::new();
+    let mut closed = false;
+    for piece in pieces {
+        let mut rest = piece;
+        if d.is_idle() {
+            while let Some((m, used)) = decode_simple(rest, &limits, false) {
+                check_message(&m, limits);
+                out.push(Outcome::Message(Msg::of(&m)));
+                assert!(used > 0, "a message takes bytes");
+                rest = &rest[used..];
+            }
+        }
+        d.feed(rest);
+        if closed {
+            assert!(d.next().is_err());
+            continue;
+        }
+        closed = drain(&mut d, &mut out);
+    }
+    (out, d.needs_more())
 }
 
 /// Feed `pieces` in order to a fresh decoder, collecting outcomes until the input is used

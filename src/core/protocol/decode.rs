@@ -251,6 +251,12 @@ impl Decoder {
         self.buf.extend_from_slice(data);
     }
 
+    /// Nothing buffered, between messages, not failed: the next bytes may be read
+    /// elsewhere ([`decode_simple`]) without changing what the stream means.
+    pub fn is_idle(&self) -> bool {
+        self.failed.is_none() && self.state == State::First && self.buffered() == 0
+    }
+
     /// True when the bytes so far end inside a message (more are needed to finish it).
     pub fn needs_more(&self) -> bool {
         self.failed.is_none() && (self.state != State::First || self.scan < self.buf.len())
@@ -414,24 +420,13 @@ impl Decoder {
     }
 
     fn first_line(&mut self, line: Range<usize>) -> Result<(), FrameError> {
-        let text = &self.buf[line.clone()];
-        let Some(sp) = memchr::memchr(b' ', text) else {
-            return Err(self.fail(FrameError::NoSpace));
+        let (cmd, target) = match first_line_parts(&self.buf[line.clone()]) {
+            Ok(parts) => parts,
+            Err(e) => return Err(self.fail(e)),
         };
-        if sp == 0 || sp > MAX_CMD || !text[..sp].iter().all(u8::is_ascii_alphabetic) {
-            return Err(self.fail(FrameError::BadCommand));
-        }
-        let t = trim(text, sp + 1..text.len());
-        let target = &text[t.clone()];
-        if target.is_empty()
-            || target.len() > MAX_TARGET
-            || target.iter().any(|&b| b < 0x20 || b == 0x7f)
-        {
-            return Err(self.fail(FrameError::BadTarget));
-        }
         self.msg_start = line.start;
-        self.cmd = line.start..line.start + sp;
-        self.target = line.start + t.start..line.start + t.end;
+        self.cmd = line.start + cmd.start..line.start + cmd.end;
+        self.target = line.start + target.start..line.start + target.end;
         self.headers.clear();
         self.state = State::Headers;
         Ok(())
@@ -538,6 +533,96 @@ impl Decoder {
         } else {
             Decoded::Message(msg)
         }
+    }
+}
+
+/// CMD and TARGET of a first line (§2), as ranges of `text`.
+fn first_line_parts(text: &[u8]) -> Result<(Range<usize>, Range<usize>), FrameError> {
+    // The space ends a CMD of at most 16 letters: a plain loop over those few bytes (a
+    // search set up for long text cost more), the rest searched only to tell the errors
+    // apart.
+    let head = &text[..text.len().min(MAX_CMD + 1)];
+    let sp = match head.iter().position(|&b| b == b' ') {
+        Some(sp) => sp,
+        None => match memchr::memchr(b' ', text) {
+            Some(sp) => sp,
+            None => return Err(FrameError::NoSpace),
+        },
+    };
+    if sp == 0 || sp > MAX_CMD || !text[..sp].iter().all(u8::is_ascii_alphabetic) {
+        return Err(FrameError::BadCommand);
+    }
+    let t = trim(text, sp + 1..text.len());
+    let target = &text[t.clone()];
+    if target.is_empty()
+        || target.len() > MAX_TARGET
+        || target.iter().any(|&b| b < 0x20 || b == 0x7f)
+    {
+        return Err(FrameError::BadTarget);
+    }
+    Ok((0..sp, t))
+}
+
+/// The whole message at the start of `data` when it has the most common shape: a first
+/// line, no header, no body line starting with `.`, within `limits` even as one line;
+/// with the bytes it takes. It is exactly what an idle [`Decoder`] given `data` (through
+/// [`Decoder::feed_utf8`] when `utf8`) would hand out first, with no buffer, state or
+/// copy; `None` for anything else (incomplete, other shapes, errors), which the decoder
+/// then reads. Two searches for line feeds in all, where the decoder makes one a line.
+pub fn decode_simple<'a>(
+    data: &'a [u8],
+    limits: &Limits,
+    utf8: bool,
+) -> Option<(Message<'a>, usize)> {
+    let lf = memchr::memchr(b'\n', data)?;
+    let content_end = if lf > 0 && data[lf - 1] == b'\r' {
+        lf - 1
+    } else {
+        lf
+    };
+    if content_end == 0 {
+        return None; // an empty line before the message
+    }
+    // The blank line (no header) first: a message with headers costs one search here.
+    let body_start = match data.get(lf + 1..lf + 3)? {
+        [b'\r', b'\n'] => lf + 3,
+        [b'\n', _] => lf + 2,
+        _ => return None,
+    };
+    let (cmd, target) = first_line_parts(&data[..content_end]).ok()?;
+    let mut line = body_start;
+    loop {
+        if *data.get(line)? == b'.' {
+            // The terminator, or a dotted body line (not this shape).
+            let end = match data.get(line + 1..)? {
+                [b'\r', b'\n', ..] => line + 3,
+                [b'\n', ..] => line + 2,
+                _ => return None,
+            };
+            if end > limits.max_message || end > limits.max_line {
+                return None;
+            }
+            // The body ends where its last line's content does (the line break before
+            // the terminator is not part of it).
+            let body_end = if line == body_start {
+                body_start
+            } else if data[line - 2] == b'\r' {
+                line - 2
+            } else {
+                line - 1
+            };
+            let msg = Message {
+                cmd: &data[cmd],
+                target: &data[target],
+                buf: data,
+                headers: &[],
+                body: Cow::Borrowed(&data[body_start..body_end.max(body_start)]),
+                utf8,
+                plain_body: true,
+            };
+            return Some((msg, end));
+        }
+        line += memchr::memchr(b'\n', &data[line..])? + 1;
     }
 }
 
@@ -760,6 +845,85 @@ mod tests {
         };
         let (o, _) = all(b"PUB a\r\nA: 1\r\nB\x01: 2\r\nC: 3\r\n.\r\n", one);
         assert_eq!(o, vec!["malformed"]);
+    }
+
+    /// A message as text, with its flags.
+    fn show(m: &Message<'_>) -> String {
+        format!(
+            "{:?} {:?} {:?} {:?} utf8={} plain={}",
+            String::from_utf8_lossy(m.cmd),
+            String::from_utf8_lossy(m.target),
+            m.headers().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&m.body),
+            m.utf8,
+            m.plain_body
+        )
+    }
+
+    /// `decode_simple(data)`, when it decodes, agrees with an idle decoder fed `data`:
+    /// the same first message and the same bytes taken. Returns whether it decoded.
+    fn simple_agrees(data: &[u8], limits: Limits, utf8: bool) -> bool {
+        let Some((m, used)) = decode_simple(data, &limits, utf8) else {
+            return false;
+        };
+        let simple = show(&m);
+        let mut d = Decoder::new(limits);
+        if utf8 {
+            d.feed_utf8(data);
+        } else {
+            d.feed(data);
+        }
+        let Ok(Some(Decoded::Message(dm))) = d.next() else {
+            panic!("simple decoded {simple} from {data:?}, the decoder did not");
+        };
+        assert_eq!(simple, show(&dm), "from {data:?}");
+        assert_eq!(d.buffered(), data.len() - used, "bytes taken from {data:?}");
+        true
+    }
+
+    #[test]
+    fn the_simple_shape_decodes_as_the_decoder_does() {
+        let small = Limits {
+            max_message: 30,
+            max_line: 20,
+            max_headers: 2,
+        };
+        let messages: [&[u8]; 16] = [
+            b"PUB a\r\n\r\nbody\r\n.\r\n",
+            b"PUB a\n\nbody\n.\n",
+            b"PUB  spaced topic \t\r\n\r\nx\r\n\r\ny\r\n.\r\n",
+            b"SUB t\r\n\r\n.\r\n",
+            b"SUB t\r\n.\r\n",
+            b"PUB a\r\n\r\n\r\n.\r\n",
+            b"PUB a\r\n\r\n\n.\r\n",
+            b"PUB a\r\n\r\nx\r\r\n.\r\n",
+            b"PUB a\r\n\r\n..stuffed\r\n.\r\n",
+            b"PUB a\r\n\r\n.x\r\n.\r\n",
+            b"PUB a\r\nX: 1\r\n\r\nb\r\n.\r\n",
+            b"\r\nPUB a\r\n\r\nb\r\n.\r\n",
+            b"PUB\r\n\r\nb\r\n.\r\n",
+            b"P1B a\r\n\r\nb\r\n.\r\n",
+            b"PUB a\x01\r\n\r\nb\r\n.\r\n",
+            b"PUB \xc3\xa9t\xc3\xa9\r\n\r\nb\r\n.\r\n",
+        ];
+        let mut decoded = 0;
+        for m in messages {
+            // Alone, cut short anywhere, followed by more, and within small limits.
+            let mut two = m.to_vec();
+            two.extend_from_slice(b"PUB next\r\n\r\nz\r\n.\r\n");
+            for limits in [Limits::default(), small] {
+                for utf8 in [true, false] {
+                    decoded += usize::from(simple_agrees(m, limits, utf8));
+                    decoded += usize::from(simple_agrees(&two, limits, utf8));
+                    for cut in 0..m.len() {
+                        assert!(decode_simple(&m[..cut], &limits, utf8).is_none());
+                    }
+                }
+            }
+        }
+        // 8 of the 16 are of its shape (7 fit the small limits), each decoded alone and
+        // followed by more, marked UTF-8 or not: (8 + 7) * 2 * 2.
+        assert_eq!(decoded, 60);
     }
 
     #[test]

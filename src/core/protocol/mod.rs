@@ -3,5 +3,5 @@
 pub mod decode;
 pub mod encode;
 
-pub use decode::{Decoded, Decoder, FrameError, Limits, Message};
+pub use decode::{decode_simple, Decoded, Decoder, FrameError, Limits, Message};
 pub use encode::{encode_into, Packet, PacketPool, Spent};
