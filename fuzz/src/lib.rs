@@ -197,12 +197,26 @@ pub fn run_simple<'a>(
     limits: Limits,
     pieces: impl IntoIterator<Item = &'a [u8]>,
 ) -> (Vec<Outcome>, bool) {
+    run_with(limits, pieces, true)
+}
+
+/// Feed `pieces` in order to a fresh decoder, collecting outcomes until the input is used
+/// up or a close. Returns the outcomes and `needs_more()` after the last byte.
+pub fn run<'a>(limits: Limits, pieces: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Outcome>, bool) {
+    run_with(limits, pieces, false)
+}
+
+fn run_with<'a>(
+    limits: Limits,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+    simple: bool,
+) -> (Vec<Outcome>, bool) {
     let mut d = Decoder::new(limits);
     let mut out = Vec::new();
     let mut closed = false;
     for piece in pieces {
         let mut rest = piece;
-        if d.is_idle() {
+        if simple && d.is_idle() {
             while let Some((m, used)) = decode_simple(rest, &limits, false) {
                 check_message(&m, limits);
                 out.push(Outcome::Message(Msg::of(&m)));
@@ -211,23 +225,6 @@ pub fn run_simple<'a>(
             }
         }
         d.feed(rest);
-        if closed {
-            assert!(d.next().is_err());
-            continue;
-        }
-        closed = drain(&mut d, &mut out);
-    }
-    (out, d.needs_more())
-}
-
-/// Feed `pieces` in order to a fresh decoder, collecting outcomes until the input is used
-/// up or a close. Returns the outcomes and `needs_more()` after the last byte.
-pub fn run<'a>(limits: Limits, pieces: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Outcome>, bool) {
-    let mut d = Decoder::new(limits);
-    let mut out = Vec::new();
-    let mut closed = false;
-    for piece in pieces {
-        d.feed(piece);
         if closed {
             // Bytes after a close are ignored.
             assert!(d.next().is_err());
