@@ -252,23 +252,21 @@ impl OutQueue {
         stage.reserve_exact(B); // once per server: the buffer is kept
         let mut segs = [Seg::Staged(0, 0); N];
         let mut n = 0;
-        let mut staged = 0;
         let mut staging = false;
         for i in 0..self.chunks.len() {
             let b = self.piece(i);
-            if b.len() <= STAGE_CHUNK_MAX && staged + b.len() <= B {
+            if b.len() <= STAGE_CHUNK_MAX && stage.len() + b.len() <= B {
                 if !staging {
                     if n == N {
                         break;
                     }
-                    segs[n] = Seg::Staged(staged, staged);
+                    segs[n] = Seg::Staged(stage.len(), stage.len());
                     n += 1;
                     staging = true;
                 }
                 stage.extend_from_slice(b);
-                staged += b.len();
                 if let Some(Seg::Staged(_, end)) = segs.get_mut(n - 1) {
-                    *end = staged;
+                    *end = stage.len();
                 }
             } else {
                 if n == N {

@@ -587,7 +587,9 @@ fn has_control(b: &[u8]) -> bool {
 /// with the bytes it takes. It is exactly what an idle [`Decoder`] given `data` (through
 /// [`Decoder::feed_utf8`] when `utf8`) would hand out first, with no buffer, state or
 /// copy; `None` for anything else (incomplete, other shapes, errors), which the decoder
-/// then reads. Two searches for line feeds in all, where the decoder makes one a line.
+/// then reads (searching those bytes again: once, as the shortcut is only taken while
+/// the decoder is idle). The blank line is looked at before the first line is parsed, so
+/// a message with headers costs one search for a line feed here.
 pub fn decode_simple<'a>(
     data: &'a [u8],
     limits: &Limits,
