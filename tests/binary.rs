@@ -125,6 +125,57 @@ fn keys_from_environment_and_flags() {
     assert_eq!(recv_close(&mut bad), (1008, "bad key".to_owned()));
 }
 
+/// A stalled subscriber now reads: a prefix 0..k of numbered messages without gaps,
+/// then close 1008 "slow consumer". Returns k.
+fn prefix_then_slow_consumer_close(stalled: &mut Peer) -> usize {
+    let mut next = 0usize;
+    let (code, reason) = loop {
+        match stalled.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let m = parse_one(t.as_bytes());
+                let seq: usize = m.body.split(' ').next().unwrap().parse().unwrap();
+                assert_eq!(seq, next, "stalled subscriber: gap in the stream");
+                next += 1;
+            }
+            Ok(tungstenite::Message::Close(Some(f))) => {
+                break (u16::from(f.code), f.reason.to_string())
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => panic!("stalled subscriber: {e} after {next} messages"),
+        }
+    };
+    assert_eq!((code, reason.as_str()), (1008, "slow consumer"));
+    next
+}
+
+/// The same for a subscriber alone on its topic (a message to one receiver is built in
+/// that receiver's own queue, not shared): a gap-free prefix, close 1008, bounded memory.
+#[test]
+fn a_lone_slow_subscriber_is_cut_off_without_gaps() {
+    let p = Proc::server();
+    let addr = p.addr();
+    let mut publisher = Peer::service(addr);
+    let mut stalled = Peer::service(addr);
+    stalled.send("SUB", "solo", &[], "");
+    stalled.sync();
+    let baseline = common::proc::rss_kib(p.child.id(), "VmRSS:");
+    const N: usize = 40_000;
+    let pad = "x".repeat(1000);
+    for i in 0..N {
+        publisher.send("PUB", "solo", &[], &format!("{i} {pad}"));
+    }
+    publisher.sync(); // every message above was handled
+    let peak = common::proc::rss_kib(p.child.id(), "VmHWM:");
+    let next = prefix_then_slow_consumer_close(&mut stalled);
+    assert!(next > 0 && next < N, "prefix of {next} messages");
+    let growth_mib = peak.saturating_sub(baseline) / 1024;
+    println!("stalled got {next}/{N}; server RSS growth {growth_mib} MiB");
+    assert!(
+        growth_mib <= 16,
+        "server memory grew {growth_mib} MiB for a 4 MiB cap"
+    );
+}
+
 /// §7 slow consumer: one stalled subscriber, one fast one, a publisher pushing 40 MB.
 /// The fast one gets everything in order; the stalled one gets a gap-free prefix and
 /// then close 1008; the server's memory stays near the 4 MiB cap.
@@ -157,24 +208,7 @@ fn slow_consumer_is_cut_off_without_gaps_and_memory_stays_bounded() {
     }
     assert_eq!(reader.join().unwrap(), N);
     let peak = common::proc::rss_kib(p.child.id(), "VmHWM:");
-    // The stalled subscriber now reads: a prefix 0..k without gaps, then close 1008.
-    let mut next = 0usize;
-    let (code, reason) = loop {
-        match stalled.ws.read() {
-            Ok(tungstenite::Message::Text(t)) => {
-                let m = parse_one(t.as_bytes());
-                let seq: usize = m.body.split(' ').next().unwrap().parse().unwrap();
-                assert_eq!(seq, next, "stalled subscriber: gap in the stream");
-                next += 1;
-            }
-            Ok(tungstenite::Message::Close(Some(f))) => {
-                break (u16::from(f.code), f.reason.to_string())
-            }
-            Ok(other) => panic!("unexpected {other:?}"),
-            Err(e) => panic!("stalled subscriber: {e} after {next} messages"),
-        }
-    };
-    assert_eq!((code, reason.as_str()), (1008, "slow consumer"));
+    let next = prefix_then_slow_consumer_close(&mut stalled);
     assert!(next > 0 && next < N, "prefix of {next} messages");
     let growth_mib = peak.saturating_sub(baseline) / 1024;
     println!("stalled got {next}/{N}; server RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth_mib} MiB");

@@ -18,6 +18,21 @@ use crate::router::{ConnId, Enable, Router, SubError};
 pub trait Outbox {
     /// Queue `pkt` for connection `to`.
     fn send(&mut self, to: ConnId, pkt: &Rc<Packet>);
+    /// Queue a message for connection `to` alone: `fill` appends its protocol bytes (at
+    /// most `size.bound`; `utf8`: they are known to be UTF-8). An outbox may build it in
+    /// place in the connection's own queue (no shared packet, nothing to copy again on
+    /// write); by default it is a packet from `pool`, sent as [`Outbox::send`] sends.
+    fn send_one(
+        &mut self,
+        to: ConnId,
+        pool: &mut PacketPool,
+        size: Size,
+        utf8: bool,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let pkt = pool.build(size.hint, utf8, fill);
+        self.send(to, &pkt);
+    }
     /// Close connection `to` with code 4000 and `reason` (`INT KICK`, §9.2), after what
     /// is queued for it.
     fn kick(&mut self, to: ConnId, reason: &str) {
@@ -718,6 +733,12 @@ impl Broker {
             return;
         }
         let session = self.sessions.get(from).and_then(Option::as_ref);
+        if let ([to], true, None, None) = (subs, self.monitors.is_empty(), &self.cluster, kept) {
+            // One receiver and nobody else to share a packet with: built for it alone.
+            relay_one(out, *to, &mut self.pool, session, msg, &[], &[], &[]);
+            self.stats.delivered_pub += 1;
+            return;
+        }
         let pkt = match (kept, self.history.as_mut()) {
             (Some(rule), Some(h)) => {
                 let offset = h.next_offset();
@@ -808,13 +829,14 @@ impl Broker {
         };
         let mut digits = [0; 20];
         let rid_text = fmt_u64(rid, &mut digits);
-        let pkt = self.relay_packet(from, msg, &[b"rid"], &[(b"rid", rid_text)]);
-        out.send(responder, &pkt);
-        self.stats.delivered_req += 1;
-        self.copy_to_monitors(&pkt, &[responder], out);
-        if let Some(c) = self.cluster.as_mut() {
-            c.publish_monitor_copy(pkt.payload());
+        let extra: &[(&[u8], &[u8])] = &[(b"rid", rid_text)];
+        if let Some(pkt) = self.relay_to(out, responder, from, msg, &[b"rid"], extra) {
+            self.copy_to_monitors(&pkt, &[responder], out);
+            if let Some(c) = self.cluster.as_mut() {
+                c.publish_monitor_copy(pkt.payload());
+            }
         }
+        self.stats.delivered_req += 1;
     }
 
     /// Hand the request to the responder another node has (`to`). False if it could not
@@ -898,18 +920,15 @@ impl Broker {
             }
             return;
         }
-        let pkt = self.relay_packet(
-            from,
-            msg,
-            &[b"rid", b"reqid"],
-            &[(p.reqid_name(), p.reqid_value())],
-        );
-        out.send(p.requester, &pkt);
-        self.stats.delivered_res += 1;
-        self.copy_to_monitors(&pkt, &[p.requester], out);
-        if let Some(c) = self.cluster.as_mut() {
-            c.publish_monitor_copy(pkt.payload());
+        let extra: &[(&[u8], &[u8])] = &[(p.reqid_name(), p.reqid_value())];
+        let to = p.requester;
+        if let Some(pkt) = self.relay_to(out, to, from, msg, &[b"rid", b"reqid"], extra) {
+            self.copy_to_monitors(&pkt, &[to], out);
+            if let Some(c) = self.cluster.as_mut() {
+                c.publish_monitor_copy(pkt.payload());
+            }
         }
+        self.stats.delivered_res += 1;
     }
 
     fn internal(&mut self, from: ConnId, msg: &Message<'_>, now: Instant, out: &mut impl Outbox) {
@@ -953,6 +972,28 @@ impl Broker {
                 out.send(m, pkt);
             }
         }
+    }
+
+    /// `msg` relayed from `from` (as [`Broker::relay_packet`] encodes it) to `to`. The
+    /// packet when others are to get copies of it (monitors, a cluster's monitor copy);
+    /// else `None`, and it was built for `to` alone ([`Outbox::send_one`]).
+    fn relay_to(
+        &mut self,
+        out: &mut impl Outbox,
+        to: ConnId,
+        from: ConnId,
+        msg: &Message<'_>,
+        drop: &[&[u8]],
+        extra: &[(&[u8], &[u8])],
+    ) -> Option<Rc<Packet>> {
+        let session = self.sessions.get(from).and_then(Option::as_ref);
+        if self.monitors.is_empty() && self.cluster.is_none() {
+            relay_one(out, to, &mut self.pool, session, msg, drop, extra, &[]);
+            return None;
+        }
+        let pkt = relay_packet(&mut self.pool, session, msg, drop, extra);
+        out.send(to, &pkt);
+        Some(pkt)
     }
 
     /// Encode `msg` as relayed from `from`: the sender's headers in order, minus `cid`,
@@ -1035,36 +1076,113 @@ pub(crate) fn relay_packet_lines(
     extra: &[(&[u8], &[u8])],
     lines: &[&[u8]],
 ) -> Rc<Packet> {
-    debug_assert!(lines.iter().all(|l| l.is_ascii() && l.ends_with(b"\r\n")));
-    let (tail, tail_utf8): (&[u8], bool) = match origin {
-        Some(s) => (&s.relay_tail, s.tail_utf8),
-        None => (b"cid: \r\nuid: \r\n", true),
-    };
-    // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
-    // body with a little room for stuffing dots, terminator.
-    let hint = msg.cmd.len()
-        + msg.target.len()
-        + msg
-            .headers()
-            .map(|(n, v)| n.len() + v.len() + 4)
-            .sum::<usize>()
-        + extra
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 4)
-            .sum::<usize>()
-        + lines.iter().map(|l| l.len()).sum::<usize>()
-        + tail.len()
-        + msg.body.len()
-        + msg.body.len() / 32
-        + 32;
-    // A message that came as UTF-8 stays UTF-8 when its parts are relayed (they are cut
-    // at ASCII bytes), with server headers that are UTF-8 too: no second check.
-    let utf8 = msg.utf8
-        && tail_utf8
-        && extra
-            .iter()
-            .all(|(n, v)| n.is_ascii() && std::str::from_utf8(v).is_ok());
-    pool.build(hint, utf8, |b| {
+    let r = Relay::new(origin, msg, drop, extra, lines);
+    pool.build(r.size().hint, r.utf8(), |b| r.fill(b))
+}
+
+/// [`relay_packet_lines`] for one receiver only, through [`Outbox::send_one`] (which
+/// may build it in place in that receiver's queue).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn relay_one(
+    out: &mut impl Outbox,
+    to: ConnId,
+    pool: &mut PacketPool,
+    origin: Option<&Session>,
+    msg: &Message<'_>,
+    drop: &[&[u8]],
+    extra: &[(&[u8], &[u8])],
+    lines: &[&[u8]],
+) {
+    let r = Relay::new(origin, msg, drop, extra, lines);
+    out.send_one(to, pool, r.size(), r.utf8(), |b| r.fill(b));
+}
+
+/// The room a message about to be encoded asks for: `hint` up front (a little more than
+/// it usually takes), `bound` at most (whatever its body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    pub hint: usize,
+    pub bound: usize,
+}
+
+/// A message as relayed (see [`relay_packet`]): what is encoded, before it is.
+struct Relay<'a, 'm> {
+    msg: &'a Message<'m>,
+    /// The server's `cid` and `uid` lines for the sender.
+    tail: &'a [u8],
+    tail_utf8: bool,
+    drop: &'a [&'a [u8]],
+    extra: &'a [(&'a [u8], &'a [u8])],
+    lines: &'a [&'a [u8]],
+}
+
+impl<'a, 'm> Relay<'a, 'm> {
+    fn new(
+        origin: Option<&'a Session>,
+        msg: &'a Message<'m>,
+        drop: &'a [&'a [u8]],
+        extra: &'a [(&'a [u8], &'a [u8])],
+        lines: &'a [&'a [u8]],
+    ) -> Self {
+        debug_assert!(lines.iter().all(|l| l.is_ascii() && l.ends_with(b"\r\n")));
+        let (tail, tail_utf8): (&[u8], bool) = match origin {
+            Some(s) => (&s.relay_tail, s.tail_utf8),
+            None => (b"cid: \r\nuid: \r\n", true),
+        };
+        Relay {
+            msg,
+            tail,
+            tail_utf8,
+            drop,
+            extra,
+            lines,
+        }
+    }
+
+    fn size(&self) -> Size {
+        let msg = self.msg;
+        // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
+        // terminator: exact, or more when headers are dropped.
+        let head = msg.cmd.len()
+            + 1
+            + msg.target.len()
+            + 2
+            + msg
+                .headers()
+                .map(|(n, v)| n.len() + v.len() + 4)
+                .sum::<usize>()
+            + self
+                .extra
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 4)
+                .sum::<usize>()
+            + self.lines.iter().map(|l| l.len()).sum::<usize>()
+            + self.tail.len()
+            + 2
+            + 5;
+        let body = msg.body.len();
+        // Stuffing adds a dot at the start and after each line feed: at most one for
+        // every two bytes, and one.
+        let stuffing = if msg.plain_body { 0 } else { body / 2 + 1 };
+        Size {
+            hint: head - 10 + body + body / 32 + 32,
+            bound: head + body + stuffing,
+        }
+    }
+
+    /// A message that came as UTF-8 stays UTF-8 when its parts are relayed (they are
+    /// cut at ASCII bytes), with server headers that are UTF-8 too: no second check.
+    fn utf8(&self) -> bool {
+        self.msg.utf8
+            && self.tail_utf8
+            && self
+                .extra
+                .iter()
+                .all(|(n, v)| n.is_ascii() && std::str::from_utf8(v).is_ok())
+    }
+
+    fn fill(&self, b: &mut Vec<u8>) {
+        let msg = self.msg;
         b.extend_from_slice(msg.cmd);
         b.push(b' ');
         b.extend_from_slice(msg.target);
@@ -1072,18 +1190,18 @@ pub(crate) fn relay_packet_lines(
         for (name, value) in msg.headers() {
             let skip = name.eq_ignore_ascii_case(b"cid")
                 || name.eq_ignore_ascii_case(b"uid")
-                || drop.iter().any(|d| name.eq_ignore_ascii_case(d));
+                || self.drop.iter().any(|d| name.eq_ignore_ascii_case(d));
             if !skip {
                 push_header(b, name, value);
             }
         }
-        for (n, v) in extra {
+        for (n, v) in self.extra {
             push_header(b, n, v);
         }
-        for l in lines {
+        for l in self.lines {
             b.extend_from_slice(l);
         }
-        b.extend_from_slice(tail);
+        b.extend_from_slice(self.tail);
         b.extend_from_slice(b"\r\n");
         if msg.plain_body {
             b.extend_from_slice(&msg.body);
@@ -1091,7 +1209,7 @@ pub(crate) fn relay_packet_lines(
             push_body(b, &msg.body);
         }
         b.extend_from_slice(b"\r\n.\r\n");
-    })
+    }
 }
 
 /// The §7 error message: `PUB ERROR` with `cmd`, `target`, `reason` (and `ReqID`),

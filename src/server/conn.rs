@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::rc::Rc;
 
-use crate::protocol::{Packet, Spent};
+use crate::protocol::{Packet, PacketPool, Spent};
 
 /// How a packet goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -82,6 +82,9 @@ pub struct OutQueue {
     pong_ends: VecDeque<u64>,
 }
 
+/// Queued bytes go on in the last chunk while it holds less than this; then a new chunk.
+const BYTES_CHUNK: usize = 16 << 10;
+
 impl OutQueue {
     /// An empty queue writing packets with `framing`.
     pub fn new(framing: Framing) -> OutQueue {
@@ -117,16 +120,63 @@ impl OutQueue {
         if b.is_empty() {
             return;
         }
-        self.len += b.len();
-        if let Some(last) = self.chunks.back_mut() {
-            if last.is_verbatim() && last.payload().len() < 64 * 1024 {
-                if let Some(last) = Rc::get_mut(last) {
-                    last.extend_verbatim(b);
-                    return;
-                }
+        self.append(None, |buf| buf.extend_from_slice(b));
+    }
+
+    /// Queue one message built in place at the end of the queue's own bytes: `fill`
+    /// appends its protocol bytes (at most `bound`, `utf8` if known to be UTF-8), which
+    /// go out in a frame of their own (bare on a raw stream). Nothing is shared, and
+    /// small messages queued together are written as one piece with no second copy.
+    /// A new chunk, if one is needed, is one `pool` kept. Returns the bytes queued.
+    pub fn push_built(
+        &mut self,
+        pool: &mut PacketPool,
+        bound: usize,
+        utf8: bool,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> usize {
+        let framing = self.framing;
+        self.append(Some(pool), |buf| match framing {
+            Framing::WebSocket => crate::protocol::encode::append_frame(buf, bound, utf8, fill),
+            Framing::Raw => fill(buf),
+        })
+    }
+
+    /// Append to the queue's own bytes with `f` (a new chunk from `pool` if it has
+    /// one); the bytes it appended.
+    fn append(&mut self, pool: Option<&mut PacketPool>, f: impl FnOnce(&mut Vec<u8>)) -> usize {
+        let n = match self.tail_bytes(pool) {
+            Some(buf) => {
+                let before = buf.len();
+                f(buf);
+                buf.len() - before
             }
+            None => {
+                // Not reached (the back chunk is one just checked or pushed); were it,
+                // the bytes go in a chunk of their own.
+                let mut v = Vec::new();
+                f(&mut v);
+                self.chunks.push_back(Rc::new(Packet::verbatim(&v)));
+                v.len()
+            }
+        };
+        self.len += n;
+        n
+    }
+
+    /// The bytes of the last chunk to append to: that chunk when it is queued bytes held
+    /// only here with room, else a new one (from `pool`, if it kept one).
+    fn tail_bytes(&mut self, pool: Option<&mut PacketPool>) -> Option<&mut Vec<u8>> {
+        let open = self.chunks.back_mut().is_some_and(|last| {
+            last.is_verbatim() && last.payload().len() < BYTES_CHUNK && Rc::get_mut(last).is_some()
+        });
+        if !open {
+            let fresh = pool.and_then(PacketPool::take_bytes);
+            self.chunks
+                .push_back(fresh.unwrap_or_else(|| Rc::new(Packet::verbatim(&[]))));
         }
-        self.chunks.push_back(Rc::new(Packet::verbatim(b)));
+        let last = self.chunks.back_mut().and_then(Rc::get_mut);
+        last.and_then(Packet::verbatim_bytes)
     }
 
     /// Queue a pong frame, remembering where it ends so [`OutQueue::pongs_unsent`] can
@@ -149,6 +199,7 @@ impl OutQueue {
         if self.chunks.is_empty() && self.chunks.capacity() > KEEP_SLOTS {
             self.chunks.shrink_to(KEEP_SLOTS);
         }
+
         if self.pong_ends.is_empty() && self.pong_ends.capacity() > 0 {
             self.pong_ends = VecDeque::new();
         }
@@ -547,6 +598,71 @@ mod tests {
         assert_eq!((w.calls, w.most_pieces), (2, 8));
         assert_eq!(w.got.len(), 70 * kib.ws_frame().len());
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn messages_built_in_place_keep_the_stream_and_reuse_chunks() {
+        // Built messages between shared packets and bytes, on both framings, through
+        // partial writes: the stream is what packets of the same payloads would give.
+        let shared = Rc::new(Packet::raw(b"shared"));
+        for framing in [Framing::WebSocket, Framing::Raw] {
+            for caps in [vec![usize::MAX], vec![7, 0, 1000, 3, 0, 70_000]] {
+                let mut pool = PacketPool::new();
+                let mut spent = Spent::default();
+                let mut q = OutQueue::new(framing);
+                let mut expect = Vec::new();
+                let mut queued = 0;
+                for i in 0..2000usize {
+                    let payload = vec![b'a' + (i % 26) as u8; i % 300];
+                    let n = q.push_built(&mut pool, payload.len(), true, |b| {
+                        b.extend_from_slice(&payload)
+                    });
+                    let p = Packet::raw(&payload);
+                    expect.extend_from_slice(chunk_bytes(&p, framing));
+                    assert_eq!(n, chunk_bytes(&p, framing).len());
+                    queued += n;
+                    if i % 7 == 0 {
+                        q.push_packet(&shared);
+                        expect.extend_from_slice(chunk_bytes(&shared, framing));
+                        queued += q.packet_len(&shared);
+                    }
+                    if i % 11 == 0 {
+                        q.push_bytes(b"raw");
+                        expect.extend_from_slice(b"raw");
+                        queued += 3;
+                    }
+                }
+                assert_eq!(q.len(), queued);
+                // Consecutive built messages share chunks of about BYTES_CHUNK.
+                assert!(q.chunks.len() < 2000 / 7 * 2 + 2000 / 11 * 2 + queued / BYTES_CHUNK + 2);
+                let mut w = Vectored {
+                    got: Vec::new(),
+                    caps,
+                    calls: 0,
+                    most_pieces: 0,
+                };
+                let mut stage = Stage::default();
+                for _ in 0..100_000 {
+                    if q.is_empty() {
+                        break;
+                    }
+                    q.write_recycling(&mut w, &mut spent, &mut stage).unwrap();
+                }
+                assert!(q.is_empty());
+                assert!(w.got == expect, "the stream changed");
+                // The chunks written out come back through the pool, emptied, and the
+                // next message goes in one of them.
+                pool.recycle(&mut spent);
+                let kept = pool.take_bytes().expect("a chunk kept");
+                let cap = kept.capacity();
+                assert!(kept.payload().is_empty());
+                spent.offer(kept);
+                pool.recycle(&mut spent);
+                q.push_built(&mut pool, 5, true, |b| b.extend_from_slice(b"again"));
+                assert_eq!(q.chunks.len(), 1);
+                assert_eq!(q.chunks[0].capacity(), cap);
+            }
+        }
     }
 
     #[test]

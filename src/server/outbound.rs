@@ -5,10 +5,10 @@ use std::rc::Rc;
 
 use slab::Slab;
 
-use crate::broker::Outbox;
+use crate::broker::{Outbox, Size};
 use crate::conn::Stage;
 use crate::metrics::CloseReason;
-use crate::protocol::{Packet, Spent};
+use crate::protocol::{Packet, PacketPool, Spent};
 use crate::router::ConnId;
 
 use super::closing::{stop_queueing, Close};
@@ -29,6 +29,21 @@ pub(super) struct Sink<'a> {
 }
 
 impl Sink<'_> {
+    /// Something was queued on `to`: it is written at the end of the pass, or now if
+    /// its queue is past the high-water mark.
+    fn queued(&mut self, to: ConnId) {
+        let Some(c) = self.conns.get_mut(to) else {
+            return;
+        };
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(to);
+        }
+        if c.out.len() >= HIGH_WATER {
+            self.write_now(to);
+        }
+    }
+
     /// Write what the socket takes now. False if the connection failed (it is then
     /// marked to be removed and takes nothing more).
     fn write_now(&mut self, to: ConnId) -> bool {
@@ -94,13 +109,30 @@ impl Outbox for Sink<'_> {
             return;
         };
         c.out.push_packet(pkt);
-        if !c.dirty {
-            c.dirty = true;
-            self.dirty.push(to);
-        }
-        if c.out.len() >= HIGH_WATER {
-            self.write_now(to);
-        }
+        self.queued(to);
+    }
+
+    fn send_one(
+        &mut self,
+        to: ConnId,
+        pool: &mut PacketPool,
+        size: Size,
+        utf8: bool,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) {
+        // Within the cap whatever the message turns out to be (its frame header is at
+        // most 10 bytes): built in the connection's queue. Else (or if it is not taking
+        // data) a packet, which `send` looks at exactly.
+        let room = self
+            .conns
+            .get(to)
+            .is_some_and(|c| c.accepts_data() && c.out.len() + size.bound + 10 <= self.max_out);
+        let Some(c) = self.conns.get_mut(to).filter(|_| room) else {
+            let pkt = pool.build(size.hint, utf8, fill);
+            return self.send(to, &pkt);
+        };
+        c.out.push_built(pool, size.bound, utf8, fill);
+        self.queued(to);
     }
 
     fn kick(&mut self, to: ConnId, reason: &str) {

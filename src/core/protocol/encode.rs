@@ -72,6 +72,67 @@ const MEMMEM_FROM: usize = 256;
 /// Room kept in front of a packet's payload for the largest WebSocket frame header.
 const HEADROOM: usize = 10;
 
+/// Bytes of the header of an unmasked WebSocket frame with a `len`-byte payload (the
+/// shortest form, as RFC 6455 §5.2 requires).
+pub fn frame_header_len(len: usize) -> usize {
+    if len < 126 {
+        2
+    } else if len <= u16::MAX as usize {
+        4
+    } else {
+        10
+    }
+}
+
+/// Write the header of a final, unmasked text (or binary) frame with a `len`-byte
+/// payload into `dst`, which is [`frame_header_len`]`(len)` bytes long.
+fn put_frame_header(dst: &mut [u8], len: usize, text: bool) {
+    dst[0] = if text { 0x81 } else { 0x82 }; // FIN + text/binary
+    match dst.len() {
+        2 => dst[1] = len as u8,
+        4 => {
+            dst[1] = 126;
+            dst[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            dst[1] = 127;
+            dst[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+}
+
+/// Whether a payload goes out as a text frame: known to be UTF-8 (`utf8`, checked in
+/// debug builds), or found to be. Most payloads are ASCII: eight bytes at a time settles
+/// them before the general check (from_utf8 was 4% of a node relaying requests from
+/// other nodes).
+fn is_text(utf8: bool, payload: &[u8]) -> bool {
+    debug_assert!(!utf8 || std::str::from_utf8(payload).is_ok());
+    utf8 || crate::core::websocket::is_ascii(payload) || std::str::from_utf8(payload).is_ok()
+}
+
+/// Append one whole WebSocket frame to `buf`: `fill` appends its payload (at most
+/// about `bound` bytes: the header's size is guessed from it and the payload moved
+/// if the guess was wrong), which is sent as text when `utf8` says it is UTF-8 or it
+/// is found to be. The same bytes [`Packet`] would hold as its frame, built in place
+/// in a buffer that is written as it is (a connection's queued bytes).
+pub fn append_frame(buf: &mut Vec<u8>, bound: usize, utf8: bool, fill: impl FnOnce(&mut Vec<u8>)) {
+    let at = buf.len();
+    let guess = frame_header_len(bound);
+    buf.resize(at + guess, 0);
+    fill(buf);
+    let len = buf.len() - at - guess;
+    let need = frame_header_len(len);
+    if need < guess {
+        buf.copy_within(at + guess.., at + need);
+        buf.truncate(at + need + len);
+    } else if need > guess {
+        buf.resize(at + need + len, 0);
+        buf.copy_within(at + guess..at + guess + len, at + need);
+    }
+    let text = is_text(utf8, &buf[at + need..]);
+    put_frame_header(&mut buf[at..at + need], len, text);
+}
+
 /// An encoded protocol message with room for its WebSocket frame header in front.
 ///
 /// Server-to-client WebSocket frames are not masked, so the same frame bytes can be
@@ -145,6 +206,18 @@ impl Packet {
         }
     }
 
+    /// A verbatim packet's bytes, to append to or clear (`None` for any other packet).
+    pub fn verbatim_bytes(&mut self) -> Option<&mut Vec<u8>> {
+        self.is_verbatim().then_some(&mut self.buf)
+    }
+
+    /// Empty a verbatim packet, keeping its buffer (ignored for any other packet).
+    pub fn clear_verbatim(&mut self) {
+        if self.is_verbatim() {
+            self.buf.truncate(HEADROOM);
+        }
+    }
+
     /// Heap bytes the packet holds.
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
@@ -154,27 +227,9 @@ impl Packet {
     /// says the payload is known to be valid UTF-8 (else it is checked).
     fn from_headroom_vec(mut buf: Vec<u8>, utf8: bool) -> Packet {
         let len = buf.len() - HEADROOM;
-        // Most payloads are ASCII: eight bytes at a time settles them before the general
-        // check (from_utf8 was 4% of a node relaying requests from other nodes).
-        let payload = &buf[HEADROOM..];
-        let text = utf8
-            || crate::core::websocket::is_ascii(payload)
-            || std::str::from_utf8(payload).is_ok();
-        debug_assert!(!utf8 || std::str::from_utf8(&buf[HEADROOM..]).is_ok());
-        let opcode = if text { 0x81 } else { 0x82 }; // FIN + text/binary
-        let start = if len < 126 {
-            buf[HEADROOM - 1] = len as u8;
-            HEADROOM - 2
-        } else if len <= u16::MAX as usize {
-            buf[HEADROOM - 3] = 126;
-            buf[HEADROOM - 2..HEADROOM].copy_from_slice(&(len as u16).to_be_bytes());
-            HEADROOM - 4
-        } else {
-            buf[HEADROOM - 9] = 127;
-            buf[HEADROOM - 8..HEADROOM].copy_from_slice(&(len as u64).to_be_bytes());
-            HEADROOM - 10
-        };
-        buf[start] = opcode;
+        let text = is_text(utf8, &buf[HEADROOM..]);
+        let start = HEADROOM - frame_header_len(len);
+        put_frame_header(&mut buf[start..HEADROOM], len, text);
         Packet { buf, start, text }
     }
 
@@ -218,6 +273,10 @@ const FREE_SLOTS: usize = 32 << 10;
 const POOL_BYTES: usize = 8 << 20;
 /// A packet with more capacity than this is never kept for reuse.
 const POOL_PACKET_MAX: usize = 16 << 10;
+/// Emptied chunks of queued bytes kept for reuse (see [`Spent::offer`]): at most this
+/// many, of at most [`BYTE_CHUNK_MAX`] bytes each (4 MiB in all).
+const BYTE_CHUNKS: usize = 64;
+const BYTE_CHUNK_MAX: usize = 64 << 10;
 
 /// Recycles packets: a packet the pool handed out is built again in place, with no
 /// allocation, once every queue it went to has let it go (its `Rc` is unique again).
@@ -235,6 +294,10 @@ pub struct PacketPool {
     low: usize,
     /// Capacity of the packets in `ring` and `free`.
     bytes: usize,
+    /// Emptied chunks of queued bytes (bounded by [`BYTE_CHUNKS`]), and the fewest held
+    /// since the last trim.
+    chunks: Vec<std::rc::Rc<Packet>>,
+    chunks_low: usize,
 }
 
 /// `p` is the only handle on its packet (no other `Rc`, no `Weak`): it may be rebuilt.
@@ -255,16 +318,25 @@ fn poolable(p: &std::rc::Rc<Packet>) -> bool {
 pub struct Spent {
     pkts: Vec<std::rc::Rc<Packet>>,
     bytes: usize,
+    /// Chunks of a queue's own bytes (see [`PacketPool::take_bytes`]), emptied.
+    chunks: Vec<std::rc::Rc<Packet>>,
 }
 
 impl Spent {
     /// Keep `p` for the pool if nobody else holds it and there is room; else drop it.
-    /// Verbatim bytes (handshake replies, control frames) are not kept: they are not on
-    /// the message path, and holding every new connection's reply until the pool is
-    /// trimmed cost idle connections memory.
-    pub fn offer(&mut self, p: std::rc::Rc<Packet>) {
+    /// A chunk of verbatim bytes is kept (emptied) among at most [`BYTE_CHUNKS`] of at
+    /// most [`BYTE_CHUNK_MAX`] bytes: messages built in place in a queue go in those,
+    /// and a chunk per pass per connection was an allocation and a few reallocations.
+    pub fn offer(&mut self, mut p: std::rc::Rc<Packet>) {
         let cap = p.capacity();
-        if poolable(&p) && self.pkts.len() < FREE_SLOTS && self.bytes + cap <= POOL_BYTES {
+        if p.is_verbatim() {
+            if self.chunks.len() < BYTE_CHUNKS && cap <= BYTE_CHUNK_MAX {
+                if let Some(bytes) = std::rc::Rc::get_mut(&mut p) {
+                    bytes.clear_verbatim();
+                    self.chunks.push(p);
+                }
+            }
+        } else if poolable(&p) && self.pkts.len() < FREE_SLOTS && self.bytes + cap <= POOL_BYTES {
             self.bytes += cap;
             self.pkts.push(p);
         }
@@ -381,6 +453,18 @@ impl PacketPool {
             }
         }
         spent.bytes = 0;
+        let room = BYTE_CHUNKS.saturating_sub(self.chunks.len());
+        let n = spent.chunks.len().min(room);
+        self.chunks.extend(spent.chunks.drain(..n));
+        spent.chunks.clear();
+    }
+
+    /// An emptied chunk for a queue's own bytes, if one was given back (see
+    /// [`Spent::offer`]).
+    pub fn take_bytes(&mut self) -> Option<std::rc::Rc<Packet>> {
+        let c = self.chunks.pop();
+        self.chunks_low = self.chunks_low.min(self.chunks.len());
+        c
     }
 
     /// Let go of the given-back packets not needed since the last call (the fewest the
@@ -395,6 +479,9 @@ impl PacketPool {
             self.free = Vec::new();
         }
         self.low = self.free.len();
+        let unused = self.chunks_low.min(self.chunks.len());
+        self.chunks.drain(..unused);
+        self.chunks_low = self.chunks.len();
     }
 
     /// Packets kept (for tests).
@@ -565,5 +652,73 @@ mod tests {
         assert_eq!(p.ws_frame()[0], 0x82);
         assert_eq!(p.ws_frame()[1], 127);
         assert_eq!(p.ws_frame().len(), 70010);
+    }
+
+    #[test]
+    fn a_frame_appended_in_place_is_the_packets_frame() {
+        // Every header size, with the size guessed right, too small and too large
+        // (the payload moved either way); text, binary, and UTF-8 not known beforehand.
+        let mut buf = b"before".to_vec();
+        let mut expect = buf.clone();
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            for bound in [0, len, 125, 126, 65_535, 65_536, 100_000] {
+                for byte in [b'a', 0xff] {
+                    let payload = vec![byte; len];
+                    for utf8 in [false, true] {
+                        let utf8 = utf8 && byte == b'a';
+                        append_frame(&mut buf, bound, utf8, |b| b.extend_from_slice(&payload));
+                        expect.extend_from_slice(Packet::raw(&payload).ws_frame());
+                    }
+                }
+            }
+        }
+        assert!(buf == expect, "the bytes differ");
+    }
+
+    #[test]
+    fn chunks_of_bytes_come_back_emptied_and_bounded() {
+        let mut pool = PacketPool::new();
+        let mut spent = Spent::default();
+        assert!(pool.take_bytes().is_none());
+        let mut chunk = std::rc::Rc::new(Packet::verbatim(b"queued bytes"));
+        let held = chunk.clone();
+        spent.offer(chunk.clone());
+        pool.recycle(&mut spent);
+        assert!(
+            pool.take_bytes().is_none(),
+            "a chunk someone holds is not kept"
+        );
+        drop(held);
+        std::rc::Rc::get_mut(&mut chunk)
+            .unwrap()
+            .extend_verbatim(&[b'x'; 100]);
+        spent.offer(chunk);
+        // Too large to keep.
+        spent.offer(std::rc::Rc::new(Packet::verbatim(&vec![
+            0;
+            BYTE_CHUNK_MAX + 1
+        ])));
+        for _ in 0..2 * BYTE_CHUNKS {
+            spent.offer(std::rc::Rc::new(Packet::verbatim(b"b")));
+        }
+        pool.recycle(&mut spent);
+        let mut n = 0;
+        while let Some(mut c) = pool.take_bytes() {
+            let c = std::rc::Rc::get_mut(&mut c).unwrap();
+            assert_eq!(
+                c.verbatim_bytes().map(|b| b.len()),
+                Some(HEADROOM),
+                "emptied"
+            );
+            assert!(c.capacity() <= BYTE_CHUNK_MAX);
+            n += 1;
+        }
+        assert_eq!(n, BYTE_CHUNKS);
+        // Kept and not used between two trims: let go of.
+        spent.offer(std::rc::Rc::new(Packet::verbatim(b"b")));
+        pool.recycle(&mut spent);
+        pool.trim();
+        pool.trim();
+        assert!(pool.take_bytes().is_none());
     }
 }
