@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::broker::{reason, Broker, Outbox};
+use crate::broker::{reason, Broker, Outbox, Size};
 use crate::cluster::node::{Cluster, ClusterSettings, CtlEvent, Inbox, OutReq, Sid, REMOTE};
 use crate::cluster::{proto, subject};
 use crate::protocol::Packet;
@@ -234,12 +234,24 @@ impl Broker {
                 // One message, or a batch of them (consecutive PUBs of the topic).
                 let mut n = 0;
                 for one in proto::batch_items(payload) {
-                    let pkt = self.packet_from(one);
-                    if let Some(t) = self.router.topic(id) {
-                        for &s in &t.subs {
-                            out.send(s, &pkt);
+                    match self.router.topic(id).map(|t| &t.subs[..]) {
+                        // One subscriber: built in its queue (see Outbox::send_one).
+                        Some(&[s]) => {
+                            out.send_one(s, &mut self.pool, Size::exact(one.len()), false, |b| {
+                                b.extend_from_slice(one)
+                            });
+                            self.stats.delivered_pub += 1;
                         }
-                        self.stats.delivered_pub += t.subs.len() as u64;
+                        Some(_) => {
+                            let pkt = self.packet_from(one);
+                            if let Some(t) = self.router.topic(id) {
+                                for &s in &t.subs {
+                                    out.send(s, &pkt);
+                                }
+                                self.stats.delivered_pub += t.subs.len() as u64;
+                            }
+                        }
+                        None => {}
                     }
                     n += 1;
                 }
@@ -343,14 +355,14 @@ impl Broker {
             let mut digits = [0u8; 20];
             let rid_text = crate::protocol::encode::fmt_u64(rid, &mut digits);
             let (head, rest) = payload.split_at(at);
-            let pkt = self.pool.build(payload.len() + 32, false, |b| {
+            let size = Size::exact(payload.len() + 7 + rid_text.len());
+            out.send_one(responder, &mut self.pool, size, false, |b| {
                 b.extend_from_slice(head);
                 b.extend_from_slice(b"rid: ");
                 b.extend_from_slice(rid_text);
                 b.extend_from_slice(b"\r\n");
                 b.extend_from_slice(rest);
             });
-            out.send(responder, &pkt);
             self.stats.delivered_req += 1;
             // Monitors got their copy from the requester's node.
             Some(rid)
@@ -430,8 +442,13 @@ impl Broker {
         }
         // The responder's node relayed it as the requester gets it (its ReqID set).
         self.stats.req_answered += 1;
-        let pkt = self.packet_from(res);
-        out.send(r.requester, &pkt);
+        out.send_one(
+            r.requester,
+            &mut self.pool,
+            Size::exact(res.len()),
+            false,
+            |b| b.extend_from_slice(res),
+        );
         self.stats.delivered_res += 1;
     }
 

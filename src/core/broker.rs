@@ -1105,6 +1105,16 @@ pub struct Size {
     pub bound: usize,
 }
 
+impl Size {
+    /// A message of exactly `len` bytes.
+    pub fn exact(len: usize) -> Size {
+        Size {
+            hint: len,
+            bound: len,
+        }
+    }
+}
+
 /// A message as relayed (see [`relay_packet`]): what is encoded, before it is.
 struct Relay<'a, 'm> {
     msg: &'a Message<'m>,
