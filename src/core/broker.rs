@@ -1149,6 +1149,7 @@ impl<'a, 'm> Relay<'a, 'm> {
         }
     }
 
+    #[inline]
     fn size(&self) -> Size {
         let msg = self.msg;
         // First line, headers (+4 for ": " and CRLF each), server headers, blank line,
@@ -1182,6 +1183,7 @@ impl<'a, 'm> Relay<'a, 'm> {
 
     /// A message that came as UTF-8 stays UTF-8 when its parts are relayed (they are
     /// cut at ASCII bytes), with server headers that are UTF-8 too: no second check.
+    #[inline]
     fn utf8(&self) -> bool {
         self.msg.utf8
             && self.tail_utf8
