@@ -5,16 +5,18 @@
 //! tungstenite as the reactor reads them, decoder, broker, outbound queues written every
 //! pass) a published message costs no allocation in the steady state, and neither does
 //! one crossing the cluster's backplane (relayed into the NATS write lanes on one node,
-//! parsed from nats-server and delivered on another).
+//! parsed from nats-server and delivered on another). A message to one subscriber is
+//! built in that subscriber's queue, in chunks the pool gives back, as the reactor does;
+//! the 1 KiB one-subscriber row fails if those chunks are not reused.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Instant;
 
-use middleman::broker::{Broker, Outbox, Role, Settings};
+use middleman::broker::{Broker, Outbox, Role, Settings, Size};
 use middleman::core::history::{HistoryRule, HistorySettings};
-use middleman::protocol::{Decoded, Decoder, Limits, Packet, Spent};
+use middleman::protocol::{Decoded, Decoder, Limits, Packet, PacketPool, Spent};
 use middleman::router::ConnId;
 
 struct Counting;
@@ -167,6 +169,19 @@ struct Queues(Vec<OutQueue>, u64);
 impl Outbox for Queues {
     fn send(&mut self, to: ConnId, pkt: &Rc<Packet>) {
         self.0[to].push_packet(pkt);
+        self.1 += 1;
+    }
+    /// A message for one receiver built in its queue, as the reactor's outbox does
+    /// (within the outbound cap, which these queues never near).
+    fn send_one(
+        &mut self,
+        to: ConnId,
+        pool: &mut PacketPool,
+        size: Size,
+        utf8: bool,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) {
+        self.0[to].push_built(pool, size.bound, utf8, fill);
         self.1 += 1;
     }
 }
