@@ -125,6 +125,20 @@ fn keys_from_environment_and_flags() {
     assert_eq!(recv_close(&mut bad), (1008, "bad key".to_owned()));
 }
 
+/// A stalled subscriber sent `n` numbered messages now reads: a prefix 0..k (0 < k <
+/// n) without gaps, then close 1008 "slow consumer"; and the server's peak RSS was at
+/// most 16 MiB over `baseline` for its 4 MiB cap.
+fn cut_off_with_bounded_memory(stalled: &mut Peer, n: usize, baseline: u64, peak: u64) {
+    let next = prefix_then_slow_consumer_close(stalled);
+    assert!(next > 0 && next < n, "prefix of {next} messages");
+    let growth_mib = peak.saturating_sub(baseline) / 1024;
+    println!("stalled got {next}/{n}; server RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth_mib} MiB");
+    assert!(
+        growth_mib <= 16,
+        "server memory grew {growth_mib} MiB for a 4 MiB cap"
+    );
+}
+
 /// A stalled subscriber now reads: a prefix 0..k of numbered messages without gaps,
 /// then close 1008 "slow consumer". Returns k.
 fn prefix_then_slow_consumer_close(stalled: &mut Peer) -> usize {
@@ -166,14 +180,7 @@ fn a_lone_slow_subscriber_is_cut_off_without_gaps() {
     }
     publisher.sync(); // every message above was handled
     let peak = common::proc::rss_kib(p.child.id(), "VmHWM:");
-    let next = prefix_then_slow_consumer_close(&mut stalled);
-    assert!(next > 0 && next < N, "prefix of {next} messages");
-    let growth_mib = peak.saturating_sub(baseline) / 1024;
-    println!("stalled got {next}/{N}; server RSS growth {growth_mib} MiB");
-    assert!(
-        growth_mib <= 16,
-        "server memory grew {growth_mib} MiB for a 4 MiB cap"
-    );
+    cut_off_with_bounded_memory(&mut stalled, N, baseline, peak);
 }
 
 /// §7 slow consumer: one stalled subscriber, one fast one, a publisher pushing 40 MB.
@@ -208,12 +215,5 @@ fn slow_consumer_is_cut_off_without_gaps_and_memory_stays_bounded() {
     }
     assert_eq!(reader.join().unwrap(), N);
     let peak = common::proc::rss_kib(p.child.id(), "VmHWM:");
-    let next = prefix_then_slow_consumer_close(&mut stalled);
-    assert!(next > 0 && next < N, "prefix of {next} messages");
-    let growth_mib = peak.saturating_sub(baseline) / 1024;
-    println!("stalled got {next}/{N}; server RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth_mib} MiB");
-    assert!(
-        growth_mib <= 16,
-        "server memory grew {growth_mib} MiB for a 4 MiB cap"
-    );
+    cut_off_with_bounded_memory(&mut stalled, N, baseline, peak);
 }
