@@ -206,13 +206,14 @@ impl Packet {
         }
     }
 
-    /// A verbatim packet's bytes, to append to or clear (`None` for any other packet).
-    pub fn verbatim_bytes(&mut self) -> Option<&mut Vec<u8>> {
+    /// A verbatim packet's bytes, to append to (never to cut below what it held when
+    /// made: its headroom) or `None` for any other packet.
+    pub(crate) fn verbatim_bytes(&mut self) -> Option<&mut Vec<u8>> {
         self.is_verbatim().then_some(&mut self.buf)
     }
 
     /// Empty a verbatim packet, keeping its buffer (ignored for any other packet).
-    pub fn clear_verbatim(&mut self) {
+    pub(crate) fn clear_verbatim(&mut self) {
         if self.is_verbatim() {
             self.buf.truncate(HEADROOM);
         }
