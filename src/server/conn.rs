@@ -84,6 +84,9 @@ pub struct OutQueue {
 
 /// Queued bytes go on in the last chunk while it holds less than this; then a new chunk.
 const BYTES_CHUNK: usize = 16 << 10;
+/// Slack a chunk of queued bytes may keep past a quarter of what it holds (see
+/// [`OutQueue::trim`]).
+const SLACK_MAX: usize = 4 << 10;
 
 impl OutQueue {
     /// An empty queue writing packets with `framing`.
@@ -203,10 +206,22 @@ impl OutQueue {
         if self.pong_ends.is_empty() && self.pong_ends.capacity() > 0 {
             self.pong_ends = VecDeque::new();
         }
+        // Queued bytes in a chunk much larger than they are (grown by doubling, or one
+        // the pool gave back, for a peer that then stopped reading): the chunk is cut to
+        // size, so a slow peer's queue holds about what the cap counts, not twice that.
+        for c in self.chunks.iter_mut() {
+            if let Some(bytes) = Rc::get_mut(c).and_then(Packet::verbatim_bytes) {
+                if bytes.capacity() > bytes.len() + bytes.len() / 4 + SLACK_MAX {
+                    bytes.shrink_to_fit();
+                }
+            }
+        }
     }
 
     /// Drop everything not yet started, keeping a partly written front chunk so the
-    /// stream stays well framed (used when cutting off a slow consumer).
+    /// stream stays well framed (used when cutting off a slow consumer). A chunk of
+    /// queued bytes is kept whole: the frames after the part written (up to about
+    /// `BYTES_CHUNK`, counted under the cap when queued) still go before the close.
     pub fn drop_unsent(&mut self) {
         let keep = usize::from(self.head_written > 0);
         while self.chunks.len() > keep {
@@ -613,10 +628,21 @@ mod tests {
                 let mut expect = Vec::new();
                 let mut queued = 0;
                 for i in 0..2000usize {
-                    let payload = vec![b'a' + (i % 26) as u8; i % 300];
-                    let n = q.push_built(&mut pool, payload.len(), true, |b| {
-                        b.extend_from_slice(&payload)
-                    });
+                    // Text and binary payloads; bounds exact, short (the frame header's
+                    // size guessed too small) and long (guessed too large).
+                    let byte = if i % 5 == 0 {
+                        0xff
+                    } else {
+                        b'a' + (i % 26) as u8
+                    };
+                    let payload = vec![byte; i % 300];
+                    let bound = match i % 3 {
+                        0 => payload.len(),
+                        1 => payload.len() / 2,
+                        _ => payload.len() + 200,
+                    };
+                    let utf8 = byte != 0xff && i % 2 == 0;
+                    let n = q.push_built(&mut pool, bound, utf8, |b| b.extend_from_slice(&payload));
                     let p = Packet::raw(&payload);
                     expect.extend_from_slice(chunk_bytes(&p, framing));
                     assert_eq!(n, chunk_bytes(&p, framing).len());
@@ -627,9 +653,9 @@ mod tests {
                         queued += q.packet_len(&shared);
                     }
                     if i % 11 == 0 {
-                        q.push_bytes(b"raw");
-                        expect.extend_from_slice(b"raw");
-                        queued += 3;
+                        q.push_pong(b"pong");
+                        expect.extend_from_slice(b"pong");
+                        queued += 4;
                     }
                 }
                 assert_eq!(q.len(), queued);
@@ -663,6 +689,51 @@ mod tests {
                 assert_eq!(q.chunks[0].capacity(), cap);
             }
         }
+    }
+
+    #[test]
+    fn a_slow_peers_built_chunk_is_kept_whole_then_the_close_and_cut_to_size() {
+        let mut pool = PacketPool::new();
+        let mut q = OutQueue::new(Framing::WebSocket);
+        let mut frames = Vec::new();
+        for i in 0..40u8 {
+            q.push_built(&mut pool, 20, true, |b| {
+                b.extend_from_slice(&[b'a' + i % 26; 20])
+            });
+            frames.extend_from_slice(Packet::raw(&[b'a' + i % 26; 20]).ws_frame());
+        }
+        // A frame and a half written, then the peer stops reading and is cut off.
+        let mut w = Vectored {
+            got: Vec::new(),
+            caps: vec![33, 0],
+            calls: 0,
+            most_pieces: 0,
+        };
+        q.write_to(&mut w, &mut Stage::default()).unwrap();
+        assert_eq!(w.got.len(), 33);
+        q.drop_unsent();
+        q.push_bytes(b"close");
+        assert_eq!(q.len(), frames.len() - 33 + 5, "the chunk is kept whole");
+        w.caps = vec![usize::MAX];
+        q.write_to(&mut w, &mut Stage::default()).unwrap();
+        frames.extend_from_slice(b"close");
+        assert!(w.got == frames, "every frame whole, then the close");
+        // A chunk the pool gave back, far larger than the one message a peer that
+        // stopped reading holds: cut to size by trim.
+        let mut big = Rc::new(Packet::verbatim(&[0; 60_000]));
+        Rc::get_mut(&mut big).unwrap().clear_verbatim();
+        let mut spent = Spent::default();
+        spent.offer(big);
+        pool.recycle(&mut spent);
+        let mut q = OutQueue::new(Framing::WebSocket);
+        q.push_built(&mut pool, 5, true, |b| b.extend_from_slice(b"hello"));
+        assert!(
+            q.chunks[0].capacity() >= 60_000,
+            "the pool's chunk was taken"
+        );
+        q.trim();
+        assert!(q.chunks[0].capacity() < 100, "{}", q.chunks[0].capacity());
+        assert_eq!(q.chunks[0].ws_frame(), Packet::raw(b"hello").ws_frame());
     }
 
     #[test]

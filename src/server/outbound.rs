@@ -131,7 +131,13 @@ impl Outbox for Sink<'_> {
             let pkt = pool.build(size.hint, utf8, fill);
             return self.send(to, &pkt);
         };
-        c.out.push_built(pool, size.bound, utf8, fill);
+        let n = c.out.push_built(pool, size.bound, utf8, fill);
+        // The bound is what kept the cap exact above.
+        debug_assert!(
+            n <= size.bound + 10,
+            "{n} bytes for a bound of {}",
+            size.bound
+        );
         self.queued(to);
     }
 
