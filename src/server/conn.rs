@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::rc::Rc;
 
+use crate::protocol::encode::packets_epoch;
 use crate::protocol::{Packet, PacketPool, Spent};
 
 /// How a packet goes on the wire.
@@ -55,8 +56,20 @@ const STAGE_MIN_RUN: usize = 8;
 
 /// The staging buffer writes copy small chunks into (see [`STAGE_CHUNK_MAX`]): one per
 /// server, lent to each write, never cleared (a stack array was zeroed on every write).
+///
+/// It remembers what it was filled from: the chunks walked (their addresses, from the
+/// front of a queue none of whose bytes were written yet), the framing and the
+/// [`packets_epoch`] then. The next write whose queue starts with the same chunks (a
+/// fan-out's subscribers, written one after another, hold the same packets in the same
+/// order) reuses those bytes instead of copying them again; the epoch moves whenever a
+/// packet is made or changed, so an address cannot have come to hold other bytes.
 #[derive(Debug, Default)]
-pub struct Stage(Vec<u8>);
+pub struct Stage {
+    buf: Vec<u8>,
+    made_of: Vec<usize>,
+    framing: Framing,
+    epoch: u64,
+}
 
 /// A piece of one `writev`: staged bytes `[from, to)`, or the chunk at an index.
 #[derive(Clone, Copy)]
@@ -313,26 +326,44 @@ impl OutQueue {
         stage: &mut Stage,
     ) -> io::Result<usize> {
         const B: usize = STAGE_BYTES;
-        let stage = &mut stage.0;
-        stage.clear();
-        stage.reserve_exact(B); // once per server: the buffer is kept
+        let epoch = packets_epoch();
+        // How many of the chunks the buffer was filled from may still be what it holds.
+        let mut same =
+            if self.head_written == 0 && stage.epoch == epoch && stage.framing == self.framing {
+                stage.made_of.len()
+            } else {
+                0
+            };
+        let (buf, made_of) = (&mut stage.buf, &mut stage.made_of);
+        buf.reserve_exact(B.saturating_sub(buf.len())); // once per server: the buffer is kept
+        let mut filled = 0;
+        let mut walked = 0;
         let mut segs = [Seg::Staged(0, 0); N];
         let mut n = 0;
         let mut staging = false;
         for i in 0..self.chunks.len() {
             let b = self.piece(i);
-            if b.len() <= STAGE_CHUNK_MAX && stage.len() + b.len() <= B {
+            let at = Rc::as_ptr(&self.chunks[i]) as usize;
+            if i < same && made_of[i] != at {
+                same = i;
+            }
+            if b.len() <= STAGE_CHUNK_MAX && filled + b.len() <= B {
                 if !staging {
                     if n == N {
                         break;
                     }
-                    segs[n] = Seg::Staged(stage.len(), stage.len());
+                    segs[n] = Seg::Staged(filled, filled);
                     n += 1;
                     staging = true;
                 }
-                stage.extend_from_slice(b);
+                // The same chunks so far, so the same bytes at the same place.
+                if i >= same {
+                    buf.truncate(filled);
+                    buf.extend_from_slice(b);
+                }
+                filled += b.len();
                 if let Some(Seg::Staged(_, end)) = segs.get_mut(n - 1) {
-                    *end = stage.len();
+                    *end = filled;
                 }
             } else {
                 if n == N {
@@ -342,11 +373,22 @@ impl OutQueue {
                 n += 1;
                 staging = false;
             }
+            match made_of.get_mut(i) {
+                Some(m) => *m = at,
+                None => made_of.push(at),
+            }
+            walked = i + 1;
         }
+        // What the buffer now holds, for the next write (nothing to reuse when the first
+        // chunk was staged from the middle).
+        buf.truncate(filled);
+        made_of.truncate(if self.head_written == 0 { walked } else { 0 });
+        stage.epoch = epoch;
+        stage.framing = self.framing;
         let mut iov: [IoSlice<'_>; N] = [IoSlice::new(&[]); N];
         for (slot, seg) in iov.iter_mut().zip(&segs[..n]) {
             *slot = IoSlice::new(match *seg {
-                Seg::Staged(from, to) => &stage[from..to],
+                Seg::Staged(from, to) => &stage.buf[from..to],
                 Seg::Chunk(i) => self.piece(i),
             });
         }
@@ -734,6 +776,86 @@ mod tests {
         q.trim();
         assert!(q.chunks[0].capacity() < 100, "{}", q.chunks[0].capacity());
         assert_eq!(q.chunks[0].ws_frame(), Packet::raw(b"hello").ws_frame());
+    }
+
+    #[test]
+    fn staged_bytes_are_reused_only_for_the_same_packets_unchanged() {
+        let pkts: Vec<Rc<Packet>> = (0..12u8)
+            .map(|i| Rc::new(Packet::raw(&[b'a' + i; 90])))
+            .collect();
+        let queue = |ps: &[Rc<Packet>]| {
+            let mut q = OutQueue::default();
+            for p in ps {
+                q.push_packet(p);
+            }
+            q
+        };
+        let frames = |ps: &[Rc<Packet>]| {
+            ps.iter()
+                .flat_map(|p| p.ws_frame().to_vec())
+                .collect::<Vec<u8>>()
+        };
+        let mut stage = Stage::default();
+        let write = |q: &mut OutQueue, stage: &mut Stage| {
+            let mut w = Vectored {
+                got: Vec::new(),
+                caps: vec![usize::MAX],
+                calls: 0,
+                most_pieces: 0,
+            };
+            q.write_to(&mut w, stage).unwrap();
+            assert!(q.is_empty());
+            w.got
+        };
+        assert_eq!(write(&mut queue(&pkts), &mut stage), frames(&pkts));
+        // The same packets in the same order: the staged bytes are not copied again
+        // (marked here, so a reuse shows in what is written).
+        stage.buf[0] = b'!';
+        let got = write(&mut queue(&pkts), &mut stage);
+        assert_eq!(got[0], b'!', "reused");
+        assert_eq!(got[1..], frames(&pkts)[1..]);
+        stage.buf[0] = 0x81; // the mark undone
+        // Another packet at the front: copied again.
+        let other = Rc::new(Packet::raw(&[b'z'; 90]));
+        let mut ps = pkts.clone();
+        ps[0] = other.clone();
+        assert_eq!(write(&mut queue(&ps), &mut stage), frames(&ps));
+        // The same prefix and a different packet later: the prefix reused, the rest not.
+        ps = pkts.clone();
+        assert_eq!(write(&mut queue(&ps), &mut stage), frames(&ps));
+        stage.buf[0] = b'!';
+        ps[9] = other.clone();
+        let got = write(&mut queue(&ps), &mut stage);
+        assert_eq!(got[0], b'!', "the prefix reused");
+        stage.buf[0] = 0x81;
+        assert_eq!(
+            got[1..],
+            frames(&ps)[1..],
+            "the packet after the prefix copied"
+        );
+        // A packet rebuilt in place (same address, other bytes of the same length) is
+        // copied again, whatever the buffer held.
+        assert_eq!(write(&mut queue(&pkts), &mut stage), frames(&pkts));
+        drop(ps);
+        let mut ps = pkts;
+        let first = Rc::get_mut(&mut ps[0]).expect("held once");
+        first.rebuild(90, true, |b| b.extend_from_slice(&[b'R'; 90]));
+        assert_eq!(write(&mut queue(&ps), &mut stage), frames(&ps));
+        assert_eq!(&frames(&ps)[2..4], b"RR");
+        // Nor is anything reused after a write that started in the middle of a chunk.
+        let mut q = queue(&ps);
+        let mut w = Vectored {
+            got: Vec::new(),
+            caps: vec![50, 0],
+            calls: 0,
+            most_pieces: 0,
+        };
+        q.write_to(&mut w, &mut stage).unwrap();
+        q.write_to(&mut w, &mut stage).unwrap();
+        w.caps = vec![usize::MAX];
+        q.write_to(&mut w, &mut stage).unwrap();
+        assert!(w.got == frames(&ps));
+        assert_eq!(write(&mut queue(&ps), &mut stage), frames(&ps));
     }
 
     #[test]

@@ -138,13 +138,39 @@ pub fn append_frame(buf: &mut Vec<u8>, bound: usize, utf8: bool, fill: impl FnOn
 /// Server-to-client WebSocket frames are not masked, so the same frame bytes can be
 /// written to every receiver: a published message is encoded once into a `Packet` and
 /// shared (`Rc<Packet>`) by all subscriber queues.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Packet {
     buf: Vec<u8>,
     /// Where the WebSocket frame header starts within `buf`.
     start: usize,
     /// The payload is valid UTF-8 (sent as a text frame) or not (binary).
     text: bool,
+}
+
+impl Clone for Packet {
+    fn clone(&self) -> Packet {
+        touched();
+        Packet {
+            buf: self.buf.clone(),
+            start: self.start,
+            text: self.text,
+        }
+    }
+}
+
+thread_local! {
+    static EPOCH: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A count this thread moves on whenever a packet is made or its bytes may change: while
+/// it stays the same, a packet at a given address holds the same bytes (what a write
+/// staged from packets may be reused for another queue of the same packets).
+pub fn packets_epoch() -> u64 {
+    EPOCH.with(std::cell::Cell::get)
+}
+
+fn touched() {
+    EPOCH.with(|e| e.set(e.get().wrapping_add(1)));
 }
 
 impl Packet {
@@ -183,6 +209,7 @@ impl Packet {
     /// tungstenite encoded, a handshake reply): its frame and its payload are the same
     /// bytes.
     pub fn verbatim(bytes: &[u8]) -> Packet {
+        touched();
         let mut buf = Vec::with_capacity(HEADROOM + bytes.len());
         buf.resize(HEADROOM, 0);
         buf.extend_from_slice(bytes);
@@ -201,6 +228,7 @@ impl Packet {
     /// Append to a verbatim packet's bytes (ignored for any other packet, whose frame
     /// header gives its length).
     pub fn extend_verbatim(&mut self, bytes: &[u8]) {
+        touched();
         if self.is_verbatim() {
             self.buf.extend_from_slice(bytes);
         }
@@ -209,11 +237,13 @@ impl Packet {
     /// A verbatim packet's bytes, to append to (never to cut below what it held when
     /// made: its headroom) or `None` for any other packet.
     pub(crate) fn verbatim_bytes(&mut self) -> Option<&mut Vec<u8>> {
+        touched();
         self.is_verbatim().then_some(&mut self.buf)
     }
 
     /// Empty a verbatim packet, keeping its buffer (ignored for any other packet).
     pub(crate) fn clear_verbatim(&mut self) {
+        touched();
         if self.is_verbatim() {
             self.buf.truncate(HEADROOM);
         }
@@ -227,6 +257,7 @@ impl Packet {
     /// Build a packet from a vector whose first 10 bytes are reserved headroom; `utf8`
     /// says the payload is known to be valid UTF-8 (else it is checked).
     fn from_headroom_vec(mut buf: Vec<u8>, utf8: bool) -> Packet {
+        touched();
         let len = buf.len() - HEADROOM;
         let text = is_text(utf8, &buf[HEADROOM..]);
         let start = HEADROOM - frame_header_len(len);
