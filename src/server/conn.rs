@@ -814,7 +814,8 @@ mod tests {
         let got = write(&mut queue(&pkts), &mut stage);
         assert_eq!(got[0], b'!', "reused");
         assert_eq!(got[1..], frames(&pkts)[1..]);
-        stage.buf[0] = 0x81; // the mark undone
+        // The mark undone.
+        stage.buf[0] = 0x81;
         // Another packet at the front: copied again.
         let other = Rc::new(Packet::raw(&[b'z'; 90]));
         let mut ps = pkts.clone();
