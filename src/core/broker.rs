@@ -733,7 +733,7 @@ impl Broker {
             return;
         }
         let session = self.sessions.get(from).and_then(Option::as_ref);
-        if let ([to], true, None, None) = (subs, self.monitors.is_empty(), &self.cluster, kept) {
+        if let ([to], true, None) = (subs, self.only_here(), kept) {
             // One receiver and nobody else to share a packet with: built for it alone.
             relay_one(out, *to, &mut self.pool, session, msg, &[], &[], &[]);
             self.stats.delivered_pub += 1;
@@ -830,12 +830,7 @@ impl Broker {
         let mut digits = [0; 20];
         let rid_text = fmt_u64(rid, &mut digits);
         let extra: &[(&[u8], &[u8])] = &[(b"rid", rid_text)];
-        if let Some(pkt) = self.relay_to(out, responder, from, msg, &[b"rid"], extra) {
-            self.copy_to_monitors(&pkt, &[responder], out);
-            if let Some(c) = self.cluster.as_mut() {
-                c.publish_monitor_copy(pkt.payload());
-            }
-        }
+        self.relay_to(out, responder, from, msg, &[b"rid"], extra);
         self.stats.delivered_req += 1;
     }
 
@@ -878,7 +873,6 @@ impl Broker {
         }
         // Monitors here and on other nodes see it once, from this node (the node that
         // takes it does not copy it again).
-        c.publish_monitor_copy(pkt.payload());
         self.copy_to_monitors(&pkt, &[], out);
         true
     }
@@ -915,19 +909,10 @@ impl Broker {
             );
             self.answer_remote(rid, pkt.payload());
             self.copy_to_monitors(&pkt, &[], out);
-            if let Some(c) = self.cluster.as_mut() {
-                c.publish_monitor_copy(pkt.payload());
-            }
             return;
         }
         let extra: &[(&[u8], &[u8])] = &[(p.reqid_name(), p.reqid_value())];
-        let to = p.requester;
-        if let Some(pkt) = self.relay_to(out, to, from, msg, &[b"rid", b"reqid"], extra) {
-            self.copy_to_monitors(&pkt, &[to], out);
-            if let Some(c) = self.cluster.as_mut() {
-                c.publish_monitor_copy(pkt.payload());
-            }
-        }
+        self.relay_to(out, p.requester, from, msg, &[b"rid", b"reqid"], extra);
         self.stats.delivered_res += 1;
     }
 
@@ -966,17 +951,28 @@ impl Broker {
         }
     }
 
-    fn copy_to_monitors(&self, pkt: &Rc<Packet>, skip: &[ConnId], out: &mut impl Outbox) {
+    /// The copies of a routed REQ or RES for the monitors here (but those in `skip`, who
+    /// got it already) and on other nodes.
+    fn copy_to_monitors(&mut self, pkt: &Rc<Packet>, skip: &[ConnId], out: &mut impl Outbox) {
         for &m in &self.monitors {
             if !skip.contains(&m) {
                 out.send(m, pkt);
             }
         }
+        if let Some(c) = self.cluster.as_mut() {
+            c.publish_monitor_copy(pkt.payload());
+        }
     }
 
-    /// `msg` relayed from `from` (as [`Broker::relay_packet`] encodes it) to `to`. The
-    /// packet when others are to get copies of it (monitors, a cluster's monitor copy);
-    /// else `None`, and it was built for `to` alone ([`Outbox::send_one`]).
+    /// No monitor and no other node: a message routed to one connection here goes to
+    /// nobody else.
+    fn only_here(&self) -> bool {
+        self.monitors.is_empty() && self.cluster.is_none()
+    }
+
+    /// `msg` relayed from `from` (as [`Broker::relay_packet`] encodes it) to `to`, and
+    /// its copies to the monitors. With nobody else to share it with, built for `to`
+    /// alone ([`Outbox::send_one`]).
     fn relay_to(
         &mut self,
         out: &mut impl Outbox,
@@ -985,15 +981,14 @@ impl Broker {
         msg: &Message<'_>,
         drop: &[&[u8]],
         extra: &[(&[u8], &[u8])],
-    ) -> Option<Rc<Packet>> {
+    ) {
         let session = self.sessions.get(from).and_then(Option::as_ref);
-        if self.monitors.is_empty() && self.cluster.is_none() {
-            relay_one(out, to, &mut self.pool, session, msg, drop, extra, &[]);
-            return None;
+        if self.only_here() {
+            return relay_one(out, to, &mut self.pool, session, msg, drop, extra, &[]);
         }
         let pkt = relay_packet(&mut self.pool, session, msg, drop, extra);
         out.send(to, &pkt);
-        Some(pkt)
+        self.copy_to_monitors(&pkt, &[to], out);
     }
 
     /// Encode `msg` as relayed from `from`: the sender's headers in order, minus `cid`,

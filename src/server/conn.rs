@@ -215,7 +215,6 @@ impl OutQueue {
         if self.chunks.is_empty() && self.chunks.capacity() > KEEP_SLOTS {
             self.chunks.shrink_to(KEEP_SLOTS);
         }
-
         if self.pong_ends.is_empty() && self.pong_ends.capacity() > 0 {
             self.pong_ends = VecDeque::new();
         }

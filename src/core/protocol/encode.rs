@@ -225,27 +225,20 @@ impl Packet {
         self.start == HEADROOM
     }
 
-    /// Append to a verbatim packet's bytes (ignored for any other packet, whose frame
-    /// header gives its length).
-    pub fn extend_verbatim(&mut self, bytes: &[u8]) {
-        touched();
-        if self.is_verbatim() {
-            self.buf.extend_from_slice(bytes);
-        }
-    }
-
     /// A verbatim packet's bytes, to append to (never to cut below what it held when
     /// made: its headroom) or `None` for any other packet.
     pub(crate) fn verbatim_bytes(&mut self) -> Option<&mut Vec<u8>> {
+        if !self.is_verbatim() {
+            return None;
+        }
         touched();
-        self.is_verbatim().then_some(&mut self.buf)
+        Some(&mut self.buf)
     }
 
     /// Empty a verbatim packet, keeping its buffer (ignored for any other packet).
     pub(crate) fn clear_verbatim(&mut self) {
-        touched();
-        if self.is_verbatim() {
-            self.buf.truncate(HEADROOM);
+        if let Some(bytes) = self.verbatim_bytes() {
+            bytes.truncate(HEADROOM);
         }
     }
 
@@ -722,8 +715,9 @@ mod tests {
         );
         drop(held);
         std::rc::Rc::get_mut(&mut chunk)
+            .and_then(Packet::verbatim_bytes)
             .unwrap()
-            .extend_verbatim(&[b'x'; 100]);
+            .extend_from_slice(&[b'x'; 100]);
         spent.offer(chunk);
         // Too large to keep.
         spent.offer(std::rc::Rc::new(Packet::verbatim(&vec![
